@@ -1,0 +1,65 @@
+"""The `eqakit` command: a small table from verb to the function that runs it.
+
+Each verb lives in its own module and exposes ``cli(argv: list[str]) -> int``; modules are imported
+only when their verb is used, so `eqakit synth` does not pay for importing torch.
+
+    eqakit prepare openeqa --questions open-eqa-v0.json --frames frames/ --output-dir data/
+    eqakit train configs/training_args.yaml learning_rate=1e-4
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from eqakit import __version__
+from eqakit.errors import EqakitError
+
+# verb -> (module, one-line help). The module's `cli(argv)` parses the rest of the command line.
+VERBS: dict[str, tuple[str, str]] = {
+    "prepare": ("eqakit.data.prepare", "build a LLaMA-Factory dataset directory from OpenEQA"),
+    "config": ("eqakit.config.check", "validate a YAML config and print the resolved settings"),
+    "tiny-model": ("eqakit.model.tiny", "build a tiny random Qwen3-VL for tests and the demo"),
+    "synth": ("eqakit.demo.synth", "generate synthetic data in OpenEQA's official layout"),
+}
+
+
+def _usage() -> str:
+    width = max(len(v) for v in VERBS)
+    lines = [
+        f"eqakit {__version__}: fine-tune, evaluate and serve Qwen3-VL on embodied QA",
+        "",
+        "usage: eqakit VERB ...",
+        "",
+    ]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += ["", "Run `eqakit VERB --help` for a verb's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print(f"eqakit {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"eqakit: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name = VERBS[verb][0]
+    module = importlib.import_module(module_name)
+    try:
+        return int(module.cli(rest) or 0)
+    except EqakitError as exc:
+        print(f"eqakit {verb}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"eqakit {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""eqakit's configuration dataclasses: LLaMA-Factory's keys with LLaMA-Factory's meanings.
+
+A config file is the union of these groups plus transformers' ``Seq2SeqTrainingArguments`` (for
+`train`). Each field's ``metadata`` carries its help string and, where it has one, the allowed
+``choices`` or range (``min``/``max``, inclusive unless ``min_exclusive``); `eqakit.config.load`
+checks all of them before anything runs. Defaults are LLaMA-Factory's unless a comment says why not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TEMPLATES = ("qwen3_vl_nothink", "qwen3_vl")
+
+
+def _f(default: Any, help: str, **rules: Any) -> Any:  # noqa: A002 - mirrors dataclasses' own vocabulary
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load, how, and how to export it."""
+
+    model_name_or_path: str | None = _f(None, "Local directory or hub id of the base (or merged) model.")
+    adapter_name_or_path: str | None = _f(
+        None, "LoRA adapter directory, or several separated by commas (applied in order)."
+    )
+    cache_dir: str | None = _f(None, "Where downloaded models are cached (hub ids only).")
+    model_revision: str = _f("main", "Hub revision (branch, tag or commit) of model_name_or_path.")
+    trust_remote_code: bool = _f(
+        False, "Allow model code from the checkpoint. Qwen3-VL needs none; accepted."
+    )
+    flash_attn: str = _f(
+        "auto",
+        "Attention kernel: auto (sdpa), disabled (eager), sdpa, fa2.",
+        choices=("auto", "disabled", "sdpa", "fa2"),
+    )
+    image_max_pixels: int = _f(768 * 768, "Largest image area fed to the vision tower, in pixels.", min=1)
+    image_min_pixels: int = _f(32 * 32, "Smallest image area fed to the vision tower, in pixels.", min=1)
+    video_max_pixels: int = _f(256 * 256, "Largest video frame area, in pixels.", min=1)
+    video_min_pixels: int = _f(16 * 16, "Smallest video frame area, in pixels.", min=1)
+    quantization_bit: int | None = _f(
+        None, "Load the base model in 4 or 8 bits (bitsandbytes, CUDA only).", choices=(4, 8)
+    )
+    quantization_method: str = _f(
+        "bnb", "Quantization library; eqakit supports bitsandbytes ('bnb').", choices=("bnb",)
+    )
+    infer_backend: str = _f(
+        "huggingface", "Generation backend: huggingface or vllm.", choices=("huggingface", "vllm")
+    )
+    infer_dtype: str = _f(
+        "auto",
+        "Inference dtype: auto (bf16 on CUDA, fp16 on MPS, fp32 on CPU), float32, float16, bfloat16.",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    )
+    export_dir: str | None = _f(None, "Where `eqakit export` writes the merged model.")
+    export_size: float = _f(
+        5.0, "Largest weight shard written by export, in GB.", min=0.0, min_exclusive=True
+    )
+    export_device: str = _f(
+        "cpu", "Device used to merge: cpu or auto (CUDA when available).", choices=("cpu", "auto")
+    )
+    export_legacy_format: bool = _f(False, "Write .bin (pickle) shards instead of .safetensors.")
+    overwrite_output_dir: bool = _f(False, "Replace a non-empty output_dir / export_dir instead of refusing.")
+    export_dtype: str = _f(
+        "auto",
+        "Dtype of exported weights: auto (the base model's), float32, float16, bfloat16.",
+        choices=("auto", "float32", "float16", "bfloat16"),
+    )
+
+    @property
+    def adapter_paths(self) -> list[str]:
+        """adapter_name_or_path split on commas, as LLaMA-Factory does."""
+        if not self.adapter_name_or_path:
+            return []
+        return [p.strip() for p in self.adapter_name_or_path.split(",") if p.strip()]
+
+
+@dataclass
+class DataArguments:
+    """Which datasets, how they are rendered into prompts, and how long a sample may be."""
+
+    template: str | None = _f(None, "Chat template: qwen3_vl_nothink or qwen3_vl.", choices=TEMPLATES)
+    dataset: str | None = _f(
+        None, "Training dataset name(s) from dataset_dir/dataset_info.json, comma-separated."
+    )
+    eval_dataset: str | None = _f(None, "Evaluation/prediction dataset name(s), comma-separated.")
+    dataset_dir: str = _f("data", "Directory holding dataset_info.json and the data files.")
+    media_dir: str | None = _f(None, "Directory image paths are relative to (default: dataset_dir).")
+    cutoff_len: int = _f(2048, "Largest number of tokens (text and image) in one sample.", min=1)
+    train_on_prompt: bool = _f(False, "Also learn the prompt tokens (normally only answers are learned).")
+    mask_history: bool = _f(False, "Learn only the last assistant turn of multi-turn samples.")
+    overwrite_cache: bool = _f(False, "Re-encode datasets even when a cache exists.")
+    preprocessing_num_workers: int | None = _f(None, "Processes used to encode datasets.", min=1)
+    preprocessing_batch_size: int = _f(1000, "Samples per encoding batch.", min=1)
+    max_samples: int | None = _f(None, "Use at most this many samples of each dataset.", min=1)
+    val_size: float = _f(
+        0.0, "Validation split of the training data: a fraction in [0, 1) or a number of samples.", min=0.0
+    )
+    packing: bool | None = _f(None, "Pack several samples into one sequence (eqakit: only false/unset).")
+    default_system: str | None = _f(None, "System prompt added to every conversation that has none.")
+    enable_thinking: bool = _f(True, "qwen3_vl template: let the model think before answering.")
+
+
+@dataclass
+class FinetuningArguments:
+    """What is trained: LoRA on the language model, with the vision side frozen by default."""
+
+    stage: str = _f("sft", "Training stage; eqakit implements supervised fine-tuning.", choices=("sft",))
+    finetuning_type: str = _f("lora", "Fine-tuning method; eqakit implements LoRA.", choices=("lora",))
+    lora_rank: int = _f(8, "LoRA rank r.", min=1)
+    lora_alpha: float | None = _f(
+        None, "LoRA scaling alpha (default: 2 x lora_rank, as in LLaMA-Factory).", min=0.0, min_exclusive=True
+    )
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", min=0.0, max=1.0)
+    lora_target: str = _f(
+        "all",
+        "Modules to adapt: 'all' (the language model's q/k/v/o/gate/up/down projections) or a comma list.",
+    )
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    create_new_adapter: bool = _f(False, "Train a new adapter on top of merged adapter_name_or_path ones.")
+    freeze_vision_tower: bool = _f(True, "Keep the vision encoder frozen.")
+    freeze_multi_modal_projector: bool = _f(True, "Keep the vision-to-language merger frozen.")
+    freeze_language_model: bool = _f(False, "Keep the language model frozen (LoRA layers still train).")
+    plot_loss: bool = _f(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
+    compute_accuracy: bool = _f(False, "Report token accuracy on the evaluation split.")
+
+
+@dataclass
+class GeneratingArguments:
+    """Decoding settings for predict, chat, webui and api (requests may override them)."""
+
+    do_sample: bool = _f(True, "Sample; false (or temperature 0) decodes greedily.")
+    temperature: float = _f(0.95, "Sampling temperature; 0 means greedy.", min=0.0)
+    top_p: float = _f(0.7, "Nucleus sampling mass.", min=0.0, max=1.0, min_exclusive=True)
+    top_k: int = _f(50, "Sample among the k most likely tokens (0: no limit).", min=0)
+    num_beams: int = _f(1, "Beam search width; eqakit decodes with 1.", min=1, max=1)
+    max_length: int = _f(1024, "Largest prompt+answer length when max_new_tokens is not set.", min=1)
+    max_new_tokens: int = _f(1024, "Largest number of generated tokens.", min=1)
+    repetition_penalty: float = _f(
+        1.0, "Penalty on repeated tokens (1.0: none).", min=0.0, min_exclusive=True
+    )
+    length_penalty: float = _f(1.0, "Beam-search length penalty (no effect with num_beams 1).")
+    skip_special_tokens: bool = _f(True, "Drop special tokens from decoded text.")
+
+
+GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)

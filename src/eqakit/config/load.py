@@ -1,0 +1,380 @@
+"""Read a LLaMA-Factory-style YAML file plus ``key=value`` overrides into typed, validated config.
+
+Precedence is defaults < YAML < command line. Every problem (unknown key, wrong type, value out of
+range, LLaMA-Factory option eqakit does not implement, contradictory settings) is collected and
+reported at once in one `ConfigError`, naming the key, the value received and what is allowed.
+Values are never rewritten behind the user's back.
+
+    cfg = load_config("train", "configs/training_args.yaml", ["learning_rate=1e-4"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from eqakit.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
+from eqakit.config.lf_unsupported import LLAMA_FACTORY_UNSUPPORTED
+from eqakit.errors import ConfigError
+
+Kind = Literal["train", "infer", "export"]
+
+# Range rules for the transformers TrainingArguments keys users set most; the eqakit groups carry
+# theirs in field metadata. transformers validates the rest itself (its errors are passed on).
+TRAINING_RULES: dict[str, dict[str, Any]] = {
+    "learning_rate": {"min": 0.0, "min_exclusive": True},
+    "num_train_epochs": {"min": 0.0, "min_exclusive": True},
+    "per_device_train_batch_size": {"min": 1},
+    "per_device_eval_batch_size": {"min": 1},
+    "gradient_accumulation_steps": {"min": 1},
+    "logging_steps": {"min": 0.0, "min_exclusive": True},
+    "save_steps": {"min": 0.0, "min_exclusive": True},
+    "eval_steps": {"min": 0.0, "min_exclusive": True},
+    "max_grad_norm": {"min": 0.0},
+    "warmup_steps": {"min": 0},
+    "warmup_ratio": {"min": 0.0, "max": 1.0},
+    "weight_decay": {"min": 0.0},
+    "dataloader_num_workers": {"min": 0},
+    "save_total_limit": {"min": 1},
+}
+
+
+@dataclass
+class Config:
+    """Everything one run needs, built once at the CLI edge and passed down."""
+
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    generating: GeneratingArguments
+    training: Any | None = None  # transformers.Seq2SeqTrainingArguments for kind "train"
+    source: Path | None = None
+    user_keys: tuple[str, ...] = ()  # keys the user set (file or command line), for self-describing outputs
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as one flat LLaMA-Factory-style mapping (what a YAML file would hold)."""
+        flat: dict[str, Any] = {}
+        for group in (self.model, self.data, self.finetuning, self.generating):
+            flat.update(dataclasses.asdict(group))
+        if self.training is not None:
+            flat.update(self.training.to_dict())
+        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in flat.items()}
+
+
+def _training_class() -> type:
+    from transformers import Seq2SeqTrainingArguments  # heavy import: only for `train`
+
+    return Seq2SeqTrainingArguments
+
+
+def _groups(kind: Kind) -> list[type]:
+    groups: list[type] = [ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments]
+    if kind == "train":
+        groups.append(_training_class())
+    return groups
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a config file (YAML or JSON) as a mapping, with errors that name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of key: value lines, found a {type(data).__name__}")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings from the command line; values are read as YAML scalars (true, 8, 1e-4, text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(
+                f"command-line override {item!r} must look like key=value (e.g. learning_rate=1e-4)"
+            )
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def _fmt(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/command-line value to the field's type, or raise ValueError with the reason."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ValueError("must be set (null is not allowed)")
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums:
+            allowed = [m.value for m in enums[0]]
+            raw = value.value if isinstance(value, enum.Enum) else value
+            if raw not in allowed:
+                raise ValueError(f"is not allowed; choose one of: {', '.join(map(str, allowed))}")
+            return raw
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if len(errors) == 1 else "has the wrong type: " + "; or ".join(errors))
+    if origin in (list, tuple) or tp in (list, tuple):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list | tuple):
+            return list(value)
+        raise ValueError("must be a list or a comma-separated string")
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+        if isinstance(value, str):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError("must be a mapping or a JSON object string") from None
+            if isinstance(parsed, dict):
+                return parsed
+        raise ValueError("must be a mapping")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "on")
+        raise ValueError("must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ValueError("must be an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError("must be a number")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())  # PyYAML reads 5e-5 (no dot) as a string
+            except ValueError:
+                pass
+        raise ValueError("must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("must be a string")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        if value not in allowed:
+            raise ValueError(f"is not allowed; choose one of: {', '.join(map(str, allowed))}")
+        return value
+    return value
+
+
+def _check_rules(value: Any, rules: dict[str, Any]) -> str | None:
+    """The reason a coerced value breaks its field's rules, or None."""
+    if value is None:
+        return None
+    choices = rules.get("choices")
+    if choices is not None and value not in choices:
+        return f"is not allowed; choose one of: {', '.join(map(str, choices))}"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        low, high = rules.get("min"), rules.get("max")
+        if low is not None:
+            if rules.get("min_exclusive") and value <= low:
+                return f"is out of range (must be > {low})"
+            if value < low:
+                return f"is out of range (must be >= {low})"
+        if high is not None and value > high:
+            return f"is out of range (must be <= {high})"
+    return None
+
+
+def _unknown_key_message(key: str, kind: Kind, known: set[str]) -> str:
+    if key in LLAMA_FACTORY_UNSUPPORTED:
+        return f"{key!r} is a LLaMA-Factory option eqakit does not support; remove it"
+    if kind != "train":
+        training = {f.name for f in dataclasses.fields(_training_class())}
+        if key in training:
+            return f"{key!r} is a training key: it applies to `eqakit train`, not here; remove it"
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r}{hint}"
+
+
+def _cross_checks(kind: Kind, values: dict[str, Any]) -> list[str]:
+    """Contradictions between keys, with LLaMA-Factory's rules where it has them."""
+    problems = []
+    get = values.get
+    if not get("model_name_or_path"):
+        problems.append(
+            "model_name_or_path is required (a local model directory or a hub id such as Qwen/Qwen3-VL-2B-Instruct)"
+        )
+    if get("template") is None:
+        problems.append("template is required: set template: qwen3_vl_nothink (or qwen3_vl for thinking)")
+    if get("packing"):
+        problems.append("packing: true is not supported by eqakit; set packing: false or remove the key")
+    if (get("image_min_pixels") or 0) > (get("image_max_pixels") or 0):
+        problems.append(
+            f"image_min_pixels ({get('image_min_pixels')}) is larger than image_max_pixels ({get('image_max_pixels')})"
+        )
+    if kind == "export" and not get("export_dir"):
+        problems.append("export_dir is required: the directory the merged model is written to")
+    if kind == "train":
+        if not get("do_train") and not get("do_predict"):
+            problems.append("set do_train: true (fine-tune) or do_predict: true (predict on eval_dataset)")
+        if get("do_train") and get("do_predict"):
+            problems.append(
+                "do_train and do_predict are both true: run training and prediction as two configs"
+            )
+        if get("do_train") and not get("dataset"):
+            problems.append("do_train needs dataset: the name(s) of training datasets in dataset_info.json")
+        if get("do_predict") and not get("eval_dataset"):
+            problems.append("do_predict needs eval_dataset: the name(s) of the datasets to predict on")
+        if get("do_predict") and not get("predict_with_generate"):
+            problems.append("do_predict needs predict_with_generate: true to write predictions")
+        if get("do_train") and get("predict_with_generate"):
+            problems.append("predict_with_generate cannot be true while training (do_train: true)")
+        if get("bf16") and get("fp16"):
+            problems.append("bf16 and fp16 are both true: choose one")
+    return problems
+
+
+def load_config(
+    kind: Kind,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Config:
+    """Build a validated `Config` for a verb of the given kind.
+
+    ``kind`` is "train" (model, data, LoRA, generation and Seq2SeqTrainingArguments keys),
+    "infer" (api, chat, webui) or "export" (the same keys, export_dir required).
+    ``extra`` are programmatic settings applied between the file and the command line.
+    """
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    raw.update(extra or {})
+    raw.update(parse_overrides(overrides or []))
+    groups = _groups(kind)
+    fields_by_group = [_fields(cls) for cls in groups]
+    known = {name for fields in fields_by_group for name in fields}
+    problems = [_unknown_key_message(k, kind, known) for k in raw if k not in known]
+
+    values: dict[str, Any] = {}
+    for cls, fields in zip(groups, fields_by_group, strict=True):
+        hints = typing.get_type_hints(cls)
+        for name, fld in fields.items():
+            if name not in raw:
+                continue
+            value = raw[name]
+            try:
+                coerced = _coerce(name, value, hints.get(name, fld.type))
+            except ValueError as exc:
+                reason = str(exc)
+                if "choose one of" not in reason:
+                    reason += f" (expected {_type_name(hints.get(name, fld.type))})"
+                problems.append(f"key {name!r}: {_fmt(value)} {reason}")
+                continue
+            rules = (
+                {**fld.metadata, **TRAINING_RULES.get(name, {})}
+                if cls not in (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)
+                else dict(fld.metadata)
+            )
+            reason = _check_rules(coerced, rules)
+            if reason:
+                problems.append(f"key {name!r}: {_fmt(value)} {reason}")
+                continue
+            values[name] = coerced
+
+    defaults = {
+        name: (fld.default if fld.default is not dataclasses.MISSING else None)
+        for fields in fields_by_group
+        for name, fld in fields.items()
+    }
+    problems += _cross_checks(kind, {**defaults, **values})
+    where = f" in {path}" if path is not None else ""
+    if problems:
+        raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+    built = []
+    for cls, fields in zip(groups, fields_by_group, strict=True):
+        kwargs = {k: v for k, v in values.items() if k in fields}
+        try:
+            built.append(cls(**kwargs))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"invalid configuration{where}: {exc}") from None
+    model, data, finetuning, generating = built[:4]
+    training = built[4] if kind == "train" else None
+    return Config(
+        model=model,
+        data=data,
+        finetuning=finetuning,
+        generating=generating,
+        training=training,
+        source=Path(path) if path is not None else None,
+        user_keys=tuple(raw),
+    )
+
+
+def infer_kind(raw: dict[str, Any]) -> Kind:
+    """Which verb a config file is for, from its keys (for `eqakit config`)."""
+    if raw.get("do_train") or raw.get("do_predict"):
+        return "train"
+    return "export" if raw.get("export_dir") else "infer"
+
+
+def describe_keys(kind: Kind) -> str:
+    """A help page listing every eqakit key with its default and meaning (transformers keys by reference)."""
+    lines = []
+    for cls in (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments):
+        lines.append(f"{cls.__name__}:")
+        for fld in dataclasses.fields(cls):
+            default = fld.default if fld.default is not dataclasses.MISSING else None
+            lines.append(f"  {fld.name} (default {default!r}): {fld.metadata.get('help', '')}")
+    if kind == "train":
+        lines.append("Seq2SeqTrainingArguments: every transformers training key (output_dir, learning_rate,")
+        lines.append("  num_train_epochs, per_device_train_batch_size, eval_strategy, save_steps, ...).")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""Config parsing: the seed's four YAML files, overrides, and every kind of config error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from eqakit.cli import main
+from eqakit.config import load_config
+from eqakit.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed"
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+MINIMAL_TRAIN = """\
+model_name_or_path: some/model
+template: qwen3_vl_nothink
+stage: sft
+do_train: true
+finetuning_type: lora
+dataset: open_eqa_train_val
+output_dir: {out}
+"""
+
+
+def test_seed_training_args_have_the_seed_meanings() -> None:
+    cfg = load_config("train", CONFIGS / "training_args.yaml")
+    assert cfg.training.learning_rate == 5e-5
+    assert cfg.training.num_train_epochs == 3.0
+    assert cfg.training.per_device_train_batch_size == 2
+    assert cfg.training.gradient_accumulation_steps == 8
+    assert cfg.training.eval_strategy.value == "steps" and cfg.training.eval_steps == 100
+    assert cfg.training.save_steps == 10 and cfg.training.logging_steps == 5
+    assert cfg.training.lr_scheduler_type.value == "cosine"
+    assert cfg.training.include_num_input_tokens_seen in (True, "all", "non_padding")
+    assert (
+        cfg.finetuning.lora_rank == 8 and cfg.finetuning.lora_alpha == 16 and cfg.finetuning.lora_dropout == 0
+    )
+    assert cfg.finetuning.lora_target == "all" and cfg.finetuning.plot_loss
+    assert cfg.finetuning.freeze_vision_tower and cfg.finetuning.freeze_multi_modal_projector
+    assert cfg.data.cutoff_len == 2048 and cfg.data.val_size == 0.125 and cfg.data.max_samples == 99999
+    assert cfg.data.template == "qwen3_vl_nothink" and cfg.data.enable_thinking is False
+    assert cfg.model.image_max_pixels == 589824 and cfg.model.image_min_pixels == 1024
+
+
+def test_seed_eval_merge_infer_configs_parse() -> None:
+    ev = load_config("train", CONFIGS / "eval_args.yaml")
+    assert ev.training.do_predict and ev.training.predict_with_generate
+    assert (
+        ev.generating.temperature == 0.2
+        and ev.generating.top_p == 1.0
+        and ev.generating.max_new_tokens == 128
+    )
+    assert ev.data.eval_dataset == "open_eqa_test" and ev.training.per_device_eval_batch_size == 2
+    merge = load_config("export", CONFIGS / "merge_openeqa.yaml")
+    assert merge.model.export_size == 2.0 and merge.model.export_device == "auto"
+    assert merge.model.export_legacy_format is False
+    infer = load_config("infer", CONFIGS / "infer_openeqa.yaml")
+    assert infer.data.template == "qwen3_vl_nothink" and infer.model.trust_remote_code
+
+
+@pytest.mark.skipif(not SEED.is_dir(), reason="shared/seed not present")
+def test_shipped_configs_hold_exactly_the_seed_keys() -> None:
+    """configs/ differ from the tutorial's files only in paths: the same keys, the same non-path values."""
+    import re
+
+    import yaml
+
+    text = next(SEED.glob("*.txt")).read_text(encoding="utf-8")
+    seed_train = dict(
+        re.findall(r"^([a-z_0-9]+): (.+)$", text.split("bf16: false", 1)[1].split("参数详细")[0], re.M)
+    )
+    ours = yaml.safe_load((CONFIGS / "training_args.yaml").read_text())
+    assert set(seed_train) | {"bf16"} == set(ours)
+    for key, value in seed_train.items():
+        if key not in ("model_name_or_path", "output_dir", "dataset_dir"):
+            assert yaml.safe_load(value) == ours[key], key
+
+
+def test_override_beats_file_and_strings_are_coerced(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o") + "learning_rate: 5e-5\n")
+    cfg = load_config("train", path, ["learning_rate=1e-4", "lora_rank=16", "bf16=false"])
+    assert cfg.training.learning_rate == 1e-4  # 5e-5 in YAML is a string for PyYAML: still a float here
+    assert cfg.finetuning.lora_rank == 16
+    assert cfg.finetuning.lora_alpha is None  # default stays LLaMA-Factory's (2 x rank applied by training)
+    assert load_config("train", path).training.learning_rate == 5e-5
+
+
+def test_adapter_paths_split_on_commas(tmp_path: Path) -> None:
+    path = write(tmp_path, "model_name_or_path: m\ntemplate: qwen3_vl\nadapter_name_or_path: a, b ,c\n")
+    assert load_config("infer", path).model.adapter_paths == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora_rnak=3", "unknown key 'lora_rnak' (did you mean 'lora_rank'?)"),
+        ("use_dora=true", "'use_dora' is a LLaMA-Factory option eqakit does not support"),
+        ("lora_rank=-1", "key 'lora_rank': -1 is out of range (must be >= 1)"),
+        ("lora_rank=eight", "key 'lora_rank': 'eight' must be an integer"),
+        ("lora_dropout=1.5", "key 'lora_dropout': 1.5 is out of range (must be <= 1.0)"),
+        ("learning_rate=0", "key 'learning_rate': 0 is out of range (must be > 0.0)"),
+        ("bf16=maybe", "key 'bf16': 'maybe' must be true or false"),
+        (
+            "flash_attn=fast",
+            "key 'flash_attn': 'fast' is not allowed; choose one of: auto, disabled, sdpa, fa2",
+        ),
+        (
+            "template=llama3",
+            "key 'template': 'llama3' is not allowed; choose one of: qwen3_vl_nothink, qwen3_vl",
+        ),
+        ("stage=dpo", "key 'stage': 'dpo' is not allowed; choose one of: sft"),
+        ("finetuning_type=full", "key 'finetuning_type': 'full' is not allowed; choose one of: lora"),
+        (
+            "lr_scheduler_type=cosine_wrong",
+            "key 'lr_scheduler_type': 'cosine_wrong' is not allowed; choose one of: linear",
+        ),
+        ("quantization_bit=3", "key 'quantization_bit': 3 is not allowed; choose one of: 4, 8"),
+        ("packing=true", "packing: true is not supported by eqakit"),
+        (
+            "per_device_train_batch_size=0",
+            "key 'per_device_train_batch_size': 0 is out of range (must be >= 1)",
+        ),
+    ],
+)
+def test_config_errors_name_key_value_and_fix(tmp_path: Path, override: str, expected: str) -> None:
+    path = write(tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o"))
+    with pytest.raises(ConfigError) as err:
+        load_config("train", path, [override])
+    assert expected in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o") + "lora_rnak: 3\nuse_dora: true\nlora_rank: 0\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config("train", path)
+    message = str(err.value)
+    assert "lora_rnak" in message and "use_dora" in message and "'lora_rank': 0" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("template: qwen3_vl\nstage: sft\ndo_train: true\ndataset: d\n", "model_name_or_path is required"),
+        ("model_name_or_path: m\ntemplate: qwen3_vl\n", "set do_train: true"),
+        ("model_name_or_path: m\ntemplate: qwen3_vl\ndo_train: true\n", "do_train needs dataset"),
+        (
+            "model_name_or_path: m\ntemplate: qwen3_vl\ndo_predict: true\neval_dataset: t\n",
+            "predict_with_generate: true",
+        ),
+        (
+            "model_name_or_path: m\ntemplate: qwen3_vl\ndo_predict: true\npredict_with_generate: true\n",
+            "needs eval_dataset",
+        ),
+        (
+            "model_name_or_path: m\ntemplate: qwen3_vl\ndo_train: true\ndataset: d\nbf16: true\nfp16: true\n",
+            "choose one",
+        ),
+        ("model_name_or_path: m\ndo_train: true\ndataset: d\n", "template is required"),
+        (
+            "model_name_or_path: m\ntemplate: qwen3_vl\ndo_train: true\ndataset: d\n"
+            "image_min_pixels: 10000\nimage_max_pixels: 100\n",
+            "image_min_pixels (10000) is larger",
+        ),
+    ],
+)
+def test_contradictory_settings(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_config("train", write(tmp_path, text + f"output_dir: {tmp_path / 'o'}\n"))
+
+
+def test_training_key_in_an_inference_config_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "model_name_or_path: m\ntemplate: qwen3_vl\nlearning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError, match="'learning_rate' is a training key"):
+        load_config("infer", path)
+
+
+def test_export_needs_export_dir(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="export_dir is required"):
+        load_config("export", write(tmp_path, "model_name_or_path: m\ntemplate: qwen3_vl\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a: [unclosed\n", "is not valid YAML"),
+        ("- a\n- b\n", "must hold a mapping"),
+    ],
+)
+def test_unreadable_files(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config("infer", write(tmp_path, text))
+
+
+def test_missing_file_and_bad_override(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("infer", tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        load_config("infer", CONFIGS / "infer_openeqa.yaml", ["lora_rank"])
+
+
+def test_cli_prints_one_message_without_traceback_and_exits_2(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o"))
+    assert main(["config", str(path), "lora_rnak=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'lora_rnak' (did you mean 'lora_rank'?)" in err
+    assert "Traceback" not in err
+
+
+def test_cli_prints_resolved_config(capsys) -> None:
+    assert main(["config", str(CONFIGS / "eval_args.yaml"), "temperature=0"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "valid for `eqakit train`" in out
+        and "temperature: 0.0" in out
+        and "eval_dataset: open_eqa_test" in out
+    )
