@@ -1,0 +1,179 @@
+"""Datasets registered in ``dataset_dir/dataset_info.json``, read the way LLaMA-Factory reads them.
+
+Two formats, as in LLaMA-Factory: ``alpaca`` (instruction/input/output columns; instruction and
+input joined by "\\n"; optional system and history columns) and ``sharegpt`` (a list of
+{from, value} turns). An ``images`` column lists image paths relative to ``media_dir`` (default:
+``dataset_dir``); ``<image>`` placeholders in the text bind to them in order. Extra columns
+(question_id, category, episode_history, extra_answers, ...) are kept as metadata so predictions
+can be scored per category.
+
+    samples = load_samples("open_eqa_test", dataset_dir="data", max_samples=100)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eqakit.data.template import Message
+from eqakit.errors import DataError
+
+ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": None,
+                  "history": None, "images": None}
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "images": None}
+SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "system_tag": "system"}
+
+
+@dataclass
+class Sample:
+    """One conversation: messages whose ``<image>`` placeholders bind to ``images`` in order."""
+
+    messages: list[Message]
+    images: list[Path]
+    system: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # "file:line", for error messages
+
+    @property
+    def prompt_messages(self) -> list[Message]:
+        """The conversation up to (not including) its final answer: what the model is asked."""
+        return self.messages[:-1] if self.messages and self.messages[-1]["role"] == "assistant" else self.messages
+
+    @property
+    def answer(self) -> str:
+        last = self.messages[-1] if self.messages else {}
+        return last.get("content", "") if last.get("role") == "assistant" else ""
+
+
+def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
+    path = dataset_dir / "dataset_info.json"
+    if not path.is_file():
+        raise DataError(
+            f"{path} not found: dataset_dir must hold a dataset_info.json (create one with `eqakit prepare openeqa`)"
+        )
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path} must map dataset names to their descriptions")
+    return info
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a .json (list) or .jsonl file, each with its "file:line" for error messages."""
+    if not path.is_file():
+        raise DataError(f"dataset file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path} must hold a JSON list of rows")
+        return [(f"{path}[{i}]", row) for i, row in enumerate(data)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number} is not valid JSON: {exc}") from None
+    return rows
+
+
+def _field(row: dict[str, Any], column: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
+    if column not in row:
+        raise DataError(f"{where}: missing column {column!r} (the row has: {', '.join(sorted(row))})")
+    value = row[column]
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: column {column!r} must be a {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    return value
+
+
+def _alpaca(row: dict[str, Any], columns: dict[str, str | None], where: str) -> tuple[list[Message], str | None]:
+    prompt = _field(row, columns["prompt"], where)
+    query = row.get(columns["query"]) if columns.get("query") else None
+    if query:
+        prompt = f"{prompt}\n{query}"
+    messages: list[Message] = []
+    if columns.get("history") and row.get(columns["history"]):
+        for turn in _field(row, columns["history"], where, list):
+            if not (isinstance(turn, list | tuple) and len(turn) == 2):
+                raise DataError(f"{where}: history entries must be [question, answer] pairs")
+            messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
+    messages.append({"role": "user", "content": prompt})
+    response = row.get(columns["response"]) if columns.get("response") else None
+    if response is not None:
+        if not isinstance(response, str):
+            raise DataError(f"{where}: column {columns['response']!r} must be a string")
+        messages.append({"role": "assistant", "content": response})
+    system = row.get(columns["system"]) if columns.get("system") else None
+    return messages, system
+
+
+def _sharegpt(row: dict[str, Any], columns: dict[str, str | None], tags: dict[str, str], where: str
+              ) -> tuple[list[Message], str | None]:
+    turns = _field(row, columns["messages"], where, list)
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    system = row.get(columns["system"]) if columns.get("system") else None
+    messages: list[Message] = []
+    for i, turn in enumerate(turns):
+        role = roles.get(turn.get(tags["role_tag"])) if isinstance(turn, dict) else None
+        if role is None:
+            raise DataError(f"{where}: turn {i} has role {turn.get(tags['role_tag']) if isinstance(turn, dict) else turn!r}; "
+                            f"expected one of {', '.join(roles)}")
+        content = turn.get(tags["content_tag"], "")
+        if role == "system":
+            if i != 0:
+                raise DataError(f"{where}: a system turn may only come first")
+            system = content
+            continue
+        messages.append({"role": role, "content": content})
+    return messages, system
+
+
+def load_samples(names: str, dataset_dir: str | Path, media_dir: str | Path | None = None,
+                 max_samples: int | None = None) -> list[Sample]:
+    """All samples of the comma-separated dataset names, in file order (max_samples per dataset)."""
+    dataset_dir = Path(dataset_dir)
+    media = Path(media_dir) if media_dir else dataset_dir
+    info = read_dataset_info(dataset_dir)
+    samples: list[Sample] = []
+    for name in [n.strip() for n in names.split(",") if n.strip()]:
+        if name not in info:
+            close = difflib.get_close_matches(name, list(info), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; it has: {', '.join(info) or 'nothing'}"
+            raise DataError(f"dataset {name!r} is not registered in {dataset_dir / 'dataset_info.json'}{hint}")
+        entry = info[name]
+        if "file_name" not in entry:
+            raise DataError(f"dataset {name!r}: eqakit reads local files only; set file_name in dataset_info.json")
+        formatting = entry.get("formatting", "alpaca")
+        if formatting not in ("alpaca", "sharegpt"):
+            raise DataError(f"dataset {name!r}: formatting {formatting!r} is not supported (alpaca or sharegpt)")
+        defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+        columns = {**defaults, **entry.get("columns", {})}
+        tags = {**SHAREGPT_TAGS, **entry.get("tags", {})}
+        used = {c for c in columns.values() if c}
+        rows = _read_rows(dataset_dir / entry["file_name"])
+        for where, row in rows[: max_samples or None]:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a row must be a JSON object")
+            if formatting == "alpaca":
+                messages, system = _alpaca(row, columns, where)
+            else:
+                messages, system = _sharegpt(row, columns, tags, where)
+            images = []
+            if columns.get("images") and row.get(columns["images"]):
+                for image in _field(row, columns["images"], where, list):
+                    path = Path(image)
+                    images.append(path if path.is_absolute() else media / path)
+            meta = {k: v for k, v in row.items() if k not in used}
+            samples.append(Sample(messages, images, system, meta, where))
+    return samples

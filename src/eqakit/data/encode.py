@@ -1,0 +1,153 @@
+"""Samples to model inputs: token ids, labels, pixel values, with an image-token budget.
+
+Shared by training, prediction and serving, after `eqakit.data.template` has rendered the text.
+Image tokens are never truncated: when text plus image tokens exceed ``cutoff_len`` the images are
+scaled down until the sample fits (LLaMA-Factory cuts through image tokens instead and then fails
+with "Image features and image tokens do not match"); a sample that cannot fit even then is
+reported as too long, never silently cut.
+
+Planning (`plan_sample`) needs only image sizes, so a whole dataset is checked up front without
+decoding pixels; `materialize` produces tensors when a batch needs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from eqakit.data.template import Message, count_images, render
+
+IGNORE_INDEX = -100
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """Pixel bounds for the vision tower (LLaMA-Factory's image_min_pixels / image_max_pixels)."""
+
+    min_pixels: int = 32 * 32
+    max_pixels: int = 768 * 768
+
+
+@dataclass
+class Plan:
+    """A sample that fits: its text token ids (one image pad per image) and each image's pixel cap."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image_sizes: list[tuple[int, int]]  # (width, height) of the source images
+    max_pixels: int  # cap used for every image of this sample (<= the budget's; lower when scaled down)
+    grids: list[tuple[int, int, int]] = field(default_factory=list)  # (t, h, w) in patches per image
+    scaled_down: bool = False
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(t * h * w for t, h, w in self.grids) // 4
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids) - len(self.grids) + self.num_image_tokens
+
+
+class SampleTooLong(ValueError):
+    """The sample's text alone, or text plus the smallest allowed images, exceeds cutoff_len."""
+
+
+def image_grid(width: int, height: int, min_pixels: int, max_pixels: int, patch: int = 16, merge: int = 2) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid the Qwen-VL image processor produces for an image of this size."""
+    h, w = smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    return 1, h // patch, w // patch
+
+
+def _tokens_for(grids: list[tuple[int, int, int]], merge: int) -> int:
+    return sum(t * h * w for t, h, w in grids) // (merge * merge)
+
+
+def plan_sample(
+    messages: list[Message],
+    image_sizes: list[tuple[int, int]],
+    tokenizer: Any,
+    *,
+    template: str,
+    cutoff_len: int,
+    budget: ImageBudget,
+    enable_thinking: bool = False,
+    system: str | None = None,
+    add_generation_prompt: bool = False,
+    train_on_prompt: bool = False,
+    mask_history: bool = False,
+    patch: int = 16,
+    merge: int = 2,
+) -> Plan:
+    """Tokenize a rendered conversation and fit its images into ``cutoff_len``.
+
+    Raises `SampleTooLong` (the sample must be dropped) or ValueError (placeholders and images
+    disagree).
+    """
+    n_placeholders = count_images(messages)
+    if n_placeholders != len(image_sizes):
+        raise ValueError(f"the text has {n_placeholders} image placeholder(s) but the sample has {len(image_sizes)} image(s)")
+    segments = render(messages, template, enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt, system=system)
+    learned = [i for i, s in enumerate(segments) if s.learn]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for i, segment in enumerate(segments):
+        ids = tokenizer.encode(segment.text, add_special_tokens=False)
+        learn = train_on_prompt or (segment.learn and (not mask_history or i == learned[-1]))
+        input_ids += ids
+        labels += ids if learn else [IGNORE_INDEX] * len(ids)
+    text_len = len(input_ids) - len(image_sizes)
+    if text_len + len(image_sizes) > cutoff_len:
+        raise SampleTooLong(f"{text_len} text tokens exceed cutoff_len {cutoff_len} before any image")
+    cap = budget.max_pixels
+    grids = [image_grid(w, h, budget.min_pixels, cap, patch, merge) for w, h in image_sizes]
+    scaled = False
+    while text_len + _tokens_for(grids, merge) > cutoff_len:
+        room = max(cutoff_len - text_len, 0) // max(len(image_sizes), 1)  # image tokens per image that fit
+        new_cap = min(int(cap * 0.9), room * (patch * merge) ** 2)
+        if new_cap < budget.min_pixels or new_cap < (patch * merge) ** 2 or new_cap >= cap:
+            raise SampleTooLong(
+                f"{text_len} text tokens + {len(image_sizes)} images at the smallest allowed size "
+                f"({_tokens_for(grids, merge)} image tokens) exceed cutoff_len {cutoff_len}"
+            )
+        cap, scaled = new_cap, True
+        grids = [image_grid(w, h, budget.min_pixels, cap, patch, merge) for w, h in image_sizes]
+    return Plan(input_ids, labels, list(image_sizes), cap, grids, scaled)
+
+
+def materialize(plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget) -> dict[str, torch.Tensor]:
+    """Pixel values and expanded token ids for a planned sample (images in placeholder order)."""
+    tokenizer = processor.tokenizer
+    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    merge = processor.image_processor.merge_size
+    out: dict[str, torch.Tensor] = {}
+    counts: list[int] = []
+    if images:
+        size = {"shortest_edge": budget.min_pixels, "longest_edge": plan.max_pixels}
+        vision = processor.image_processor(images=[im.convert("RGB") for im in images], size=size, return_tensors="pt")
+        grid = vision["image_grid_thw"]
+        counts = [int(g.prod()) // (merge * merge) for g in grid]
+        expected = [t * h * w // (merge * merge) for t, h, w in plan.grids]
+        if counts != expected:
+            raise ValueError(f"image sizes changed since planning: {counts} image tokens, planned {expected}")
+        out["pixel_values"], out["image_grid_thw"] = vision["pixel_values"], grid
+    ids: list[int] = []
+    labels: list[int] = []
+    k = 0
+    for token, label in zip(plan.input_ids, plan.labels, strict=True):
+        if token == pad_id:
+            ids += [pad_id] * counts[k]
+            labels += [IGNORE_INDEX] * counts[k]
+            k += 1
+        else:
+            ids.append(token)
+            labels.append(label)
+    out["input_ids"] = torch.tensor(ids, dtype=torch.long)
+    out["labels"] = torch.tensor(labels, dtype=torch.long)
+    # transformers >= 5.2 computes M-RoPE positions from these: 1 marks image tokens, 0 text.
+    out["mm_token_type_ids"] = (out["input_ids"] == pad_id).to(torch.int)
+    return out

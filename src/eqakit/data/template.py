@@ -1,0 +1,145 @@
+"""The one place that turns chat messages into Qwen3-VL prompt text.
+
+Training, prediction, the API, the web UI and terminal chat all render through here, so a model
+is served with exactly the format it was trained on (train/serve template mismatch is the most
+common silent bug in this field). Text-level only: `eqakit.data.encode` turns the segments into
+token ids, labels and pixel values.
+
+Templates (LLaMA-Factory names):
+- ``qwen3_vl_nothink``: Qwen3-VL-Instruct's format. No default system prompt;
+  ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn; each image is
+  ``<|vision_start|><|image_pad|><|vision_end|>``; the reply follows ``<|im_start|>assistant\\n``.
+- ``qwen3_vl``: the same turns for thinking models. With ``enable_thinking: false`` an empty
+  ``<think>\\n\\n</think>\\n\\n`` block is put in the prompt (not learned); with thinking enabled an answer
+  without a think block gets the empty block in front of it and learns it, as LLaMA-Factory does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
+EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
+_THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+Message = dict[str, Any]  # {"role": "system"|"user"|"assistant", "content": str | list[part]}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of prompt text; ``learn`` marks the answer text whose tokens carry labels."""
+
+    text: str
+    learn: bool
+
+
+def content_parts(content: Any) -> list[dict[str, Any]]:
+    """Normalise OpenAI-style content (a string or a list of parts) into text and image parts.
+
+    Strings may hold LLaMA-Factory ``<image>`` placeholders; each becomes an image part (bound to
+    the sample's images in order by the caller).
+    """
+    if content is None:
+        return []
+    if isinstance(content, str):
+        parts: list[dict[str, Any]] = []
+        for i, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
+            if i:
+                parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return parts
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if isinstance(part, str):
+                out.extend(content_parts(part))
+            elif isinstance(part, dict) and part.get("type") == "text":
+                out.extend(content_parts(part.get("text", "")))
+            elif isinstance(part, dict) and part.get("type") in ("image", "image_url"):
+                out.append({"type": "image", **{k: v for k, v in part.items() if k != "type"}})
+            else:
+                raise ValueError(f"unsupported message content part: {part!r}")
+        return out
+    raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def count_images(messages: list[Message]) -> int:
+    return sum(1 for m in messages for p in content_parts(m.get("content")) if p["type"] == "image")
+
+
+def _render_content(content: Any) -> str:
+    return "".join(IMAGE_TOKENS if p["type"] == "image" else p["text"] for p in content_parts(content))
+
+
+def _text(content: Any) -> str:
+    return "".join(p.get("text", "") for p in content_parts(content))
+
+
+def render(
+    messages: list[Message],
+    template: str = "qwen3_vl_nothink",
+    *,
+    enable_thinking: bool = False,
+    add_generation_prompt: bool = True,
+    system: str | None = None,
+) -> list[Segment]:
+    """Render a conversation as prompt segments.
+
+    With ``add_generation_prompt`` (inference) the messages end with a user turn and the result ends
+    with the assistant header. Without it (training) every assistant turn is a learned segment:
+    its text, ``<|im_end|>`` and the newline after it. ``system`` is used when the conversation has no
+    system message (LLaMA-Factory's default_system).
+    """
+    if template not in ("qwen3_vl_nothink", "qwen3_vl"):
+        raise ValueError(f"unknown template {template!r}; eqakit renders qwen3_vl_nothink and qwen3_vl")
+    thinking_template = template == "qwen3_vl"
+    segments: list[Segment] = []
+    prompt = ""
+    if messages and messages[0].get("role") == "system":
+        system, messages = _text(messages[0].get("content")), messages[1:]
+    if system:
+        prompt += f"<|im_start|>system\n{system}<|im_end|>\n"
+    last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
+    for i, message in enumerate(messages):
+        role = message.get("role")
+        if role == "user":
+            prompt += f"<|im_start|>user\n{_render_content(message.get('content'))}<|im_end|>\n"
+        elif role == "assistant":
+            answer = _text(message.get("content"))
+            prompt += "<|im_start|>assistant\n"
+            if thinking_template:
+                if i != last_assistant or not enable_thinking:
+                    answer = _THINK_BLOCK.sub("", answer)  # earlier turns never keep their reasoning
+                if "<think>" not in answer:
+                    if enable_thinking:
+                        answer = EMPTY_THOUGHT + answer
+                    else:
+                        prompt += EMPTY_THOUGHT
+            segments.append(Segment(prompt, learn=False))
+            segments.append(Segment(f"{answer}<|im_end|>\n", learn=True))
+            prompt = ""
+        else:
+            raise ValueError(f"message {i}: role must be system (first only), user or assistant, got {role!r}")
+    if add_generation_prompt:
+        if not messages or messages[-1].get("role") != "user":
+            raise ValueError("the conversation must end with a user message to generate a reply")
+        prompt += "<|im_start|>assistant\n"
+        if thinking_template and not enable_thinking:
+            prompt += EMPTY_THOUGHT
+    if prompt:
+        segments.append(Segment(prompt, learn=False))
+    return segments
+
+
+def render_prompt(messages: list[Message], template: str = "qwen3_vl_nothink", **kwargs: Any) -> str:
+    """The full prompt text for generation (what the model sees before it answers)."""
+    return "".join(s.text for s in render(messages, template, add_generation_prompt=True, **kwargs))
+
+
+def strip_thinking(text: str) -> str:
+    """The answer without a leading reasoning block (for scoring and for display as the final answer)."""
+    return _THINK_BLOCK.sub("", text).strip() if "</think>" in text else text.strip()

@@ -1,0 +1,144 @@
+"""Load Qwen3-VL checkpoints, processors and LoRA adapters the same way for every verb.
+
+A model is named by a local directory or a hub id (``Qwen/Qwen3-VL-2B-Instruct``); adapters by
+PEFT directories. Inference merges the adapters in order into the base weights (LLaMA-Factory's
+behaviour: one set of weights, no adapter overhead per token); training merges all but the last
+and keeps the last one trainable, or adds a fresh one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eqakit.config.args import ModelArguments
+from eqakit.errors import EqakitError
+
+ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU, unless a device is named."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on CUDA, fp16 on MPS, fp32 on CPU; otherwise the named dtype."""
+    if name != "auto":
+        return DTYPES[name]
+    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+
+
+def _check_model_source(name: str) -> None:
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise EqakitError(
+            f"model_name_or_path {name!r} {what}: give a directory written by save_pretrained "
+            "(or `eqakit export`), or a hub id such as Qwen/Qwen3-VL-2B-Instruct"
+        )
+
+
+def check_adapter_dir(path: str) -> Path:
+    """An adapter directory, or a clear error naming the missing file."""
+    adapter = Path(path).expanduser()
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise EqakitError(
+            f"adapter {path!r}: {config} not found; adapter_name_or_path must be a LoRA adapter directory "
+            "(the output_dir or a checkpoint-N directory of `eqakit train`)"
+        )
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EqakitError(f"adapter {path!r}: {config} is not valid JSON ({exc})") from None
+    return adapter
+
+
+def load_processor(model_args: ModelArguments, path: str | None = None) -> Any:
+    """The checkpoint's processor (tokenizer + image processor + chat template)."""
+    from transformers import AutoProcessor
+
+    name = path or model_args.model_name_or_path
+    _check_model_source(name)
+    try:
+        return AutoProcessor.from_pretrained(
+            name, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+        )
+    except OSError as exc:
+        raise EqakitError(f"could not load the processor of {name!r}: {exc}") from None
+
+
+def _quantization(model_args: ModelArguments, dtype: torch.dtype, device: torch.device) -> Any:
+    if model_args.quantization_bit is None:
+        return None
+    if device.type != "cuda":
+        raise EqakitError(
+            f"quantization_bit: {model_args.quantization_bit} needs a CUDA GPU (bitsandbytes); this machine has "
+            f"{device.type}. Remove quantization_bit to run unquantized."
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise EqakitError("quantization_bit needs bitsandbytes: pip install 'eqakit[bnb]'") from None
+    from transformers import BitsAndBytesConfig
+
+    if model_args.quantization_bit == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base_model(model_args: ModelArguments, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """The base (or merged) Qwen3-VL model on ``device`` in ``dtype``, without adapters."""
+    from transformers import AutoModelForImageTextToText
+
+    name = model_args.model_name_or_path
+    _check_model_source(name)
+    attn = ATTENTION[model_args.flash_attn]
+    if attn == "flash_attention_2" and device.type != "cuda":
+        raise EqakitError("flash_attn: fa2 needs a CUDA GPU with flash-attn installed; use flash_attn: auto")
+    quant = _quantization(model_args, dtype, device)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=dtype, attn_implementation=attn, quantization_config=quant,
+            trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision, device_map={"": device} if quant is not None else None,
+        )
+    except (OSError, ValueError) as exc:
+        raise EqakitError(f"could not load model {name!r}: {exc}") from None
+    if quant is None:
+        model.to(device)
+    return model
+
+
+def load_model(model_args: ModelArguments, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """Base model with ``adapter_name_or_path`` applied for inference (merged in order when possible)."""
+    from peft import PeftModel
+
+    device = device or pick_device()
+    dtype = dtype or pick_dtype(model_args.infer_dtype, device)
+    model = load_base_model(model_args, device=device, dtype=dtype)
+    adapters = [check_adapter_dir(p) for p in model_args.adapter_paths]
+    if adapters and model_args.quantization_bit is not None and len(adapters) > 1:
+        raise EqakitError("a quantized model takes one adapter; merge the others first with `eqakit export`")
+    for adapter in adapters:
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise EqakitError(f"adapter {str(adapter)!r} does not fit model {model_args.model_name_or_path!r}: {exc}") from None
+        if model_args.quantization_bit is None:
+            model = model.merge_and_unload()
+    model.eval()
+    return model
