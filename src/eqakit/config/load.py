@@ -48,6 +48,11 @@ TRAINING_RULES: dict[str, dict[str, Any]] = {
 }
 
 
+# Keys whose YAML values are richer than transformers' annotation says (LLaMA-Factory accepts
+# ``resume_from_checkpoint: true`` for "the newest checkpoint in output_dir").
+TYPE_OVERRIDES: dict[str, Any] = {"resume_from_checkpoint": bool | str | None}
+
+
 @dataclass
 class Config:
     """Everything one run needs, built once at the CLI edge and passed down."""
@@ -311,7 +316,7 @@ def load_config(
                 continue
             value = raw[name]
             try:
-                coerced = _coerce(name, value, hints.get(name, fld.type))
+                coerced = _coerce(name, value, TYPE_OVERRIDES.get(name, hints.get(name, fld.type)))
             except ValueError as exc:
                 reason = str(exc)
                 if "choose one of" not in reason:

@@ -107,6 +107,10 @@ class TinySizes:
     # The vision tower's learned position grid (bilinearly interpolated); a square number.
     vision_num_position_embeddings: int = 256  # 2304
     deepstack_visual_indexes: tuple[int, ...] = (1,)  # (5, 11, 17)
+    # Std of the (tied) token embedding. With the usual 0.02 at width 64 the largest logit a
+    # frozen final norm allows is about 1.3, so no adapter could ever make a confident prediction
+    # (the loss floors near ln(vocab) - 1.3); a trained model's embeddings are far larger.
+    embedding_std: float = 0.5
 
     def check(self) -> None:
         """Reject sizes the real classes would accept but then fail on deep inside a forward pass."""
@@ -147,6 +151,8 @@ def build_tiny_model(output_dir: Path, seed: int = 0, *, overwrite: bool = False
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)  # the weights are drawn from N(0, initializer_range) as the model is built
         model = Qwen3VLForConditionalGeneration(config).eval()
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, dims.embedding_std)
     model.generation_config = _build_generation_config(processor.tokenizer)
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
