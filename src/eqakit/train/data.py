@@ -1,0 +1,170 @@
+"""Training data: samples planned up front, tensors made per batch.
+
+Every sample is checked before the first training step (images exist and decode, ``<image>``
+placeholders match images, the answer is not empty, the sample fits ``cutoff_len`` after scaling its
+images down), so a bad row stops the run before anything is written. Pixel values are produced
+lazily in ``__getitem__``: a whole OpenEQA split of pre-computed pixels would not fit in memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from eqakit.config import Config
+from eqakit.data.dataset import Sample, load_samples
+from eqakit.data.encode import IGNORE_INDEX, ImageBudget, Plan, SampleTooLong, materialize, plan_sample
+from eqakit.errors import DataError
+
+
+@dataclass
+class PlanReport:
+    """What planning did to the data: shown to the user and saved with the run."""
+
+    samples: int = 0
+    kept: int = 0
+    scaled_down: int = 0
+    dropped_too_long: list[str] = field(default_factory=list)
+    image_tokens: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        tokens = self.image_tokens or [0]
+        return {
+            "samples": self.samples, "kept": self.kept, "scaled_down_to_fit": self.scaled_down,
+            "dropped_too_long": len(self.dropped_too_long), "dropped_rows": self.dropped_too_long[:20],
+            "image_tokens_per_sample": {"min": min(tokens), "mean": round(sum(tokens) / len(tokens), 1), "max": max(tokens)},
+        }
+
+
+def image_sizes(samples: list[Sample]) -> dict[Path, tuple[int, int]]:
+    """Decode every distinct image once; a missing or corrupt file is an error naming the row."""
+    sizes: dict[Path, tuple[int, int]] = {}
+    problems: list[str] = []
+    for sample in samples:
+        for path in sample.images:
+            if path in sizes:
+                continue
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    sizes[path] = image.size
+            except FileNotFoundError:
+                problems.append(f"{sample.source}: image file not found: {path}")
+            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                problems.append(f"{sample.source}: image {path} cannot be read ({exc})")
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError("bad images in the dataset:\n  " + "\n  ".join(problems[:20]) + more)
+    return sizes
+
+
+def plan_samples(samples: list[Sample], tokenizer: Any, cfg: Config, budget: ImageBudget,
+                 require_answer: bool = True) -> tuple[list[Plan], list[Sample], PlanReport]:
+    """Tokenize and budget every sample; drop (and count) those that cannot fit cutoff_len."""
+    sizes = image_sizes(samples)
+    report = PlanReport(samples=len(samples))
+    plans, kept, problems = [], [], []
+    for sample in samples:
+        if require_answer and not sample.answer.strip():
+            problems.append(f"{sample.source}: empty answer")
+            continue
+        try:
+            plan = plan_sample(
+                sample.messages if require_answer else sample.prompt_messages,
+                [sizes[p] for p in sample.images], tokenizer,
+                template=cfg.data.template, cutoff_len=cfg.data.cutoff_len, budget=budget,
+                enable_thinking=cfg.data.enable_thinking, system=sample.system or cfg.data.default_system,
+                add_generation_prompt=not require_answer, train_on_prompt=cfg.data.train_on_prompt,
+                mask_history=cfg.data.mask_history,
+            )
+        except SampleTooLong as exc:
+            report.dropped_too_long.append(f"{sample.source}: {exc}")
+            continue
+        except ValueError as exc:
+            problems.append(f"{sample.source}: {exc}")
+            continue
+        plans.append(plan)
+        kept.append(sample)
+        report.scaled_down += plan.scaled_down
+        report.image_tokens.append(plan.num_image_tokens)
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError("bad rows in the dataset:\n  " + "\n  ".join(problems[:20]) + more)
+    report.kept = len(plans)
+    return plans, kept, report
+
+
+class PlannedDataset(torch.utils.data.Dataset):
+    """Planned samples; pixel values are computed when a sample is fetched."""
+
+    def __init__(self, plans: list[Plan], samples: list[Sample], processor: Any, budget: ImageBudget) -> None:
+        self.plans, self.samples, self.processor, self.budget = plans, samples, processor, budget
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        images = []
+        for path in self.samples[index].images:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        return materialize(self.plans[index], images, self.processor, self.budget)
+
+
+@dataclass
+class Collator:
+    """Right-pads a training batch and concatenates its images (the model reads grids in order)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            out = torch.full((len(features), longest), value, dtype=features[0][key].dtype)
+            for i, f in enumerate(features):
+                out[i, : len(f[key])] = f[key]
+            return out
+
+        batch = {
+            "input_ids": pad("input_ids", self.pad_token_id),
+            "labels": pad("labels", IGNORE_INDEX),
+            "mm_token_type_ids": pad("mm_token_type_ids", 0),
+            "attention_mask": torch.zeros(len(features), longest, dtype=torch.long),
+        }
+        for i, f in enumerate(features):
+            batch["attention_mask"][i, : len(f["input_ids"])] = 1
+        with_images = [f for f in features if "pixel_values" in f]
+        if with_images:
+            batch["pixel_values"] = torch.cat([f["pixel_values"] for f in with_images])
+            batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in with_images])
+        return batch
+
+
+def split_train_val(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """LLaMA-Factory's split: ``datasets.train_test_split(test_size=val_size, seed=seed)`` over the rows.
+
+    The same call on the same row count gives the same validation rows as LLaMA-Factory.
+    """
+    if not val_size:
+        return list(range(n)), []
+    from datasets import Dataset
+
+    test_size: float | int = int(val_size) if val_size >= 1 else val_size
+    if n < 2 or (isinstance(test_size, int) and test_size >= n):
+        raise DataError(f"val_size {val_size} leaves no training rows out of {n}")
+    split = Dataset.from_dict({"i": list(range(n))}).train_test_split(test_size=test_size, seed=seed)
+    return list(split["train"]["i"]), list(split["test"]["i"])
+
+
+def load_training_samples(cfg: Config) -> list[Sample]:
+    return load_samples(cfg.data.dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples)
+
+
+def count_by(samples: list[Sample], key: str) -> dict[str, int]:
+    return dict(Counter(str(s.meta.get(key, "?")) for s in samples))

@@ -1,0 +1,79 @@
+"""Wrap Qwen3-VL in LoRA adapters the way LLaMA-Factory's ``finetuning_type: lora`` does.
+
+``lora_target: all`` adapts the language model's q/k/v/o/gate/up/down projections: never lm_head
+(tied to the embedding) nor the embeddings. ``freeze_vision_tower: false`` adds the vision blocks'
+linear layers to the LoRA targets; ``freeze_multi_modal_projector: false`` trains the mergers in
+full. Earlier adapters in ``adapter_name_or_path`` are merged; the last is trained further unless
+``create_new_adapter``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from eqakit.config import Config
+from eqakit.errors import ConfigError
+from eqakit.model.load import check_adapter_dir
+
+LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LM_PREFIX = r"model\.language_model\.layers\.\d+\."
+VISION_TARGET = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))"
+PROJECTOR_MODULES = ["merger", "deepstack_merger_list"]
+
+
+def target_pattern(cfg: Config, module_names: list[str]) -> str:
+    """A regex over full module names for peft's ``target_modules``; unknown names are a ConfigError."""
+    wanted = cfg.finetuning.lora_target.strip()
+    names = LM_PROJECTIONS if wanted == "all" else tuple(n.strip() for n in wanted.split(",") if n.strip())
+    lm_names = {n.rsplit(".", 1)[-1] for n in module_names if re.match(LM_PREFIX, n)}
+    missing = [n for n in names if n not in lm_names]
+    if missing:
+        raise ConfigError(
+            f"key 'lora_target': {', '.join(missing)} match no linear layer of the language model; "
+            f"use 'all' or a comma list of: {', '.join(sorted(lm_names))}"
+        )
+    pattern = LM_PREFIX + r".*\b(" + "|".join(map(re.escape, names)) + r")"
+    if not cfg.finetuning.freeze_vision_tower:
+        pattern = f"({pattern})|({VISION_TARGET})"
+    return f"^({pattern})$"
+
+
+def apply_lora(model: Any, cfg: Config) -> Any:
+    """Freeze the base, merge earlier adapters, and return a PeftModel whose LoRA weights train in fp32."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    adapters = [str(check_adapter_dir(p)) for p in cfg.model.adapter_paths]
+    resume_adapter = None
+    if adapters and not cfg.finetuning.create_new_adapter:
+        adapters, resume_adapter = adapters[:-1], adapters[-1]
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if resume_adapter is not None:
+        model = PeftModel.from_pretrained(model, resume_adapter, is_trainable=True)
+    else:
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        lora = LoraConfig(
+            r=cfg.finetuning.lora_rank,
+            lora_alpha=cfg.finetuning.lora_alpha or 2 * cfg.finetuning.lora_rank,
+            lora_dropout=cfg.finetuning.lora_dropout,
+            target_modules=target_pattern(cfg, linear),
+            modules_to_save=None if cfg.finetuning.freeze_multi_modal_projector else PROJECTOR_MODULES,
+            use_rslora=cfg.finetuning.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
+    return model
+
+
+def trainable_summary(model: Any) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)"

@@ -1,0 +1,218 @@
+"""`eqakit train CONFIG.yaml [key=value ...]`: LoRA fine-tuning of Qwen3-VL, or prediction.
+
+Like `llamafactory-cli train`: ``do_train: true`` fine-tunes, ``do_predict: true`` generates
+answers for ``eval_dataset`` and scores them (see `eqakit.evaluate.predict`).
+
+    eqakit train configs/training_args.yaml
+    eqakit train configs/training_args.yaml resume_from_checkpoint=true
+    torchrun --nproc_per_node 2 -m eqakit train configs/training_args.yaml
+
+Training, in order: validate the config; check output_dir (refuse a non-empty one unless
+overwrite_output_dir or resume_from_checkpoint); read and check every sample (missing or corrupt
+images, placeholder/image mismatch, empty answers, samples too long even with scaled-down images:
+all reported before the first step, with nothing written); split off val_size; load the model and
+wrap it in LoRA; train with transformers' Trainer; save the adapter, processor, metrics, logs and
+loss plots to output_dir.
+
+Raises ConfigError (exit 2) for bad settings, DataError (exit 1) for bad data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from eqakit import __version__
+from eqakit.config import Config, load_config
+from eqakit.data.encode import ImageBudget
+from eqakit.errors import ConfigError, DataError
+from eqakit.train.callbacks import CheckpointMarker, LogCallback, newest_complete_checkpoint
+from eqakit.train.data import Collator, PlannedDataset, load_training_samples, plan_samples, split_train_val
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="eqakit train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="LLaMA-Factory-style YAML (e.g. configs/training_args.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings that replace the file's")
+    args = parser.parse_args(argv)
+    cfg = load_config("train", args.config, args.overrides)
+    if cfg.training.do_predict:
+        from eqakit.evaluate.predict import run_predict
+
+        run_predict(cfg)
+    else:
+        run_train(cfg)
+    return 0
+
+
+def resolve_resume(cfg: Config) -> str | None:
+    """The checkpoint to resume from, after refusing to write into someone else's output_dir."""
+    out = Path(cfg.training.output_dir)
+    wanted = cfg.training.resume_from_checkpoint
+    if wanted in (None, False, "false", "False", ""):
+        if out.is_dir() and any(out.iterdir()) and not cfg.model.overwrite_output_dir:
+            found = newest_complete_checkpoint(out)
+            hint = f"resume_from_checkpoint=true (continues from {found.name}), " if found else ""
+            raise ConfigError(
+                f"output_dir {out} exists and is not empty; set {hint}overwrite_output_dir=true, or choose another output_dir"
+            )
+        return None
+    if wanted in (True, "true", "True"):
+        found = newest_complete_checkpoint(out)
+        if found is None:
+            raise ConfigError(f"resume_from_checkpoint: true, but {out} holds no complete checkpoint-N directory")
+        return str(found)
+    path = Path(str(wanted))
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume_from_checkpoint: {path} is not a checkpoint directory (no trainer_state.json)")
+    return str(path)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_record(cfg: Config, out: Path, extra: dict[str, Any]) -> None:
+    """Make output_dir describe itself: the resolved config, versions and the data report."""
+    import peft
+    import torch
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in cfg.to_dict().items() if k in cfg.user_keys}
+    (out / "eqakit_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
+    record = {
+        "eqakit": __version__, "git_commit": _git_commit(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "config_file": str(cfg.source), **extra,
+    }
+    tmp = out / "eqakit_run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    tmp.replace(out / "eqakit_run.json")
+
+
+def _compute_dtype(cfg: Config) -> Any:
+    import torch
+
+    return torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
+
+
+def _eval_split(cfg: Config, processor: Any, budget: ImageBudget, train_set: PlannedDataset,
+                val_rows: list[int]) -> PlannedDataset | None:
+    """The evaluation set: val_size rows of the training data, else eval_dataset, else none."""
+    wants_eval = cfg.training.eval_strategy.value != "no"
+    if val_rows:
+        return PlannedDataset([train_set.plans[i] for i in val_rows], [train_set.samples[i] for i in val_rows],
+                              processor, budget)
+    if cfg.data.eval_dataset:
+        from eqakit.data.dataset import load_samples
+
+        samples = load_samples(cfg.data.eval_dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples)
+        plans, samples, _ = plan_samples(samples, processor.tokenizer, cfg, budget)
+        return PlannedDataset(plans, samples, processor, budget)
+    if wants_eval:
+        raise ConfigError(
+            f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
+            "or eval_dataset, or set eval_strategy: no"
+        )
+    return None
+
+
+def run_train(cfg: Config) -> dict[str, float]:
+    """Fine-tune with LoRA; returns the final training metrics."""
+    import transformers
+    from transformers import Trainer
+
+    from eqakit.model.load import load_base_model, load_processor
+    from eqakit.train.lora import apply_lora, trainable_summary
+    from eqakit.train.plots import plot_loss
+
+    out = Path(cfg.training.output_dir)
+    resume = resolve_resume(cfg)
+    processor = load_processor(cfg.model)
+    budget = ImageBudget(cfg.model.image_min_pixels, cfg.model.image_max_pixels)
+
+    samples = load_training_samples(cfg)
+    if not samples:
+        raise DataError(f"dataset {cfg.data.dataset!r} has no rows")
+    plans, samples, report = plan_samples(samples, processor.tokenizer, cfg, budget)
+    if not plans:
+        raise DataError(f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}")
+    every = PlannedDataset(plans, samples, processor, budget)
+    train_rows, val_rows = split_train_val(len(plans), cfg.data.val_size, cfg.training.seed)
+    train_set = PlannedDataset([plans[i] for i in train_rows], [samples[i] for i in train_rows], processor, budget)
+    eval_set = _eval_split(cfg, processor, budget, every, val_rows)
+    if cfg.training.process_index == 0:
+        _print_data_report(report, len(train_set), len(eval_set) if eval_set else 0)
+
+    transformers.set_seed(cfg.training.seed)  # LoRA initialisation is part of the run's randomness
+    model = load_base_model(cfg.model, device=_load_device(), dtype=_compute_dtype(cfg))
+    model = apply_lora(model, cfg)
+    if cfg.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if cfg.training.local_process_index == 0:
+        print(trainable_summary(model))
+
+    if cfg.training.process_index == 0:
+        if resume is None and (out / "trainer_log.jsonl").exists():
+            (out / "trainer_log.jsonl").unlink()  # overwrite_output_dir: a fresh run starts a fresh log
+        if resume is not None:
+            _truncate_log(out, int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]))
+        write_run_record(cfg, out, {"data": report.summary(), "train_samples": len(train_set),
+                                    "eval_samples": len(eval_set) if eval_set else 0})
+    trainer = Trainer(
+        model=model, args=cfg.training, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=Collator(processor.tokenizer.pad_token_id), processing_class=processor,
+        callbacks=[LogCallback(), CheckpointMarker()],
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if eval_set is not None:
+        done = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+        metrics = {k: v for k, v in done[-1].items() if k.startswith("eval_") or k == "epoch"} if done else trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    if cfg.finetuning.plot_loss and trainer.is_world_process_zero():
+        for path in plot_loss(out):
+            print(f"wrote {path}")
+    return result.metrics
+
+
+def _load_device() -> Any:
+    """Load weights on the CPU; the Trainer moves them to this process's device."""
+    import torch
+
+    return torch.device("cpu")
+
+
+def _truncate_log(out: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed, so the log matches one unbroken run."""
+    path = out / "trainer_log.jsonl"
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+             if line.strip() and json.loads(line).get("current_steps", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _print_data_report(report: Any, n_train: int, n_eval: int) -> None:
+    s = report.summary()
+    tokens = s["image_tokens_per_sample"]
+    print(
+        f"data: {s['kept']}/{s['samples']} samples kept ({n_train} train, {n_eval} eval); "
+        f"{s['scaled_down_to_fit']} had images scaled down to fit cutoff_len, {s['dropped_too_long']} dropped as too long; "
+        f"image tokens per sample min {tokens['min']} mean {tokens['mean']} max {tokens['max']}"
+    )
