@@ -18,7 +18,10 @@ from eqakit.errors import EqakitError
 # verb -> (module, one-line help). The module's `cli(argv)` parses the rest of the command line.
 VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("eqakit.data.prepare", "build a LLaMA-Factory dataset directory from OpenEQA"),
-    "train": ("eqakit.train.sft", "LoRA fine-tuning (do_train) or prediction (do_predict) from a YAML config"),
+    "train": (
+        "eqakit.train.sft",
+        "LoRA fine-tuning (do_train) or prediction (do_predict) from a YAML config",
+    ),
     "judge": ("eqakit.evaluate.llm_match", "OpenEQA LLM-Match scoring with an OpenAI-compatible judge"),
     "config": ("eqakit.config.check", "validate a YAML config and print the resolved settings"),
     "tiny-model": ("eqakit.model.tiny", "build a tiny random Qwen3-VL for tests and the demo"),

@@ -21,11 +21,22 @@ from typing import Any
 from eqakit.data.template import Message
 from eqakit.errors import DataError
 
-ALPACA_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "system": None,
-                  "history": None, "images": None}
+ALPACA_COLUMNS = {
+    "prompt": "instruction",
+    "query": "input",
+    "response": "output",
+    "system": None,
+    "history": None,
+    "images": None,
+}
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "images": None}
-SHAREGPT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
-                 "system_tag": "system"}
+SHAREGPT_TAGS = {
+    "role_tag": "from",
+    "content_tag": "value",
+    "user_tag": "human",
+    "assistant_tag": "gpt",
+    "system_tag": "system",
+}
 
 
 @dataclass
@@ -41,7 +52,11 @@ class Sample:
     @property
     def prompt_messages(self) -> list[Message]:
         """The conversation up to (not including) its final answer: what the model is asked."""
-        return self.messages[:-1] if self.messages and self.messages[-1]["role"] == "assistant" else self.messages
+        return (
+            self.messages[:-1]
+            if self.messages and self.messages[-1]["role"] == "assistant"
+            else self.messages
+        )
 
     @property
     def answer(self) -> str:
@@ -93,11 +108,15 @@ def _field(row: dict[str, Any], column: str, where: str, kind: type | tuple[type
         raise DataError(f"{where}: missing column {column!r} (the row has: {', '.join(sorted(row))})")
     value = row[column]
     if not isinstance(value, kind):
-        raise DataError(f"{where}: column {column!r} must be a {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+        raise DataError(
+            f"{where}: column {column!r} must be a {getattr(kind, '__name__', kind)}, got {type(value).__name__}"
+        )
     return value
 
 
-def _alpaca(row: dict[str, Any], columns: dict[str, str | None], where: str) -> tuple[list[Message], str | None]:
+def _alpaca(
+    row: dict[str, Any], columns: dict[str, str | None], where: str
+) -> tuple[list[Message], str | None]:
     prompt = _field(row, columns["prompt"], where)
     query = row.get(columns["query"]) if columns.get("query") else None
     if query:
@@ -118,8 +137,9 @@ def _alpaca(row: dict[str, Any], columns: dict[str, str | None], where: str) -> 
     return messages, system
 
 
-def _sharegpt(row: dict[str, Any], columns: dict[str, str | None], tags: dict[str, str], where: str
-              ) -> tuple[list[Message], str | None]:
+def _sharegpt(
+    row: dict[str, Any], columns: dict[str, str | None], tags: dict[str, str], where: str
+) -> tuple[list[Message], str | None]:
     turns = _field(row, columns["messages"], where, list)
     roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
     system = row.get(columns["system"]) if columns.get("system") else None
@@ -127,8 +147,10 @@ def _sharegpt(row: dict[str, Any], columns: dict[str, str | None], tags: dict[st
     for i, turn in enumerate(turns):
         role = roles.get(turn.get(tags["role_tag"])) if isinstance(turn, dict) else None
         if role is None:
-            raise DataError(f"{where}: turn {i} has role {turn.get(tags['role_tag']) if isinstance(turn, dict) else turn!r}; "
-                            f"expected one of {', '.join(roles)}")
+            raise DataError(
+                f"{where}: turn {i} has role {turn.get(tags['role_tag']) if isinstance(turn, dict) else turn!r}; "
+                f"expected one of {', '.join(roles)}"
+            )
         content = turn.get(tags["content_tag"], "")
         if role == "system":
             if i != 0:
@@ -139,8 +161,9 @@ def _sharegpt(row: dict[str, Any], columns: dict[str, str | None], tags: dict[st
     return messages, system
 
 
-def load_samples(names: str, dataset_dir: str | Path, media_dir: str | Path | None = None,
-                 max_samples: int | None = None) -> list[Sample]:
+def load_samples(
+    names: str, dataset_dir: str | Path, media_dir: str | Path | None = None, max_samples: int | None = None
+) -> list[Sample]:
     """All samples of the comma-separated dataset names, in file order (max_samples per dataset)."""
     dataset_dir = Path(dataset_dir)
     media = Path(media_dir) if media_dir else dataset_dir
@@ -150,13 +173,19 @@ def load_samples(names: str, dataset_dir: str | Path, media_dir: str | Path | No
         if name not in info:
             close = difflib.get_close_matches(name, list(info), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; it has: {', '.join(info) or 'nothing'}"
-            raise DataError(f"dataset {name!r} is not registered in {dataset_dir / 'dataset_info.json'}{hint}")
+            raise DataError(
+                f"dataset {name!r} is not registered in {dataset_dir / 'dataset_info.json'}{hint}"
+            )
         entry = info[name]
         if "file_name" not in entry:
-            raise DataError(f"dataset {name!r}: eqakit reads local files only; set file_name in dataset_info.json")
+            raise DataError(
+                f"dataset {name!r}: eqakit reads local files only; set file_name in dataset_info.json"
+            )
         formatting = entry.get("formatting", "alpaca")
         if formatting not in ("alpaca", "sharegpt"):
-            raise DataError(f"dataset {name!r}: formatting {formatting!r} is not supported (alpaca or sharegpt)")
+            raise DataError(
+                f"dataset {name!r}: formatting {formatting!r} is not supported (alpaca or sharegpt)"
+            )
         defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
         columns = {**defaults, **entry.get("columns", {})}
         tags = {**SHAREGPT_TAGS, **entry.get("tags", {})}

@@ -57,7 +57,9 @@ class SampleTooLong(ValueError):
     """The sample's text alone, or text plus the smallest allowed images, exceeds cutoff_len."""
 
 
-def image_grid(width: int, height: int, min_pixels: int, max_pixels: int, patch: int = 16, merge: int = 2) -> tuple[int, int, int]:
+def image_grid(
+    width: int, height: int, min_pixels: int, max_pixels: int, patch: int = 16, merge: int = 2
+) -> tuple[int, int, int]:
     """The (t, h, w) patch grid the Qwen-VL image processor produces for an image of this size."""
     h, w = smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
     return 1, h // patch, w // patch
@@ -90,8 +92,16 @@ def plan_sample(
     """
     n_placeholders = count_images(messages)
     if n_placeholders != len(image_sizes):
-        raise ValueError(f"the text has {n_placeholders} image placeholder(s) but the sample has {len(image_sizes)} image(s)")
-    segments = render(messages, template, enable_thinking=enable_thinking, add_generation_prompt=add_generation_prompt, system=system)
+        raise ValueError(
+            f"the text has {n_placeholders} image placeholder(s) but the sample has {len(image_sizes)} image(s)"
+        )
+    segments = render(
+        messages,
+        template,
+        enable_thinking=enable_thinking,
+        add_generation_prompt=add_generation_prompt,
+        system=system,
+    )
     learned = [i for i, s in enumerate(segments) if s.learn]
     input_ids: list[int] = []
     labels: list[int] = []
@@ -119,7 +129,9 @@ def plan_sample(
     return Plan(input_ids, labels, list(image_sizes), cap, grids, scaled)
 
 
-def materialize(plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget) -> dict[str, torch.Tensor]:
+def materialize(
+    plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget
+) -> dict[str, torch.Tensor]:
     """Pixel values and expanded token ids for a planned sample (images in placeholder order)."""
     tokenizer = processor.tokenizer
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
@@ -128,7 +140,9 @@ def materialize(plan: Plan, images: list[Image.Image], processor: Any, budget: I
     counts: list[int] = []
     if images:
         size = {"shortest_edge": budget.min_pixels, "longest_edge": plan.max_pixels}
-        vision = processor.image_processor(images=[im.convert("RGB") for im in images], size=size, return_tensors="pt")
+        vision = processor.image_processor(
+            images=[im.convert("RGB") for im in images], size=size, return_tensors="pt"
+        )
         grid = vision["image_grid_thw"]
         counts = [int(g.prod()) // (merge * merge) for g in grid]
         expected = [t * h * w // (merge * merge) for t, h, w in plan.grids]

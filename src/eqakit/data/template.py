@@ -123,7 +123,9 @@ def render(
             segments.append(Segment(f"{answer}<|im_end|>\n", learn=True))
             prompt = ""
         else:
-            raise ValueError(f"message {i}: role must be system (first only), user or assistant, got {role!r}")
+            raise ValueError(
+                f"message {i}: role must be system (first only), user or assistant, got {role!r}"
+            )
     if add_generation_prompt:
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("the conversation must end with a user message to generate a reply")

@@ -74,7 +74,9 @@ def load_processor(model_args: ModelArguments, path: str | None = None) -> Any:
     _check_model_source(name)
     try:
         return AutoProcessor.from_pretrained(
-            name, trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+            name,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
         )
     except OSError as exc:
@@ -112,9 +114,14 @@ def load_base_model(model_args: ModelArguments, *, device: torch.device, dtype: 
     quant = _quantization(model_args, dtype, device)
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=dtype, attn_implementation=attn, quantization_config=quant,
-            trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision, device_map={"": device} if quant is not None else None,
+            name,
+            dtype=dtype,
+            attn_implementation=attn,
+            quantization_config=quant,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+            device_map={"": device} if quant is not None else None,
         )
     except (OSError, ValueError) as exc:
         raise EqakitError(f"could not load model {name!r}: {exc}") from None
@@ -123,7 +130,9 @@ def load_base_model(model_args: ModelArguments, *, device: torch.device, dtype: 
     return model
 
 
-def load_model(model_args: ModelArguments, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+def load_model(
+    model_args: ModelArguments, *, device: torch.device | None = None, dtype: torch.dtype | None = None
+) -> Any:
     """Base model with ``adapter_name_or_path`` applied for inference (merged in order when possible)."""
     from peft import PeftModel
 
@@ -137,7 +146,9 @@ def load_model(model_args: ModelArguments, *, device: torch.device | None = None
         try:
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise EqakitError(f"adapter {str(adapter)!r} does not fit model {model_args.model_name_or_path!r}: {exc}") from None
+            raise EqakitError(
+                f"adapter {str(adapter)!r} does not fit model {model_args.model_name_or_path!r}: {exc}"
+            ) from None
         if model_args.quantization_bit is None:
             model = model.merge_and_unload()
     model.eval()

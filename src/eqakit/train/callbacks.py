@@ -33,14 +33,20 @@ class LogCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start, self.start_step = time.time(), state.global_step  # resumed runs start mid-way
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero or not logs or "train_loss" in logs:  # skip the end-of-run summary
             return
         elapsed = time.time() - self.start
         done = max(state.global_step - self.start_step, 1)
         remaining = elapsed / done * (state.max_steps - state.global_step)
-        samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        tokens = logs.get("num_input_tokens_seen", state.num_input_tokens_seen) if _counts_tokens(args) else None
+        samples_per_step = (
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        )
+        tokens = (
+            logs.get("num_input_tokens_seen", state.num_input_tokens_seen) if _counts_tokens(args) else None
+        )
         record = {
             "current_steps": state.global_step,
             "total_steps": state.max_steps,

@@ -35,9 +35,16 @@ class PlanReport:
     def summary(self) -> dict[str, Any]:
         tokens = self.image_tokens or [0]
         return {
-            "samples": self.samples, "kept": self.kept, "scaled_down_to_fit": self.scaled_down,
-            "dropped_too_long": len(self.dropped_too_long), "dropped_rows": self.dropped_too_long[:20],
-            "image_tokens_per_sample": {"min": min(tokens), "mean": round(sum(tokens) / len(tokens), 1), "max": max(tokens)},
+            "samples": self.samples,
+            "kept": self.kept,
+            "scaled_down_to_fit": self.scaled_down,
+            "dropped_too_long": len(self.dropped_too_long),
+            "dropped_rows": self.dropped_too_long[:20],
+            "image_tokens_per_sample": {
+                "min": min(tokens),
+                "mean": round(sum(tokens) / len(tokens), 1),
+                "max": max(tokens),
+            },
         }
 
 
@@ -63,8 +70,9 @@ def image_sizes(samples: list[Sample]) -> dict[Path, tuple[int, int]]:
     return sizes
 
 
-def plan_samples(samples: list[Sample], tokenizer: Any, cfg: Config, budget: ImageBudget,
-                 require_answer: bool = True) -> tuple[list[Plan], list[Sample], PlanReport]:
+def plan_samples(
+    samples: list[Sample], tokenizer: Any, cfg: Config, budget: ImageBudget, require_answer: bool = True
+) -> tuple[list[Plan], list[Sample], PlanReport]:
     """Tokenize and budget every sample; drop (and count) those that cannot fit cutoff_len."""
     sizes = image_sizes(samples)
     report = PlanReport(samples=len(samples))
@@ -76,10 +84,15 @@ def plan_samples(samples: list[Sample], tokenizer: Any, cfg: Config, budget: Ima
         try:
             plan = plan_sample(
                 sample.messages if require_answer else sample.prompt_messages,
-                [sizes[p] for p in sample.images], tokenizer,
-                template=cfg.data.template, cutoff_len=cfg.data.cutoff_len, budget=budget,
-                enable_thinking=cfg.data.enable_thinking, system=sample.system or cfg.data.default_system,
-                add_generation_prompt=not require_answer, train_on_prompt=cfg.data.train_on_prompt,
+                [sizes[p] for p in sample.images],
+                tokenizer,
+                template=cfg.data.template,
+                cutoff_len=cfg.data.cutoff_len,
+                budget=budget,
+                enable_thinking=cfg.data.enable_thinking,
+                system=sample.system or cfg.data.default_system,
+                add_generation_prompt=not require_answer,
+                train_on_prompt=cfg.data.train_on_prompt,
                 mask_history=cfg.data.mask_history,
             )
         except SampleTooLong as exc:

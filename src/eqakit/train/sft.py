@@ -65,18 +65,31 @@ def resolve_resume(cfg: Config) -> str | None:
     if wanted in (True, "true", "True"):
         found = newest_complete_checkpoint(out)
         if found is None:
-            raise ConfigError(f"resume_from_checkpoint: true, but {out} holds no complete checkpoint-N directory")
+            raise ConfigError(
+                f"resume_from_checkpoint: true, but {out} holds no complete checkpoint-N directory"
+            )
         return str(found)
     path = Path(str(wanted))
     if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume_from_checkpoint: {path} is not a checkpoint directory (no trainer_state.json)")
+        raise ConfigError(
+            f"resume_from_checkpoint: {path} is not a checkpoint directory (no trainer_state.json)"
+        )
     return str(path)
 
 
 def _git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -89,10 +102,17 @@ def write_run_record(cfg: Config, out: Path, extra: dict[str, Any]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in cfg.to_dict().items() if k in cfg.user_keys}
-    (out / "eqakit_config.yaml").write_text(yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8")
+    (out / "eqakit_config.yaml").write_text(
+        yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8"
+    )
     record = {
-        "eqakit": __version__, "git_commit": _git_commit(), "torch": torch.__version__,
-        "transformers": transformers.__version__, "peft": peft.__version__, "config_file": str(cfg.source), **extra,
+        "eqakit": __version__,
+        "git_commit": _git_commit(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "config_file": str(cfg.source),
+        **extra,
     }
     tmp = out / "eqakit_run.json.tmp"
     tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
@@ -105,17 +125,24 @@ def _compute_dtype(cfg: Config) -> Any:
     return torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
 
 
-def _eval_split(cfg: Config, processor: Any, budget: ImageBudget, train_set: PlannedDataset,
-                val_rows: list[int]) -> PlannedDataset | None:
+def _eval_split(
+    cfg: Config, processor: Any, budget: ImageBudget, train_set: PlannedDataset, val_rows: list[int]
+) -> PlannedDataset | None:
     """The evaluation set: val_size rows of the training data, else eval_dataset, else none."""
     wants_eval = cfg.training.eval_strategy.value != "no"
     if val_rows:
-        return PlannedDataset([train_set.plans[i] for i in val_rows], [train_set.samples[i] for i in val_rows],
-                              processor, budget)
+        return PlannedDataset(
+            [train_set.plans[i] for i in val_rows],
+            [train_set.samples[i] for i in val_rows],
+            processor,
+            budget,
+        )
     if cfg.data.eval_dataset:
         from eqakit.data.dataset import load_samples
 
-        samples = load_samples(cfg.data.eval_dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples)
+        samples = load_samples(
+            cfg.data.eval_dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples
+        )
         plans, samples, _ = plan_samples(samples, processor.tokenizer, cfg, budget)
         return PlannedDataset(plans, samples, processor, budget)
     if wants_eval:
@@ -145,10 +172,14 @@ def run_train(cfg: Config) -> dict[str, float]:
         raise DataError(f"dataset {cfg.data.dataset!r} has no rows")
     plans, samples, report = plan_samples(samples, processor.tokenizer, cfg, budget)
     if not plans:
-        raise DataError(f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}")
+        raise DataError(
+            f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}"
+        )
     every = PlannedDataset(plans, samples, processor, budget)
     train_rows, val_rows = split_train_val(len(plans), cfg.data.val_size, cfg.training.seed)
-    train_set = PlannedDataset([plans[i] for i in train_rows], [samples[i] for i in train_rows], processor, budget)
+    train_set = PlannedDataset(
+        [plans[i] for i in train_rows], [samples[i] for i in train_rows], processor, budget
+    )
     eval_set = _eval_split(cfg, processor, budget, every, val_rows)
     if cfg.training.process_index == 0:
         _print_data_report(report, len(train_set), len(eval_set) if eval_set else 0)
@@ -165,12 +196,25 @@ def run_train(cfg: Config) -> dict[str, float]:
         if resume is None and (out / "trainer_log.jsonl").exists():
             (out / "trainer_log.jsonl").unlink()  # overwrite_output_dir: a fresh run starts a fresh log
         if resume is not None:
-            _truncate_log(out, int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]))
-        write_run_record(cfg, out, {"data": report.summary(), "train_samples": len(train_set),
-                                    "eval_samples": len(eval_set) if eval_set else 0})
+            _truncate_log(
+                out, int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
+            )
+        write_run_record(
+            cfg,
+            out,
+            {
+                "data": report.summary(),
+                "train_samples": len(train_set),
+                "eval_samples": len(eval_set) if eval_set else 0,
+            },
+        )
     trainer = Trainer(
-        model=model, args=cfg.training, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=Collator(processor.tokenizer.pad_token_id), processing_class=processor,
+        model=model,
+        args=cfg.training,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
         callbacks=[LogCallback(), CheckpointMarker()],
     )
     result = trainer.train(resume_from_checkpoint=resume)
@@ -179,8 +223,16 @@ def run_train(cfg: Config) -> dict[str, float]:
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
     if eval_set is not None:
-        done = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
-        metrics = {k: v for k, v in done[-1].items() if k.startswith("eval_") or k == "epoch"} if done else trainer.evaluate()
+        done = [
+            e
+            for e in trainer.state.log_history
+            if "eval_loss" in e and e["step"] == trainer.state.global_step
+        ]
+        metrics = (
+            {k: v for k, v in done[-1].items() if k.startswith("eval_") or k == "epoch"}
+            if done
+            else trainer.evaluate()
+        )
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     if cfg.finetuning.plot_loss and trainer.is_world_process_zero():
@@ -201,8 +253,11 @@ def _truncate_log(out: Path, step: int) -> None:
     path = out / "trainer_log.jsonl"
     if not path.exists():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line).get("current_steps", 0) <= step]
+    lines = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("current_steps", 0) <= step
+    ]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     tmp.replace(path)
