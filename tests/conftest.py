@@ -13,3 +13,53 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from eqakit.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "qwen3-vl-tiny")
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def write_toy_dataset(root: Path, episodes: int = 6, questions: int = 4, frames: int = 2) -> Path:
+    """A LLaMA-Factory dataset dir like `eqakit prepare` writes: a coloured ball per episode, "What color?".
+
+    Registered as ``toy`` (all rows) in dataset_info.json; frames are small JPEGs shared by the
+    questions of an episode, as in OpenEQA.
+    """
+    import json
+
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for ep in range(episodes):
+        color = list(COLORS)[ep % len(COLORS)]
+        images = []
+        for k in range(frames):
+            image = Image.new("RGB", (128, 96), (200, 200, 200))
+            ImageDraw.Draw(image).ellipse([30 + 10 * k, 30, 70 + 10 * k, 70], fill=COLORS[color])
+            path = root / "open_eqa_frames" / f"ep{ep}" / f"{k:03d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, quality=90)
+            images.append(path.relative_to(root).as_posix())
+        for q in range(questions):
+            rows.append(
+                {
+                    "instruction": "<image>" * frames + "What color is the ball?",
+                    "input": "",
+                    "output": color.capitalize(),
+                    "images": images,
+                    "question_id": f"q{ep}-{q}",
+                    "category": "attribute recognition",
+                    "episode_history": f"toy/ep{ep}",
+                }
+            )
+    (root / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    columns = {"prompt": "instruction", "query": "input", "response": "output", "images": "images"}
+    (root / "dataset_info.json").write_text(
+        json.dumps({"toy": {"file_name": "toy.jsonl", "columns": columns}})
+    )
+    return root
+
+
+@pytest.fixture
+def toy_dataset(tmp_path: Path) -> Path:
+    """A fresh toy dataset directory per test (tests may corrupt it)."""
+    return write_toy_dataset(tmp_path / "data")

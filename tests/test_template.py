@@ -1,0 +1,173 @@
+"""One path from messages to tokens: template rendering, labels, image-token budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from eqakit.data.encode import IGNORE_INDEX, ImageBudget, SampleTooLong, materialize, plan_sample
+from eqakit.data.template import render, render_prompt, strip_thinking
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir: Path):
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}],
+    [
+        {"role": "system", "content": "You are a robot."},
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Where is the cup?"}],
+        },
+        {"role": "assistant", "content": "On the table"},
+        {"role": "user", "content": [{"type": "text", "text": "And the ball?"}]},
+        {"role": "assistant", "content": "Under the chair"},
+    ],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_render_equals_the_checkpoints_chat_template(processor, messages) -> None:
+    """eqakit's renderer and the model's own Jinja template agree, for training and for generation."""
+    ours = "".join(s.text for s in render(messages, add_generation_prompt=False))
+    assert ours == processor.apply_chat_template(messages, tokenize=False)
+    prompt = render_prompt(messages[:-1])
+    assert prompt == processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+
+
+def test_labels_token_by_token(processor) -> None:
+    """Only each answer, its <|im_end|> and the newline after it are learned; everything else is -100."""
+    tok = processor.tokenizer
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>What is it?"},
+        {"role": "assistant", "content": "A red ball"},
+        {"role": "user", "content": "Where?"},
+        {"role": "assistant", "content": "On the floor"},
+    ]
+    image = Image.new("RGB", (64, 64), (255, 0, 0))
+    budget = ImageBudget(32 * 32, 64 * 64)
+    plan = plan_sample(
+        messages, [image.size], tok, template="qwen3_vl_nothink", cutoff_len=512, budget=budget
+    )
+    enc = materialize(plan, [image], processor, budget)
+    ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
+    expected_text = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+        + "<|image_pad|>" * 4
+        + "<|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\nA red ball<|im_end|>\n"
+        "<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\nOn the floor<|im_end|>\n"
+    )
+    assert tok.decode(ids, skip_special_tokens=False) == expected_text
+    learned = [
+        tok.decode([t], skip_special_tokens=False)
+        for t, lab in zip(ids, labels, strict=True)
+        if lab != IGNORE_INDEX
+    ]
+    assert "".join(learned) == "A red ball<|im_end|>\nOn the floor<|im_end|>\n"
+    for token, label in zip(ids, labels, strict=True):
+        assert label in (IGNORE_INDEX, token)
+    first = ids.index(tok.convert_tokens_to_ids("<|im_end|>"))
+    assert all(lab == IGNORE_INDEX for lab in labels[: first + 1])  # nothing of the prompt is learned
+    assert int(enc["mm_token_type_ids"].sum()) == 4 and enc["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+def test_mask_history_and_train_on_prompt(processor) -> None:
+    tok = processor.tokenizer
+    messages = CONVERSATIONS[0] + [
+        {"role": "user", "content": "Again"},
+        {"role": "assistant", "content": "Hey"},
+    ]
+    budget = ImageBudget()
+    last_only = plan_sample(
+        messages, [], tok, template="qwen3_vl_nothink", cutoff_len=128, budget=budget, mask_history=True
+    )
+    learned = tok.decode(
+        [t for t, lab in zip(last_only.input_ids, last_only.labels, strict=True) if lab != IGNORE_INDEX]
+    )
+    assert learned == "Hey<|im_end|>\n"
+    everything = plan_sample(
+        messages, [], tok, template="qwen3_vl_nothink", cutoff_len=128, budget=budget, train_on_prompt=True
+    )
+    assert everything.labels == everything.input_ids
+
+
+def test_thinking_template() -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    no_think = render(messages, "qwen3_vl", enable_thinking=False, add_generation_prompt=False)
+    assert (
+        no_think[0].text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and not no_think[0].learn
+    )
+    assert no_think[1].text == "Hello<|im_end|>\n"
+    think = render(messages, "qwen3_vl", enable_thinking=True, add_generation_prompt=False)
+    assert think[1].text == "<think>\n\n</think>\n\nHello<|im_end|>\n" and think[1].learn
+    assert render_prompt(messages[:1], "qwen3_vl", enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+    assert strip_thinking("<think>\nhmm\n</think>\n\nRed") == "Red"
+
+
+def test_images_scaled_down_to_fit_cutoff_and_never_truncated(processor) -> None:
+    tok = processor.tokenizer
+    messages = [
+        {"role": "user", "content": "<image><image>What color?"},
+        {"role": "assistant", "content": "Red"},
+    ]
+    budget = ImageBudget(32 * 32, 768 * 768)
+    big = [(1920, 1080), (1920, 1080)]
+    full = plan_sample(messages, big, tok, template="qwen3_vl_nothink", cutoff_len=4096, budget=budget)
+    assert not full.scaled_down and full.length > 1000
+    fitted = plan_sample(messages, big, tok, template="qwen3_vl_nothink", cutoff_len=300, budget=budget)
+    assert fitted.scaled_down and fitted.length <= 300
+    images = [Image.new("RGB", size, (0, 0, 255)) for size in big]
+    enc = materialize(fitted, images, processor, budget)
+    assert len(enc["input_ids"]) == fitted.length  # every image token present, within cutoff_len
+    with pytest.raises(SampleTooLong):
+        plan_sample(messages, big, tok, template="qwen3_vl_nothink", cutoff_len=12, budget=budget)
+
+
+def test_placeholder_count_must_match_images(processor) -> None:
+    messages = [{"role": "user", "content": "<image><image>Q?"}, {"role": "assistant", "content": "A"}]
+    with pytest.raises(ValueError, match="2 image placeholder"):
+        plan_sample(
+            messages,
+            [(64, 64)],
+            processor.tokenizer,
+            template="qwen3_vl_nothink",
+            cutoff_len=128,
+            budget=ImageBudget(),
+        )
+
+
+def test_encoding_matches_the_processor(processor) -> None:
+    """Our ids and pixels equal what Qwen3VLProcessor makes of the same conversation."""
+    images = [Image.new("RGB", (96, 64), (255, 0, 0)), Image.new("RGB", (320, 240), (0, 0, 255))]
+    messages = [
+        {"role": "user", "content": "<image><image>What color is the ball?"},
+        {"role": "assistant", "content": "Red"},
+    ]
+    budget = ImageBudget(1024, 589824)
+    plan = plan_sample(
+        messages,
+        [im.size for im in images],
+        processor.tokenizer,
+        template="qwen3_vl_nothink",
+        cutoff_len=2048,
+        budget=budget,
+    )
+    enc = materialize(plan, images, processor, budget)
+    text = "".join(s.text for s in render(messages, add_generation_prompt=False))
+    ref = processor(
+        text=[text],
+        images=images,
+        return_tensors="pt",
+        images_kwargs={"size": {"shortest_edge": 1024, "longest_edge": 589824}},
+    )
+    assert torch.equal(ref["input_ids"][0], enc["input_ids"])
+    assert torch.equal(ref["pixel_values"], enc["pixel_values"])
+    assert torch.equal(ref["mm_token_type_ids"][0], enc["mm_token_type_ids"])
