@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from eqakit.config import Config
-from eqakit.errors import ConfigError
+from eqakit.errors import ConfigError, EqakitError
 from eqakit.model.load import check_adapter_dir
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -43,18 +43,19 @@ def target_pattern(cfg: Config, module_names: list[str]) -> str:
 
 def apply_lora(model: Any, cfg: Config) -> Any:
     """Freeze the base, merge earlier adapters, and return a PeftModel whose LoRA weights train in fp32."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     adapters = [str(check_adapter_dir(p)) for p in cfg.model.adapter_paths]
     resume_adapter = None
     if adapters and not cfg.finetuning.create_new_adapter:
         adapters, resume_adapter = adapters[:-1], adapters[-1]
+    base_name = cfg.model.model_name_or_path
     for adapter in adapters:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model = _load_adapter(model, adapter, base_name, trainable=False).merge_and_unload()
     for param in model.parameters():
         param.requires_grad_(False)
     if resume_adapter is not None:
-        model = PeftModel.from_pretrained(model, resume_adapter, is_trainable=True)
+        model = _load_adapter(model, resume_adapter, base_name, trainable=True)
     else:
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         lora = LoraConfig(
@@ -71,6 +72,17 @@ def apply_lora(model: Any, cfg: Config) -> Any:
         if param.requires_grad:
             param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
     return model
+
+
+def _load_adapter(model: Any, adapter: str, base_name: str | None, trainable: bool) -> Any:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[-1] if first else "")
+        raise EqakitError(f"adapter {adapter!r} does not fit model {base_name!r}: {detail}") from None
 
 
 def trainable_summary(model: Any) -> str:

@@ -1,0 +1,243 @@
+"""`eqakit train` on the tiny model: learning, outputs, resume, refusals, bad data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from eqakit.cli import main
+from eqakit.train.callbacks import COMPLETE_MARKER, newest_complete_checkpoint
+
+
+def config(tmp_path: Path, model: Path, data: Path, **overrides: object) -> Path:
+    settings = {
+        "model_name_or_path": str(model),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "lora_rank": 8,
+        "dataset": "toy",
+        "dataset_dir": str(data),
+        "template": "qwen3_vl_nothink",
+        "cutoff_len": 512,
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 0.01,
+        "num_train_epochs": 5,
+        "logging_steps": 1,
+        "save_steps": 5,
+        "report_to": "none",
+        "lr_scheduler_type": "cosine",
+        "dataloader_num_workers": 0,
+        "seed": 42,
+    }
+    settings.update(overrides)
+    path = tmp_path / "train.yaml"
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()), encoding="utf-8")
+    return path
+
+
+def losses(out: Path) -> list[float]:
+    return [
+        r["loss"]
+        for r in map(json.loads, (out / "trainer_log.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
+
+
+def test_lora_training_learns_and_writes_everything(tmp_path, tiny_model_dir, toy_dataset, capsys) -> None:
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        toy_dataset,
+        val_size=0.125,
+        eval_strategy="steps",
+        eval_steps=10,
+        plot_loss=True,
+        include_num_input_tokens_seen=True,
+    )
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "out"
+    # the tiny model overfits the toy set: training loss falls by more than half
+    history = losses(out)
+    assert history[-1] < history[0] / 2, history
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "processor_config.json",
+        "chat_template.jinja",
+        "train_results.json",
+        "eval_results.json",
+        "all_results.json",
+        "trainer_state.json",
+        "training_loss.png",
+        "training_eval_loss.png",
+        "eqakit_config.yaml",
+        "eqakit_run.json",
+    ):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] > 0
+    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    for key in (
+        "current_steps",
+        "total_steps",
+        "loss",
+        "lr",
+        "epoch",
+        "percentage",
+        "elapsed_time",
+        "remaining_time",
+        "throughput",
+        "total_tokens",
+    ):
+        assert key in records[0], key
+    assert any("eval_loss" in r for r in records)
+    assert Image.open(out / "training_loss.png").size[0] > 300
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints and all((c / COMPLETE_MARKER).is_file() for c in checkpoints)
+
+    # only the language model's projections carry LoRA weights: no lm_head, embeddings or vision
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all("language_model" in k and ("lora_A" in k or "lora_B" in k) for k in adapter)
+    projections = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter}
+    assert projections == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # B starts at zero: it learned
+
+    # the adapter loads with plain PEFT on the untouched base model
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, out)
+    for name, param in model.base_model.model.state_dict().items():
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name and key in reference:
+            assert torch.equal(param, reference[key]), name  # base weights unchanged
+    printed = capsys.readouterr().out
+    assert "data: 24/24 samples kept (21 train, 3 eval)" in printed
+
+
+def test_refuses_non_empty_output_dir_and_deletes_nothing(
+    tmp_path, tiny_model_dir, toy_dataset, capsys
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", str(config(tmp_path, tiny_model_dir, toy_dataset))]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def _corrupt(data: Path, how: str) -> str:
+    rows = [json.loads(line) for line in (data / "toy.jsonl").read_text().splitlines()]
+    if how == "missing image":
+        (data / rows[3]["images"][0]).unlink()
+        expected = "image file not found"
+    elif how == "corrupt image":
+        (data / rows[0]["images"][1]).write_bytes(b"not a jpeg at all")
+        expected = "cannot be read"
+    elif how == "placeholder count":
+        rows[5]["instruction"] = "<image>What color is the ball?"
+        expected = "toy.jsonl:6: the text has 1 image placeholder(s) but the sample has 2 image(s)"
+    elif how == "empty answer":
+        rows[2]["output"] = "  "
+        expected = "toy.jsonl:3: empty answer"
+    else:
+        raise AssertionError(how)
+    (data / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return expected
+
+
+@pytest.mark.parametrize("how", ["missing image", "corrupt image", "placeholder count", "empty answer"])
+def test_bad_rows_stop_before_training_with_nothing_written(
+    tmp_path, tiny_model_dir, toy_dataset, capsys, how
+) -> None:
+    expected = _corrupt(toy_dataset, how)
+    assert main(["train", str(config(tmp_path, tiny_model_dir, toy_dataset))]) == 1
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_dataset_and_model_without_processor(tmp_path, tiny_model_dir, toy_dataset, capsys) -> None:
+    assert main(["train", str(config(tmp_path, tiny_model_dir, toy_dataset, dataset="toi"))]) == 1
+    assert "dataset 'toi' is not registered" in capsys.readouterr().err
+    bare = tmp_path / "bare-model"
+    bare.mkdir()
+    (bare / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    assert main(["train", str(config(tmp_path, bare, toy_dataset))]) == 1
+    assert "could not load the processor" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_of_another_base_is_refused(tmp_path, tiny_model_dir, toy_dataset, capsys) -> None:
+    from eqakit.model.tiny import build_tiny_model
+
+    wider = build_tiny_model(tmp_path / "wider", hidden_size=96, intermediate_size=160)
+    first = config(tmp_path, wider, toy_dataset, num_train_epochs=1, output_dir=str(tmp_path / "wide-out"))
+    assert main(["train", str(first)]) == 0
+    capsys.readouterr()
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, adapter_name_or_path=str(tmp_path / "wide-out"))
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_incomplete_checkpoint_is_never_the_newest(tmp_path) -> None:
+    for step, complete in ((5, True), (10, True), (15, False)):
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        if complete:
+            (path / COMPLETE_MARKER).write_text(str(step))
+    assert newest_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_unbroken_run(tmp_path, tiny_model_dir, toy_dataset) -> None:
+    """A run killed with SIGKILL and resumed ends with the same adapter and the same logged losses."""
+    common = {"num_train_epochs": 4, "save_steps": 3, "per_device_train_batch_size": 2}
+    unbroken = config(tmp_path, tiny_model_dir, toy_dataset, output_dir=str(tmp_path / "unbroken"), **common)
+    assert main(["train", str(unbroken)]) == 0
+
+    broken_dir = tmp_path / "broken"
+    broken = (
+        config(tmp_path / "b", tiny_model_dir, toy_dataset, output_dir=str(broken_dir), **common)
+        if ((tmp_path / "b").mkdir() or True)
+        else None
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eqakit", "train", str(broken)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (broken_dir / "checkpoint-6" / COMPLETE_MARKER).exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (broken_dir / "checkpoint-6").exists() and not (broken_dir / "adapter_model.safetensors").exists()
+    assert main(["train", str(broken), "resume_from_checkpoint=true"]) == 0
+
+    a = load_file(tmp_path / "unbroken" / "adapter_model.safetensors")
+    b = load_file(broken_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert losses(broken_dir) == pytest.approx(losses(tmp_path / "unbroken"), rel=1e-4)
