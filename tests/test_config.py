@@ -226,3 +226,11 @@ def test_cli_prints_resolved_config(capsys) -> None:
         and "temperature: 0.0" in out
         and "eval_dataset: open_eqa_test" in out
     )
+
+
+def test_shipped_deepspeed_configs() -> None:
+    import json
+
+    for stage in (2, 3):
+        ds = json.loads((CONFIGS / f"ds_z{stage}_config.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage and ds["train_micro_batch_size_per_gpu"] == "auto"

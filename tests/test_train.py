@@ -241,3 +241,21 @@ def test_sigkill_then_resume_matches_an_unbroken_run(tmp_path, tiny_model_dir, t
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert losses(broken_dir) == pytest.approx(losses(tmp_path / "unbroken"), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, tiny_model_dir, toy_dataset) -> None:
+    """torchrun --nproc_per_node 2 -m eqakit train: gloo DDP halves the steps per epoch."""
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, num_train_epochs=1, per_device_train_batch_size=2)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "-m", "eqakit", "train", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    assert records[0]["total_steps"] == 6  # 24 samples / (2 per device x 2 processes)
+    assert len({r["current_steps"] for r in records}) == len(records)  # one process writes the log
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -344,6 +344,10 @@ def load_config(
     if problems:
         raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(f"  - {p}" for p in problems))
 
+    if kind == "train" and "use_cpu" not in values and not _has_accelerator():
+        # transformers only starts CPU DDP (gloo) under torchrun when use_cpu is set, and it fixes the
+        # device when the arguments are built, so a machine without an accelerator says so here.
+        values["use_cpu"] = True
     built = []
     for cls, fields in zip(groups, fields_by_group, strict=True):
         kwargs = {k: v for k, v in values.items() if k in fields}
@@ -369,6 +373,12 @@ def infer_kind(raw: dict[str, Any]) -> Kind:
     if raw.get("do_train") or raw.get("do_predict"):
         return "train"
     return "export" if raw.get("export_dir") else "infer"
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
 def describe_keys(kind: Kind) -> str:
