@@ -124,6 +124,13 @@ class FinetuningArguments:
     freeze_multi_modal_projector: bool = _f(True, "Keep the vision-to-language merger frozen.")
     freeze_language_model: bool = _f(False, "Keep the language model frozen (LoRA layers still train).")
     plot_loss: bool = _f(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
+    vision_feature_cache: bool = _f(
+        True, "eqakit: run the frozen vision tower once per distinct image and reuse its features (exact)."
+    )
+    shared_prefix_packing: bool = _f(
+        True,
+        "eqakit: train questions about the same frames as branches of one sequence (exact loss, fewer tokens).",
+    )
     compute_accuracy: bool = _f(False, "Report token accuracy on the evaluation split.")
 
 
@@ -145,4 +152,58 @@ class GeneratingArguments:
     skip_special_tokens: bool = _f(True, "Drop special tokens from decoded text.")
 
 
-GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)
+@dataclass
+class ApiArguments:
+    """eqakit's keys for `eqakit api`: which images a request may point at, and the limits it must fit.
+
+    Host, port, API key and model name come from the API_* environment variables (LLaMA-Factory's).
+    """
+
+    api_media_dir: str | None = _f(
+        None,
+        "Directory that local image paths in requests are read from (unset: local paths are refused). "
+        "Paths cannot leave it, through '..' or symlinks.",
+    )
+    api_allow_remote_images: bool = _f(
+        False,
+        "Fetch http(s) image URLs. Private, loopback, link-local and other non-public addresses are "
+        "refused (checked after DNS resolution) unless listed in api_trusted_networks.",
+    )
+    api_trusted_networks: str | None = _f(
+        None,
+        "Comma-separated networks (CIDR, e.g. 10.0.0.0/8) image URLs may point into although they are "
+        "not public: an explicit opt-in for an image server on a private network.",
+    )
+    api_remote_timeout: float = _f(
+        10.0, "Seconds allowed for fetching one remote image.", min=0.0, min_exclusive=True
+    )
+    api_max_image_mb: float = _f(
+        20.0,
+        "Largest image file read from a URL or the media directory, in MiB.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    api_max_images: int = _f(16, "Most images one request may carry.", min=1)
+    api_max_image_pixels: int = _f(
+        40_000_000,
+        "Largest image (width x height) accepted; larger ones are refused before they are decoded "
+        "(decompression bombs).",
+        min=1,
+    )
+    api_max_body_mb: float = _f(
+        64.0, "Largest request body, in MiB (larger requests get 413).", min=0.0, min_exclusive=True
+    )
+    api_max_new_tokens: int = _f(
+        4096, "Largest max_tokens / max_completion_tokens a request may ask for.", min=1
+    )
+    api_max_n: int = _f(8, "Largest n (choices per request).", min=1)
+    api_max_batch_size: int = _f(16, "Most sequences the engine decodes together.", min=1)
+    api_batch_window_ms: float = _f(
+        10.0, "How long the engine waits for more requests to start together with the first one.", min=0.0
+    )
+    api_drain_timeout: float = _f(
+        30.0, "On SIGTERM, seconds to let in-flight requests finish before exiting.", min=0.0
+    )
+
+
+GROUPS = (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments, ApiArguments)

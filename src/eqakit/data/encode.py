@@ -129,26 +129,9 @@ def plan_sample(
     return Plan(input_ids, labels, list(image_sizes), cap, grids, scaled)
 
 
-def materialize(
-    plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget
-) -> dict[str, torch.Tensor]:
-    """Pixel values and expanded token ids for a planned sample (images in placeholder order)."""
-    tokenizer = processor.tokenizer
-    pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    merge = processor.image_processor.merge_size
-    out: dict[str, torch.Tensor] = {}
-    counts: list[int] = []
-    if images:
-        size = {"shortest_edge": budget.min_pixels, "longest_edge": plan.max_pixels}
-        vision = processor.image_processor(
-            images=[im.convert("RGB") for im in images], size=size, return_tensors="pt"
-        )
-        grid = vision["image_grid_thw"]
-        counts = [int(g.prod()) // (merge * merge) for g in grid]
-        expected = [t * h * w // (merge * merge) for t, h, w in plan.grids]
-        if counts != expected:
-            raise ValueError(f"image sizes changed since planning: {counts} image tokens, planned {expected}")
-        out["pixel_values"], out["image_grid_thw"] = vision["pixel_values"], grid
+def expand_tokens(plan: Plan, pad_id: int, merge: int = 2) -> dict[str, torch.Tensor]:
+    """Token ids, labels and modality types with each image pad repeated once per visual token."""
+    counts = [t * h * w // (merge * merge) for t, h, w in plan.grids]
     ids: list[int] = []
     labels: list[int] = []
     k = 0
@@ -160,8 +143,35 @@ def materialize(
         else:
             ids.append(token)
             labels.append(label)
-    out["input_ids"] = torch.tensor(ids, dtype=torch.long)
-    out["labels"] = torch.tensor(labels, dtype=torch.long)
+    input_ids = torch.tensor(ids, dtype=torch.long)
     # transformers >= 5.2 computes M-RoPE positions from these: 1 marks image tokens, 0 text.
-    out["mm_token_type_ids"] = (out["input_ids"] == pad_id).to(torch.int)
+    return {
+        "input_ids": input_ids,
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "mm_token_type_ids": (input_ids == pad_id).to(torch.int),
+    }
+
+
+def pixels(
+    plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget
+) -> dict[str, torch.Tensor]:
+    """Pixel values and patch grids of a planned sample's images, at the size planning chose."""
+    size = {"shortest_edge": budget.min_pixels, "longest_edge": plan.max_pixels}
+    vision = processor.image_processor(
+        images=[im.convert("RGB") for im in images], size=size, return_tensors="pt"
+    )
+    grid = vision["image_grid_thw"]
+    if [tuple(g.tolist()) for g in grid] != [tuple(g) for g in plan.grids]:
+        raise ValueError(f"image sizes changed since planning: grids {grid.tolist()}, planned {plan.grids}")
+    return {"pixel_values": vision["pixel_values"], "image_grid_thw": grid}
+
+
+def materialize(
+    plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget
+) -> dict[str, torch.Tensor]:
+    """Pixel values and expanded token ids for a planned sample (images in placeholder order)."""
+    pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    out = expand_tokens(plan, pad_id, processor.image_processor.merge_size)
+    if images:
+        out.update(pixels(plan, images, processor, budget))
     return out

@@ -18,7 +18,16 @@ from PIL import Image, UnidentifiedImageError
 
 from eqakit.config import Config
 from eqakit.data.dataset import Sample, load_samples
-from eqakit.data.encode import IGNORE_INDEX, ImageBudget, Plan, SampleTooLong, materialize, plan_sample
+from eqakit.data.encode import (
+    IGNORE_INDEX,
+    IMAGE_PAD,
+    ImageBudget,
+    Plan,
+    SampleTooLong,
+    expand_tokens,
+    materialize,
+    plan_sample,
+)
 from eqakit.errors import DataError
 
 
@@ -113,20 +122,49 @@ def plan_samples(
 
 
 class PlannedDataset(torch.utils.data.Dataset):
-    """Planned samples; pixel values are computed when a sample is fetched."""
+    """Planned samples; pixel values are computed when a sample is fetched.
 
-    def __init__(self, plans: list[Plan], samples: list[Sample], processor: Any, budget: ImageBudget) -> None:
+    With ``image_keys`` (one list per sample, see `eqakit.train.vision_cache`) a sample carries the
+    keys of its images' cached features instead of pixels.
+    """
+
+    def __init__(
+        self,
+        plans: list[Plan],
+        samples: list[Sample],
+        processor: Any,
+        budget: ImageBudget,
+        image_keys: list[list[str]] | None = None,
+    ) -> None:
         self.plans, self.samples, self.processor, self.budget = plans, samples, processor, budget
+        self.image_keys = image_keys
+        self.pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
     def __len__(self) -> int:
         return len(self.plans)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        images = []
-        for path in self.samples[index].images:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        return materialize(self.plans[index], images, self.processor, self.budget)
+    def subset(self, rows: list[int]) -> PlannedDataset:
+        keys = [self.image_keys[i] for i in rows] if self.image_keys is not None else None
+        return PlannedDataset(
+            [self.plans[i] for i in rows], [self.samples[i] for i in rows], self.processor, self.budget, keys
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """Model inputs, plus ``image_refs`` (the image paths) so packing can tell which samples share frames."""
+        plan, sample = self.plans[index], self.samples[index]
+        if self.image_keys is not None:
+            out: dict[str, Any] = expand_tokens(plan, self.pad_id, self.processor.image_processor.merge_size)
+            if plan.grids:
+                out["image_grid_thw"] = torch.tensor(plan.grids, dtype=torch.long)
+                out["image_keys"] = self.image_keys[index]
+        else:
+            images = []
+            for path in sample.images:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            out = materialize(plan, images, self.processor, self.budget)
+        out["image_refs"] = tuple(str(p) for p in sample.images)
+        return out
 
 
 @dataclass
@@ -152,10 +190,13 @@ class Collator:
         }
         for i, f in enumerate(features):
             batch["attention_mask"][i, : len(f["input_ids"])] = 1
-        with_images = [f for f in features if "pixel_values" in f]
+        with_images = [f for f in features if "image_grid_thw" in f]
         if with_images:
-            batch["pixel_values"] = torch.cat([f["pixel_values"] for f in with_images])
             batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in with_images])
+            if "image_keys" in with_images[0]:
+                batch["image_keys"] = [k for f in with_images for k in f["image_keys"]]
+            else:
+                batch["pixel_values"] = torch.cat([f["pixel_values"] for f in with_images])
         return batch
 
 

@@ -33,6 +33,8 @@ from eqakit.data.encode import ImageBudget
 from eqakit.errors import ConfigError, DataError
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, newest_complete_checkpoint
 from eqakit.train.data import Collator, PlannedDataset, load_training_samples, plan_samples, split_train_val
+from eqakit.train.trainer import EqakitTrainer
+from eqakit.train.vision_cache import VisionFeatureCache, image_key
 
 
 def cli(argv: list[str]) -> int:
@@ -125,38 +127,27 @@ def _compute_dtype(cfg: Config) -> Any:
     return torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
 
 
-def _eval_split(
-    cfg: Config, processor: Any, budget: ImageBudget, train_set: PlannedDataset, val_rows: list[int]
-) -> PlannedDataset | None:
-    """The evaluation set: val_size rows of the training data, else eval_dataset, else none."""
-    wants_eval = cfg.training.eval_strategy.value != "no"
-    if val_rows:
-        return PlannedDataset(
-            [train_set.plans[i] for i in val_rows],
-            [train_set.samples[i] for i in val_rows],
-            processor,
-            budget,
-        )
-    if cfg.data.eval_dataset:
-        from eqakit.data.dataset import load_samples
+def _eval_samples(cfg: Config, processor: Any, budget: ImageBudget) -> tuple[list[Any], list[Any]] | None:
+    """eval_dataset's planned samples, when training evaluates on a dataset of its own."""
+    if not cfg.data.eval_dataset:
+        return None
+    from eqakit.data.dataset import load_samples
 
-        samples = load_samples(
-            cfg.data.eval_dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples
-        )
-        plans, samples, _ = plan_samples(samples, processor.tokenizer, cfg, budget)
-        return PlannedDataset(plans, samples, processor, budget)
-    if wants_eval:
-        raise ConfigError(
-            f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
-            "or eval_dataset, or set eval_strategy: no"
-        )
-    return None
+    samples = load_samples(
+        cfg.data.eval_dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples
+    )
+    plans, samples, _ = plan_samples(samples, processor.tokenizer, cfg, budget)
+    return plans, samples
+
+
+def _uses_vision_cache(cfg: Config) -> bool:
+    f = cfg.finetuning
+    return f.vision_feature_cache and f.freeze_vision_tower and f.freeze_multi_modal_projector
 
 
 def run_train(cfg: Config) -> dict[str, float]:
     """Fine-tune with LoRA; returns the final training metrics."""
     import transformers
-    from transformers import Trainer
 
     from eqakit.model.load import load_base_model, load_processor
     from eqakit.train.lora import apply_lora, trainable_summary
@@ -175,22 +166,56 @@ def run_train(cfg: Config) -> dict[str, float]:
         raise DataError(
             f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}"
         )
-    every = PlannedDataset(plans, samples, processor, budget)
+    extra_eval = _eval_samples(cfg, processor, budget)
+    if cfg.training.eval_strategy.value != "no" and not cfg.data.val_size and extra_eval is None:
+        raise ConfigError(
+            f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
+            "or eval_dataset, or set eval_strategy: no"
+        )
+
+    cache = VisionFeatureCache() if _uses_vision_cache(cfg) else None
+    wanted: dict[str, tuple[Path, int]] = {}
+    digests: dict[Path, str] = {}
+
+    def dataset(plans: list[Any], samples: list[Any]) -> PlannedDataset:
+        if cache is None:
+            return PlannedDataset(plans, samples, processor, budget)
+        keys = [
+            [image_key(p, plan.max_pixels, digests) for p in s.images]
+            for plan, s in zip(plans, samples, strict=True)
+        ]
+        for plan, s, ks in zip(plans, samples, keys, strict=True):
+            wanted.update({k: (p, plan.max_pixels) for k, p in zip(ks, s.images, strict=True)})
+        return PlannedDataset(plans, samples, processor, budget, keys)
+
+    every = dataset(plans, samples)
     train_rows, val_rows = split_train_val(len(plans), cfg.data.val_size, cfg.training.seed)
-    train_set = PlannedDataset(
-        [plans[i] for i in train_rows], [samples[i] for i in train_rows], processor, budget
-    )
-    eval_set = _eval_split(cfg, processor, budget, every, val_rows)
+    train_set = every.subset(train_rows)
+    eval_set = every.subset(val_rows) if val_rows else (dataset(*extra_eval) if extra_eval else None)
     if cfg.training.process_index == 0:
         _print_data_report(report, len(train_set), len(eval_set) if eval_set else 0)
 
     transformers.set_seed(cfg.training.seed)  # LoRA initialisation is part of the run's randomness
-    model = load_base_model(cfg.model, device=_load_device(), dtype=_compute_dtype(cfg))
+    model = load_base_model(cfg.model, device=cfg.training.device, dtype=_compute_dtype(cfg))
+    if cache is not None:
+        cache.build(
+            model,
+            processor,
+            budget,
+            wanted,
+            cfg.training.device,
+            show_progress=cfg.training.local_process_index == 0,
+        )
     model = apply_lora(model, cfg)
     if cfg.training.gradient_checkpointing:
         model.enable_input_require_grads()
+    groups = _episode_groups(train_set) if cfg.finetuning.shared_prefix_packing else None
     if cfg.training.local_process_index == 0:
         print(trainable_summary(model))
+        print(
+            f"speed-ups: vision feature cache {'on, ' + str(len(cache)) + ' images' if cache else 'off'}; "
+            f"shared-prefix packing {'on, ' + str(len(groups)) + ' groups' if groups else 'off'}"
+        )
 
     if cfg.training.process_index == 0:
         if resume is None and (out / "trainer_log.jsonl").exists():
@@ -208,7 +233,7 @@ def run_train(cfg: Config) -> dict[str, float]:
                 "eval_samples": len(eval_set) if eval_set else 0,
             },
         )
-    trainer = Trainer(
+    trainer = EqakitTrainer(
         model=model,
         args=cfg.training,
         train_dataset=train_set,
@@ -216,6 +241,8 @@ def run_train(cfg: Config) -> dict[str, float]:
         data_collator=Collator(processor.tokenizer.pad_token_id),
         processing_class=processor,
         callbacks=[LogCallback(), CheckpointMarker()],
+        vision_cache=cache,
+        episode_groups=groups,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
@@ -241,11 +268,12 @@ def run_train(cfg: Config) -> dict[str, float]:
     return result.metrics
 
 
-def _load_device() -> Any:
-    """Load weights on the CPU; the Trainer moves them to this process's device."""
-    import torch
-
-    return torch.device("cpu")
+def _episode_groups(dataset: PlannedDataset) -> list[list[int]]:
+    """Rows of the training set grouped by their images (an OpenEQA episode's questions)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, sample in enumerate(dataset.samples):
+        groups.setdefault(tuple(str(p) for p in sample.images), []).append(i)
+    return list(groups.values())
 
 
 def _truncate_log(out: Path, step: int) -> None:

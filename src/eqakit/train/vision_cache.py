@@ -1,0 +1,91 @@
+"""Visual features of each distinct training image, computed once per run.
+
+The vision tower and projector are frozen during LoRA training, and OpenEQA asks ~11 questions
+about the same 8 frames, so LLaMA-Factory's way (the vision tower on every sample, every epoch)
+repeats the same computation ~11 x epochs times. Here every distinct image (by file content and
+size cap) goes through the tower once, before the first step; batches then carry keys instead of
+pixels and the model receives the stored features (``mm_encoder_outputs``). Exact: the features are
+the ones the tower would compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from eqakit.data.encode import ImageBudget
+
+Features = tuple[torch.Tensor, list[torch.Tensor]]  # merged tokens, one tensor per deepstack layer
+
+
+def image_key(path: Path, max_pixels: int, digests: dict[Path, str]) -> str:
+    """Content hash of the file plus the size cap it is resized under."""
+    if path not in digests:
+        digests[path] = hashlib.sha1(path.read_bytes()).hexdigest()[:24]
+    return f"{digests[path]}@{max_pixels}"
+
+
+class VisionFeatureCache:
+    """Image key -> (merged visual tokens, deepstack features), on the model's device."""
+
+    def __init__(self) -> None:
+        self.features: dict[str, Features] = {}
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @torch.no_grad()
+    def build(
+        self,
+        model: Any,
+        processor: Any,
+        budget: ImageBudget,
+        images: dict[str, tuple[Path, int]],
+        device: torch.device,
+        batch_size: int = 8,
+        show_progress: bool = True,
+    ) -> None:
+        """Run the vision tower over ``images`` (key -> (path, max_pixels)) not yet cached."""
+        todo = [(k, p, cap) for k, (p, cap) in images.items() if k not in self.features]
+        visual = (
+            model.model if hasattr(model, "model") and hasattr(model.model, "get_image_features") else model
+        )
+        bar = tqdm(total=len(todo), desc="vision features", unit="img", disable=not show_progress)
+        by_cap: dict[int, list[tuple[str, Path]]] = {}
+        for key, path, cap in todo:
+            by_cap.setdefault(cap, []).append((key, path))
+        for cap, items in by_cap.items():
+            size = {"shortest_edge": budget.min_pixels, "longest_edge": cap}
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                pil = []
+                for _, path in chunk:
+                    with Image.open(path) as image:
+                        pil.append(image.convert("RGB"))
+                inputs = processor.image_processor(images=pil, size=size, return_tensors="pt")
+                out = visual.get_image_features(
+                    inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device)
+                )
+                for i, (key, _) in enumerate(chunk):
+                    self.features[key] = (
+                        out.pooler_output[i].detach(),
+                        [f[i].detach() for f in out.deepstack_features],
+                    )
+                bar.update(len(chunk))
+        bar.close()
+
+    def encoder_outputs(self, keys: list[str]) -> dict[str, Any]:
+        """What Qwen3-VL's forward accepts as ``mm_encoder_outputs`` for images in this order."""
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        pooled = tuple(self.features[k][0] for k in keys)
+        layers = len(self.features[keys[0]][1])
+        deepstack = [tuple(self.features[k][1][layer] for k in keys) for layer in range(layers)]
+        return {
+            "image": BaseModelOutputWithDeepstackFeatures(pooler_output=pooled, deepstack_features=deepstack)
+        }
