@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "eqakit.train.sft",
         "LoRA fine-tuning (do_train) or prediction (do_predict) from a YAML config",
     ),
+    "export": ("eqakit.export", "merge LoRA adapters into the base model and write it"),
     "judge": ("eqakit.evaluate.llm_match", "OpenEQA LLM-Match scoring with an OpenAI-compatible judge"),
     "config": ("eqakit.config.check", "validate a YAML config and print the resolved settings"),
     "tiny-model": ("eqakit.model.tiny", "build a tiny random Qwen3-VL for tests and the demo"),
