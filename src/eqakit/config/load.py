@@ -22,7 +22,14 @@ from typing import Any, Literal
 
 import yaml
 
-from eqakit.config.args import DataArguments, FinetuningArguments, GeneratingArguments, ModelArguments
+from eqakit.config.args import (
+    GROUPS,
+    ApiArguments,
+    DataArguments,
+    FinetuningArguments,
+    GeneratingArguments,
+    ModelArguments,
+)
 from eqakit.config.lf_unsupported import LLAMA_FACTORY_UNSUPPORTED
 from eqakit.errors import ConfigError
 
@@ -61,6 +68,7 @@ class Config:
     data: DataArguments
     finetuning: FinetuningArguments
     generating: GeneratingArguments
+    api: ApiArguments = dataclasses.field(default_factory=ApiArguments)
     training: Any | None = None  # transformers.Seq2SeqTrainingArguments for kind "train"
     source: Path | None = None
     user_keys: tuple[str, ...] = ()  # keys the user set (file or command line), for self-describing outputs
@@ -68,7 +76,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as one flat LLaMA-Factory-style mapping (what a YAML file would hold)."""
         flat: dict[str, Any] = {}
-        for group in (self.model, self.data, self.finetuning, self.generating):
+        for group in (self.model, self.data, self.finetuning, self.generating, self.api):
             flat.update(dataclasses.asdict(group))
         if self.training is not None:
             flat.update(self.training.to_dict())
@@ -82,7 +90,7 @@ def _training_class() -> type:
 
 
 def _groups(kind: Kind) -> list[type]:
-    groups: list[type] = [ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments]
+    groups: list[type] = list(GROUPS)
     if kind == "train":
         groups.append(_training_class())
     return groups
@@ -148,6 +156,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if enums:
             allowed = [m.value for m in enums[0]]
             raw = value.value if isinstance(value, enum.Enum) else value
+            if raw is False and "no" in allowed:
+                raw = "no"  # YAML 1.1 reads an unquoted `no` (as in `save_strategy: no`) as false
             if raw not in allowed:
                 raise ValueError(f"is not allowed; choose one of: {', '.join(map(str, allowed))}")
             return raw
@@ -324,9 +334,7 @@ def load_config(
                 problems.append(f"key {name!r}: {_fmt(value)} {reason}")
                 continue
             rules = (
-                {**fld.metadata, **TRAINING_RULES.get(name, {})}
-                if cls not in (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments)
-                else dict(fld.metadata)
+                {**fld.metadata, **TRAINING_RULES.get(name, {})} if cls not in GROUPS else dict(fld.metadata)
             )
             reason = _check_rules(coerced, rules)
             if reason:
@@ -355,13 +363,14 @@ def load_config(
             built.append(cls(**kwargs))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"invalid configuration{where}: {exc}") from None
-    model, data, finetuning, generating = built[:4]
-    training = built[4] if kind == "train" else None
+    model, data, finetuning, generating, api = built[: len(GROUPS)]
+    training = built[len(GROUPS)] if kind == "train" else None
     return Config(
         model=model,
         data=data,
         finetuning=finetuning,
         generating=generating,
+        api=api,
         training=training,
         source=Path(path) if path is not None else None,
         user_keys=tuple(raw),
@@ -384,7 +393,7 @@ def _has_accelerator() -> bool:
 def describe_keys(kind: Kind) -> str:
     """A help page listing every eqakit key with its default and meaning (transformers keys by reference)."""
     lines = []
-    for cls in (ModelArguments, DataArguments, FinetuningArguments, GeneratingArguments):
+    for cls in GROUPS:
         lines.append(f"{cls.__name__}:")
         for fld in dataclasses.fields(cls):
             default = fld.default if fld.default is not dataclasses.MISSING else None
