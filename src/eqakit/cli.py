@@ -23,9 +23,12 @@ VERBS: dict[str, tuple[str, str]] = {
         "LoRA fine-tuning (do_train) or prediction (do_predict) from a YAML config",
     ),
     "export": ("eqakit.export", "merge LoRA adapters into the base model and write it"),
+    "webui": ("eqakit.serve.webui", "web chat UI"),
+    "chat": ("eqakit.serve.chat", "terminal chat"),
     "judge": ("eqakit.evaluate.llm_match", "OpenEQA LLM-Match scoring with an OpenAI-compatible judge"),
     "config": ("eqakit.config.check", "validate a YAML config and print the resolved settings"),
     "tiny-model": ("eqakit.model.tiny", "build a tiny random Qwen3-VL for tests and the demo"),
+    "demo": ("eqakit.demo.pipeline", "run the whole pipeline on the tiny model and synthetic data"),
     "synth": ("eqakit.demo.synth", "generate synthetic data in OpenEQA's official layout"),
 }
 

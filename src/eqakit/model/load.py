@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from eqakit.config.args import ModelArguments
 from eqakit.errors import EqakitError
@@ -123,7 +124,7 @@ def load_base_model(model_args: ModelArguments, *, device: torch.device, dtype: 
             revision=model_args.model_revision,
             device_map={"": device} if quant is not None else None,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise EqakitError(f"could not load model {name!r}: {exc}") from None
     if quant is None:
         model.to(device)

@@ -1,0 +1,252 @@
+"""Predict throughput: LLaMA-Factory's way against eqakit's engine, same model, same inputs, one process.
+
+    .venv/bin/python benchmarks/bench_predict.py                      # tiny model, 4 episodes x 8 questions
+    .venv/bin/python benchmarks/bench_predict.py --config ../shared/qwen3-vl-2b-instruct.config.json \\
+        --text-layers 7 --episodes 2 --questions 4 --max-new-tokens 16 --dtype bfloat16
+
+Workload: OpenEQA-shaped, as `eqakit prepare` writes it: episodes of F camera-like frames (512x384:
+192 visual tokens each, 1,536 per question at 8 frames), each asked several short questions.
+Model: random weights, either the tiny test model (weights scaled so greedy answers vary with the
+input) or a config such as Qwen3-VL-2B-Instruct's (``--text-layers`` cuts the depth, keeping the
+vision:text ratio 24:28), with the tiny model's tokenizer (the config's special-token ids are
+remapped to it; the vocabulary size, and so the lm_head cost, stays the config's).
+
+Reference (what LLaMA-Factory's predict does): per batch of ``--batch-size`` samples, the processor
+on each sample's text and frames, then ``model.generate`` over the left-padded batch; no reuse.
+eqakit: `Engine.generate` (continuous batching, visual-feature cache, shared-prefix KV reuse) with
+the same batch size and with ``--engine-batch-size``. Greedy; outputs are compared token by token.
+Also prints the FLOP floor of the work eqakit must do (each unique image through the vision tower
+once, each unique prefix once, every suffix and decode step) at this CPU's measured matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+from eqakit.data.encode import ImageBudget
+from eqakit.data.template import render_prompt
+from eqakit.engine import Engine, Request, SamplingParams
+from eqakit.model.tiny import build_tiny_model
+
+BUDGET = ImageBudget(32 * 32, 768 * 768)
+QUESTIONS = (
+    "What color is the sofa?",
+    "Where did I leave my keys?",
+    "Is the kitchen light on?",
+    "How many chairs are at the table?",
+    "What is on the wall above the bed?",
+    "Which room is the plant in?",
+    "Can I sit on the ottoman?",
+    "What is the rug made of?",
+    "Is the window open?",
+    "What is to the left of the television?",
+    "Where is the laundry basket?",
+)
+
+
+def camera_frame(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth colour gradients plus sensor noise: costs what a camera frame costs to process."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 6.28, 3)
+    channels = [127 + 100 * np.sin(x / (60 + 20 * c) + y / (90 - 15 * c) + phase[c]) for c in range(3)]
+    pixels = np.stack(channels, axis=-1) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def workload(episodes: int, questions: int, frames: int, size: tuple[int, int]) -> list[Request]:
+    requests = []
+    for episode in range(episodes):
+        rng = np.random.default_rng(episode)
+        images = [camera_frame(rng, *size) for _ in range(frames)]
+        for q in range(questions):
+            content = "<image>" * frames + QUESTIONS[(episode + q) % len(QUESTIONS)]
+            requests.append(Request([{"role": "user", "content": content}], images=images))
+    return requests
+
+
+def build_model(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
+    tiny = build_tiny_model(workdir / "tiny")
+    processor = AutoProcessor.from_pretrained(tiny)
+    dtype = getattr(torch, args.dtype)
+    if args.config is None:
+        model = AutoModelForImageTextToText.from_pretrained(tiny, dtype=dtype)
+        scale = 6.0 if args.weight_scale is None else args.weight_scale
+    else:
+        raw = json.loads(Path(args.config).read_text())
+        ids = processor.tokenizer.convert_tokens_to_ids
+        raw.update(
+            image_token_id=ids("<|image_pad|>"),
+            video_token_id=ids("<|video_pad|>"),
+            vision_start_token_id=ids("<|vision_start|>"),
+            vision_end_token_id=ids("<|vision_end|>"),
+        )
+        raw["text_config"].update(bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"))
+        if args.text_layers:
+            vision = raw["vision_config"]
+            depth = max(
+                1, round(args.text_layers * vision["depth"] / raw["text_config"]["num_hidden_layers"])
+            )
+            ratio = depth / vision["depth"]
+            vision["deepstack_visual_indexes"] = sorted(
+                {min(depth - 1, int(i * ratio)) for i in vision["deepstack_visual_indexes"]}
+            )
+            vision["depth"] = depth
+            raw["text_config"]["num_hidden_layers"] = args.text_layers
+        torch.manual_seed(0)
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**raw)).to(dtype)
+        model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
+        model.generation_config.pad_token_id = ids("<|endoftext|>")
+        scale = 1.0 if args.weight_scale is None else args.weight_scale
+    if scale != 1.0:
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if weight.ndim >= 2 and "embed_tokens" not in name:
+                    weight.mul_(scale)
+    return model.eval(), processor
+
+
+def until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def reference(model: Any, processor: Any, requests: list[Request], batch: int, new: int) -> list[list[int]]:
+    """LLaMA-Factory's predict loop: processor per sample, HF generate over left-padded batches."""
+    processor.tokenizer.padding_side = "left"
+    eos = set(model.generation_config.eos_token_id)
+    size = {"shortest_edge": BUDGET.min_pixels, "longest_edge": BUDGET.max_pixels}
+    out: list[list[int]] = []
+    with torch.inference_mode():
+        for start in range(0, len(requests), batch):
+            chunk = requests[start : start + batch]
+            texts = [render_prompt(r.messages) for r in chunk]
+            images = [im for r in chunk for im in r.images]
+            inputs = processor(
+                text=texts, images=images, images_kwargs={"size": size}, padding=True, return_tensors="pt"
+            )
+            generated = model.generate(**inputs, do_sample=False, max_new_tokens=new)
+            width = inputs["input_ids"].shape[1]
+            out += [until_eos(row[width:].tolist(), eos) for row in generated]
+    return out
+
+
+def flop_floor(model: Any, requests: list[Request], engine: Engine, new: int) -> float:
+    """Multiply-adds x2 of the work eqakit cannot avoid: unique images, unique prefixes, suffixes, decode."""
+    text, vision = model.config.text_config, model.config.vision_config
+    lm_params = sum(p.numel() for n, p in model.model.language_model.named_parameters() if "embed" not in n)
+    vision_params = sum(p.numel() for p in model.model.visual.parameters())
+    kv_width = text.num_attention_heads * text.head_dim
+    prepared = [engine.prepare(r) for r in requests]
+    images = {s.key: s for p in prepared for s in p.images}
+    patches = sum(s.length * vision.spatial_merge_size**2 for s in images.values())
+    per_image = [s.length * vision.spatial_merge_size**2 for s in images.values()]
+    flops = 2 * vision_params * patches + sum(
+        4 * vision.depth * vision.hidden_size * n * n for n in per_image
+    )
+    prefixes = {p.cuts[-1][1]: p.cuts[-1][0] for p in prepared if p.cuts}
+    tokens = sum(prefixes.values()) + sum(p.length - (p.cuts[-1][0] if p.cuts else 0) for p in prepared)
+    tokens += new * len(prepared)
+    context = sum(p.length * new + new * new / 2 for p in prepared) + sum(
+        n * n / 2 for n in prefixes.values()
+    )
+    flops += 2 * lm_params * tokens + 4 * text.num_hidden_layers * kv_width * context
+    flops += 2 * text.hidden_size * text.vocab_size * new * len(prepared)  # logits at generated positions
+    return flops
+
+
+def matmul_rate(dtype: torch.dtype) -> float:
+    a = torch.randn(2048, 2048, dtype=dtype)
+    b = torch.randn(2048, 2048, dtype=dtype)
+    a @ b
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < 2.0:
+        a @ b
+        reps += 1
+    return 2 * 2048**3 * reps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="model config JSON (random weights); default: the tiny test model")
+    parser.add_argument("--text-layers", type=int, help="cut the language model to this many layers")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--weight-scale", type=float, help="scale random weights (default 6 for tiny, else 1)"
+    )
+    parser.add_argument("--episodes", type=int, default=4)
+    parser.add_argument("--questions", type=int, default=8, help="questions per episode")
+    parser.add_argument("--frames", type=int, default=8, help="frames per episode")
+    parser.add_argument("--frame-size", default="512x384", help="WxH of the prepared frames")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=2, help="per_device_eval_batch_size (both ways)")
+    parser.add_argument("--engine-batch-size", type=int, default=8, help="a second eqakit run at this batch")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        model, processor = build_model(args, Path(workdir))
+    width, height = map(int, args.frame_size.split("x"))
+    requests = workload(args.episodes, args.questions, args.frames, (width, height))
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=False)
+    for r in requests:
+        r.params = params
+    n = len(requests)
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{args.dtype}; model: {args.config or 'tiny'} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+        f"params); {args.episodes} episodes x {args.questions} questions, {args.frames} frames of "
+        f"{args.frame_size}, max_new_tokens {args.max_new_tokens}",
+        flush=True,
+    )
+
+    start = time.perf_counter()
+    ref = reference(model, processor, requests, args.batch_size, args.max_new_tokens)
+    ref_s = time.perf_counter() - start
+    print(
+        f"reference (HF generate, batch {args.batch_size}): {n / ref_s:.3f} samples/s ({ref_s:.1f} s)",
+        flush=True,
+    )
+
+    engine = None
+    for batch in dict.fromkeys([args.batch_size, args.engine_batch_size]):
+        engine = Engine(model, processor, image_budget=BUDGET, max_batch_size=batch)
+        start = time.perf_counter()
+        ours = [c.token_ids for c in engine.generate(requests)]
+        ours_s = time.perf_counter() - start
+        same = sum(a == b for a, b in zip(ours, ref, strict=True))
+        print(
+            f"eqakit engine (batch {batch}): {n / ours_s:.3f} samples/s ({ours_s:.1f} s), "
+            f"{ref_s / ours_s:.1f}x the reference; identical outputs: {same}/{n}",
+            flush=True,
+        )
+    assert engine is not None
+    flops = flop_floor(model, requests, engine, args.max_new_tokens)
+    rate = matmul_rate(getattr(torch, args.dtype))
+    print(
+        f"FLOP floor: {flops / 1e9:.1f} GFLOP at the measured {rate / 1e9:.0f} GFLOP/s "
+        f"({args.dtype} 2048^3 matmul) = {flops / rate:.2f} s, {n / (flops / rate):.2f} samples/s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""One inference engine for every consumer of generation: predict, api, webui, chat, judge's local runs.
+
+Messages go in (OpenAI-shaped, images as PIL images), text comes out (whole, or as a stream of
+deltas), with token counts and a finish reason. Prompts are rendered by `eqakit.data.template` and
+encoded by `eqakit.data.encode`, exactly as in training. Underneath, `Runner` decodes many requests
+as one continuously refilled batch, runs each distinct image through the vision tower once,
+prefills each shared prompt prefix (an episode's frames) once, and appends to its KV cache in place
+(eqakit.engine.kv) instead of copying it every token. Every one of these is exact: greedy
+decoding gives the tokens ``model.generate`` gives for each request alone (tests check each).
+
+    engine = Engine.from_config(load_config("infer", "configs/infer_openeqa.yaml"))
+    reply = engine.chat([{"role": "user", "content": [{"type": "image", "image": frame},
+                                                      {"type": "text", "text": "What is on the table?"}]}])
+    for delta in engine.stream(Request(messages, engine.params(temperature=0))):
+        print(delta, end="")
+
+Thread safety: every model step takes the engine's lock, so calls from several threads are safe
+but run one step at a time. A server should give all requests to one `EngineWorker`
+(eqakit.engine.worker), which batches concurrent requests together.
+
+Raises RequestError (a bad request: wrong image count, bad parameter, prompt too long) before any
+model work for that request; EqakitError from `from_config` for a model that cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from eqakit.data.encode import ImageBudget, Plan
+from eqakit.data.template import Message
+from eqakit.engine.caches import LRUCache, PrefixState, VisualFeatures
+from eqakit.engine.hf import HFModel
+from eqakit.engine.params import Completion, Request, SamplingParams
+from eqakit.engine.prepare import Prepared, PromptFormat, plan_prompt, prepare_request
+from eqakit.engine.runner import Job, Reuse, Runner
+from eqakit.errors import EqakitError
+
+if TYPE_CHECKING:
+    from eqakit.config.load import Config
+
+MiB = 1 << 20
+
+
+class TextStream:
+    """Text deltas of one request as they are generated; ``completion`` is set once iteration ends."""
+
+    def __init__(self, source: Generator[str, None, Completion]) -> None:
+        self._source = source
+        self.completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.completion = yield from self._source
+
+
+class Engine:
+    """Batched, cached Qwen3-VL generation over a transformers model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        *,
+        template: str = "qwen3_vl_nothink",
+        enable_thinking: bool = False,
+        default_system: str | None = None,
+        cutoff_len: int = 2048,
+        image_budget: ImageBudget | None = None,
+        defaults: SamplingParams | None = None,
+        skip_special_tokens: bool = True,
+        max_batch_size: int = 8,
+        vision_cache_mib: int = 1024,
+        prefix_cache_mib: int = 2048,
+        min_prefix_tokens: int = 64,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        """``vision_cache_mib`` / ``prefix_cache_mib`` of 0 turn that reuse off (for comparisons);
+        ``eos_token_ids`` replaces the default end-of-sequence set (generation_config's, <|im_end|>,
+        <|endoftext|>)."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = HFModel(model, processor)
+        self.tokenizer = processor.tokenizer
+        self.format = PromptFormat(
+            template, enable_thinking, default_system, cutoff_len, image_budget or ImageBudget()
+        )
+        self.defaults = defaults or SamplingParams()
+        self.skip_special_tokens = skip_special_tokens
+        self.max_batch_size = max_batch_size
+        self.reuse = Reuse(
+            LRUCache[VisualFeatures](vision_cache_mib * MiB) if vision_cache_mib > 0 else None,
+            LRUCache[PrefixState](prefix_cache_mib * MiB) if prefix_cache_mib > 0 else None,
+            min_prefix_tokens,
+        )
+        self.eos = frozenset(eos_token_ids if eos_token_ids is not None else self._default_eos(model))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+        self.lock = threading.RLock()
+
+    @classmethod
+    def from_config(cls, cfg: Config, **options: Any) -> Engine:
+        """Load the config's model (adapters merged, quantized if asked) on the best device, and wrap it.
+
+        ``options`` are Engine keyword arguments (e.g. max_batch_size).
+        """
+        from eqakit.model.load import load_model, load_processor, pick_device, pick_dtype
+
+        if cfg.model.infer_backend != "huggingface":
+            raise EqakitError(
+                f"infer_backend: {cfg.model.infer_backend} is not available in this version of eqakit; "
+                "use infer_backend: huggingface (the default)"
+            )
+        device = pick_device()
+        dtype = pick_dtype(cfg.model.infer_dtype, device)
+        processor = load_processor(cfg.model)
+        model = load_model(cfg.model, device=device, dtype=dtype)
+        return cls(
+            model,
+            processor,
+            template=cfg.data.template or "qwen3_vl_nothink",
+            enable_thinking=cfg.data.enable_thinking,
+            default_system=cfg.data.default_system,
+            cutoff_len=cfg.data.cutoff_len,
+            image_budget=ImageBudget(cfg.model.image_min_pixels, cfg.model.image_max_pixels),
+            defaults=SamplingParams.from_generating(cfg.generating),
+            skip_special_tokens=cfg.generating.skip_special_tokens,
+            **options,
+        )
+
+    def _default_eos(self, model: Any) -> set[int]:
+        ids = set(self.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]))
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if configured is not None:
+            ids |= set(configured if isinstance(configured, list | tuple) else [configured])
+        return ids
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def params(self, **overrides: Any) -> SamplingParams:
+        """The config's decoding defaults with some fields replaced (None means "keep the default")."""
+        return self.defaults.replace(**overrides)
+
+    def plan(
+        self, messages: list[Message], image_sizes: list[tuple[int, int]], system: str | None = None
+    ) -> Plan:
+        """Check that a prompt fits cutoff_len from its image sizes alone (raises PromptTooLong / RequestError).
+
+        What `prepare` will do, minus the pixels: a dataset can be checked before its images are decoded.
+        """
+        return plan_prompt(messages, image_sizes, system, self.tokenizer, self.model, self.format)
+
+    def prepare(self, request: Request) -> Prepared:
+        """Render and tokenize a request (raises RequestError / PromptTooLong); cheap, no model work."""
+        return prepare_request(request, self.tokenizer, self.model, self.format)
+
+    def runner(self) -> Runner:
+        """A fresh batch sharing this engine's model, caches and lock (for `EngineWorker`)."""
+        return Runner(
+            self.model,
+            self.tokenizer,
+            reuse=self.reuse,
+            eos=self.eos,
+            pad_id=self.pad_id,
+            skip_special_tokens=self.skip_special_tokens,
+            lock=self.lock,
+        )
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request | Prepared]) -> list[Completion]:
+        """Completions of all requests, in order. Every request is checked before any is run."""
+        prepared = [r if isinstance(r, Prepared) else self.prepare(r) for r in requests]
+        results: list[Completion | None] = [None] * len(prepared)
+        for index, completion in self.generate_iter(prepared):
+            results[index] = completion
+        return [r for r in results if r is not None]
+
+    def generate_iter(
+        self,
+        requests: Iterable[Request | Prepared],
+        on_delta: Callable[[int, str], None] | None = None,
+    ) -> Iterator[tuple[int, Completion]]:
+        """(index, completion) pairs as requests finish, reading ``requests`` lazily as room frees up.
+
+        Put requests that share frames next to each other: they are admitted together and share one
+        prefix prefill. ``on_delta(index, text)`` receives streamed text.
+        """
+        source = enumerate(requests)
+        finished: deque[tuple[int, Completion]] = deque()
+        runner = self.runner()
+        exhausted = False
+        while True:
+            jobs = []
+            while not exhausted and runner.active + len(jobs) < self.max_batch_size:
+                item = next(source, None)
+                if item is None:
+                    exhausted = True
+                    break
+                index, request = item
+                prepared = request if isinstance(request, Prepared) else self.prepare(request)
+                jobs.append(self._job(index, prepared, finished, on_delta))
+            runner.admit(jobs)
+            while finished:
+                yield finished.popleft()
+            if runner.active == 0:
+                if exhausted:
+                    return
+                continue
+            runner.step()
+            while finished:
+                yield finished.popleft()
+
+    @staticmethod
+    def _job(
+        index: int,
+        prepared: Prepared,
+        finished: deque[tuple[int, Completion]],
+        on_delta: Callable[[int, str], None] | None,
+    ) -> Job:
+        return Job(
+            prepared,
+            on_done=lambda completion: finished.append((index, completion)),
+            on_delta=(lambda text: on_delta(index, text)) if on_delta is not None else None,
+        )
+
+    def stream(self, request: Request) -> TextStream:
+        """Text deltas of one request; the request is checked now, generation runs as you iterate."""
+        return TextStream(self._stream(self.prepare(request)))
+
+    def _stream(self, prepared: Prepared) -> Generator[str, None, Completion]:
+        deltas: deque[str] = deque()
+        done: list[Completion] = []
+        runner = self.runner()
+        runner.admit([Job(prepared, on_done=done.append, on_delta=deltas.append)])
+        while True:
+            while deltas:
+                yield deltas.popleft()
+            if done:
+                return done[0]
+            runner.step()
+
+    def chat(self, messages: list[dict[str, Any]], *, system: str | None = None, **params: Any) -> Completion:
+        """One reply to a conversation, with the config's decoding defaults overridden by ``params``."""
+        return self.generate([Request(messages, self.params(**params), system=system)])[0]

@@ -1,0 +1,99 @@
+"""The transformers backend: the three things the engine asks of a Qwen3-VL model.
+
+(1) visual features of images (vision tower + merger + deepstack mergers), (2) M-RoPE positions of
+a prompt, (3) a forward pass of the language model over new tokens with a KV cache, explicit
+positions and a padding mask, returning the last position's logits. Working at this level, rather
+than through ``model.generate``, is what lets the engine reuse features and prefix caches and mix
+requests in one batch. Visual features enter through the model's own ``mm_encoder_outputs``
+argument, so image tokens are filled (and deepstack features added) by transformers' code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+from eqakit.engine.caches import VisualFeatures
+
+VISION_CHUNK = 16  # images per vision-tower call: bounds activation memory on large batches
+
+
+def unwrap(model: Any) -> Any:
+    """The Qwen3-VL model inside a PEFT wrapper (adapters stay active: PEFT injects them in place)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not (hasattr(base, "model") and hasattr(base.model, "language_model") and hasattr(base, "lm_head")):
+        raise TypeError(f"the engine runs Qwen3-VL models; got {type(base).__name__}")
+    return base
+
+
+class HFModel:
+    """A loaded Qwen3-VL (possibly with unmerged adapters) and its image processor."""
+
+    def __init__(self, model: Any, processor: Any) -> None:
+        self.model = model
+        self.core = unwrap(model)
+        self.image_processor = processor.image_processor
+        self.device = next(self.core.parameters()).device
+        self.dtype = self.core.lm_head.weight.dtype
+        self.image_token_id = int(self.core.config.image_token_id)
+        self.merge = int(self.core.config.vision_config.spatial_merge_size)
+        self.patch = int(self.core.config.vision_config.patch_size)
+
+    def image_features(self, images: list[Any], min_pixels: int, max_pixels: int) -> list[VisualFeatures]:
+        """Features of images resized within [min_pixels, max_pixels], as the processor would for a prompt."""
+        out: list[VisualFeatures] = []
+        size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        for start in range(0, len(images), VISION_CHUNK):
+            chunk = [im.convert("RGB") for im in images[start : start + VISION_CHUNK]]
+            vision = self.image_processor(images=chunk, size=size, return_tensors="pt")
+            pixels = vision["pixel_values"].to(self.device)
+            grid = vision["image_grid_thw"].to(self.device)
+            result = self.core.model.get_image_features(pixels, grid, return_dict=True)
+            for i, embeds in enumerate(result.pooler_output):
+                out.append(VisualFeatures(embeds, tuple(level[i] for level in result.deepstack_features)))
+        return out
+
+    def rope_positions(self, ids: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """M-RoPE positions (3, length) of a prompt whose image pads are already expanded."""
+        mm = (ids == self.image_token_id).to(torch.int)
+        grid = torch.tensor(grids, dtype=torch.long) if grids else None
+        positions, _ = self.core.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
+        return positions[:, 0]
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        cache: Any,
+        features: list[VisualFeatures],
+        *,
+        logits: bool = True,
+    ) -> torch.Tensor | None:
+        """Run new tokens (B, T) at ``positions`` (3, B, T) over ``cache``; ``mask`` (B, cached + T) marks
+        real tokens. ``features`` fill the image pads of ``ids`` in row-major order. Returns the float32
+        logits (B, vocab) of each row's last position."""
+        encoder_outputs = None
+        if features:
+            levels = len(features[0].deepstack)
+            encoder_outputs = {
+                "image": BaseModelOutputWithDeepstackFeatures(
+                    pooler_output=tuple(f.embeds for f in features),
+                    deepstack_features=[
+                        tuple(f.deepstack[level] for f in features) for level in range(levels)
+                    ],
+                )
+            }
+        out = self.core.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
+            cache=cache,
+            mm_encoder_outputs=encoder_outputs,
+            use_cache=True,
+        )
+        if not logits:
+            return None
+        return self.core.lm_head(out.last_hidden_state[:, -1]).float()

@@ -1,0 +1,323 @@
+"""The decode loop: continuous batching over a KV cache the engine manages itself.
+
+A `Runner` holds the sequences being decoded as one batch: a `KVBatch` whose rows are aligned
+at the right (new tokens append to every row) and a padding mask over its columns. Rows join
+(`admit`) whenever there is room and leave as soon as they finish, so a long answer never holds
+a batch of short ones hostage.
+
+Joining is where the reuse happens:
+1. images: visual features come from the feature cache; only unseen images (at their size) go
+   through the vision tower, all of them in one call;
+2. shared prefixes: each prompt's longest shareable prefix (the system prompt and frames of an
+   OpenEQA episode) is computed once, kept in the prefix cache, and copied into every row that
+   starts with it; only the rest of each prompt (the question) is prefilled, left-padded so the
+   rows end together. M-RoPE positions come from the whole prompt, so a suffix continues exactly
+   where its prefix stopped.
+Padding columns sit before a row's prefix or between its prefix and suffix; the mask hides them,
+and positions are explicit, so a row decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from eqakit.engine.caches import LRUCache, PrefixState, VisualFeatures
+from eqakit.engine.hf import HFModel
+from eqakit.engine.kv import KVBatch
+from eqakit.engine.params import Completion, FinishReason
+from eqakit.engine.prepare import ImageSlot, Prepared
+from eqakit.engine.sampling import choose_tokens, make_generator
+from eqakit.engine.text import TextTracker
+
+
+@dataclass
+class Job:
+    """A prepared request and where its output goes (callbacks run on the engine's thread)."""
+
+    prepared: Prepared
+    on_done: Callable[[Completion], None]
+    on_delta: Callable[[str], None] | None = None
+    on_error: Callable[[BaseException], None] | None = None
+    cancelled: Callable[[], bool] | None = None
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled is not None and self.cancelled()
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Which reuse features are on (each is exact; turning one off is for tests and benchmarks)."""
+
+    vision_cache: LRUCache[VisualFeatures] | None
+    prefix_cache: LRUCache[PrefixState] | None
+    min_prefix_tokens: int = 64  # shorter prefixes are not worth a separate forward pass
+
+
+class _Row:
+    """One sequence being decoded."""
+
+    def __init__(self, job: Job, tracker: TextTracker, device: torch.device) -> None:
+        self.job = job
+        self.params = job.prepared.request.params
+        self.tokens: list[int] = []
+        self.next_position = job.prepared.next_position  # M-RoPE position of the next token fed
+        self.generator = make_generator(self.params, device)
+        self.seen = job.prepared.ids.tolist() if self.params.repetition_penalty != 1.0 else None
+        self.tracker = tracker
+
+    def push(self, token: int, eos: frozenset[int]) -> bool:
+        """Record the next token, stream its text; True when the sequence is finished."""
+        self.tokens.append(token)
+        if self.seen is not None:
+            self.seen.append(token)
+        reason: FinishReason | None = None
+        if token in eos:
+            reason = "stop"
+        else:
+            delta, stopped = self.tracker.add(token)
+            self._emit(delta)
+            if stopped:
+                reason = "stop"
+            elif len(self.tokens) >= self.params.max_new_tokens:
+                reason = "length"
+        if reason is None:
+            return False
+        text, rest = self.tracker.finish()
+        self._emit(rest)
+        self.job.on_done(Completion(text, self.tokens, self.job.prepared.length, reason))
+        return True
+
+    def _emit(self, delta: str) -> None:
+        if delta and self.job.on_delta is not None:
+            self.job.on_delta(delta)
+
+
+def _by_length(lengths: list[int], slack: int = 64) -> list[list[int]]:
+    """Indices grouped so that left-padding each group to its longest costs at most about as much as
+    its real tokens: a long uncached prompt is not prefilled alongside a batch of short questions."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        group = groups[-1] if groups else None
+        if (
+            group is not None
+            and lengths[i] * (len(group) + 1) <= 2 * (sum(lengths[j] for j in group) + lengths[i]) + slack
+        ):
+            group.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class Runner:
+    """A batch of sequences being decoded together; see the module docstring."""
+
+    def __init__(
+        self,
+        model: HFModel,
+        tokenizer: Any,
+        *,
+        reuse: Reuse,
+        eos: frozenset[int],
+        pad_id: int,
+        skip_special_tokens: bool,
+        lock: threading.RLock,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reuse = reuse
+        self.eos = eos
+        self.pad_id = pad_id
+        self.skip_special_tokens = skip_special_tokens
+        self.lock = lock
+        self.rows: list[_Row] = []
+        self.kv: KVBatch | None = None
+        self.num_layers = model.core.config.text_config.num_hidden_layers
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    # ---- joining -----------------------------------------------------------------------------
+
+    def admit(self, jobs: list[Job]) -> None:
+        """Prefill new requests and add them to the batch (those finished by their first token complete here)."""
+        jobs = [job for job in jobs if not job.is_cancelled()]
+        if not jobs:
+            return
+        with self.lock, torch.inference_mode():
+            features = self._features(jobs)
+            bases = self._bases(jobs, features)
+            suffixes = [
+                job.prepared.length - (b.length if b else 0) for job, b in zip(jobs, bases, strict=True)
+            ]
+            for group in _by_length(suffixes):
+                self._join([jobs[i] for i in group], [features[i] for i in group], [bases[i] for i in group])
+
+    def _join(
+        self, jobs: list[Job], features: list[list[VisualFeatures]], bases: list[PrefixState | None]
+    ) -> None:
+        logits, kv = self._prefill(jobs, features, bases)
+        rows = [_Row(job, self._tracker(job), self.model.device) for job in jobs]
+        tokens = choose_tokens(
+            logits, [r.params for r in rows], [r.seen for r in rows], [r.generator for r in rows]
+        )
+        keep = [
+            i
+            for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
+            if not row.push(token, self.eos)
+        ]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            kv.select(keep)
+        if self.kv is None:
+            self.rows, self.kv = [rows[i] for i in keep], kv
+        else:
+            self.kv.merge(kv)
+            self.rows += [rows[i] for i in keep]
+
+    def _tracker(self, job: Job) -> TextTracker:
+        return TextTracker(
+            self.tokenizer,
+            job.prepared.request.params.stop,
+            skip_special_tokens=self.skip_special_tokens,
+            live=job.on_delta is not None,
+        )
+
+    def _features(self, jobs: list[Job]) -> list[list[VisualFeatures]]:
+        """Visual features of every image of every job, in prompt order."""
+        cache = self.reuse.vision_cache
+        if cache is None:  # the reference behaviour: each request runs its own images
+            return [self._compute_list(job.prepared.images) for job in jobs]
+        slots = {s.key: s for job in jobs for s in job.prepared.images}
+        found = {key: cache.get(key) for key in slots}
+        fresh = self._compute([(key, slots[key]) for key, value in found.items() if value is None])
+        for key, value in fresh.items():
+            cache.put(key, value)
+            found[key] = value  # held here too, in case the cache is too small to keep them all
+        return [[found[s.key] for s in job.prepared.images] for job in jobs]
+
+    def _compute_list(self, slots: list[ImageSlot]) -> list[VisualFeatures]:
+        if not slots:
+            return []
+        return self.model.image_features([s.image for s in slots], slots[0].min_pixels, slots[0].max_pixels)
+
+    def _compute(self, items: list[tuple[bytes, ImageSlot]]) -> dict[bytes, VisualFeatures]:
+        """Features of the given (key, slot) pairs, one vision call per image size cap."""
+        by_size: dict[tuple[int, int], list[tuple[bytes, ImageSlot]]] = {}
+        for key, slot in items:
+            by_size.setdefault((slot.min_pixels, slot.max_pixels), []).append((key, slot))
+        out: dict[bytes, VisualFeatures] = {}
+        for (low, high), group in by_size.items():
+            features = self.model.image_features([slot.image for _, slot in group], low, high)
+            out.update(zip([key for key, _ in group], features, strict=True))
+        return out
+
+    def _bases(self, jobs: list[Job], features: list[list[VisualFeatures]]) -> list[PrefixState | None]:
+        """Each job's longest shareable prefix state, computed once per distinct prefix and cached."""
+        cache = self.reuse.prefix_cache
+        if cache is None:
+            return [None] * len(jobs)
+        bases: list[PrefixState | None] = []
+        computed: dict[bytes, PrefixState] = {}  # held here too, in case the cache is too small to keep them
+        for job, feats in zip(jobs, features, strict=True):
+            cuts = job.prepared.cuts
+            targets = [(n, key) for n, key in cuts if n >= self.reuse.min_prefix_tokens]
+            if not targets:
+                bases.append(None)
+                continue
+            length, key = targets[-1]
+            state = computed.get(key) or cache.get(key)
+            if state is None:
+                start = next((cache.get(k) for n, k in reversed(cuts) if n < length and k in cache), None)
+                state = self._extend(job.prepared, feats, start, length)
+                cache.put(key, state)
+            computed[key] = state
+            bases.append(state)
+        return bases
+
+    def _extend(
+        self, prepared: Prepared, features: list[VisualFeatures], start: PrefixState | None, end: int
+    ) -> PrefixState:
+        """The KV state of ``prepared``'s first ``end`` tokens, continuing from a shorter cached prefix."""
+        begin = start.length if start is not None else 0
+        kv = KVBatch.from_states([start], self.num_layers, self.model.device, room=0)
+        kv.extend_mask(torch.ones((1, end - begin), dtype=torch.long))
+        feats = [f for slot, f in zip(prepared.images, features, strict=True) if begin <= slot.start < end]
+        self.model.forward(
+            prepared.ids[begin:end][None],
+            prepared.positions[:, begin:end][:, None],
+            kv.mask,
+            kv.cache(),
+            feats,
+            logits=False,
+        )
+        return kv.state(0)
+
+    def _prefill(
+        self, jobs: list[Job], features: list[list[VisualFeatures]], bases: list[PrefixState | None]
+    ) -> tuple[torch.Tensor, KVBatch]:
+        """Prefill every job's prompt after its base prefix, in one left-padded batch."""
+        starts = [b.length if b is not None else 0 for b in bases]
+        width = max(job.prepared.length - start for job, start in zip(jobs, starts, strict=True))
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        positions = torch.ones((3, len(jobs), width), dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        feats: list[VisualFeatures] = []
+        for row, (job, start) in enumerate(zip(jobs, starts, strict=True)):
+            p = job.prepared
+            size = p.length - start
+            ids[row, width - size :] = p.ids[start:]
+            positions[:, row, width - size :] = p.positions[:, start:]
+            mask[row, width - size :] = 1
+            feats += [f for slot, f in zip(p.images, features[row], strict=True) if slot.start >= start]
+        kv = KVBatch.from_states(bases, self.num_layers, self.model.device)
+        kv.extend_mask(mask)
+        logits = self.model.forward(ids, positions, kv.mask, kv.cache(), feats)
+        assert logits is not None
+        return logits, kv
+
+    # ---- decoding ----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Decode one token for every row; drop the rows that finished or were cancelled."""
+        if not self.rows or self.kv is None:
+            return
+        with self.lock, torch.inference_mode():
+            batch = len(self.rows)
+            ids = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long)
+            positions = torch.tensor([r.next_position for r in self.rows], dtype=torch.long)
+            positions = positions.view(1, batch, 1).expand(3, batch, 1)
+            self.kv.extend_mask(torch.ones((batch, 1), dtype=torch.long))
+            logits = self.model.forward(ids, positions, self.kv.mask, self.kv.cache(), [])
+            assert logits is not None
+            for row in self.rows:
+                row.next_position += 1
+            tokens = choose_tokens(
+                logits,
+                [r.params for r in self.rows],
+                [r.seen for r in self.rows],
+                [r.generator for r in self.rows],
+            )
+            keep = [
+                i
+                for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
+                if not row.job.is_cancelled() and not row.push(token, self.eos)
+            ]
+            if not keep:
+                self.rows, self.kv = [], None
+            elif len(keep) < batch:
+                self.kv.select(keep)
+                self.rows = [self.rows[i] for i in keep]
+
+    def fail(self, error: BaseException) -> None:
+        """Report ``error`` to every row in the batch and empty it (after a failed forward pass)."""
+        rows, self.rows, self.kv = self.rows, [], None
+        for row in rows:
+            if row.job.on_error is not None:
+                row.job.on_error(error)

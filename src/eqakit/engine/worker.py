@@ -1,0 +1,208 @@
+"""One thread that owns the engine and batches whatever requests are waiting: the API server's backend.
+
+The event loop (or any thread) calls `EngineWorker.submit`, which checks and tokenizes the request
+right away (a bad request raises RequestError in the caller, before it is queued) and returns a
+`Submission`. The worker thread waits a short batching window after the first request so that
+concurrent requests start together, then decodes continuously: new requests join the running
+batch as soon as there is room, finished ones leave at once. Text reaches the caller as deltas,
+through a blocking iterator or an async one (for asyncio servers: nothing blocks the loop).
+
+    worker = EngineWorker(engine).start()
+    submission = worker.submit(Request(messages, engine.params(max_new_tokens=64)))
+    async for delta in submission.astream(): ...       # or: for delta in submission: ...
+    completion = await submission.aresult()           # or: submission.result(timeout=60)
+    worker.close()                                    # finishes in-flight requests, then stops
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import CancelledError, Future
+
+from eqakit.engine.engine import Engine
+from eqakit.engine.params import Completion, Request
+from eqakit.engine.prepare import Prepared
+from eqakit.engine.runner import Job
+
+_END = object()
+
+
+class EngineUnavailable(RuntimeError):
+    """The worker is shutting down or has too many requests waiting (an API answers 503)."""
+
+
+class Submission:
+    """A request in flight: its text deltas as they arrive, then its completion."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.future: Future[Completion] = Future()
+        self._events: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._loop = loop
+        self._wake = asyncio.Event() if loop is not None else None
+        self._cancelled = threading.Event()
+
+    # called on the worker thread
+    def _push(self, item: object) -> None:
+        self._events.put(item)
+        if self._loop is not None and self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _delta(self, text: str) -> None:
+        self._push(text)
+
+    def _done(self, completion: Completion) -> None:
+        if not self.future.done():
+            self.future.set_result(completion)
+        self._push(_END)
+
+    def _error(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+        self._push(_END)
+
+    # called by the client
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the result becomes CancelledError."""
+        self._cancelled.set()
+        self.future.cancel()
+        self._push(_END)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        return self.future.result(timeout)
+
+    async def aresult(self) -> Completion:
+        return await asyncio.wrap_future(self.future)
+
+    def __iter__(self) -> Iterator[str]:
+        """Text deltas, blocking; raises the request's error (or CancelledError) at the end."""
+        while (item := self._events.get()) is not _END:
+            yield item  # type: ignore[misc]
+        self._raise_if_failed()
+
+    async def astream(self) -> AsyncIterator[str]:
+        """Text deltas without blocking the event loop (submit must have been called on that loop)."""
+        if self._wake is None:
+            raise RuntimeError("astream() needs a Submission made by submit() inside a running event loop")
+        while True:
+            try:
+                item = self._events.get_nowait()
+            except queue.Empty:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            if item is _END:
+                break
+            yield item  # type: ignore[misc]
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.future.cancelled():
+            raise CancelledError()
+        error = self.future.exception(timeout=0) if self.future.done() else None
+        if error is not None:
+            raise error
+
+
+class EngineWorker:
+    """Runs an `Engine` on a background thread and batches the requests submitted to it."""
+
+    def __init__(self, engine: Engine, *, batch_window_s: float = 0.01, max_waiting: int = 4096) -> None:
+        self.engine = engine
+        self.batch_window_s = batch_window_s
+        self.max_waiting = max_waiting
+        self._waiting: queue.Queue[tuple[Job, Submission]] = queue.Queue()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eqakit-engine", daemon=True)
+        self.in_flight = 0  # requests submitted and not yet finished (for health checks and shutdown)
+        self.peak_batch = 0  # most sequences decoded together so far (shows that batching happens)
+        self._count_lock = threading.Lock()
+
+    def start(self) -> EngineWorker:
+        self._thread.start()
+        return self
+
+    def submit(self, request: Request | Prepared) -> Submission:
+        """Queue a request; raises RequestError for a bad one and EngineUnavailable while shutting down.
+
+        An asyncio server passes a request it prepared (`Engine.prepare`) off the event loop.
+        """
+        if self._closing.is_set():
+            raise EngineUnavailable("the server is shutting down")
+        if self._waiting.qsize() >= self.max_waiting:
+            raise EngineUnavailable(f"too many requests waiting ({self.max_waiting}); try again later")
+        prepared = request if isinstance(request, Prepared) else self.engine.prepare(request)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        submission = Submission(loop)
+        job = Job(
+            prepared,
+            on_done=submission._done,
+            on_delta=submission._delta,
+            on_error=submission._error,
+            cancelled=lambda: submission.cancelled,
+        )
+        with self._count_lock:
+            self.in_flight += 1
+        submission.future.add_done_callback(self._finished)
+        self._waiting.put((job, submission))
+        return submission
+
+    def _finished(self, _: Future[Completion]) -> None:
+        with self._count_lock:
+            self.in_flight -= 1
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Refuse new requests, let the ones in flight finish (up to ``timeout``); True if all finished."""
+        self._closing.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _take(self, limit: int, block: bool) -> list[Job]:
+        """Up to ``limit`` waiting jobs; when ``block``, wait for one, then a batching window for more."""
+        jobs: list[Job] = []
+        deadline = None
+        while len(jobs) < limit:
+            try:
+                if block and not jobs:
+                    job, _ = self._waiting.get(timeout=0.1)
+                    deadline = time.monotonic() + self.batch_window_s
+                elif deadline is not None and (left := deadline - time.monotonic()) > 0:
+                    job, _ = self._waiting.get(timeout=left)
+                else:
+                    job, _ = self._waiting.get_nowait()
+            except queue.Empty:
+                if block and not jobs and not self._closing.is_set():
+                    continue
+                break
+            if not job.is_cancelled():
+                jobs.append(job)
+        return jobs
+
+    def _run(self) -> None:
+        runner = self.engine.runner()
+        while True:
+            idle = runner.active == 0
+            if idle and self._closing.is_set() and self._waiting.empty():
+                return
+            jobs = self._take(self.engine.max_batch_size - runner.active, block=idle)
+            try:
+                runner.admit(jobs)
+                self.peak_batch = max(self.peak_batch, runner.active)
+                runner.step()
+            except Exception as error:  # a failed forward pass (e.g. out of memory) fails its batch only
+                for job in jobs:
+                    if job.on_error is not None:
+                        job.on_error(error)
+                runner.fail(error)

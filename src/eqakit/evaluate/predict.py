@@ -1,0 +1,297 @@
+"""`eqakit train eval_args.yaml` with ``do_predict: true``: answer every question of eval_dataset and score it.
+
+What LLaMA-Factory's predict stage writes, computed the same way, plus what it lacks:
+- output_dir/generated_predictions.jsonl: one row per sample (``prompt``, ``predict``, ``label``; also
+  ``question_id``, ``category``, ``extra_answers``, ``images`` when the dataset has them, and the
+  sample's ``index`` in eval_dataset), appended and flushed as answers complete, then rewritten in
+  dataset order at the end;
+- predict_results.json and all_results.json: LLaMA-Factory's BLEU-4 / ROUGE keys and speed keys, plus
+  exact match, token F1 and every metric per OpenEQA category; report.md with the tables.
+
+Resumable: a rerun with the same output_dir keeps the rows already written (matched by question_id,
+or by index, and by prompt) and generates only the rest; ``overwrite_output_dir: true`` starts over.
+Questions that share frames are generated next to each other, so the engine runs each frame through
+the vision tower once and prefills each episode's frames once. A sample too long for cutoff_len has
+its images scaled down to fit; one that cannot fit even then is left out and counted. Sampling
+(``do_sample: true`` with temperature > 0, LLaMA-Factory's default) draws from a per-sample seed
+derived from ``seed``, so a resumed run samples as an uninterrupted one would.
+
+Raises DataError before any generation for: eval_dataset missing from dataset_info.json, a sample
+whose ``<image>`` placeholders and images disagree, a missing or unreadable image file.
+
+    eqakit train configs/eval_args.yaml
+    eqakit train configs/eval_args.yaml adapter_name_or_path=saves/run2 output_dir=saves/eval2
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm import tqdm
+
+from eqakit.config.load import Config
+from eqakit.data.dataset import Sample, load_samples
+from eqakit.data.template import count_images, render_prompt, strip_thinking
+from eqakit.engine import Engine, PromptTooLong, Request, RequestError, SamplingParams
+from eqakit.errors import DataError, EqakitError
+from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
+from eqakit.evaluate.report import write_report, write_text_atomic
+
+PREDICTIONS = "generated_predictions.jsonl"
+META_FIELDS = ("question_id", "category", "extra_answers")
+IMAGE_LRU = 64  # decoded frames kept while their episode's questions are being answered
+
+
+def run_predict(cfg: Config, engine: Engine | None = None) -> dict[str, Any]:
+    """Predict, write the files above to ``cfg.training.output_dir``, return the results dict.
+
+    ``engine`` lets a caller reuse a loaded model (tests, notebooks); by default the config's
+    model is loaded with ``per_device_eval_batch_size`` as the batch size.
+    """
+    training = cfg.training
+    if training is None or not cfg.data.eval_dataset:
+        raise EqakitError("predict needs a train config with do_predict: true and eval_dataset set")
+    out = Path(training.output_dir)
+    samples = load_samples(
+        cfg.data.eval_dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples
+    )
+    if not samples:
+        raise DataError(f"eval_dataset {cfg.data.eval_dataset!r} has no samples")
+    sizes = _check_samples(samples)
+    prompts = [_prompt(cfg, s) for s in samples]
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PREDICTIONS
+    if cfg.model.overwrite_output_dir:
+        path.unlink(missing_ok=True)
+    done = _resume(path, samples, prompts)
+    resumed = len(done)
+
+    engine = engine or Engine.from_config(cfg, max_batch_size=training.per_device_eval_batch_size)
+    base = SamplingParams.from_generating(cfg.generating)
+    todo, too_long, scaled = [], [], 0
+    for index, sample in enumerate(samples):
+        if index in done:
+            continue
+        try:
+            scaled += engine.plan(sample.prompt_messages, sizes[index], sample.system).scaled_down
+        except PromptTooLong as exc:
+            too_long.append(f"{sample.source}: {exc}")
+            continue
+        except RequestError as exc:
+            raise DataError(f"{sample.source}: {exc}") from None
+        todo.append(index)
+    for problem in too_long[:5]:
+        print(f"eqakit predict: left out (too long for cutoff_len {cfg.data.cutoff_len}): {problem}")
+    # questions about the same frames next to each other: they share the vision tower and the prefix
+    todo.sort(key=lambda i: (tuple(map(str, samples[i].images)), i))
+
+    media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
+    started = time.perf_counter()
+    images = _ImageCache()
+    requests = (
+        Request(
+            samples[i].prompt_messages,
+            _params(base, training.seed, i),
+            images.load(samples[i]),
+            samples[i].system,
+        )
+        for i in todo
+    )
+    with (
+        path.open("a", encoding="utf-8") as sink,
+        tqdm(total=len(todo), desc="predict", unit="sample") as bar,
+    ):
+        for position, completion in engine.generate_iter(requests):
+            index = todo[position]
+            predict = strip_thinking(completion.text) if cfg.data.template == "qwen3_vl" else completion.text
+            done[index] = _row(index, samples[index], prompts[index], predict, media)
+            sink.write(json.dumps(done[index], ensure_ascii=False) + "\n")
+            sink.flush()
+            bar.update(1)
+    runtime = time.perf_counter() - started
+
+    rows = [done[i] for i in sorted(done)]
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    steps = -(-len(todo) // training.per_device_eval_batch_size)
+    scores = score_predictions(rows)
+    results = _results(scores, runtime, len(todo), steps, len(too_long), scaled, resumed)
+    _write_results(out, results)
+    write_report(
+        out / "report.md",
+        scores,
+        title=f"Predictions on {cfg.data.eval_dataset}",
+        extra={
+            "model": cfg.model.model_name_or_path,
+            "adapters": cfg.model.adapter_name_or_path or "-",
+            "decoding": _describe(base),
+            "samples scored": len(rows),
+            "left out (too long)": len(too_long),
+            "generated this run": f"{len(todo)} in {runtime:.1f} s",
+        },
+    )
+    print(
+        f"eqakit predict: {len(rows)} predictions in {path}; BLEU-4 {results['predict_bleu-4']:.2f}, "
+        f"ROUGE-L {results['predict_rouge-l']:.2f}, exact match {results['predict_exact_match']:.2f}; "
+        f"scores in {out / 'predict_results.json'} and {out / 'report.md'}"
+    )
+    return results
+
+
+def _check_samples(samples: list[Sample]) -> list[list[tuple[int, int]]]:
+    """Every sample's image sizes (headers only); all placeholder/image mismatches and bad files at once."""
+    problems: list[str] = []
+    sizes: list[list[tuple[int, int]]] = []
+    known: dict[Path, tuple[int, int]] = {}
+    for sample in samples:
+        wanted = count_images(sample.prompt_messages)
+        if wanted != len(sample.images):
+            problems.append(
+                f"{sample.source}: the prompt has {wanted} <image> placeholder(s) but the row lists "
+                f"{len(sample.images)} image(s); make them agree"
+            )
+        row_sizes = []
+        for path in sample.images:
+            if path not in known:
+                try:
+                    with Image.open(path) as image:
+                        known[path] = image.size
+                except (OSError, ValueError) as exc:
+                    problems.append(f"{sample.source}: image {path} cannot be read ({exc})")
+                    known[path] = (0, 0)
+            row_sizes.append(known[path])
+        sizes.append(row_sizes)
+    if problems:
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise DataError("eval_dataset has bad samples:\n  " + "\n  ".join(problems[:10]) + more)
+    return sizes
+
+
+def _prompt(cfg: Config, sample: Sample) -> str:
+    """The prompt as rendered for the model (one <|image_pad|> per image), for the predictions file."""
+    system = sample.system if sample.system is not None else cfg.data.default_system
+    return render_prompt(
+        sample.prompt_messages,
+        cfg.data.template or "qwen3_vl_nothink",
+        enable_thinking=cfg.data.enable_thinking,
+        system=system,
+    )
+
+
+def _describe(params: SamplingParams) -> str:
+    if params.greedy:
+        return "greedy"
+    return f"sampling (temperature {params.temperature}, top_p {params.top_p}, top_k {params.top_k})"
+
+
+def _params(base: SamplingParams, seed: int, index: int) -> SamplingParams:
+    """Decoding settings of one sample: a seed of its own, so resumed runs draw the same samples."""
+    return base if base.greedy else base.replace(seed=seed * 1_000_003 + index)
+
+
+def _row(index: int, sample: Sample, prompt: str, predict: str, media: Path) -> dict[str, Any]:
+    """A predictions-file row; image paths as the dataset gives them (relative to its media directory)."""
+    row: dict[str, Any] = {"prompt": prompt, "predict": predict, "label": sample.answer}
+    row.update({key: sample.meta[key] for key in META_FIELDS if key in sample.meta})
+    if sample.images:
+        row["images"] = [
+            p.relative_to(media).as_posix() if p.is_relative_to(media) else str(p) for p in sample.images
+        ]
+    row["index"] = index
+    return row
+
+
+def _resume(path: Path, samples: list[Sample], prompts: list[str]) -> dict[int, dict[str, Any]]:
+    """Rows of an earlier run that still match their sample (by question_id or index, and prompt).
+
+    The file is rewritten with just those rows, so a line cut short by a kill is not appended to.
+    """
+    if not path.is_file():
+        return {}
+    by_qid = {s.meta["question_id"]: i for i, s in enumerate(samples) if "question_id" in s.meta}
+    done: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run
+        if not isinstance(row, dict) or not isinstance(row.get("predict"), str):
+            continue
+        index = by_qid.get(row.get("question_id"), row.get("index"))
+        if isinstance(index, int) and 0 <= index < len(samples) and row.get("prompt") == prompts[index]:
+            done[index] = row
+    write_text_atomic(path, "".join(json.dumps(done[i], ensure_ascii=False) + "\n" for i in sorted(done)))
+    if done:
+        print(f"eqakit predict: resuming: {len(done)} of {len(samples)} samples already predicted in {path}")
+    return done
+
+
+class _ImageCache:
+    """Decoded frames by path, least recently used dropped: an episode's frames are read once."""
+
+    def __init__(self) -> None:
+        self._images: OrderedDict[Path, Image.Image] = OrderedDict()
+
+    def load(self, sample: Sample) -> list[Image.Image]:
+        return [self._get(path, sample) for path in sample.images]
+
+    def _get(self, path: Path, sample: Sample) -> Image.Image:
+        image = self._images.get(path)
+        if image is None:
+            try:
+                with Image.open(path) as opened:
+                    image = opened.convert("RGB")
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{sample.source}: image {path} cannot be decoded ({exc})") from None
+            self._images[path] = image
+            if len(self._images) > IMAGE_LRU:
+                self._images.popitem(last=False)
+        self._images.move_to_end(path)
+        return image
+
+
+def _results(
+    scores: dict[str, Any],
+    runtime: float,
+    generated: int,
+    steps: int,
+    too_long: int,
+    scaled: int,
+    resumed: int,
+) -> dict[str, Any]:
+    """LLaMA-Factory's predict_* keys (speed over this run's generation), then eqakit's own."""
+    results: dict[str, Any] = {key: round(scores[key], 4) for key in METRIC_KEYS}
+    results.update(
+        {
+            "predict_runtime": round(runtime, 4),
+            "predict_samples_per_second": round(generated / runtime, 3) if runtime > 0 else 0.0,
+            "predict_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
+            "predict_samples": scores["num_samples"],
+            "predict_generated": generated,
+            "predict_resumed": resumed,
+            "predict_too_long": too_long,
+            "predict_scaled_down": scaled,
+            "predict_per_category": scores["per_category"],
+        }
+    )
+    return results
+
+
+def _write_results(out: Path, results: dict[str, Any]) -> None:
+    """predict_results.json, and all_results.json updated with them (as transformers' Trainer does)."""
+    text = json.dumps(results, indent=4, ensure_ascii=False, sort_keys=True) + "\n"
+    write_text_atomic(out / "predict_results.json", text)
+    merged: dict[str, Any] = {}
+    all_path = out / "all_results.json"
+    if all_path.is_file():
+        try:
+            merged = json.loads(all_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            merged = {}
+    merged.update(results)
+    write_text_atomic(all_path, json.dumps(merged, indent=4, ensure_ascii=False, sort_keys=True) + "\n")

@@ -1,0 +1,133 @@
+"""`eqakit chat`: talk to a Qwen3-VL model in the terminal, images included.
+
+    eqakit chat configs/infer_openeqa.yaml
+    eqakit chat configs/infer_openeqa.yaml temperature=0 max_new_tokens=256
+
+Type a message and press Enter; the answer is printed as it is generated. Commands:
+
+    /image PATH   attach an image to your next message (repeat for several images)
+    /clear        start a new conversation (drops attached images too)
+    /exit         quit (Ctrl-D too; Ctrl-C stops an answer in progress)
+
+The model sees every earlier turn, images included, rendered by the same template as in training;
+the config's default_system is the system prompt and its generating keys the decoding settings.
+A bad path, a file that is not an image or a prompt too long prints a message; the chat goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from PIL import Image
+
+from eqakit.config import load_config
+from eqakit.data.template import strip_thinking
+from eqakit.engine import Engine, Request
+from eqakit.errors import EqakitError
+from eqakit.serve.webui_model import open_image
+
+COMMANDS = """Commands:
+  /image PATH   attach an image to your next message (repeat for several)
+  /clear        start a new conversation
+  /exit         quit"""
+
+
+class ChatSession:
+    """One terminal conversation: the turns so far and the images waiting for the next message."""
+
+    def __init__(self, engine: Engine, out: TextIO) -> None:
+        self.engine = engine
+        self.out = out
+        self.messages: list[dict[str, Any]] = []
+        self.attached: list[Image.Image] = []
+
+    def say(self, text: str = "", end: str = "\n") -> None:
+        print(text, end=end, file=self.out, flush=True)
+
+    def handle(self, line: str) -> bool:
+        """Act on one input line; False means the user asked to leave."""
+        text = line.strip()
+        if not text:
+            return True
+        command, _, argument = text.partition(" ")
+        if command == "/exit":
+            return False
+        if command == "/clear":
+            self.messages, self.attached = [], []
+            self.say("Conversation cleared.")
+        elif command == "/image":
+            self.attach(argument.strip())
+        elif command == "/help":
+            self.say(COMMANDS)
+        elif re.fullmatch(r"/[a-z]+", command):
+            self.say(f"Unknown command {command}. {COMMANDS}")
+        else:
+            self.ask(text)
+        return True
+
+    def attach(self, argument: str) -> None:
+        path = argument.strip("'\"")  # terminals quote dragged-in paths
+        if not path:
+            self.say("Usage: /image PATH")
+            return
+        try:
+            self.attached.append(open_image(Path(path).expanduser()))
+        except EqakitError as exc:
+            self.say(f"Error: {exc}. The image was not attached.")
+            return
+        count = len(self.attached)
+        self.say(
+            f"Attached {Path(path).name} ({count} image{'s' if count > 1 else ''} for your next message)."
+        )
+
+    def ask(self, text: str) -> None:
+        """Stream the answer to ``text`` (with the attached images); a failed turn leaves no trace."""
+        parts: list[dict[str, Any]] = [{"type": "image", "image": image} for image in self.attached]
+        user = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+        self.attached = []
+        try:
+            stream = self.engine.stream(Request([*self.messages, user], self.engine.params()))
+        except EqakitError as exc:
+            self.say(f"Error: {exc}. The message was not sent.")
+            return
+        self.say("Assistant: ", end="")
+        reply = ""
+        try:
+            for delta in stream:
+                reply += delta
+                self.say(delta, end="")
+        except KeyboardInterrupt:
+            self.say(" [stopped]")
+        else:
+            self.say()
+        self.messages += [user, {"role": "assistant", "content": strip_thinking(reply)}]
+
+
+def run(session: ChatSession) -> None:
+    """Read commands and messages from stdin (with line editing on a terminal) until /exit or EOF."""
+    session.say(f"Chatting with {session.engine.format.template}. {COMMANDS}")
+    while True:
+        try:
+            line = input("\nUser: ")
+        except (EOFError, KeyboardInterrupt):
+            session.say()
+            return
+        if not session.handle(line):
+            return
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="eqakit chat", description="Chat with a Qwen3-VL model in the terminal (streaming, images)."
+    )
+    parser.add_argument("config", help="YAML config naming the model (LLaMA-Factory keys)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings that override the config")
+    args = parser.parse_args(argv)
+    cfg = load_config("infer", args.config, args.overrides)
+    print(f"eqakit chat: loading {cfg.model.model_name_or_path} ...", file=sys.stderr, flush=True)
+    run(ChatSession(Engine.from_config(cfg), sys.stdout))
+    return 0

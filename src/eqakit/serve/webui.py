@@ -1,0 +1,248 @@
+"""`eqakit webui`: chat with a Qwen3-VL model in the browser, and watch it answer OpenEQA questions.
+
+    eqakit webui                                  # enter a model path on the page, press Load
+    eqakit webui configs/infer_openeqa.yaml       # the config's model is loaded at start
+    eqakit webui configs/infer_openeqa.yaml --port 7861 max_new_tokens=256
+
+Step 3.5 of the tutorial, on eqakit's engine: a model path (base or merged) and an optional adapter
+path with Load and Unload buttons and a status line; a system prompt; several images per turn
+(upload, drag and drop, paste) with text; sliders for max new tokens, temperature and top-p; an
+enable-thinking switch (qwen3_vl template); answers stream token by token; Clear starts over. Every
+turn's images stay in the conversation the model sees. The OpenEQA tab shows a prepared dataset's
+question: its frames, the reference answer and the model's answer side by side.
+
+The page binds to 127.0.0.1 unless --host says otherwise: whoever reaches it runs the model. Problems
+(no model loaded, a bad path, a file that is not an image, a model that fails to load, a prompt too
+long) are shown on the page as one clear line; the app keeps working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from eqakit.config import Config, load_config, parse_overrides
+from eqakit.config.args import TEMPLATES
+from eqakit.data.template import strip_thinking
+from eqakit.errors import EqakitError
+from eqakit.serve.webui_model import ModelSlot, UIError, error_line, open_image, stats_line, throttled
+from eqakit.serve.webui_openeqa import build_openeqa_tab
+
+Turn = dict[str, Any]  # {"role": "user", "text": str, "images": [path]} or {"role": "assistant", "text": str}
+THINK_TAGS = [("<think>", "</think>")]
+
+
+def chat_messages(history: list[Turn]) -> list[dict[str, Any]]:
+    """The conversation as engine messages: every user turn with its images, answers without reasoning."""
+    messages = []
+    for turn in history:
+        if turn["role"] == "user":
+            parts: list[dict[str, Any]] = [{"type": "image", "image": open_image(p)} for p in turn["images"]]
+            if turn["text"]:
+                parts.append({"type": "text", "text": turn["text"]})
+            messages.append({"role": "user", "content": parts})
+        else:
+            messages.append({"role": "assistant", "content": strip_thinking(turn["text"])})
+    return messages
+
+
+def chatbot_view(history: list[Turn]) -> list[dict[str, Any]]:
+    """What gr.Chatbot shows: images as files, text as markdown, <think> blocks folded by the Chatbot."""
+    view: list[dict[str, Any]] = []
+    for turn in history:
+        if turn["role"] == "user":
+            view += [
+                {"role": "user", "content": {"path": p, "alt_text": Path(p).name}} for p in turn["images"]
+            ]
+            if turn["text"]:
+                view.append({"role": "user", "content": turn["text"]})
+        else:
+            view.append({"role": "assistant", "content": turn["text"]})
+    return view
+
+
+def respond(
+    slot: ModelSlot,
+    message: dict[str, Any] | None,
+    history: list[Turn],
+    system: str,
+    max_new_tokens: float,
+    temperature: float,
+    top_p: float,
+    thinking: bool,
+) -> Iterator[tuple[Any, ...]]:
+    """Stream one answer; yields (chatbot, history, textbox, notice).
+
+    A message that cannot be sent (no model, a non-image file, a prompt too long) stays in the
+    textbox (minus any file that is not an image) and the conversation is unchanged.
+    """
+    message = message or {}
+    text = (message.get("text") or "").strip()
+    files = list(message.get("files") or [])
+    keep = (chatbot_view(history), history)
+    if not text and not files:
+        yield *keep, gr.skip(), error_line("type a question or attach an image first")
+        return
+    good, problems = [], []
+    for path in files:
+        try:
+            good.append((path, open_image(path)))
+        except UIError as exc:
+            problems.append(exc)
+    if problems:
+        yield *keep, {"text": text, "files": [p for p, _ in good]}, error_line(problems)
+        return
+    user: Turn = {"role": "user", "text": text, "images": [p for p, _ in good]}
+    try:
+        stream = slot.stream(
+            chat_messages([*history, user]),
+            system=system,
+            enable_thinking=thinking,
+            max_new_tokens=int(max_new_tokens),
+            temperature=float(temperature),
+            top_p=float(top_p),
+        )
+    except UIError as exc:
+        yield *keep, gr.skip(), error_line(exc)
+        return
+    reply: Turn = {"role": "assistant", "text": ""}
+    turns = [*history, user, reply]
+    yield chatbot_view(turns), turns, None, "Generating…"
+    start = time.perf_counter()
+    try:
+        for delta in throttled(stream):
+            reply["text"] += delta
+            yield chatbot_view(turns), turns, gr.skip(), "Generating…"
+    except UIError as exc:  # the message goes back into the textbox: nothing typed is lost
+        yield *keep, {"text": text, "files": files}, error_line(exc)
+        return
+    yield chatbot_view(turns), turns, gr.skip(), stats_line(stream.completion, time.perf_counter() - start)
+
+
+def load_model(slot: ModelSlot, model_path: str, adapter_path: str, template: str) -> Iterator[str]:
+    """Status lines for the Load button: "Loading..." at once (a real model takes a while), then the result."""
+    yield f"Loading `{model_path.strip()}`…"
+    try:
+        yield slot.load(model_path, adapter_path, template)
+    except UIError as exc:
+        yield f"{error_line(exc)}\n\n{slot.status()}"
+
+
+def unload_model(slot: ModelSlot) -> str:
+    """The status line after the Unload button."""
+    try:
+        return slot.unload()
+    except UIError as exc:
+        return f"{error_line(exc)}\n\n{slot.status()}"
+
+
+def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
+    """The web UI's page around ``slot``; ``cfg`` (the command line's config) fills in the fields' defaults."""
+    model_path = adapter_path = system_default = ""
+    template, thinking, dataset_dir = "qwen3_vl_nothink", False, ""
+    gen_defaults = {"max_new_tokens": 1024, "temperature": 0.95, "top_p": 0.7}
+    if cfg is not None:
+        model_path = cfg.model.model_name_or_path or ""
+        adapter_path = cfg.model.adapter_name_or_path or ""
+        template = cfg.data.template or template
+        thinking = template == "qwen3_vl" and cfg.data.enable_thinking
+        system_default = cfg.data.default_system or ""
+        dataset_dir = cfg.data.dataset_dir
+        gen_defaults = {k: getattr(cfg.generating, k) for k in gen_defaults}
+
+    with gr.Blocks(title="eqakit", analytics_enabled=False) as app:
+        gr.Markdown("## eqakit: chat with Qwen3-VL")
+        with gr.Row(equal_height=True):
+            model_box = gr.Textbox(
+                model_path, label="Model path (base or merged)", scale=4, elem_id="model-path"
+            )
+            adapter_box = gr.Textbox(
+                adapter_path, label="Adapter path (optional LoRA)", scale=3, elem_id="adapter-path"
+            )
+            template_box = gr.Dropdown(
+                list(TEMPLATES), value=template, label="Template", scale=2, elem_id="template"
+            )
+            load_btn = gr.Button("Load", variant="primary", scale=1, elem_id="load-btn")
+            unload_btn = gr.Button("Unload", scale=1, elem_id="unload-btn")
+        status = gr.Markdown(slot.status(), elem_id="model-status")
+        with gr.Accordion("Generation", open=True), gr.Row():
+            max_tokens = gr.Slider(1, 4096, gen_defaults["max_new_tokens"], step=1, label="Max new tokens")
+            temperature = gr.Slider(
+                0.0, 1.5, gen_defaults["temperature"], step=0.01, label="Temperature (0: greedy)"
+            )
+            top_p = gr.Slider(0.01, 1.0, gen_defaults["top_p"], step=0.01, label="Top-p")
+            think = gr.Checkbox(
+                thinking, label="Enable thinking", info="qwen3_vl template only", elem_id="thinking"
+            )
+        settings = [max_tokens, temperature, top_p, think]
+
+        with gr.Tab("Chat"):
+            system = gr.Textbox(
+                system_default, label="System prompt", lines=2, placeholder="(none)", elem_id="system-prompt"
+            )
+            history = gr.State([])
+            chatbot = gr.Chatbot(
+                label="Conversation",
+                height=460,
+                reasoning_tags=THINK_TAGS,
+                elem_id="chatbot",
+                buttons=["copy"],
+            )
+            textbox = gr.MultimodalTextbox(
+                placeholder="Ask about the images; attach them with the clip, by drag and drop, or paste",
+                file_count="multiple",
+                sources=["upload"],
+                max_plain_text_length=1_000_000,  # long pasted text stays text instead of becoming a .txt file
+                show_label=False,
+                elem_id="chat-input",
+            )
+            notice = gr.Markdown(elem_id="chat-notice")
+            clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
+
+        build_openeqa_tab(slot, settings, dataset_dir)
+
+        load_btn.click(partial(load_model, slot), [model_box, adapter_box, template_box], status)
+        unload_btn.click(lambda: unload_model(slot), None, status)
+        app.load(slot.status, None, status)  # a page opened later shows the model loaded now
+        sent = textbox.submit(
+            partial(respond, slot),
+            [textbox, history, system, *settings],
+            [chatbot, history, textbox, notice],
+            concurrency_limit=8,  # several tabs at once: the engine worker batches their answers
+        )
+        reset = (lambda: ([], [], ""), None, [chatbot, history, notice])
+        clear_btn.click(*reset, cancels=[sent])
+        chatbot.clear(*reset, cancels=[sent])
+    return app
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="eqakit webui", description="Chat with a Qwen3-VL model in the browser (Gradio)."
+    )
+    parser.add_argument("config", nargs="?", help="YAML config whose model is loaded at start (optional)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings that override the config")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    args = parser.parse_intermixed_args(argv)
+
+    slot = ModelSlot(args.config, parse_overrides(args.overrides))
+    cfg = None
+    if args.config is not None:
+        cfg = load_config("infer", args.config, args.overrides)
+        print(f"eqakit webui: loading {cfg.model.model_name_or_path} ...", flush=True)
+        print(f"eqakit webui: {slot.load_from(cfg)}", flush=True)
+    app = create_app(slot, cfg)
+    try:
+        app.queue().launch(server_name=args.host, server_port=args.port, show_error=False, ssr_mode=False)
+    except OSError as exc:
+        raise EqakitError(f"cannot serve on {args.host}:{args.port} ({exc}); choose another --port") from None
+    return 0

@@ -1,0 +1,249 @@
+"""The web UI's model: load it, unload it, stream answers from it, and say plainly what went wrong.
+
+The page holds one model at a time: an `Engine` behind an `EngineWorker`, so answers for several
+browser tabs are decoded together as one batch. Anything a user can get wrong (no model loaded, a
+bad path, a file that is not an image, a model that fails to load, a prompt that does not fit)
+becomes a `UIError` whose message the page shows; an unexpected failure is logged with its
+traceback on the server console and shown on the page as one line, and the app keeps working.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections.abc import Generator, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from eqakit.config import Config, load_config
+from eqakit.config.args import ApiArguments
+from eqakit.engine import (
+    Completion,
+    Engine,
+    EngineUnavailable,
+    EngineWorker,
+    Request,
+    RequestError,
+    TextStream,
+)
+from eqakit.errors import EqakitError
+from eqakit.serve.images import decode_image
+
+log = logging.getLogger("eqakit.webui")
+MAX_IMAGE_PIXELS = ApiArguments().api_max_image_pixels  # the API's guard against decompression bombs
+
+
+class UIError(EqakitError):
+    """A problem to show the user as one line (never a traceback)."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A local image file decoded to RGB (the API's decoder: five formats, bomb-safe), or a UIError."""
+    name = Path(path).name
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise UIError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
+    try:
+        return decode_image(data, MAX_IMAGE_PIXELS, where=name)
+    except RequestError as exc:
+        raise UIError(str(exc)) from None
+
+
+@dataclass
+class Loaded:
+    """The model in use, and how it was asked for."""
+
+    engine: Engine
+    worker: EngineWorker
+    model_path: str
+    adapter_path: str
+    template: str
+    seconds: float
+
+    def describe(self) -> str:
+        adapter = f" + adapter `{self.adapter_path}`" if self.adapter_path else ""
+        return (
+            f"Model loaded: `{self.model_path}`{adapter} (template {self.template}, "
+            f"{self.seconds:.1f} s to load)"
+        )
+
+
+class ModelSlot:
+    """Holds at most one loaded model; Load replaces it, Unload frees it.
+
+    ``config_path`` and ``overrides`` are the command line's CONFIG.yaml and key=value settings; the
+    page's model path, adapter path and template are applied on top of them at each Load.
+    """
+
+    def __init__(
+        self, config_path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> None:
+        self.config_path = config_path
+        self.overrides = dict(overrides or {})
+        self.loaded: Loaded | None = None
+        self.loading: str | None = None  # the model being loaded, for messages meanwhile
+        self._lock = threading.Lock()
+
+    def settings(self, model_path: str, adapter_path: str = "", template: str | None = None) -> Config:
+        """The config a Load with these page fields would use (raises ConfigError)."""
+        extra = {**self.overrides, "model_name_or_path": model_path.strip() or None}
+        extra["adapter_name_or_path"] = adapter_path.strip() or None
+        if template:
+            extra["template"] = template
+        return load_config("infer", self.config_path, None, extra)
+
+    def load_from(self, cfg: Config) -> str:
+        """Load the model a config names, replacing the current one; returns the status line.
+
+        Raises UIError with the reason: a config or path problem, or anything a broken checkpoint
+        raises (its traceback goes to the server log, not to the page).
+        """
+        name = cfg.model.model_name_or_path or ""
+        if not self._lock.acquire(blocking=False):
+            raise UIError("a model is being loaded or unloaded; wait for it to finish")
+        try:
+            self._unload()
+            self.loading = name
+            start = time.perf_counter()
+            engine = Engine.from_config(cfg)
+            adapter = cfg.model.adapter_name_or_path or ""
+            worker = EngineWorker(engine).start()
+            self.loaded = Loaded(
+                engine, worker, name, adapter, engine.format.template, time.perf_counter() - start
+            )
+            return self.loaded.describe()
+        except EqakitError as exc:
+            raise UIError(f"could not load the model: {exc}") from None
+        except Exception as exc:  # a broken checkpoint fails in many ways; the app must survive them all
+            log.exception("loading %s failed", name)
+            raise UIError(f"could not load the model {name!r}: {type(exc).__name__}: {exc}") from None
+        finally:
+            self.loading = None
+            self._lock.release()
+
+    def load(self, model_path: str, adapter_path: str = "", template: str | None = None) -> str:
+        """Load from the page's fields; returns the status line, raises UIError with the reason."""
+        if not model_path.strip():
+            raise UIError("enter a model path (a local model directory or a hub id), then press Load")
+        try:
+            cfg = self.settings(model_path, adapter_path, template)
+        except EqakitError as exc:
+            raise UIError(f"could not load the model: {exc}") from None
+        return self.load_from(cfg)
+
+    def unload(self) -> str:
+        """Free the model (answers in progress finish first, for up to 30 s)."""
+        if not self._lock.acquire(blocking=False):
+            raise UIError("a model is being loaded or unloaded; wait for it to finish")
+        try:
+            was = self.loaded
+            self._unload()
+            return f"Unloaded `{was.model_path}`; no model loaded" if was else "No model loaded"
+        finally:
+            self._lock.release()
+
+    def _unload(self) -> None:
+        loaded, self.loaded = self.loaded, None
+        if loaded is None:
+            return
+        loaded.worker.close(timeout=30.0)
+        del loaded
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def status(self) -> str:
+        if self.loaded:
+            return self.loaded.describe()
+        return f"Loading `{self.loading}`…" if self.loading else "No model loaded"
+
+    def stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        images: list[Image.Image] | None = None,
+        system: str | None = None,
+        enable_thinking: bool | None = None,
+        **params: Any,
+    ) -> TextStream:
+        """Text deltas of the model's reply (``completion`` set at the end); raises UIError.
+
+        ``params`` override the config's sampling defaults (max_new_tokens, temperature, top_p).
+        """
+        loaded = self.loaded
+        if loaded is None and self.loading:
+            raise UIError(
+                f"the model {self.loading} is still loading; try again when the status line says so"
+            )
+        if loaded is None:
+            raise UIError("no model loaded: enter a model path and press Load")
+        try:
+            request = Request(
+                messages,
+                loaded.engine.params(**params),
+                images=list(images or []),
+                system=system or None,
+                enable_thinking=enable_thinking,
+            )
+            submission = loaded.worker.submit(request)
+        except EngineUnavailable:
+            raise UIError("the model is being unloaded; load a model and try again") from None
+        except EqakitError as exc:
+            raise UIError(str(exc)) from None
+        return TextStream(self._deltas(submission))
+
+    @staticmethod
+    def _deltas(submission: Any) -> Generator[str, None, Completion]:
+        try:
+            yield from submission
+            return submission.result()
+        except Exception as exc:  # a failed forward pass (e.g. out of memory) fails this answer only
+            log.exception("generation failed")
+            raise UIError(f"generation failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            if not submission.future.done():  # the page stopped listening: stop decoding for it
+                submission.cancel()
+
+
+def error_line(problems: Any) -> str:
+    """Markdown for one or more problems (never a traceback)."""
+    items = [str(p) for p in problems] if isinstance(problems, list) else [str(problems)]
+    return (
+        "**Error:** " + items[0] if len(items) == 1 else "**Errors:**\n" + "\n".join(f"- {p}" for p in items)
+    )
+
+
+def stats_line(completion: Completion | None, seconds: float) -> str:
+    """Token counts and speed of one answer (what a user compares between settings)."""
+    if completion is None:
+        return ""
+    rate = completion.completion_tokens / seconds if seconds > 0 else 0.0
+    line = (
+        f"{completion.prompt_tokens} prompt tokens · {completion.completion_tokens} new tokens · "
+        f"{seconds:.1f} s ({rate:.1f} tokens/s)"
+    )
+    return line + (" · stopped at max new tokens" if completion.finish_reason == "length" else "")
+
+
+def throttled(deltas: Iterable[str], interval: float = 0.05) -> Iterator[str]:
+    """Deltas merged so the page updates at most every ``interval`` seconds.
+
+    Each page update costs Gradio a few milliseconds (the whole conversation is re-serialised and
+    diffed); yielding every token of a fast model made the page 10x slower than the model.
+    """
+    pending, last = "", 0.0
+    for delta in deltas:
+        pending += delta
+        if time.monotonic() - last >= interval:
+            yield pending
+            pending, last = "", time.monotonic()
+    if pending:
+        yield pending

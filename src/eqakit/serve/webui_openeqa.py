@@ -1,0 +1,168 @@
+"""The web UI's OpenEQA tab: one question of a prepared dataset, its frames, and both answers side by side.
+
+Pick a directory written by `eqakit prepare openeqa` (any LLaMA-Factory dataset directory with
+images works), a split registered in its dataset_info.json and a question; the tab shows the frames,
+the question, the reference answer (and the extra answers OpenEQA gives some questions) and, after
+"Ask the model", the loaded model's answer streamed next to it. The model is asked exactly what
+`eqakit train` (do_predict) asks it: the row's instruction with its frames, through the same template.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from eqakit.data.dataset import Sample, load_samples, read_dataset_info
+from eqakit.data.template import IMAGE_PLACEHOLDER, strip_thinking
+from eqakit.errors import EqakitError
+from eqakit.serve.webui_model import ModelSlot, UIError, error_line, open_image, stats_line, throttled
+
+PREFERRED_SPLIT = "open_eqa_test"
+
+
+def question_text(sample: Sample) -> str:
+    """The question as a person reads it: the last user message without its <image> placeholders."""
+    content = sample.prompt_messages[-1]["content"] if sample.prompt_messages else ""
+    return content.replace(IMAGE_PLACEHOLDER, "").strip() if isinstance(content, str) else ""
+
+
+def question_choices(samples: list[Sample]) -> list[tuple[str, str]]:
+    """Dropdown entries "question_id · category · question" -> row index."""
+    choices = []
+    for i, sample in enumerate(samples):
+        qid = sample.meta.get("question_id", f"row {i + 1}")
+        category = sample.meta.get("category")
+        label = " · ".join(str(x) for x in (qid, category, question_text(sample)[:90]) if x)
+        choices.append((label, str(i)))
+    return choices
+
+
+def open_split(dataset_dir: str, split: str | None) -> tuple[list[Sample], list[str], str]:
+    """(samples, split names, chosen split) of a dataset directory; raises UIError with the reason."""
+    root = Path(dataset_dir.strip()).expanduser()
+    if not dataset_dir.strip():
+        raise UIError("enter the directory `eqakit prepare openeqa` wrote (it holds dataset_info.json)")
+    try:
+        names = list(read_dataset_info(root))
+        if not names:
+            raise UIError(f"{root / 'dataset_info.json'} registers no dataset")
+        chosen = split if split in names else (PREFERRED_SPLIT if PREFERRED_SPLIT in names else names[0])
+        samples = load_samples(chosen, root)
+    except EqakitError as exc:
+        raise UIError(str(exc)) from None
+    if not samples:
+        raise UIError(f"dataset {chosen!r} in {root} has no rows")
+    return samples, names, chosen
+
+
+def frames_of(sample: Sample) -> list[Any]:
+    """The question's frames, decoded (UIError naming a missing or unreadable frame)."""
+    return [open_image(path) for path in sample.images]
+
+
+def build_openeqa_tab(slot: ModelSlot, settings: list[gr.components.Component], dataset_dir: str) -> None:
+    """Add the OpenEQA tab to the Blocks being built; ``settings`` are max_new_tokens, temperature,
+    top_p and the thinking switch of the generation panel."""
+    with gr.Tab("OpenEQA"):
+        samples = gr.State([])
+        with gr.Row(equal_height=True):
+            dir_box = gr.Textbox(dataset_dir, label="Prepared dataset directory", scale=5, elem_id="eqa-dir")
+            open_btn = gr.Button("Open", scale=1, elem_id="eqa-open")
+        with gr.Row():
+            split_box = gr.Dropdown([], label="Split", scale=1, elem_id="eqa-split")
+            question_box = gr.Dropdown([], label="Question", scale=4, elem_id="eqa-question")
+        notice = gr.Markdown(elem_id="eqa-notice")
+        with gr.Row():
+            gallery = gr.Gallery(label="Frames", columns=4, height=420, scale=3, elem_id="eqa-frames")
+            with gr.Column(scale=2):
+                question_md = gr.Markdown(elem_id="eqa-question-text")
+                with gr.Row():
+                    reference = gr.Textbox(
+                        label="Reference answer", lines=3, interactive=False, elem_id="eqa-reference"
+                    )
+                    answer = gr.Textbox(
+                        label="Model answer", lines=3, interactive=False, elem_id="eqa-answer"
+                    )
+                ask_btn = gr.Button("Ask the model", variant="primary", elem_id="eqa-ask")
+
+        views = [gallery, question_md, reference, answer]
+
+        def on_question(rows: list[Sample], index: str | None) -> tuple[Any, ...]:
+            """(frames, question, reference, answer, notice) of one row."""
+            if index is None or not rows:
+                return [], "", "", "", ""
+            sample = rows[int(index)]
+            meta = sample.meta
+            header = " · ".join(
+                str(meta[k]) for k in ("question_id", "category", "episode_history") if meta.get(k)
+            )
+            reference_text = sample.answer
+            if meta.get("extra_answers"):
+                reference_text += "\n\nAlso accepted: " + "; ".join(map(str, meta["extra_answers"]))
+            try:
+                frames = [(im, Path(p).name) for im, p in zip(frames_of(sample), sample.images, strict=True)]
+                problem = ""
+            except UIError as exc:
+                frames, problem = [], error_line(exc)
+            return frames, f"**{header}**\n\n{question_text(sample)}", reference_text, "", problem
+
+        def on_open(directory: str, split: str | None) -> tuple[Any, ...]:
+            """(rows, split, question, *views, notice): the split's first question is shown at once."""
+            try:
+                rows, names, chosen = open_split(directory, split)
+            except UIError as exc:
+                return [], gr.update(), gr.update(choices=[], value=None), [], "", "", "", error_line(exc)
+            choices = question_choices(rows)
+            *shown, problem = on_question(rows, choices[0][1])
+            note = problem or f"{len(rows)} questions in {chosen}"
+            return (
+                rows,
+                gr.update(choices=names, value=chosen),
+                gr.update(choices=choices, value="0"),
+                *shown,
+                note,
+            )
+
+        def on_ask(
+            rows: list[Sample],
+            index: str | None,
+            max_new_tokens: float,
+            temperature: float,
+            top_p: float,
+            thinking: bool,
+        ) -> Iterator[tuple[str, str]]:
+            """Stream the model's answer to the shown question; yields (answer, notice)."""
+            if index is None or not rows:
+                yield "", error_line("open a dataset and pick a question first")
+                return
+            sample = rows[int(index)]
+            try:
+                stream = slot.stream(
+                    sample.prompt_messages,
+                    images=frames_of(sample),
+                    system=sample.system,
+                    enable_thinking=thinking,
+                    max_new_tokens=int(max_new_tokens),
+                    temperature=float(temperature),
+                    top_p=float(top_p),
+                )
+                text, start = "", time.perf_counter()
+                yield "", "Generating…"
+                for delta in throttled(stream):
+                    text += delta
+                    yield text, "Generating…"
+            except UIError as exc:
+                yield "", error_line(exc)
+                return
+            yield strip_thinking(text), stats_line(stream.completion, time.perf_counter() - start)
+
+        opened = [samples, split_box, question_box, *views, notice]
+        open_btn.click(on_open, [dir_box, split_box], opened)
+        dir_box.submit(on_open, [dir_box, split_box], opened)
+        split_box.input(on_open, [dir_box, split_box], opened)
+        question_box.input(on_question, [samples, question_box], [*views, notice])
+        ask_btn.click(on_ask, [samples, question_box, *settings], [answer, notice], concurrency_limit=8)

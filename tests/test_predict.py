@@ -1,0 +1,212 @@
+"""`eqakit train eval_args.yaml` (do_predict): files, keys, resume, bad input, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from eqakit.config import load_config
+from eqakit.errors import DataError
+from eqakit.evaluate.predict import run_predict
+
+QUESTIONS = (
+    ("What color is the sofa?", "Red.", "attribute recognition"),
+    ("Where is the lamp?", "On the table.", "object localization"),
+    ("Is the door open?", "Yes.", "object state recognition"),
+    ("What is on the bed?", "A pillow.", "object recognition"),
+)
+LF_KEYS = (
+    "predict_bleu-4",
+    "predict_rouge-1",
+    "predict_rouge-2",
+    "predict_rouge-l",
+    "predict_runtime",
+    "predict_samples_per_second",
+    "predict_steps_per_second",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its weights scaled so that answers depend on question and frames."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.ndim >= 2 and "embed_tokens" not in name:
+                weight.mul_(6)
+    out = tmp_path_factory.mktemp("lively") / "model"
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def write_dataset(root: Path, episodes: int = 3) -> Path:
+    """A prepared OpenEQA-style dataset: 4 JPEG frames per episode, shared by its 3-4 questions."""
+    rows = []
+    for episode in range(episodes):
+        rng = np.random.default_rng(episode)
+        images = []
+        for k in range(4):
+            path = root / "open_eqa_frames" / f"ep{episode}" / f"{k:03d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (128, 160, 3), dtype=np.uint8)).save(path, quality=85)
+            images.append(path.relative_to(root).as_posix())
+        for q, (question, answer, category) in enumerate(QUESTIONS[: 3 + episode % 2]):
+            rows.append(
+                {
+                    "instruction": "<image>" * 4 + question,
+                    "input": "",
+                    "output": answer,
+                    "images": images,
+                    "question_id": f"ep{episode}-q{q}",
+                    "category": category,
+                    "episode_history": f"hm3d-v0/ep{episode}",
+                }
+            )
+    rows.insert(2, rows.pop())  # episodes interleaved in the file, as a shuffled split would be
+    (root / "open_eqa_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    columns = {"prompt": "instruction", "query": "input", "response": "output", "images": "images"}
+    info = {"open_eqa_test": {"file_name": "open_eqa_test.jsonl", "columns": columns}}
+    (root / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "data")
+
+
+def config(model_dir: Path, dataset: Path, output: Path, **extra):
+    keys = {
+        "model_name_or_path": str(model_dir),
+        "template": "qwen3_vl_nothink",
+        "do_predict": True,
+        "predict_with_generate": True,
+        "eval_dataset": "open_eqa_test",
+        "dataset_dir": str(dataset),
+        "output_dir": str(output),
+        "per_device_eval_batch_size": 2,
+        "max_new_tokens": 8,
+        "do_sample": False,
+        "report_to": "none",
+        **extra,
+    }
+    return load_config("train", extra=keys)
+
+
+def rows(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "generated_predictions.jsonl").read_text().splitlines()]
+
+
+def test_predict_writes_llama_factory_files(lively_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    results = run_predict(config(lively_dir, dataset, out))
+
+    written = rows(out)
+    source = [json.loads(line) for line in (dataset / "open_eqa_test.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in written] == [s["question_id"] for s in source]  # dataset order
+    for row, sample in zip(written, source, strict=True):
+        assert row["label"] == sample["output"] and row["category"] == sample["category"]
+        assert row["prompt"].startswith("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>")
+        assert row["prompt"].endswith(
+            sample["instruction"].replace("<image>", "") + "<|im_end|>\n<|im_start|>assistant\n"
+        )
+        assert row["images"] == sample["images"]
+        assert isinstance(row["predict"], str)
+    assert len({r["predict"] for r in written}) > 1  # answers depend on the question and frames
+
+    on_disk = json.loads((out / "predict_results.json").read_text())
+    assert on_disk == json.loads(json.dumps(results))
+    for key in (*LF_KEYS, "predict_exact_match", "predict_token_f1"):
+        assert isinstance(on_disk[key], float), key
+    assert on_disk["predict_samples"] == on_disk["predict_generated"] == len(source)
+    assert set(on_disk["predict_per_category"]) == {c for _, _, c in QUESTIONS}
+    assert set(LF_KEYS) <= set(json.loads((out / "all_results.json").read_text()))
+    report = (out / "report.md").read_text()
+    assert "BLEU-4" in report and "object localization" in report
+
+
+def test_an_interrupted_run_resumes_and_ends_identical(
+    lively_dir: Path, dataset: Path, tmp_path: Path
+) -> None:
+    whole = tmp_path / "whole"
+    run_predict(config(lively_dir, dataset, whole))
+    expected = (whole / "generated_predictions.jsonl").read_text()
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    lines = expected.splitlines(keepends=True)
+    # two rows finished, a third cut short by the kill; rows land in completion order, not file order
+    (cut / "generated_predictions.jsonl").write_text(lines[5] + lines[1] + lines[2][:40])
+    results = run_predict(config(lively_dir, dataset, cut))
+
+    assert results["predict_resumed"] == 2
+    assert results["predict_generated"] == len(lines) - 2
+    assert (cut / "generated_predictions.jsonl").read_text() == expected
+    assert (
+        results["predict_bleu-4"]
+        == json.loads((whole / "predict_results.json").read_text())["predict_bleu-4"]
+    )
+
+
+def test_sampling_is_reproducible_run_to_run(lively_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    """LLaMA-Factory's default decoding samples (do_sample true); each sample's seed comes from `seed`."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    run_predict(config(lively_dir, dataset, first, do_sample=True, temperature=0.9, top_p=0.9, seed=3))
+    run_predict(config(lively_dir, dataset, second, do_sample=True, temperature=0.9, top_p=0.9, seed=3))
+    assert rows(first) == rows(second)
+
+
+def test_too_long_samples_are_scaled_or_left_out_and_counted(
+    lively_dir: Path, dataset: Path, tmp_path: Path
+) -> None:
+    lines = (dataset / "open_eqa_test.jsonl").read_text().splitlines()
+    wordy = json.loads(lines[0])
+    wordy["instruction"] = "<image>" * 4 + "Where is the lamp? " * 40
+    wordy["question_id"] = "wordy"
+    (dataset / "open_eqa_test.jsonl").write_text("\n".join([*lines, json.dumps(wordy)]) + "\n")
+
+    out = tmp_path / "eval"
+    results = run_predict(config(lively_dir, dataset, out, cutoff_len=60))
+    assert results["predict_too_long"] == 1
+    assert results["predict_scaled_down"] == len(lines)  # 4 x 20 image tokens do not fit in 60
+    assert [r["question_id"] for r in rows(out)] == [json.loads(line)["question_id"] for line in lines]
+
+
+def test_bad_rows_are_reported_before_any_work(lively_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    lines = (dataset / "open_eqa_test.jsonl").read_text().splitlines()
+    broken = json.loads(lines[1])
+    broken["images"] = broken["images"][:3]
+    (dataset / "open_eqa_test.jsonl").write_text("\n".join([lines[0], json.dumps(broken), *lines[2:]]) + "\n")
+    missing = dataset / "open_eqa_frames" / "ep2" / "001.jpg"
+    missing.unlink()
+
+    out = tmp_path / "eval"
+    with pytest.raises(DataError) as info:
+        run_predict(config(lively_dir, dataset, out))
+    message = str(info.value)
+    assert "open_eqa_test.jsonl:2" in message and "4 <image> placeholder(s)" in message
+    assert str(missing) in message
+    assert not (out / "generated_predictions.jsonl").exists()
+
+    with pytest.raises(DataError, match="open_eqa_tset"):
+        run_predict(config(lively_dir, dataset, out, eval_dataset="open_eqa_tset"))
+
+    shutil.copy(dataset / "open_eqa_frames" / "ep2" / "000.jpg", missing)
+    (dataset / "open_eqa_test.jsonl").write_text("\n".join(lines) + "\n")
+    assert run_predict(config(lively_dir, dataset, out))["predict_samples"] == len(lines)

@@ -1,0 +1,381 @@
+"""`eqakit webui` end to end: a real server process, a real headless Chromium, the tiny model.
+
+Each answer on the page is checked against the engine run in this process on the same conversation
+(greedy decoding, so the tokens must match): the answer text, and the prompt token count the page
+reports, which changes if an image of an earlier turn, the system prompt or the history were lost.
+Screenshots go to the test's tmp dir (``.../webui*/shots``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from conftest import write_toy_dataset
+from eqakit.config import load_config
+from eqakit.data.dataset import load_samples
+from eqakit.engine import Completion, Engine, Request
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SYSTEM = "You are a careful robot. Answer in one word."
+TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="/usr/bin/chromium is absent (apt-get install chromium)"
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with the embedding rows of whitespace tokens zeroed (they are tied to the output).
+
+    The random tiny model echoes the last prompt token, a newline, so its answers are all newlines:
+    a browser shows nothing. Without whitespace tokens it answers with visible noise ("stairs...").
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    tokenizer = processor.tokenizer
+    blank = [i for i in range(model.lm_head.weight.shape[0]) if not tokenizer.decode([i]).strip()]
+    with torch.no_grad():
+        model.lm_head.weight[blank] = 0
+    out = tmp_path_factory.mktemp("chatty") / "model"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ball(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (96, 72)) -> Path:
+    image = Image.new("RGB", size, (200, 200, 200))
+    ImageDraw.Draw(image).ellipse([20, 12, 68, 60], fill=color)
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(chatty_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A running `eqakit webui CONFIG --port P` (its model loaded at start), and its inputs."""
+    root = tmp_path_factory.mktemp("webui")
+    dataset = write_toy_dataset(root / "data", episodes=2, questions=2, frames=2)
+    config = root / "infer.yaml"
+    config.write_text(
+        f"model_name_or_path: {chatty_model_dir}\ntemplate: qwen3_vl_nothink\n"
+        f"max_new_tokens: 40\ntemperature: 0\ndataset_dir: {dataset}\n"
+    )
+    port = free_port()
+    log = root / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "eqakit", "webui", str(config), "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"},
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                assert process.poll() is None, f"eqakit webui exited:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"eqakit webui did not start:\n{log.read_text()}"
+                time.sleep(0.3)
+        shots = root / "shots"
+        shots.mkdir()
+        files = root / "files"
+        files.mkdir()
+        (files / "notes.txt").write_text("not an image")
+        yield {
+            "url": url,
+            "config": config,
+            "dataset": dataset,
+            "model": chatty_model_dir,
+            "log": log,
+            "shots": shots,
+            "red": ball(files / "red.png", (220, 30, 30)),
+            "blue": ball(files / "blue.png", (30, 30, 220), (72, 96)),
+            "notes": files / "notes.txt",
+        }
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def reference(site: dict) -> Iterator[Engine]:
+    """The engine in this process, on the server's config: what the page must show."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # leave the other core to the server
+    yield Engine.from_config(load_config("infer", site["config"]))
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def page(site: dict) -> Iterator:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(site["url"])
+        page.wait_for_selector("#chat-input textarea")
+        yield page
+        browser.close()
+
+
+# ---- page helpers ----------------------------------------------------------------------------
+
+WATCH = """sel => {
+  window.__seen = window.__seen || {};
+  const log = window.__seen[sel] = [];
+  const el = document.querySelector(sel);
+  const read = () => {
+    if (sel !== '#chatbot') return {bubbles: 0, text: el.innerText};
+    const bots = el.querySelectorAll('[data-testid="bot"]');
+    return {bubbles: bots.length, text: bots.length ? bots[bots.length - 1].innerText : ''};
+  };
+  new MutationObserver(() => log.push(read())).observe(el, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def watch(page, selector: str) -> None:
+    """Record every text the element shows from now on (answers stream faster than polling sees);
+    for the chatbot, the last answer's text and how many answers there are."""
+    page.evaluate(WATCH, selector)
+
+
+def seen(page, selector: str) -> list[dict]:
+    return page.evaluate("sel => window.__seen[sel]", selector)
+
+
+def wait_seen(page, selector: str, needle: str, after: str | None = None) -> str:
+    """Wait until the watched element shows ``needle`` (after it showed ``after``, if given: the text of
+    the previous answer stays until the new one starts); return that text."""
+    page.wait_for_function(
+        """([sel, needle, after]) => {
+          const texts = (window.__seen[sel] || []).map(t => t.text);
+          const start = after === null ? 0 : texts.findIndex(t => t.includes(after));
+          return start >= 0 && texts.slice(start).some(t => t.includes(needle));
+        }""",
+        arg=[selector, needle, after],
+    )
+    texts = [t["text"] for t in seen(page, selector)]
+    start = 0 if after is None else next(i for i, t in enumerate(texts) if after in t)
+    return next(t for t in texts[start:] if needle in t)
+
+
+def send(page, text: str, files: list[Path] = (), expect: str = "tokens/s") -> str:
+    """Attach ``files``, type ``text``, press Enter; return the chat notice once it shows ``expect``."""
+    if files:
+        page.locator("#chat-input input[type=file]").set_input_files([str(f) for f in files])
+        page.wait_for_function(
+            "n => document.querySelectorAll('#chat-input [aria-label=\"File thumbnail\"]').length === n",
+            arg=len(files),
+        )
+    page.locator("#chat-input textarea").fill(text)
+    watch(page, "#chat-notice")
+    watch(page, "#chatbot")
+    page.locator("#chat-input textarea").press("Enter")
+    return wait_seen(page, "#chat-notice", expect, after="Generating" if expect == "tokens/s" else None)
+
+
+def normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+def prompt_tokens(notice: str) -> int:
+    match = re.search(r"(\d+) prompt tokens", notice)
+    assert match, notice
+    return int(match.group(1))
+
+
+def expect_answer(page, notice: str, expected: Completion) -> None:
+    """The page's last answer and prompt size are the engine's, and the answer arrived in pieces."""
+    assert prompt_tokens(notice) == expected.prompt_tokens
+    bubbles = page.locator('#chatbot [data-testid="bot"]')
+    final = normal(expected.text)
+    assert normal(bubbles.last.inner_text()) == final != ""
+    shown = {len(normal(t["text"])) for t in seen(page, "#chatbot") if t["bubbles"] == bubbles.count()}
+    assert any(0 < n < len(final) for n in shown), f"the answer did not stream: lengths shown {sorted(shown)}"
+
+
+def user(text: str, *images: Path) -> dict:
+    parts = [{"type": "image", "image": Image.open(p).convert("RGB")} for p in images]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def body_text(page) -> str:
+    return page.locator("body").inner_text()
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+
+def test_chat_streams_images_system_prompt_history_and_clear(site: dict, page, reference: Engine) -> None:
+    assert "Model loaded" in page.locator("#model-status").inner_text()
+    assert (
+        f"Running on local URL:  http://127.0.0.1:{site['url'].rsplit(':', 1)[1].strip('/')}"
+        in site["log"].read_text()
+    )
+
+    first = user("What is in these pictures?", site["red"], site["blue"])
+    notice = send(page, "What is in these pictures?", [site["red"], site["blue"]])
+    expected = reference.chat([first])
+    expect_answer(page, notice, expected)
+    assert page.locator('#chatbot [data-testid="user"] img').count() == 2
+    page.screenshot(path=site["shots"] / "chat-two-images.png", full_page=True)
+
+    # A new system prompt applies to the whole conversation, whose first turn keeps its two images.
+    page.locator("#system-prompt textarea").fill(SYSTEM)
+    notice = send(page, "Which one is red?")
+    history = [first, {"role": "assistant", "content": expected.text}, user("Which one is red?")]
+    expected = reference.chat(history, system=SYSTEM)
+    expect_answer(page, notice, expected)
+    page.screenshot(path=site["shots"] / "chat-system-prompt.png", full_page=True)
+
+    page.locator("#clear-btn").click()
+    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')")
+    notice = send(page, "Hello")
+    expect_answer(page, notice, reference.chat([user("Hello")], system=SYSTEM))
+    assert page.locator('#chatbot [data-testid="user"]').count() == 1
+    page.screenshot(path=site["shots"] / "chat-cleared.png", full_page=True)
+    page.locator("#system-prompt textarea").fill("")
+    page.locator("#clear-btn").click()
+    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')")
+
+
+def test_errors_show_a_message_and_the_app_keeps_working(site: dict, page, reference: Engine) -> None:
+    shots = site["shots"]
+    bubbles = page.locator('#chatbot [data-testid="bot"]')
+
+    # A file that is not an image: a message, the conversation untouched, the text and the good image kept.
+    notice = send(page, "Describe it.", [site["notes"], site["red"]], expect="Error")
+    assert "notes.txt" in notice and "not a png, jpeg, webp, gif or bmp image" in notice
+    assert bubbles.count() == 0
+    assert page.locator("#chat-input textarea").input_value() == "Describe it."
+    page.wait_for_function(
+        "() => document.querySelectorAll('#chat-input [aria-label=\"File thumbnail\"]').length === 1"
+    )
+    page.screenshot(path=shots / "error-not-an-image.png", full_page=True)
+    notice = send(page, "Describe it.")  # the kept image goes with it
+    expect_answer(page, notice, reference.chat([user("Describe it.", site["red"])]))
+
+    # No model loaded: the message stays in the textbox.
+    page.locator("#unload-btn").click()
+    page.wait_for_function(
+        "() => document.querySelector('#model-status').innerText.includes('no model loaded')"
+    )
+    notice = send(page, "Still there?", expect="Error")
+    assert "no model loaded" in notice
+    assert page.locator("#chat-input textarea").input_value() == "Still there?"
+
+    # A path that does not exist, and a model whose weights are damaged.
+    broken = site["shots"].parent / "broken-model"
+    shutil.copytree(site["model"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    for path, reason in (("/nonexistent/model", "does not exist"), (str(broken), "deserializing header")):
+        page.locator("#model-path textarea, #model-path input").first.fill(path)
+        watch(page, "#model-status")
+        page.locator("#load-btn").click()
+        status = wait_seen(page, "#model-status", "Error", after="Loading")
+        assert reason in status and "No model loaded" in status, status
+    page.screenshot(path=shots / "error-bad-model.png", full_page=True)
+
+    # Load the good model again: the chat answers, with the history from before the errors.
+    page.locator("#model-path textarea, #model-path input").first.fill(str(site["model"]))
+    watch(page, "#model-status")
+    page.locator("#load-btn").click()
+    wait_seen(page, "#model-status", "Model loaded", after="Loading")
+    notice = send(page, "Still there?")
+    first = user("Describe it.", site["red"])
+    answer = reference.chat([first]).text
+    expect_answer(
+        page, notice, reference.chat([first, {"role": "assistant", "content": answer}, user("Still there?")])
+    )
+    assert "Traceback" not in body_text(page)
+    page.screenshot(path=shots / "error-recovered.png", full_page=True)
+
+
+def test_openeqa_mode_shows_frames_reference_and_model_answer(site: dict, page, reference: Engine) -> None:
+    page.get_by_role("tab", name="OpenEQA").click()
+    assert page.locator("#eqa-dir textarea, #eqa-dir input").first.input_value() == str(site["dataset"])
+
+    # A directory without dataset_info.json: a message.
+    page.locator("#eqa-dir textarea, #eqa-dir input").first.fill(str(site["dataset"] / "open_eqa_frames"))
+    watch(page, "#eqa-notice")
+    page.locator("#eqa-open").click()
+    assert "dataset_info.json" in wait_seen(page, "#eqa-notice", "Error")
+
+    page.locator("#eqa-dir textarea, #eqa-dir input").first.fill(str(site["dataset"]))
+    watch(page, "#eqa-notice")
+    page.locator("#eqa-open").click()
+    wait_seen(page, "#eqa-notice", "4 questions in toy")
+    page.locator("#eqa-question input").click()
+    page.get_by_role("option").filter(has_text="q1-0").click()
+    page.wait_for_function("() => document.querySelector('#eqa-question-text').innerText.includes('q1-0')")
+    page.wait_for_function("() => document.querySelectorAll('#eqa-frames img').length === 2")
+    assert page.locator("#eqa-reference textarea").input_value() == "Green"
+    assert "What color is the ball?" in page.locator("#eqa-question-text").inner_text()
+
+    watch(page, "#eqa-notice")
+    page.locator("#eqa-ask").click()
+    notice = wait_seen(page, "#eqa-notice", "tokens/s", after="Generating")
+    sample = next(s for s in load_samples("toy", site["dataset"]) if s.meta["question_id"] == "q1-0")
+    frames = [Image.open(p).convert("RGB") for p in sample.images]
+    expected = reference.generate([Request(sample.prompt_messages, reference.params(), images=frames)])[0]
+    assert prompt_tokens(notice) == expected.prompt_tokens
+    assert normal(page.locator("#eqa-answer textarea").input_value()) == normal(expected.text) != ""
+    page.screenshot(path=site["shots"] / "openeqa.png", full_page=True)
+
+
+def test_thinking_switch_with_the_qwen3_vl_template(site: dict, page) -> None:
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#template input").click()
+    page.get_by_role("option", name="qwen3_vl", exact=True).click()
+    watch(page, "#model-status")
+    page.locator("#load-btn").click()
+    assert "template qwen3_vl," in wait_seen(page, "#model-status", "Model loaded", after="Loading")
+    page.locator("#clear-btn").click()
+    page.locator("#thinking input").check()
+
+    thinking = Engine.from_config(load_config("infer", site["config"], ["template=qwen3_vl"]))
+    question = [user("Think first: which color?", site["blue"])]
+    on, off = thinking.generate(
+        [Request(question, thinking.params(), enable_thinking=t) for t in (True, False)]
+    )
+    assert on.prompt_tokens != off.prompt_tokens  # thinking off puts an empty <think> block in the prompt
+    expect_answer(page, send(page, "Think first: which color?", [site["blue"]]), on)
+    page.screenshot(path=site["shots"] / "thinking.png", full_page=True)
