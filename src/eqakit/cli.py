@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
         "LoRA fine-tuning (do_train) or prediction (do_predict) from a YAML config",
     ),
     "export": ("eqakit.export", "merge LoRA adapters into the base model and write it"),
+    "api": ("eqakit.serve.api", "OpenAI-compatible API server"),
     "webui": ("eqakit.serve.webui", "web chat UI"),
     "chat": ("eqakit.serve.chat", "terminal chat"),
     "judge": ("eqakit.evaluate.llm_match", "OpenEQA LLM-Match scoring with an OpenAI-compatible judge"),

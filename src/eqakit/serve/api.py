@@ -1,0 +1,466 @@
+"""`eqakit api`: an OpenAI-compatible chat server over eqakit's engine (step 3.6 of the tutorial).
+
+Features:
+- GET /v1/models, POST /v1/chat/completions (OpenAI's schema: string or list content with text and
+  image_url parts, temperature, top_p, max_tokens / max_completion_tokens, n, stop, seed, stream
+  with OpenAI's Server-Sent Events and ``stream_options.include_usage``), GET /health;
+- the ``model`` field accepts any name; responses carry the served model's id;
+- concurrent requests are decoded together by one `EngineWorker` (a short batching window, shared
+  visual-feature cache and prompt-prefix reuse); the event loop never waits on model work: images
+  are decoded and prompts tokenized on worker threads, generation runs on the engine's thread;
+- a client that disconnects cancels its generation;
+- every bad request gets a 4xx in OpenAI's error shape; the server keeps serving;
+- API_KEY: ``Authorization: Bearer`` compared in constant time, 401 otherwise;
+- SIGTERM (or Ctrl-C): new requests get 503, in-flight ones finish (up to api_drain_timeout), exit 0.
+
+Environment (read here, at the command line only): API_HOST (default 127.0.0.1), API_PORT (8000),
+API_KEY (unset: no authentication), API_MODEL_NAME (default: the model directory's name).
+
+    API_PORT=8000 eqakit api configs/infer_openeqa.yaml
+    curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \\
+        -d '{"model": "any", "messages": [{"role": "user", "content": "Hello"}]}'
+
+Raises ConfigError (exit 2) for a bad config or environment variable, EqakitError when the model
+cannot be loaded or the port cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from eqakit.config import Config, load_config
+from eqakit.config.args import ApiArguments
+from eqakit.engine import (
+    Completion,
+    Engine,
+    EngineUnavailable,
+    EngineWorker,
+    PromptTooLong,
+    RequestError,
+    Submission,
+)
+from eqakit.engine import Request as EngineRequest
+from eqakit.errors import ConfigError
+from eqakit.serve.images import ImagePolicy, MiB, RecentImages, load_image
+from eqakit.serve.protocol import (
+    ApiError,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ImagePart,
+    ModelCard,
+    ModelList,
+    Usage,
+    completion_id,
+    now,
+    parse_chat_request,
+)
+from eqakit.serve.server import ApiServer, Drain, DrainGate, bind
+
+if TYPE_CHECKING:
+    from eqakit.engine.prepare import Prepared
+
+log = logging.getLogger("eqakit.api")
+MAX_STOP = 16
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class Service:
+    """What the routes share: the engine and its worker, the limits, and live counters."""
+
+    engine: Engine
+    worker: EngineWorker
+    policy: ImagePolicy
+    limits: ApiArguments
+    model_name: str
+    api_key: str | None
+    created: int
+    drain: Drain  # SIGTERM: new requests get 503, in-flight ones finish
+    cancelled: int = 0  # generations stopped because their client went away
+    recent: RecentImages = field(default_factory=RecentImages)  # an episode's frames, decoded once
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str = "eqakit",
+    api_key: str | None = None,
+    settings: ApiArguments | None = None,
+) -> FastAPI:
+    """The FastAPI app serving ``engine``; its worker thread starts and stops with the app's lifespan."""
+    limits = settings or ApiArguments()
+    worker = EngineWorker(engine, batch_window_s=limits.api_batch_window_ms / 1000)
+    drain = Drain(limits.api_drain_timeout)
+    service = Service(
+        engine, worker, ImagePolicy.from_args(limits), limits, model_name, api_key or None, now(), drain
+    )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        await asyncio.to_thread(worker.close, limits.api_drain_timeout)
+
+    app = FastAPI(title="eqakit", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.service = service
+    app.add_middleware(DrainGate, drain=drain)
+    _add_error_handlers(app)
+
+    def authorize(request: Request) -> None:
+        if service.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), service.api_key.encode()
+        ):
+            raise ApiError(
+                401,
+                "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": service.model_name,
+            "in_flight": worker.in_flight,
+            "peak_batch": worker.peak_batch,
+            "cancelled": service.cancelled,
+        }
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models() -> dict[str, Any]:
+        return ModelList(data=[ModelCard(id=service.model_name, created=service.created)]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != service.model_name:
+            raise ApiError(
+                404,
+                f"model {model_id!r} is not served here; this server serves {service.model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return ModelCard(id=service.model_name, created=service.created).model_dump()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request) -> Response:
+        body = await _read_body(request, int(limits.api_max_body_mb * MiB))
+        chat = await asyncio.to_thread(parse_chat_request, body)
+        prepared = await _prepare(service, chat)
+        submissions = _submit(worker, prepared)
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        if chat.stream:
+            return StreamingResponse(
+                _events(service, submissions, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        completions = await _results_unless_gone(request, service, submissions)
+        if completions is None:
+            return Response(status_code=499)  # the client has gone; nobody reads this
+        return JSONResponse(_completion(service, completions).model_dump())
+
+    return app
+
+
+# ---- request handling ------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = ApiError(
+        413, f"the request body is larger than {limit} bytes (api_max_body_mb)", code="request_too_large"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _bounded(value: int | None, name: str, high: int, setting: str) -> int | None:
+    if value is not None and not 1 <= value <= high:
+        raise ApiError(400, f"{name} must be between 1 and {high} ({setting}), got {value}", param=name)
+    return value
+
+
+async def _prepare(service: Service, chat: ChatCompletionRequest) -> list[Prepared]:
+    """One prepared engine request per choice (n), images decoded and prompt tokenized off the event loop."""
+    limits = service.limits
+    max_tokens = _bounded(chat.max_tokens, "max_tokens", limits.api_max_new_tokens, "api_max_new_tokens")
+    max_tokens = (
+        _bounded(
+            chat.max_completion_tokens,
+            "max_completion_tokens",
+            limits.api_max_new_tokens,
+            "api_max_new_tokens",
+        )
+        or max_tokens
+    )
+    n = _bounded(chat.n, "n", limits.api_max_n, "api_max_n") or 1
+    stop = [chat.stop] if isinstance(chat.stop, str) else chat.stop
+    if stop is not None and len(stop) > MAX_STOP:
+        raise ApiError(400, f"stop may hold at most {MAX_STOP} strings, got {len(stop)}", param="stop")
+    images = sum(
+        isinstance(p, ImagePart) for m in chat.messages if isinstance(m.content, list) for p in m.content
+    )
+    if images > limits.api_max_images:
+        raise ApiError(
+            400,
+            f"the request has {images} images, more than the limit of {limits.api_max_images} (api_max_images)",
+            param="messages",
+        )
+    params = service.engine.params(
+        max_new_tokens=max_tokens,
+        temperature=chat.temperature,
+        top_p=chat.top_p,
+        top_k=chat.top_k,
+        repetition_penalty=chat.repetition_penalty,
+        stop=stop,
+        seed=chat.seed,
+    )
+    messages = await asyncio.to_thread(_engine_messages, chat, service.policy, service.recent)
+    first = await asyncio.to_thread(service.engine.prepare, EngineRequest(messages, params))
+    if chat.seed is None:
+        return [first] * n  # each unseeded sampling row draws its own random seed
+    return [
+        dataclasses.replace(
+            first, request=dataclasses.replace(first.request, params=params.replace(seed=seed))
+        )
+        for seed in ((chat.seed + i) % 2**63 for i in range(n))
+    ]
+
+
+def _engine_messages(
+    chat: ChatCompletionRequest, policy: ImagePolicy, recent: RecentImages | None = None
+) -> list[dict[str, Any]]:
+    """OpenAI messages as the engine's: developer -> system, image_url parts -> decoded images."""
+
+    def text(value: str, where: str) -> dict[str, Any]:
+        if IMAGE_PLACEHOLDER in value:
+            raise RequestError(
+                f"{where}: text must not contain {IMAGE_PLACEHOLDER!r}; send images as image_url parts",
+                param=where,
+            )
+        return {"type": "text", "text": value}
+
+    messages = []
+    for i, message in enumerate(chat.messages):
+        content = message.content if message.content is not None else ""
+        if isinstance(content, str):
+            parts = [text(content, f"messages[{i}].content")]
+        else:
+            parts = [
+                text(part.text, f"messages[{i}].content[{j}]")
+                if not isinstance(part, ImagePart)
+                else {
+                    "type": "image",
+                    "image": load_image(part.image_url.url, policy, f"messages[{i}].content[{j}]", recent),
+                }
+                for j, part in enumerate(content)
+            ]
+        messages.append({"role": "system" if message.role == "developer" else message.role, "content": parts})
+    return messages
+
+
+def _submit(worker: EngineWorker, prepared: list[Prepared]) -> list[Submission]:
+    submissions: list[Submission] = []
+    try:
+        for item in prepared:
+            submissions.append(worker.submit(item))
+    except BaseException:
+        for submission in submissions:
+            submission.cancel()
+        raise
+    return submissions
+
+
+def _cancel_unfinished(service: Service, submissions: list[Submission]) -> None:
+    for submission in submissions:
+        if not submission.future.done():
+            submission.cancel()
+            service.cancelled += 1
+
+
+async def _results_unless_gone(
+    request: Request, service: Service, submissions: list[Submission]
+) -> list[Completion] | None:
+    """Every choice's completion, or None when the client disconnects first (its generations are cancelled)."""
+    results = asyncio.gather(*(s.aresult() for s in submissions))
+    try:
+        while True:
+            done, _ = await asyncio.wait({results}, timeout=0.5)
+            if done:
+                return results.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        _cancel_unfinished(service, submissions)
+        if not results.done():
+            results.cancel()
+
+
+def _usage(completions: list[Completion]) -> Usage:
+    prompt = completions[0].prompt_tokens
+    generated = sum(c.completion_tokens for c in completions)
+    return Usage(prompt_tokens=prompt, completion_tokens=generated, total_tokens=prompt + generated)
+
+
+def _completion(service: Service, completions: list[Completion]) -> ChatCompletion:
+    return ChatCompletion(
+        id=completion_id(),
+        created=now(),
+        model=service.model_name,
+        choices=[
+            Choice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+            for i, c in enumerate(completions)
+        ],
+        usage=_usage(completions),
+    )
+
+
+async def _events(service: Service, submissions: list[Submission], include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: a role chunk per choice, content deltas, a finish chunk per choice, usage, [DONE]."""
+    request_id, created = completion_id(), now()
+
+    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        return ChatCompletionChunk(
+            id=request_id, created=created, model=service.model_name, choices=choices, usage=usage
+        ).sse(include_usage)
+
+    queue: asyncio.Queue[tuple[int, str | None, Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, submission: Submission) -> None:
+        try:
+            async for delta in submission.astream():
+                queue.put_nowait((index, delta, None))
+            queue.put_nowait((index, None, None))
+        except Exception as error:  # the engine failed this request; reported as an error event
+            queue.put_nowait((index, None, error))
+
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(submissions)]
+    try:
+        for i in range(len(submissions)):
+            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        left = len(submissions)
+        while left:
+            index, delta, error = await queue.get()
+            if error is not None:
+                log.error("generation failed: %r", error)
+                failure = ApiError(500, "the model failed on this request", type="server_error")
+                yield f"data: {json.dumps(failure.body())}\n\n"
+                return
+            if delta is not None:
+                yield chunk([ChunkChoice(index=index, delta=Delta(content=delta))])
+                continue
+            left -= 1
+            finish = submissions[index].result(timeout=0).finish_reason
+            yield chunk([ChunkChoice(index=index, delta=Delta(), finish_reason=finish)])
+        if include_usage:
+            yield chunk([], _usage([s.result(timeout=0) for s in submissions]))
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in pumps:
+            task.cancel()
+        _cancel_unfinished(service, submissions)
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError) -> JSONResponse:
+        code = "context_length_exceeded" if isinstance(exc, PromptTooLong) else None
+        return ApiError(400, str(exc), param=exc.param, code=code).response()
+
+    @app.exception_handler(EngineUnavailable)
+    async def unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
+        return ApiError(503, str(exc), type="server_error", code="unavailable").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return ApiError(
+            exc.status_code, str(exc.detail), code=str(exc.detail).lower().replace(" ", "_")
+        ).response()
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return ApiError(500, "internal server error", type="server_error").response()
+
+
+# ---- the command -----------------------------------------------------------------------------------
+
+
+def default_model_name(cfg: Config) -> str:
+    """The id /v1/models reports when API_MODEL_NAME is unset: a local model's directory name, or the hub id."""
+    path = cfg.model.model_name_or_path or "eqakit"
+    return Path(path).name if Path(path).is_dir() else path
+
+
+def cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="eqakit api",
+        description="Serve a model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health).",
+        epilog="environment: API_HOST (default 127.0.0.1), API_PORT (8000), API_KEY (Bearer key; unset: open), "
+        "API_MODEL_NAME (id reported; default: the model directory's name)",
+    )
+    parser.add_argument("config", help="infer YAML (e.g. configs/infer_openeqa.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    args = parser.parse_args(argv)
+
+    host = os.environ.get("API_HOST") or "127.0.0.1"
+    raw_port = os.environ.get("API_PORT") or "8000"
+    if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+        raise ConfigError(f"API_PORT must be a port number (1-65535), got {raw_port!r}")
+    api_key = os.environ.get("API_KEY") or None
+
+    cfg = load_config("infer", args.config, args.overrides)
+    ImagePolicy.from_args(cfg.api)  # a bad media dir or network fails before the model loads
+    sock = bind(host, int(raw_port))
+    engine = Engine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
+    name = os.environ.get("API_MODEL_NAME") or default_model_name(cfg)
+    app = create_app(engine, model_name=name, api_key=api_key, settings=cfg.api)
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(
+            f"eqakit api: warning: listening on {host} without API_KEY: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
+    print(
+        f"eqakit api: serving {name!r} at http://{host}:{raw_port}/v1 (API key {'required' if api_key else 'off'})",
+        file=sys.stderr,
+    )
+    ApiServer(app, app.state.service.drain).run(sockets=[sock])
+    return 0
