@@ -238,7 +238,9 @@ def test_shipped_deepspeed_configs() -> None:
 
 def test_unquoted_no_means_the_strategy_no(tmp_path: Path) -> None:
     """PyYAML reads `save_strategy: no` as false; it still means the strategy "no"."""
-    path = write(tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o") + "save_strategy: no\neval_strategy: no\n")
+    path = write(
+        tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o") + "save_strategy: no\neval_strategy: no\n"
+    )
     cfg = load_config("train", path, ["logging_strategy=no"])
     assert cfg.training.save_strategy.value == "no" and cfg.training.eval_strategy.value == "no"
     assert cfg.training.logging_strategy.value == "no"

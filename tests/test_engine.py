@@ -190,7 +190,10 @@ def test_a_chat_turn_continues_from_the_cached_frames(model, processor) -> None:
     turn2 = [
         *turn1,
         {"role": "assistant", "content": reply.text},
-        {"role": "user", "content": [{"type": "image", "image": second[0]}, {"type": "text", "text": "And now?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": second[0]}, {"type": "text", "text": "And now?"}],
+        },
     ]
     request = Request(turn2, greedy(), images=first)
     hits = engine.reuse.prefix_cache.hits
