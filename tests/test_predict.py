@@ -210,3 +210,43 @@ def test_bad_rows_are_reported_before_any_work(lively_dir: Path, dataset: Path, 
     shutil.copy(dataset / "open_eqa_frames" / "ep2" / "000.jpg", missing)
     (dataset / "open_eqa_test.jsonl").write_text("\n".join(lines) + "\n")
     assert run_predict(config(lively_dir, dataset, out))["predict_samples"] == len(lines)
+
+
+def test_bad_settings_and_a_foreign_adapter_stop_before_any_work(
+    lively_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from eqakit.cli import main
+    from eqakit.model.tiny import build_tiny_model
+
+    out = tmp_path / "eval"
+    base_args = [
+        f"model_name_or_path={lively_dir}",
+        "template=qwen3_vl_nothink",
+        "do_predict=true",
+        "predict_with_generate=true",
+        "eval_dataset=open_eqa_test",
+        f"dataset_dir={dataset}",
+        f"output_dir={out}",
+        "report_to=none",
+    ]
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text("stage: sft\n")
+    for bad, expected in (
+        ("max_new_tokens=0", "key 'max_new_tokens': 0 is out of range (must be >= 1)"),
+        ("top_p=1.5", "key 'top_p': 1.5 is out of range (must be <= 1.0)"),
+    ):
+        assert main(["train", str(cfg), *base_args, bad]) == 2
+        assert expected in capsys.readouterr().err
+
+    other = build_tiny_model(tmp_path / "wider", hidden_size=96, intermediate_size=160)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    get_peft_model(AutoModelForImageTextToText.from_pretrained(other), lora).save_pretrained(
+        tmp_path / "foreign"
+    )
+    assert main(["train", str(cfg), *base_args, f"adapter_name_or_path={tmp_path / 'foreign'}"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit base model" in err and "lora_A" in err and "Traceback" not in err
+    assert not (out / "generated_predictions.jsonl").exists()

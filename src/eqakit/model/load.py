@@ -139,8 +139,11 @@ def load_model(
 
     device = device or pick_device()
     dtype = dtype or pick_dtype(model_args.infer_dtype, device)
+    from eqakit.model.merge import check_adapters_fit, find_adapters
+
+    adapters = find_adapters(model_args.adapter_paths)
     model = load_base_model(model_args, device=device, dtype=dtype)
-    adapters = [check_adapter_dir(p) for p in model_args.adapter_paths]
+    check_adapters_fit(model, adapters, model_args.model_name_or_path)
     if adapters and model_args.quantization_bit is not None and len(adapters) > 1:
         raise EqakitError("a quantized model takes one adapter; merge the others first with `eqakit export`")
     for adapter in adapters:

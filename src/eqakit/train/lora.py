@@ -16,7 +16,7 @@ import torch
 
 from eqakit.config import Config
 from eqakit.errors import ConfigError, EqakitError
-from eqakit.model.load import check_adapter_dir
+from eqakit.model.merge import check_adapters_fit, find_adapters
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LM_PREFIX = r"model\.language_model\.layers\.\d+\."
@@ -45,7 +45,9 @@ def apply_lora(model: Any, cfg: Config) -> Any:
     """Freeze the base, merge earlier adapters, and return a PeftModel whose LoRA weights train in fp32."""
     from peft import LoraConfig, get_peft_model
 
-    adapters = [str(check_adapter_dir(p)) for p in cfg.model.adapter_paths]
+    found = find_adapters(cfg.model.adapter_paths)
+    check_adapters_fit(model, found, cfg.model.model_name_or_path)
+    adapters = [str(p) for p in found]
     resume_adapter = None
     if adapters and not cfg.finetuning.create_new_adapter:
         adapters, resume_adapter = adapters[:-1], adapters[-1]
