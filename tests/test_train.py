@@ -259,3 +259,21 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_model_dir, toy_dataset) -> None:
     assert records[0]["total_steps"] == 6  # 24 samples / (2 per device x 2 processes)
     assert len({r["current_steps"] for r in records}) == len(records)  # one process writes the log
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, toy_dataset) -> None:
+    runs = {}
+    for flag in (False, True):
+        out = tmp_path / f"gc-{flag}"
+        cfg = config(
+            tmp_path,
+            tiny_model_dir,
+            toy_dataset,
+            output_dir=str(out),
+            num_train_epochs=1,
+            gradient_checkpointing=flag,
+            save_strategy="no",
+        )
+        assert main(["train", str(cfg)]) == 0
+        runs[flag] = losses(out)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
