@@ -381,3 +381,23 @@ def test_killed_export_never_leaves_a_complete_looking_dir(tiny_model_dir, adapt
     assert json.loads((out / "eqakit_export.json").read_text(encoding="utf-8"))["adapters"][0]["path"] == str(
         adapters["b"]
     )
+
+
+def test_merged_model_answers_through_the_engine_like_base_plus_adapter(
+    tiny_model_dir, adapters, shipped_export, image_paths
+) -> None:
+    """The served path: eqakit's engine on the export gives the adapter's greedy answers."""
+    from eqakit.engine import Engine, Request
+
+    images = [Image.open(p).convert("RGB") for p in image_paths]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What color is the sofa?"}]
+    answers = []
+    for model, adapter in ((shipped_export, None), (tiny_model_dir, adapters["a"])):
+        keys = [f"model_name_or_path={model}", "template=qwen3_vl_nothink"]
+        keys += [f"adapter_name_or_path={adapter}"] if adapter else []
+        engine = Engine.from_config(load_config("infer", None, keys))
+        request = Request(
+            [{"role": "user", "content": content}], engine.params(temperature=0, max_new_tokens=8), images
+        )
+        answers.append(engine.generate([request])[0].token_ids)
+    assert answers[0] == answers[1]
