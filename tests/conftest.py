@@ -63,3 +63,35 @@ def write_toy_dataset(root: Path, episodes: int = 6, questions: int = 4, frames:
 def toy_dataset(tmp_path: Path) -> Path:
     """A fresh toy dataset directory per test (tests may corrupt it)."""
     return write_toy_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: thread start-up dominates on a shared 2-core machine (use via pytestmark)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its matrices scaled x6: greedy answers then depend on the input.
+
+    The random tiny model at its initial scale echoes newlines whatever it is shown, so two decoders
+    would agree even if one ignored the images; engine, predict and API tests compare on this one.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.ndim >= 2 and "embed_tokens" not in name:
+                weight.mul_(6)
+    out = tmp_path_factory.mktemp("lively") / "model"
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from eqakit.config import load_config
 from eqakit.errors import DataError
@@ -33,26 +32,7 @@ LF_KEYS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with its weights scaled so that answers depend on question and frames."""
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if weight.ndim >= 2 and "embed_tokens" not in name:
-                weight.mul_(6)
-    out = tmp_path_factory.mktemp("lively") / "model"
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_dataset(root: Path, episodes: int = 3) -> Path:
@@ -216,7 +196,6 @@ def test_bad_settings_and_a_foreign_adapter_stop_before_any_work(
     lively_dir: Path, dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText
 
     from eqakit.cli import main
     from eqakit.model.tiny import build_tiny_model
