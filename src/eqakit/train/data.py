@@ -29,6 +29,7 @@ from eqakit.data.encode import (
     plan_sample,
 )
 from eqakit.errors import DataError
+from eqakit.train.vision_cache import image_key
 
 
 @dataclass
@@ -165,6 +166,27 @@ class PlannedDataset(torch.utils.data.Dataset):
             out = materialize(plan, images, self.processor, self.budget)
         out["image_refs"] = tuple(str(p) for p in sample.images)
         return out
+
+
+@dataclass
+class KeyedImages:
+    """Content keys of the images a run uses, and which file (at which size cap) each key stands for."""
+
+    wanted: dict[str, tuple[Path, int]] = field(default_factory=dict)
+    digests: dict[Path, str] = field(default_factory=dict)
+
+    def keys(self, plan: Plan, sample: Sample) -> list[str]:
+        keys = [image_key(p, plan.max_pixels, self.digests) for p in sample.images]
+        self.wanted.update({k: (p, plan.max_pixels) for k, p in zip(keys, sample.images, strict=True)})
+        return keys
+
+
+def make_dataset(
+    plans: list[Plan], samples: list[Sample], processor: Any, budget: ImageBudget, keyed: KeyedImages | None
+) -> PlannedDataset:
+    """A dataset of planned samples; with ``keyed`` its samples carry cached-feature keys, not pixels."""
+    keys = [keyed.keys(plan, s) for plan, s in zip(plans, samples, strict=True)] if keyed else None
+    return PlannedDataset(plans, samples, processor, budget, keys)
 
 
 @dataclass

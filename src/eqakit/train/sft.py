@@ -32,9 +32,17 @@ from eqakit.config import Config, load_config
 from eqakit.data.encode import ImageBudget
 from eqakit.errors import ConfigError, DataError
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, newest_complete_checkpoint
-from eqakit.train.data import Collator, PlannedDataset, load_training_samples, plan_samples, split_train_val
+from eqakit.train.data import (
+    Collator,
+    KeyedImages,
+    PlannedDataset,
+    load_training_samples,
+    make_dataset,
+    plan_samples,
+    split_train_val,
+)
 from eqakit.train.trainer import EqakitTrainer
-from eqakit.train.vision_cache import VisionFeatureCache, image_key
+from eqakit.train.vision_cache import VisionFeatureCache
 
 
 def cli(argv: list[str]) -> int:
@@ -174,24 +182,14 @@ def run_train(cfg: Config) -> dict[str, float]:
         )
 
     cache = VisionFeatureCache() if _uses_vision_cache(cfg) else None
-    wanted: dict[str, tuple[Path, int]] = {}
-    digests: dict[Path, str] = {}
-
-    def dataset(plans: list[Any], samples: list[Any]) -> PlannedDataset:
-        if cache is None:
-            return PlannedDataset(plans, samples, processor, budget)
-        keys = [
-            [image_key(p, plan.max_pixels, digests) for p in s.images]
-            for plan, s in zip(plans, samples, strict=True)
-        ]
-        for plan, s, ks in zip(plans, samples, keys, strict=True):
-            wanted.update({k: (p, plan.max_pixels) for k, p in zip(ks, s.images, strict=True)})
-        return PlannedDataset(plans, samples, processor, budget, keys)
-
-    every = dataset(plans, samples)
+    keyed = KeyedImages() if cache is not None else None
+    every = make_dataset(plans, samples, processor, budget, keyed)
     train_rows, val_rows = split_train_val(len(plans), cfg.data.val_size, cfg.training.seed)
     train_set = every.subset(train_rows)
-    eval_set = every.subset(val_rows) if val_rows else (dataset(*extra_eval) if extra_eval else None)
+    if val_rows:
+        eval_set = every.subset(val_rows)
+    else:
+        eval_set = make_dataset(*extra_eval, processor, budget, keyed) if extra_eval else None
     if cfg.training.process_index == 0:
         _print_data_report(report, len(train_set), len(eval_set) if eval_set else 0)
 
@@ -202,7 +200,7 @@ def run_train(cfg: Config) -> dict[str, float]:
             model,
             processor,
             budget,
-            wanted,
+            keyed.wanted,
             cfg.training.device,
             show_progress=cfg.training.local_process_index == 0,
         )
