@@ -66,6 +66,21 @@ ROOM_ANSWERS = {
 }
 
 
+# Questions about the whole room, asked in every episode: their answers are visible at a glance
+# (wall and floor colour, a dark or bright doorway and window, the room's big furniture), so the
+# demo's tiny model can learn to read them from a few hundred episodes, which is what shows that
+# fine-tuning taught it to look at the frames.
+GLANCE = frozenset(
+    {
+        "What color are the walls?",
+        "What is the floor made of?",
+        "Is the door open or closed?",
+        "Is it day or night outside?",
+        "What kind of room is this?",
+    }
+)
+
+
 @dataclass(frozen=True)
 class Question:
     """One question about a scene, with the answer its frames show."""
@@ -77,13 +92,19 @@ class Question:
 
 
 def ask(scene: Scene, rng: random.Random) -> list[Question]:
-    """About 11 questions (8-14) about the scene, at least one per category, in category order."""
+    """About 11 questions (8-14) about the scene, at least one per category, in category order.
+
+    Every episode asks the GLANCE questions, then one random question per category that has none
+    yet, then random others.
+    """
     pools = {category: [] for category in OPENEQA_CATEGORIES}
+    chosen = []
     for question in candidates(scene):
-        pools[question.category].append(question)
+        (chosen if question.question in GLANCE else pools[question.category]).append(question)
     for pool in pools.values():
         rng.shuffle(pool)
-    chosen = [pool.pop() for pool in pools.values() if pool]
+    asked = {q.category for q in chosen}
+    chosen += [pool.pop() for category, pool in pools.items() if pool and category not in asked]
     for _ in range(rng.randint(8, 14) - len(chosen)):
         open_pools = [pool for pool in pools.values() if pool]
         if not open_pools:
