@@ -113,8 +113,6 @@ class TinySizes:
     embedding_std: float = 0.5
     # Std of every other language-model weight (Qwen's 0.02 suits width 2048, about 1/sqrt(width)).
     initializer_range: float = 0.02
-    # Std of the vision tower's and merger's weights.
-    vision_initializer_range: float = 0.02
 
     def check(self) -> None:
         """Reject sizes the real classes would accept but then fail on deep inside a forward pass."""
@@ -131,8 +129,8 @@ class TinySizes:
             problems.append("deepstack_visual_indexes must lie in [0, vision_depth)")
         if len(self.deepstack_visual_indexes) > self.num_hidden_layers:
             problems.append("deepstack needs at least one language layer per deepstack index")
-        if min(self.embedding_std, self.initializer_range, self.vision_initializer_range) <= 0:
-            problems.append("embedding_std, initializer_range and vision_initializer_range must be positive")
+        if min(self.embedding_std, self.initializer_range) <= 0:
+            problems.append("embedding_std and initializer_range must be positive")
         if problems:
             raise ValueError(f"invalid tiny-model sizes {self}: " + "; ".join(problems))
 
@@ -312,7 +310,7 @@ def _build_config(dims: TinySizes, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
             "hidden_act": "gelu_pytorch_tanh",
             "hidden_size": dims.vision_hidden_size,
             "in_channels": 3,
-            "initializer_range": dims.vision_initializer_range,
+            "initializer_range": 0.02,
             "intermediate_size": dims.vision_intermediate_size,
             "num_heads": dims.vision_num_heads,
             "num_position_embeddings": dims.vision_num_position_embeddings,
