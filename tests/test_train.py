@@ -277,3 +277,17 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, 
         assert main(["train", str(cfg)]) == 0
         runs[flag] = losses(out)
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_unfrozen_projector_trains_the_mergers(tmp_path, tiny_model_dir, toy_dataset) -> None:
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        toy_dataset,
+        num_train_epochs=1,
+        save_strategy="no",
+        freeze_multi_modal_projector=False,
+    )
+    assert main(["train", str(cfg)]) == 0
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert any("visual.merger" in k for k in adapter) and any("deepstack_merger_list.0" in k for k in adapter)

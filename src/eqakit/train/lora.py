@@ -21,7 +21,6 @@ from eqakit.model.merge import check_adapters_fit, find_adapters
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LM_PREFIX = r"model\.language_model\.layers\.\d+\."
 VISION_TARGET = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))"
-PROJECTOR_MODULES = ["merger", "deepstack_merger_list"]
 
 
 def target_pattern(cfg: Config, module_names: list[str]) -> str:
@@ -65,7 +64,9 @@ def apply_lora(model: Any, cfg: Config) -> Any:
             lora_alpha=cfg.finetuning.lora_alpha or 2 * cfg.finetuning.lora_rank,
             lora_dropout=cfg.finetuning.lora_dropout,
             target_modules=target_pattern(cfg, linear),
-            modules_to_save=None if cfg.finetuning.freeze_multi_modal_projector else PROJECTOR_MODULES,
+            modules_to_save=None
+            if cfg.finetuning.freeze_multi_modal_projector
+            else _projector_modules(model),
             use_rslora=cfg.finetuning.use_rslora,
             task_type="CAUSAL_LM",
         )
@@ -74,6 +75,12 @@ def apply_lora(model: Any, cfg: Config) -> Any:
         if param.requires_grad:
             param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
     return model
+
+
+def _projector_modules(model: Any) -> list[str]:
+    """The vision-to-language mergers, trained in full; peft needs each deepstack merger by its own name."""
+    visual = model.model.visual
+    return ["merger"] + [f"deepstack_merger_list.{i}" for i in range(len(visual.deepstack_merger_list))]
 
 
 def _load_adapter(model: Any, adapter: str, base_name: str | None, trainable: bool) -> Any:
