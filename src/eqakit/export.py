@@ -48,6 +48,7 @@ from transformers import AutoConfig
 from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.errors import ConfigError, EqakitError
+from eqakit.fsutil import move_into_place
 from eqakit.model.load import DTYPES, load_base_model, load_processor
 from eqakit.model.merge import (
     adapter_config,
@@ -60,7 +61,6 @@ from eqakit.model.merge import (
     skeleton,
     write_weights,
 )
-from eqakit.model.tiny import _move_into_place as move_into_place  # the same rename dance as tiny-model
 
 # Files beside (in) an adapter directory that the model card reports, in this order.
 TRAINING_CONFIGS = ("eqakit_config.yaml", "training_args.yaml")

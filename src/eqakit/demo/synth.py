@@ -39,6 +39,7 @@ from eqakit.demo.questions import Question, ask
 from eqakit.demo.render import depth_frame, pose_text, render_frames
 from eqakit.demo.scenes import Scene, sample_scene
 from eqakit.errors import ConfigError, DataError
+from eqakit.fsutil import move_into_place
 
 QUESTIONS_FILE = "open-eqa-v0.json"
 MIN_SIDE, MAX_SIDE = 32, 4096
@@ -78,7 +79,7 @@ def generate(
         _render_all(jobs, workers)
         rows = [_row(q, qid, history) for history, _, questions in plans for q, qid in questions]
         _write_text(staging / QUESTIONS_FILE, json.dumps(rows, indent=4, ensure_ascii=False))
-        _move_into_place(staging, output_dir)
+        move_into_place(staging, output_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return output_dir / QUESTIONS_FILE
@@ -171,17 +172,6 @@ def _write_frames(folder: Path, scene: Scene, size: tuple[int, int], distractors
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         f.write(text)
-
-
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Rename the finished staging directory to `output_dir`, replacing an old one last."""
-    if not output_dir.exists() or not any(output_dir.iterdir()):
-        os.replace(staging, output_dir)  # rename(2) replaces an empty directory
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-    os.replace(output_dir, old / "data")
-    os.replace(staging, output_dir)
-    shutil.rmtree(old)
 
 
 def _frame_size(text: str) -> tuple[int, int]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from eqakit import __version__
 from eqakit.errors import EqakitError
+from eqakit.fsutil import move_into_place
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLProcessor
@@ -165,7 +165,7 @@ def build_tiny_model(output_dir: Path, seed: int = 0, *, overwrite: bool = False
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         _write_provenance(staging, seed, dims)
-        _move_into_place(staging, output_dir)
+        move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -360,21 +360,6 @@ def _write_provenance(directory: Path, seed: int, dims: TinySizes) -> None:
         },
     }
     (directory / "eqakit_tiny_model.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-
-
-def _move_into_place(staging: Path, output_dir: Path) -> None:
-    """Rename the finished staging directory to ``output_dir``, replacing what is there."""
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".old", dir=output_dir.parent))
-        os.replace(output_dir, old)  # replaces the empty placeholder `old`
-        try:
-            os.replace(staging, output_dir)
-        except OSError:
-            os.replace(old, output_dir)  # put the previous model back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output_dir)  # an empty directory can be replaced in one rename
 
 
 # Built-in tokenizer corpus: the words of embodied-QA questions and answers plus common English.
