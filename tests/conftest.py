@@ -76,22 +76,26 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model with its matrices scaled x6: greedy answers then depend on the input.
+def make_lively(source: Path, out: Path) -> Path:
+    """A copy of a tiny model with its matrices scaled x6: greedy answers then depend on the input.
 
     The random tiny model at its initial scale echoes newlines whatever it is shown, so two decoders
-    would agree even if one ignored the images; engine, predict and API tests compare on this one.
+    would agree even if one ignored the images; engine, predict, API and vLLM tests compare on these.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if weight.ndim >= 2 and "embed_tokens" not in name:
                 weight.mul_(6)
-    out = tmp_path_factory.mktemp("lively") / "model"
     model.save_pretrained(out)
-    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(out)
+    AutoProcessor.from_pretrained(source).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, scaled by `make_lively`."""
+    return make_lively(tiny_model_dir, tmp_path_factory.mktemp("lively") / "model")

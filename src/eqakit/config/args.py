@@ -49,6 +49,19 @@ class ModelArguments:
     infer_backend: str = _f(
         "huggingface", "Generation backend: huggingface or vllm.", choices=("huggingface", "vllm")
     )
+    vllm_maxlen: int = _f(4096, "vLLM backend: longest prompt plus reply (vLLM's max_model_len).", min=1)
+    vllm_gpu_util: float = _f(
+        0.7,
+        "vLLM backend: share of accelerator memory (of RAM on vLLM's CPU build) vLLM may claim.",
+        min=0.0,
+        min_exclusive=True,
+        max=1.0,
+    )
+    vllm_enforce_eager: bool = _f(False, "vLLM backend: no CUDA graphs (less memory, slower decoding).")
+    vllm_max_lora_rank: int = _f(32, "vLLM backend: largest LoRA rank the engine reserves room for.", min=1)
+    vllm_config: dict | None = _f(
+        None, "vLLM backend: further vLLM engine arguments, a mapping or a JSON object string."
+    )
     infer_dtype: str = _f(
         "auto",
         "Inference dtype: auto (bf16 on CUDA, fp16 on MPS, fp32 on CPU), float32, float16, bfloat16.",

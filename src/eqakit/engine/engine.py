@@ -40,6 +40,7 @@ from eqakit.errors import EqakitError
 
 if TYPE_CHECKING:
     from eqakit.config.load import Config
+    from eqakit.engine.worker import EngineWorker
 
 MiB = 1 << 20
 
@@ -109,8 +110,8 @@ class Engine:
 
         if cfg.model.infer_backend != "huggingface":
             raise EqakitError(
-                f"infer_backend: {cfg.model.infer_backend} is not available in this version of eqakit; "
-                "use infer_backend: huggingface (the default)"
+                f"infer_backend: {cfg.model.infer_backend} serves `eqakit api` only; predict, chat and "
+                "webui run on infer_backend: huggingface (the default)"
             )
         device = pick_device()
         dtype = pick_dtype(cfg.model.infer_dtype, device)
@@ -154,6 +155,12 @@ class Engine:
     def prepare(self, request: Request) -> Prepared:
         """Render and tokenize a request (raises RequestError / PromptTooLong); cheap, no model work."""
         return prepare_request(request, self.tokenizer, self.model, self.format)
+
+    def worker(self, *, batch_window_s: float = 0.01) -> EngineWorker:
+        """A background thread that batches requests submitted from anywhere (an API server's backend)."""
+        from eqakit.engine.worker import EngineWorker  # worker.py builds on this module
+
+        return EngineWorker(self, batch_window_s=batch_window_s)
 
     def runner(self) -> Runner:
         """A fresh batch sharing this engine's model, caches and lock (for `EngineWorker`)."""

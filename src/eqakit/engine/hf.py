@@ -10,6 +10,7 @@ argument, so image tokens are filled (and deepstack features added) by transform
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -40,6 +41,11 @@ class HFModel:
         self.image_token_id = int(self.core.config.image_token_id)
         self.merge = int(self.core.config.vision_config.spatial_merge_size)
         self.patch = int(self.core.config.vision_config.patch_size)
+        # transformers renamed the KV-cache argument (past_key_values -> cache) within 5.x; a cache
+        # passed under the other name is swallowed by **kwargs and every decode step silently
+        # recomputes without it, so the name is read off the model's own signature.
+        forward = inspect.signature(self.core.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
 
     def image_features(self, images: list[Any], min_pixels: int, max_pixels: int) -> list[VisualFeatures]:
         """Features of images resized within [min_pixels, max_pixels], as the processor would for a prompt."""
@@ -90,9 +96,9 @@ class HFModel:
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
-            cache=cache,
             mm_encoder_outputs=encoder_outputs,
             use_cache=True,
+            **{self._cache_arg: cache},
         )
         if not logits:
             return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -59,6 +59,13 @@ class Prepared:
     @property
     def length(self) -> int:
         return int(self.ids.numel())
+
+
+class Geometry(Protocol):
+    """What planning a prompt needs of a model: its patch size and spatial merge (tokens per image)."""
+
+    patch: int
+    merge: int
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ def plan_prompt(
     image_sizes: list[tuple[int, int]],
     system: str | None,
     tokenizer: Any,
-    model: HFModel,
+    model: Geometry,
     fmt: PromptFormat,
 ) -> Plan:
     """The prompt's tokens and image sizes within cutoff_len (needs only image sizes, no pixels)."""

@@ -21,7 +21,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import CancelledError, Future
 
 from eqakit.engine.engine import Engine
@@ -45,6 +45,7 @@ class Submission:
         self._loop = loop
         self._wake = asyncio.Event() if loop is not None else None
         self._cancelled = threading.Event()
+        self.on_cancel: Callable[[], object] | None = None  # a backend's hook to stop the generation
 
     # called on the worker thread
     def _push(self, item: object) -> None:
@@ -72,6 +73,8 @@ class Submission:
         self._cancelled.set()
         self.future.cancel()
         self._push(_END)
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def cancelled(self) -> bool:

@@ -8,6 +8,7 @@ Features:
 - concurrent requests are decoded together by one `EngineWorker` (a short batching window, shared
   visual-feature cache and prompt-prefix reuse); the event loop never waits on model work: images
   are decoded and prompts tokenized on worker threads, generation runs on the engine's thread;
+- ``infer_backend: vllm`` puts the same API in front of vLLM's engine instead (eqakit.engine.vllm);
 - a client that disconnects cancels its generation;
 - every bad request gets a 4xx in OpenAI's error shape; the server keeps serving;
 - API_KEY: ``Authorization: Bearer`` compared in constant time, 401 otherwise;
@@ -79,6 +80,7 @@ from eqakit.serve.server import ApiServer, Drain, DrainGate, bind
 
 if TYPE_CHECKING:
     from eqakit.engine.prepare import Prepared
+    from eqakit.engine.vllm import VllmEngine, VllmPrepared, VllmWorker
 
 log = logging.getLogger("eqakit.api")
 MAX_STOP = 16
@@ -89,8 +91,8 @@ IMAGE_PLACEHOLDER = "<image>"
 class Service:
     """What the routes share: the engine and its worker, the limits, and live counters."""
 
-    engine: Engine
-    worker: EngineWorker
+    engine: Engine | VllmEngine
+    worker: EngineWorker | VllmWorker
     policy: ImagePolicy
     limits: ApiArguments
     model_name: str
@@ -102,7 +104,7 @@ class Service:
 
 
 def create_app(
-    engine: Engine,
+    engine: Engine | VllmEngine,
     *,
     model_name: str = "eqakit",
     api_key: str | None = None,
@@ -110,7 +112,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving ``engine``; its worker thread starts and stops with the app's lifespan."""
     limits = settings or ApiArguments()
-    worker = EngineWorker(engine, batch_window_s=limits.api_batch_window_ms / 1000)
+    worker = engine.worker(batch_window_s=limits.api_batch_window_ms / 1000)
     drain = Drain(limits.api_drain_timeout)
     service = Service(
         engine, worker, ImagePolicy.from_args(limits), limits, model_name, api_key or None, now(), drain
@@ -211,7 +213,7 @@ def _bounded(value: int | None, name: str, high: int, setting: str) -> int | Non
     return value
 
 
-async def _prepare(service: Service, chat: ChatCompletionRequest) -> list[Prepared]:
+async def _prepare(service: Service, chat: ChatCompletionRequest) -> list[Prepared | VllmPrepared]:
     """One prepared engine request per choice (n), images decoded and prompt tokenized off the event loop."""
     limits = service.limits
     max_tokens = _bounded(chat.max_tokens, "max_tokens", limits.api_max_new_tokens, "api_max_new_tokens")
@@ -290,7 +292,7 @@ def _engine_messages(
     return messages
 
 
-def _submit(worker: EngineWorker, prepared: list[Prepared]) -> list[Submission]:
+def _submit(worker: EngineWorker | VllmWorker, prepared: list[Prepared | VllmPrepared]) -> list[Submission]:
     submissions: list[Submission] = []
     try:
         for item in prepared:
@@ -450,7 +452,12 @@ def cli(argv: list[str]) -> int:
     cfg = load_config("infer", args.config, args.overrides)
     ImagePolicy.from_args(cfg.api)  # a bad media dir or network fails before the model loads
     sock = bind(host, int(raw_port))
-    engine = Engine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
+    if cfg.model.infer_backend == "vllm":
+        from eqakit.engine.vllm import VllmEngine
+
+        engine: Engine | VllmEngine = VllmEngine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
+    else:
+        engine = Engine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
     name = os.environ.get("API_MODEL_NAME") or default_model_name(cfg)
     app = create_app(engine, model_name=name, api_key=api_key, settings=cfg.api)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:

