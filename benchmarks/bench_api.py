@@ -16,6 +16,8 @@ as base64 data URIs plus a question, several questions per episode, interleaved 
 Each concurrency level gets fresh episodes, so no level finds the previous level's images cached.
 Greedy decoding; the answers of the two servers are compared request by request. Prints each
 server's throughput and p50/p99 latency per level and eqakit's throughput ratio (target: >= 4x at 8).
+With ``--vllm`` the same levels then run against `eqakit api` on vLLM's engine (infer_backend: vllm),
+answers compared with the reference's (GPU: run it in an environment with ``pip install 'eqakit[vllm]'``).
 Model options are bench_predict.py's (tiny model with weights scaled so answers vary, or a
 random-weight config such as Qwen3-VL-2B-Instruct's, optionally with fewer layers).
 """
@@ -28,6 +30,7 @@ import base64
 import io
 import json
 import platform
+import shutil
 import statistics
 import tempfile
 import threading
@@ -199,6 +202,16 @@ def main() -> None:
         "--batch-size", type=int, default=ApiArguments.api_max_batch_size, help="api_max_batch_size"
     )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--vllm",
+        action="store_true",
+        help="also serve the same weights with infer_backend: vllm (needs vLLM) and compare it with the reference",
+    )
+    parser.add_argument(
+        "--vllm-config",
+        default="{}",
+        help="JSON of further infer-config keys for the vLLM run (e.g. vllm_gpu_util)",
+    )
     args = parser.parse_args()
     if args.config is None and args.weight_scale is None:
         args.weight_scale = 12.0
@@ -208,6 +221,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         model, processor = build_model(args, Path(workdir))
+        if args.vllm:  # vLLM loads weights from a directory; keep a copy until the vLLM run
+            served = Path(tempfile.mkdtemp(prefix="eqakit-bench-vllm-"))
+            model.save_pretrained(served)
+            processor.save_pretrained(served)
     model = model.to(device)
     width, height = map(int, args.frame_size.split("x"))
     levels = [int(c) for c in args.clients.split(",")]
@@ -221,6 +238,7 @@ def main() -> None:
     engine = Engine(model, processor, image_budget=BUDGET, max_batch_size=args.batch_size)
     settings = ApiArguments(api_max_batch_size=args.batch_size, api_max_new_tokens=max(args.max_tokens, 1))
     warm = workload(0, 1, 1, args.frames, (width, height), args.max_tokens)
+    references: dict[int, tuple[list[str], float, list[str]]] = {}
     for level in levels:
         bodies = workload(level, args.episodes, args.questions, args.frames, (width, height), args.max_tokens)
         with serving(reference_app(model, processor)) as url:
@@ -229,6 +247,7 @@ def main() -> None:
         with serving(create_app(engine, settings=settings)) as url:
             run_clients(url, warm, 1)
             ours_wall, ours_lat, ours_answers = run_clients(url, bodies, level)
+        references[level] = (bodies, ref_wall, ref_answers)
         same = sum(a == b for a, b in zip(ours_answers, ref_answers, strict=True))
         print(f"{level} concurrent clients, {len(bodies)} requests:")
         print(summary("reference", ref_wall, ref_lat))
@@ -238,6 +257,48 @@ def main() -> None:
             f"({len(set(ref_answers))} distinct), e.g. {ours_answers[0][:40]!r}",
             flush=True,
         )
+    if args.vllm:
+        del model, engine
+        run_vllm(args, served, settings, warm, references)
+
+
+def run_vllm(
+    args: argparse.Namespace,
+    served: Path,
+    settings: ApiArguments,
+    warm: list[str],
+    references: dict[int, tuple[list[str], float, list[str]]],
+) -> None:
+    """The same levels against `eqakit api` with infer_backend: vllm (one engine for all levels)."""
+    from eqakit.config import load_config
+    from eqakit.engine.vllm import VllmEngine
+
+    overrides = [
+        f"model_name_or_path={served}",
+        "infer_backend=vllm",
+        f"infer_dtype={args.dtype}",
+        f"image_min_pixels={BUDGET.min_pixels}",
+        f"image_max_pixels={BUDGET.max_pixels}",
+        *(
+            f"{key}={json.dumps(value) if isinstance(value, dict) else value}"
+            for key, value in json.loads(args.vllm_config).items()
+        ),
+    ]
+    cfg = load_config("infer", None, overrides)
+    start = time.perf_counter()
+    engine = VllmEngine.from_config(cfg, max_batch_size=args.batch_size)
+    print(f"vLLM engine ready in {time.perf_counter() - start:.0f} s", flush=True)
+    with serving(create_app(engine, settings=settings)) as url:
+        run_clients(url, warm, 1)
+        for level, (bodies, ref_wall, ref_answers) in references.items():
+            wall, latencies, answers = run_clients(url, bodies, level)
+            same = sum(a == b for a, b in zip(answers, ref_answers, strict=True))
+            print(f"{level} concurrent clients, {len(bodies)} requests:")
+            print(summary("vllm", wall, latencies))
+            print(
+                f"    ratio: {ref_wall / wall:.1f}x the reference's throughput; same answers: {same}/{len(bodies)}"
+            )
+    shutil.rmtree(served, ignore_errors=True)
 
 
 if __name__ == "__main__":

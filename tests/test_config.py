@@ -244,3 +244,22 @@ def test_unquoted_no_means_the_strategy_no(tmp_path: Path) -> None:
     cfg = load_config("train", path, ["logging_strategy=no"])
     assert cfg.training.save_strategy.value == "no" and cfg.training.eval_strategy.value == "no"
     assert cfg.training.logging_strategy.value == "no"
+
+
+def test_vllm_keys_take_llama_factorys_meanings_and_contradictions_are_named(tmp_path: Path) -> None:
+    base = "model_name_or_path: m\ntemplate: qwen3_vl\ninfer_backend: vllm\n"
+    cfg = load_config(
+        "infer", write(tmp_path, base), ['vllm_config={"max_num_seqs": 4}', "vllm_gpu_util=0.5"]
+    )
+    assert cfg.model.vllm_config == {"max_num_seqs": 4} and cfg.model.vllm_gpu_util == 0.5
+    assert (cfg.model.vllm_maxlen, cfg.model.vllm_max_lora_rank, cfg.model.vllm_enforce_eager) == (
+        4096,
+        32,
+        False,
+    )
+    with pytest.raises(ConfigError, match=r"vllm_maxlen \(2048\) must exceed cutoff_len \(2048\)"):
+        load_config("infer", write(tmp_path, base + "vllm_maxlen: 2048\n"))
+    with pytest.raises(ConfigError, match="quantization_bit loads with bitsandbytes"):
+        load_config("infer", write(tmp_path, base + "quantization_bit: 4\n"))
+    with pytest.raises(ConfigError, match="vllm_gpu_util"):
+        load_config("infer", write(tmp_path, base + "vllm_gpu_util: 1.5\n"))

@@ -33,6 +33,7 @@ from PIL import Image
 from conftest import make_lively
 from eqakit.config import load_config
 from eqakit.engine import Engine, Request
+from eqakit.errors import ConfigError
 
 EQAKIT = [sys.executable, "-m", "eqakit"]
 try:
@@ -177,6 +178,14 @@ def chat(url: str, question: str, episode: int, **fields) -> requests.Response:
     return requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
 
 
+def talk(url: str, max_tokens: int) -> requests.Response:
+    """A long streamed answer (the request is sent; read it inside ``with``)."""
+    body = {"model": "any", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": max_tokens}
+    return requests.post(
+        f"{url}/v1/chat/completions", json={**body, "stream": True}, stream=True, timeout=120
+    )
+
+
 @needs_vllm
 def test_greedy_answers_equal_the_transformers_engine_with_the_adapter(process, expected) -> None:
     from openai import OpenAI
@@ -268,18 +277,28 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_working(process, fields, stat
 
 
 @needs_vllm
+def test_a_client_that_disconnects_aborts_its_generation_in_vllm(process) -> None:
+    url, *_ = process
+    with talk(url, 1900) as reply:
+        lines = reply.iter_lines()
+        next(lines), next(lines)  # generation has started
+        assert requests.get(f"{url}/health", timeout=10).json()["in_flight"] == 1
+    # 1,900 tokens take this machine tens of seconds; an aborted request leaves vLLM at once.
+    start = time.monotonic()
+    while requests.get(f"{url}/health", timeout=10).json()["in_flight"] and time.monotonic() - start < 5:
+        time.sleep(0.05)
+    health = requests.get(f"{url}/health", timeout=10).json()
+    assert health["in_flight"] == 0 and health["cancelled"] >= 1
+    assert chat(url, *CASES[0], max_tokens=2).status_code == 200
+
+
+@needs_vllm
 def test_sigterm_finishes_in_flight_requests_and_exits_0(process) -> None:
     url, proc, log = process
     events: list[str] = []
 
     def long_stream() -> None:
-        body = {
-            "model": "any",
-            "messages": [{"role": "user", "content": "Talk."}],
-            "max_tokens": 400,
-            "stream": True,
-        }
-        with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=120) as reply:
+        with talk(url, 400) as reply:
             events.extend(line.decode() for line in reply.iter_lines() if line)
 
     client = threading.Thread(target=long_stream)
@@ -292,6 +311,34 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(process) -> None:
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert proc.wait(60) == 0, log.read_text()[-3000:]
+
+
+@needs_vllm
+def test_vllm_config_keys_are_checked_and_the_adapter_rank_must_fit(
+    model_dir: Path, adapter_dir: Path
+) -> None:
+    from vllm import AsyncEngineArgs
+
+    from eqakit.engine.vllm import VllmEngine, _engine_args
+
+    cfg = load_config("infer", None, [*settings(model_dir, adapter_dir), "infer_backend=vllm"])
+    args = _engine_args(AsyncEngineArgs, cfg, 4, 8)
+    assert (args.max_num_seqs, args.max_lora_rank, args.enable_lora, args.max_model_len) == (
+        4,
+        32,
+        True,
+        4096,
+    )
+    typo = load_config("infer", None, [*settings(model_dir, adapter_dir), 'vllm_config={"max_num_seqz": 2}'])
+    with pytest.raises(
+        ConfigError, match="no engine argument 'max_num_seqz' \\(did you mean 'max_num_seqs'\\?\\)"
+    ):
+        _engine_args(AsyncEngineArgs, typo, 4, 8)
+    small = load_config(
+        "infer", None, [*settings(model_dir, adapter_dir), "infer_backend=vllm", "vllm_max_lora_rank=4"]
+    )
+    with pytest.raises(ConfigError, match="has rank 8, above vllm_max_lora_rank: 4"):
+        VllmEngine.from_config(small)
 
 
 @pytest.mark.skipif(HAVE_VLLM, reason="checks the message shown when vLLM is missing")

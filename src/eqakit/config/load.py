@@ -276,6 +276,19 @@ def _cross_checks(kind: Kind, values: dict[str, Any]) -> list[str]:
         problems.append(
             f"image_min_pixels ({get('image_min_pixels')}) is larger than image_max_pixels ({get('image_max_pixels')})"
         )
+    if get("infer_backend") == "vllm" and kind != "export":
+        if get("quantization_bit") is not None:
+            problems.append(
+                "quantization_bit loads with bitsandbytes on the huggingface backend; with infer_backend: vllm "
+                "serve a quantized checkpoint or set vllm_config: {quantization: ...}, and remove quantization_bit"
+            )
+        cutoff = get("cutoff_len", DataArguments.cutoff_len)
+        maxlen = get("vllm_maxlen", ModelArguments.vllm_maxlen)
+        if maxlen <= cutoff:
+            problems.append(
+                f"vllm_maxlen ({maxlen}) must exceed cutoff_len ({cutoff}): prompts may take cutoff_len tokens "
+                "and the reply needs room; raise vllm_maxlen or lower cutoff_len"
+            )
     if kind == "export" and not get("export_dir"):
         problems.append("export_dir is required: the directory the merged model is written to")
     if kind == "train":

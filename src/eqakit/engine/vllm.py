@@ -34,7 +34,6 @@ import json
 import threading
 import time
 import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,9 +246,9 @@ class VllmWorker:
 
     def __init__(self, engine: VllmEngine) -> None:
         self.engine = engine
-        self.in_flight = 0  # requests submitted and not yet finished
+        self.in_flight = 0  # requests submitted whose generation has not ended inside vLLM yet
         self.peak_batch = 0  # most requests inside vLLM at once
-        self._running = 0
+        self._running = 0  # requests inside vLLM now (touched on the engine's loop only)
         self._closing = threading.Event()
         self._lock = threading.Lock()
 
@@ -269,14 +268,22 @@ class VllmWorker:
         submission = Submission(loop)
         with self._lock:
             self.in_flight += 1
-        submission.future.add_done_callback(self._finished)
-        task = asyncio.run_coroutine_threadsafe(
-            self._generate(prepared, sampling, submission), self.engine.loop
-        )
-        submission.on_cancel = task.cancel  # cancelling the task makes vLLM abort the request
+        self.engine.loop.call_soon_threadsafe(self._spawn, prepared, sampling, submission)
         return submission
 
-    def _finished(self, _: Future[Completion]) -> None:
+    def _spawn(self, prepared: VllmPrepared, sampling: Any, submission: Submission) -> None:
+        """On the engine's loop: start the request's task, cancellable from the caller's side."""
+        if submission.cancelled:
+            self._ended()
+            return
+        task = self.engine.loop.create_task(self._generate(prepared, sampling, submission))
+        task.add_done_callback(lambda _: self._ended())  # in_flight drops once vLLM is done with it
+        # Cancelling the task makes vLLM abort the request and free its slot and KV blocks.
+        submission.on_cancel = lambda: self.engine.loop.call_soon_threadsafe(task.cancel)
+        if submission.cancelled:  # cancelled while the task was being created
+            task.cancel()
+
+    def _ended(self) -> None:
         with self._lock:
             self.in_flight -= 1
 
