@@ -8,6 +8,7 @@ typed, so the answer must reach the terminal while the chat is still waiting for
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -29,8 +30,13 @@ class Terminal:
 
     def __init__(self, args: list[str]) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        self.process = subprocess.Popen(  # a session of its own: a failed test kills its children too
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
         )
         self.output = ""
         self.read = 0
@@ -50,7 +56,7 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while (found := self.output.find(text, self.read)) < 0:
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)  # children would hold stderr open
                 pytest.fail(
                     f"{text!r} not printed; output:\n{self.output}\nstderr:\n{self.process.stderr.read()}"
                 )

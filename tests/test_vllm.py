@@ -358,3 +358,63 @@ def test_without_vllm_the_api_says_how_to_install_it(tiny_model_dir: Path, tmp_p
     )
     assert out.returncode == 1
     assert "pip install 'eqakit[vllm]'" in out.stderr and "Traceback" not in out.stderr
+
+
+VLLM_KEYS = {"infer_backend": "vllm", "vllm_maxlen": 2048, "vllm_enforce_eager": True, "vllm_gpu_util": 0.08}
+
+
+@needs_vllm
+def test_predict_on_vllm_writes_the_transformers_engines_predictions(model_dir: Path, tmp_path: Path) -> None:
+    from eqakit.evaluate.predict import run_predict
+    from test_predict import config, rows, write_dataset
+
+    dataset = write_dataset(tmp_path / "data")
+    keys = {"infer_dtype": "float32", "cutoff_len": 1024}
+    hf = run_predict(config(model_dir, dataset, tmp_path / "hf", **keys))
+    ours = run_predict(config(model_dir, dataset, tmp_path / "vllm", **keys, **VLLM_KEYS))
+    assert [r["predict"] for r in rows(tmp_path / "vllm")] == [r["predict"] for r in rows(tmp_path / "hf")]
+    assert len({r["predict"] for r in rows(tmp_path / "hf")}) > 1  # answers depend on the question
+    assert ours["predict_samples"] == hf["predict_samples"] == 10
+    assert ours["predict_bleu-4"] == hf["predict_bleu-4"]
+
+
+@needs_vllm
+def test_the_web_uis_model_and_chat_run_on_vllm(model_dir: Path, adapter_dir: Path, tmp_path: Path) -> None:
+    from eqakit.serve.webui_model import ModelSlot
+    from test_chat import Terminal, user
+
+    config = tmp_path / "chat.yaml"
+    # The base model: its greedy answers have wide margins; the adapter's random B makes near-ties,
+    # which vLLM's prefix cache may break differently from a fresh prefill (the API test covers LoRA).
+    keys = {**dict(s.split("=", 1) for s in settings(model_dir, adapter_dir)), **VLLM_KEYS, "temperature": 0}
+    del keys["adapter_name_or_path"]
+    config.write_text("".join(f"{k}: {v}\n" for k, v in keys.items()))
+    EPISODES[0][0].save(tmp_path / "frame.png")
+    first = user("What is on the wall?", EPISODES[0][0])
+    reference = Engine.from_config(load_config("infer", config, ["infer_backend=huggingface"]))
+
+    slot = ModelSlot(config)  # the web UI's model: load, stream, unload
+    assert "Model loaded" in slot.load_from(load_config("infer", config))
+    stream = slot.stream([first], max_new_tokens=12)
+    one = "".join(stream)
+    assert one == reference.chat([first]).text and stream.completion.finish_reason == "length"
+    follow_up = [
+        first,
+        {"role": "assistant", "content": one.strip()},
+        user("And the floor?"),
+    ]  # as chat keeps it
+    two = "".join(slot.stream(follow_up, max_new_tokens=12))
+    fresh = "".join(slot.stream([user("And the floor?")], max_new_tokens=12))
+    assert slot.unload().startswith("Unloaded")
+    assert len({one, two, fresh}) == 3, "the test needs answers that depend on the conversation"
+
+    chat = Terminal([*EQAKIT, "chat", str(config)])  # terminal chat keeps images and history
+    chat.expect("/exit", timeout=300)
+    chat.type(f"/image {tmp_path / 'frame.png'}")
+    chat.expect("Attached frame.png")
+    chat.type("What is on the wall?")
+    chat.expect(f"Assistant: {one}\n")
+    chat.type("And the floor?")
+    chat.expect(f"Assistant: {two}\n")
+    chat.type("/exit")
+    assert chat.process.wait(timeout=60) == 0

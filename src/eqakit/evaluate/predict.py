@@ -29,7 +29,7 @@ import json
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -38,16 +38,20 @@ from eqakit.config.load import Config
 from eqakit.data.dataset import Sample, load_samples
 from eqakit.data.template import count_images, render_prompt, strip_thinking
 from eqakit.engine import Engine, PromptTooLong, Request, RequestError, SamplingParams
+from eqakit.engine.load import load_engine
 from eqakit.errors import DataError, EqakitError
 from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
 from eqakit.evaluate.report import write_report, write_text_atomic
+
+if TYPE_CHECKING:
+    from eqakit.engine.vllm import VllmEngine
 
 PREDICTIONS = "generated_predictions.jsonl"
 META_FIELDS = ("question_id", "category", "extra_answers")
 IMAGE_LRU = 64  # decoded frames kept while their episode's questions are being answered
 
 
-def run_predict(cfg: Config, engine: Engine | None = None) -> dict[str, Any]:
+def run_predict(cfg: Config, engine: Engine | VllmEngine | None = None) -> dict[str, Any]:
     """Predict, write the files above to ``cfg.training.output_dir``, return the results dict.
 
     ``engine`` lets a caller reuse a loaded model (tests, notebooks); by default the config's
@@ -72,49 +76,58 @@ def run_predict(cfg: Config, engine: Engine | None = None) -> dict[str, Any]:
     done = _resume(path, samples, prompts)
     resumed = len(done)
 
-    engine = engine or Engine.from_config(cfg, max_batch_size=training.per_device_eval_batch_size)
-    base = SamplingParams.from_generating(cfg.generating)
-    todo, too_long, scaled = [], [], 0
-    for index, sample in enumerate(samples):
-        if index in done:
-            continue
-        try:
-            scaled += engine.plan(sample.prompt_messages, sizes[index], sample.system).scaled_down
-        except PromptTooLong as exc:
-            too_long.append(f"{sample.source}: {exc}")
-            continue
-        except RequestError as exc:
-            raise DataError(f"{sample.source}: {exc}") from None
-        todo.append(index)
-    for problem in too_long[:5]:
-        print(f"eqakit predict: left out (too long for cutoff_len {cfg.data.cutoff_len}): {problem}")
-    # questions about the same frames next to each other: they share the vision tower and the prefix
-    todo.sort(key=lambda i: (tuple(map(str, samples[i].images)), i))
+    owned = engine is None
+    if engine is None:  # vLLM schedules its own batch; the eval batch size is the transformers engine's
+        hf = cfg.model.infer_backend == "huggingface"
+        engine = load_engine(cfg, max_batch_size=training.per_device_eval_batch_size if hf else None)
+    try:
+        base = SamplingParams.from_generating(cfg.generating)
+        todo, too_long, scaled = [], [], 0
+        for index, sample in enumerate(samples):
+            if index in done:
+                continue
+            try:
+                scaled += engine.plan(sample.prompt_messages, sizes[index], sample.system).scaled_down
+            except PromptTooLong as exc:
+                too_long.append(f"{sample.source}: {exc}")
+                continue
+            except RequestError as exc:
+                raise DataError(f"{sample.source}: {exc}") from None
+            todo.append(index)
+        for problem in too_long[:5]:
+            print(f"eqakit predict: left out (too long for cutoff_len {cfg.data.cutoff_len}): {problem}")
+        # questions about the same frames next to each other: they share the vision tower and the prefix
+        todo.sort(key=lambda i: (tuple(map(str, samples[i].images)), i))
 
-    media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
-    started = time.perf_counter()
-    images = _ImageCache()
-    requests = (
-        Request(
-            samples[i].prompt_messages,
-            _params(base, training.seed, i),
-            images.load(samples[i]),
-            samples[i].system,
+        media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
+        started = time.perf_counter()
+        images = _ImageCache()
+        requests = (
+            Request(
+                samples[i].prompt_messages,
+                _params(base, training.seed, i),
+                images.load(samples[i]),
+                samples[i].system,
+            )
+            for i in todo
         )
-        for i in todo
-    )
-    with (
-        path.open("a", encoding="utf-8") as sink,
-        tqdm(total=len(todo), desc="predict", unit="sample") as bar,
-    ):
-        for position, completion in engine.generate_iter(requests):
-            index = todo[position]
-            predict = strip_thinking(completion.text) if cfg.data.template == "qwen3_vl" else completion.text
-            done[index] = _row(index, samples[index], prompts[index], predict, media)
-            sink.write(json.dumps(done[index], ensure_ascii=False) + "\n")
-            sink.flush()
-            bar.update(1)
-    runtime = time.perf_counter() - started
+        with (
+            path.open("a", encoding="utf-8") as sink,
+            tqdm(total=len(todo), desc="predict", unit="sample") as bar,
+        ):
+            for position, completion in engine.generate_iter(requests):
+                index = todo[position]
+                predict = (
+                    strip_thinking(completion.text) if cfg.data.template == "qwen3_vl" else completion.text
+                )
+                done[index] = _row(index, samples[index], prompts[index], predict, media)
+                sink.write(json.dumps(done[index], ensure_ascii=False) + "\n")
+                sink.flush()
+                bar.update(1)
+        runtime = time.perf_counter() - started
+    finally:
+        if owned:  # vLLM runs worker processes: stop them now, not at exit
+            engine.shutdown()
 
     rows = [done[i] for i in sorted(done)]
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -57,6 +57,7 @@ from eqakit.engine import (
     Submission,
 )
 from eqakit.engine import Request as EngineRequest
+from eqakit.engine.load import load_engine
 from eqakit.errors import ConfigError
 from eqakit.serve.images import ImagePolicy, MiB, RecentImages, load_image
 from eqakit.serve.protocol import (
@@ -452,12 +453,7 @@ def cli(argv: list[str]) -> int:
     cfg = load_config("infer", args.config, args.overrides)
     ImagePolicy.from_args(cfg.api)  # a bad media dir or network fails before the model loads
     sock = bind(host, int(raw_port))
-    if cfg.model.infer_backend == "vllm":
-        from eqakit.engine.vllm import VllmEngine
-
-        engine: Engine | VllmEngine = VllmEngine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
-    else:
-        engine = Engine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
+    engine = load_engine(cfg, max_batch_size=cfg.api.api_max_batch_size)
     name = os.environ.get("API_MODEL_NAME") or default_model_name(cfg)
     app = create_app(engine, model_name=name, api_key=api_key, settings=cfg.api)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:

@@ -20,15 +20,19 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from PIL import Image
 
 from eqakit.config import load_config
 from eqakit.data.template import strip_thinking
 from eqakit.engine import Engine, Request
+from eqakit.engine.load import load_engine
 from eqakit.errors import EqakitError
 from eqakit.serve.webui_model import open_image
+
+if TYPE_CHECKING:
+    from eqakit.engine.vllm import VllmEngine
 
 COMMANDS = """Commands:
   /image PATH   attach an image to your next message (repeat for several)
@@ -39,7 +43,7 @@ COMMANDS = """Commands:
 class ChatSession:
     """One terminal conversation: the turns so far and the images waiting for the next message."""
 
-    def __init__(self, engine: Engine, out: TextIO) -> None:
+    def __init__(self, engine: Engine | VllmEngine, out: TextIO) -> None:
         self.engine = engine
         self.out = out
         self.messages: list[dict[str, Any]] = []
@@ -129,5 +133,5 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config("infer", args.config, args.overrides)
     print(f"eqakit chat: loading {cfg.model.model_name_or_path} ...", file=sys.stderr, flush=True)
-    run(ChatSession(Engine.from_config(cfg), sys.stdout))
+    run(ChatSession(load_engine(cfg), sys.stdout))
     return 0

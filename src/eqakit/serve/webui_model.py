@@ -1,7 +1,7 @@
 """The web UI's model: load it, unload it, stream answers from it, and say plainly what went wrong.
 
-The page holds one model at a time: an `Engine` behind an `EngineWorker`, so answers for several
-browser tabs are decoded together as one batch. Anything a user can get wrong (no model loaded, a
+The page holds one model at a time: an engine (`load_engine`: transformers or vLLM) behind its
+worker, so answers for several browser tabs are decoded together as one batch. Anything a user can get wrong (no model loaded, a
 bad path, a file that is not an image, a model that fails to load, a prompt that does not fit)
 becomes a `UIError` whose message the page shows; an unexpected failure is logged with its
 traceback on the server console and shown on the page as one line, and the app keeps working.
@@ -16,7 +16,7 @@ import time
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -31,8 +31,12 @@ from eqakit.engine import (
     RequestError,
     TextStream,
 )
+from eqakit.engine.load import load_engine
 from eqakit.errors import EqakitError
 from eqakit.serve.images import decode_image
+
+if TYPE_CHECKING:
+    from eqakit.engine.vllm import VllmEngine, VllmWorker
 
 log = logging.getLogger("eqakit.webui")
 MAX_IMAGE_PIXELS = ApiArguments().api_max_image_pixels  # the API's guard against decompression bombs
@@ -59,8 +63,8 @@ def open_image(path: str | Path) -> Image.Image:
 class Loaded:
     """The model in use, and how it was asked for."""
 
-    engine: Engine
-    worker: EngineWorker
+    engine: Engine | VllmEngine
+    worker: EngineWorker | VllmWorker
     model_path: str
     adapter_path: str
     template: str
@@ -111,9 +115,9 @@ class ModelSlot:
             self._unload()
             self.loading = name
             start = time.perf_counter()
-            engine = Engine.from_config(cfg)
+            engine = load_engine(cfg)
             adapter = cfg.model.adapter_name_or_path or ""
-            worker = EngineWorker(engine).start()
+            worker = engine.worker().start()
             self.loaded = Loaded(
                 engine, worker, name, adapter, engine.format.template, time.perf_counter() - start
             )
