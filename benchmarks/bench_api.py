@@ -275,6 +275,7 @@ def run_vllm(
 
     overrides = [
         f"model_name_or_path={served}",
+        "template=qwen3_vl_nothink",
         "infer_backend=vllm",
         f"infer_dtype={args.dtype}",
         f"image_min_pixels={BUDGET.min_pixels}",
