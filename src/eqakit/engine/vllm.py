@@ -63,7 +63,6 @@ INSTALL_HINT = (
     "(see README: 'The vLLM backend'); or set infer_backend: huggingface"
 )
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-DTYPES = {"auto": "auto", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -89,10 +88,9 @@ class VllmPrepared:
         prompt: dict[str, Any] = {"prompt_token_ids": list(self.plan.input_ids)}
         if self.images:
             prompt["multi_modal_data"] = {"image": [im.convert("RGB") for im in self.images]}
+            # the pixel range, in the form transformers' image processor takes it
             size = {"shortest_edge": self.min_pixels, "longest_edge": self.plan.max_pixels}
-            prompt["mm_processor_kwargs"] = {
-                "size": size
-            }  # the pixel range, as transformers' processor takes it
+            prompt["mm_processor_kwargs"] = {"size": size}
         return prompt
 
 
@@ -430,7 +428,7 @@ def _engine_args(args_class: type, cfg: Config, max_batch_size: int | None, lora
         "revision": model_args.model_revision,
         "download_dir": model_args.cache_dir,
         "trust_remote_code": model_args.trust_remote_code,
-        "dtype": DTYPES[model_args.infer_dtype],
+        "dtype": model_args.infer_dtype,  # auto, float32, float16, bfloat16: vLLM's names too
         "max_model_len": model_args.vllm_maxlen,
         "gpu_memory_utilization": model_args.vllm_gpu_util,
         "enforce_eager": model_args.vllm_enforce_eager,
