@@ -147,12 +147,22 @@ def plan_prompt(
         raise RequestError(str(exc), param="messages") from None
 
 
-def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: PromptFormat) -> Prepared:
-    """Render, tokenize and position a request; raises RequestError (PromptTooLong when it cannot fit)."""
+def plan_request(
+    request: Request, tokenizer: Any, model: Geometry, fmt: PromptFormat
+) -> tuple[Plan, list[Image.Image]]:
+    """A request's plan (its own thinking switch applied) and its images in prompt order; what both
+    backends start from. Raises RequestError (PromptTooLong when it cannot fit)."""
     if request.enable_thinking is not None:
         fmt = replace(fmt, enable_thinking=request.enable_thinking)
     images = bind_images(request)
-    planned = plan_prompt(request.messages, [im.size for im in images], request.system, tokenizer, model, fmt)
+    return plan_prompt(
+        request.messages, [im.size for im in images], request.system, tokenizer, model, fmt
+    ), images
+
+
+def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: PromptFormat) -> Prepared:
+    """Render, tokenize and position a request; raises RequestError (PromptTooLong when it cannot fit)."""
+    planned, images = plan_request(request, tokenizer, model, fmt)
 
     merge2 = model.merge * model.merge
     ids: list[int] = []

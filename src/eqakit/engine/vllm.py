@@ -33,7 +33,6 @@ import asyncio
 import dataclasses
 import difflib
 import gc
-import json
 import os
 import queue
 import threading
@@ -42,7 +41,6 @@ import uuid
 import weakref
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -51,7 +49,7 @@ from eqakit.data.encode import ImageBudget, Plan
 from eqakit.data.template import Message
 from eqakit.engine.engine import TextStream
 from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
-from eqakit.engine.prepare import PromptFormat, bind_images, plan_prompt
+from eqakit.engine.prepare import PromptFormat, plan_prompt, plan_request
 from eqakit.engine.worker import EngineUnavailable, Submission
 from eqakit.errors import ConfigError, EqakitError
 
@@ -142,7 +140,7 @@ class VllmEngine:
         from transformers import AutoConfig
 
         from eqakit.model.load import load_processor
-        from eqakit.model.merge import find_adapters
+        from eqakit.model.merge import adapter_config, find_adapters
 
         model_args = cfg.model
         adapters = find_adapters(model_args.adapter_paths)
@@ -151,7 +149,7 @@ class VllmEngine:
                 f"infer_backend: vllm serves one adapter, got {len(adapters)} in adapter_name_or_path; "
                 "merge them first with `eqakit export` and serve the merged model"
             )
-        rank = _adapter_rank(adapters[0]) if adapters else 0
+        rank = int(adapter_config(adapters[0]).get("r", 8)) if adapters else 0  # 8: peft's default
         if rank > model_args.vllm_max_lora_rank:
             raise ConfigError(
                 f"the adapter {str(adapters[0])!r} has rank {rank}, above vllm_max_lora_rank: "
@@ -217,14 +215,8 @@ class VllmEngine:
 
     def prepare(self, request: Request) -> VllmPrepared:
         """Render, tokenize and fit a request (raises RequestError / PromptTooLong); no model work."""
-        fmt = self.format
-        if request.enable_thinking is not None:
-            fmt = dataclasses.replace(fmt, enable_thinking=request.enable_thinking)
-        images = bind_images(request)
-        plan = plan_prompt(
-            request.messages, [im.size for im in images], request.system, self.tokenizer, self.geometry, fmt
-        )
-        return VllmPrepared(request, plan, images, fmt.budget.min_pixels)
+        plan, images = plan_request(request, self.tokenizer, self.geometry, self.format)
+        return VllmPrepared(request, plan, images, self.format.budget.min_pixels)
 
     def plan(
         self, messages: list[Message], image_sizes: list[tuple[int, int]], system: str | None = None
@@ -408,15 +400,6 @@ class VllmWorker:
         finished = self.in_flight == 0
         self.engine.shutdown()
         return finished
-
-
-def _adapter_rank(path: Path) -> int:
-    try:
-        return int(json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["r"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EqakitError(
-            f"cannot read the LoRA rank from {str(path / 'adapter_config.json')!r}: {exc}"
-        ) from None
 
 
 def _engine_args(args_class: type, cfg: Config, max_batch_size: int | None, lora_rank: int) -> Any:
