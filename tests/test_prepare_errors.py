@@ -30,6 +30,7 @@ class Defect:
     mentions: list[str]  # texts the error message must contain (ids, paths)
     skipped_episodes: set[str]
     skipped_questions: set[str]
+    while_writing: bool = False  # found only when the episode's frames are written
 
 
 def _rgb(frames: Path, e: int, index: int) -> Path:
@@ -53,13 +54,38 @@ def no_frames(questions: list[dict], frames: Path) -> Defect:
 def corrupt_image(questions: list[dict], frames: Path) -> Defect:
     path = _rgb(frames, 1, select_frames(13, 8)[3])
     path.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    return Defect("corrupt_image", [EPISODES[1][0], str(path), "cannot read image"], {EPISODES[1][0]}, set())
+    return Defect(
+        "corrupt_image", [EPISODES[1][0], str(path), "cannot read image"], {EPISODES[1][0]}, set(), True
+    )
 
 
 def truncated_image(questions: list[dict], frames: Path) -> Defect:
     path = _rgb(frames, 3, select_frames(9, 8)[-1])
     path.write_bytes(path.read_bytes()[:200])
-    return Defect("corrupt_image", [EPISODES[3][0], str(path)], {EPISODES[3][0]}, set())
+    return Defect("corrupt_image", [EPISODES[3][0], str(path)], {EPISODES[3][0]}, set(), True)
+
+
+def dangling_symlink(questions: list[dict], frames: Path) -> Defect:
+    path = _rgb(frames, 2, 2)
+    path.unlink()
+    path.symlink_to("moved-away-rgb.png")
+    mentions = [EPISODES[2][0], str(path), "symlink to 'moved-away-rgb.png'", "No such file"]
+    return Defect("broken_frame", mentions, {EPISODES[2][0]}, set())
+
+
+def looping_symlink(questions: list[dict], frames: Path) -> Defect:
+    path = _rgb(frames, 0, select_frames(20, 8)[3])
+    path.unlink()
+    path.symlink_to(path.name)
+    mentions = [EPISODES[0][0], str(path), "Too many levels of symbolic links"]
+    return Defect("broken_frame", mentions, {EPISODES[0][0]}, set())
+
+
+def lone_surrogate(questions: list[dict], frames: Path) -> Defect:
+    questions[3]["question"] = "Where is the \ud800 lamp?"  # json.dumps writes the escape "\ud800"
+    return Defect(
+        "bad_text", ["q-0-3", "item 3", "'question'", "'\\ud800' at character 13"], set(), {"q-0-3"}
+    )
 
 
 def duplicate_question_id(questions: list[dict], frames: Path) -> Defect:
@@ -109,6 +135,9 @@ DEFECTS = [
     no_frames,
     corrupt_image,
     truncated_image,
+    dangling_symlink,
+    looping_symlink,
+    lone_surrogate,
     duplicate_question_id,
     missing_field,
     empty_field,
@@ -145,8 +174,12 @@ def test_bad_input(defect: Callable, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert expected.kind in err and "--on-error skip" in err
     for text in expected.mentions:
         assert text in err
-    assert not (out / "dataset_info.json").exists()
-    assert not (out / "open_eqa_train_val.jsonl").exists()
+    if expected.while_writing:  # what is left is finished episodes, for the rerun to reuse
+        assert [p.name for p in out.iterdir()] == ["open_eqa_frames"]
+        for folder in (out / "open_eqa_frames").iterdir():
+            assert not folder.name.startswith(".") and (folder / "manifest.json").is_file()
+    else:  # found before anything was written
+        assert not out.exists()
 
     # skip: the rest is prepared; the bad episodes and questions are left out and listed
     assert run(*args, "--on-error", "skip") == 0

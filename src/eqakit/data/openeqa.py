@@ -22,6 +22,7 @@ import difflib
 import glob
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -117,10 +118,8 @@ def parse_questions(records: list[Any], where: list[str]) -> tuple[list[Question
 def _parse_question(record: Any, place: str) -> tuple[Question | None, list[Problem]]:
     if not isinstance(record, dict):
         return None, [Problem("bad_record", f"{place} is a {type(record).__name__}, expected an object")]
-    qid = record.get("question_id")
-    qid = qid if isinstance(qid, str) and qid.strip() else None
-    episode = record.get("episode_history")
-    episode = episode if isinstance(episode, str) and episode.strip() else None
+    qid = _nameable(record.get("question_id"))
+    episode = _nameable(record.get("episode_history"))
 
     def problem(kind: str, message: str) -> Problem:
         return Problem(kind, f"{place}: {message}", episode_history=episode, question_id=qid)
@@ -136,6 +135,8 @@ def _parse_question(record: Any, place: str) -> tuple[Question | None, list[Prob
             )
         elif not value.strip():
             problems.append(problem("empty_field", f"field {name!r} is empty"))
+        elif (at := _unencodable_at(value)) is not None:
+            problems.append(problem("bad_text", _bad_text_message(repr(name), value, at)))
     if problems:
         return None, problems
     if not _is_safe_relative(record["episode_history"]):
@@ -164,10 +165,41 @@ def _parse_question(record: Any, place: str) -> tuple[Question | None, list[Prob
     extra = record.get("extra_answers")
     if extra is not None and not (isinstance(extra, list) and all(isinstance(a, str) for a in extra)):
         problems.append(problem("bad_field", "extra_answers must be a list of strings"))
+    else:
+        for i, answer in enumerate(extra or ()):
+            if (at := _unencodable_at(answer)) is not None:
+                problems.append(problem("bad_text", _bad_text_message(f"extra_answers[{i}]", answer, at)))
     if problems:
         return None, problems
     fields = {name: record[name] for name in QUESTION_FIELDS}
     return Question(**fields, extra_answers=tuple(extra or ())), []
+
+
+def _unencodable_at(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode, or None.
+
+    JSON's ``\\ud800`` escape decodes to a lone UTF-16 surrogate: a Python string, but not text. It
+    would fail only when the JSONL is written, after every frame, so it is a problem of its question.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def _nameable(value: Any) -> str | None:
+    """`value` when it can name a question or episode in messages and the summary, else None."""
+    if isinstance(value, str) and value.strip() and _unencodable_at(value) is None:
+        return value
+    return None
+
+
+def _bad_text_message(field_name: str, value: str, at: int) -> str:
+    return (
+        f"field {field_name} holds the lone surrogate {value[at]!r} at character {at} "
+        "(an unpaired \\uD800-\\uDFFF escape), which is not valid text; fix or remove it"
+    )
 
 
 def _is_safe_relative(path: str) -> bool:
@@ -215,9 +247,11 @@ class OfficialSource:
                     )
                 )
                 continue
-            files = sorted(
-                (p for p in folder.iterdir() if p.name.lower().endswith(RGB_SUFFIXES)), key=_frame_order
-            )
+            files, broken = _list_frames(folder)
+            for path, reason in broken:
+                problems.append(Problem("broken_frame", reason, episode.episode_history, path=str(path)))
+            if broken:
+                continue
             if not files:
                 others = sum(1 for _ in folder.iterdir())
                 message = f"no *-rgb.png frames in the folder ({others} other entries)"
@@ -236,6 +270,33 @@ class OfficialSource:
             label = f"frame {path.relative_to(self.frames_dir).as_posix()}"
             chosen.append(SourceFrame(str(path), label, [path.name, stat.st_size, stat.st_mtime_ns]))
         return chosen
+
+
+def _list_frames(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The folder's rgb frames in order, and those that are no readable file, each with the reason.
+
+    Checked here, before anything is written, because a frame symlink that dangles or loops would
+    otherwise fail only when its episode is written, half-way through the run. `os.scandir` knows
+    regular files from the directory listing, so only symlinks cost a `stat`.
+    """
+    files, broken = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.lower().endswith(RGB_SUFFIXES):
+                continue
+            path = Path(entry.path)
+            try:
+                # follows symlinks: a dangling one is no file, a looping one raises
+                if entry.is_file():
+                    files.append(path)
+                    continue
+                os.stat(path)
+            except OSError as exc:
+                what = f"a symlink to {os.readlink(path)!r}" if entry.is_symlink() else "an entry"
+                broken.append((path, f"frame is {what} that cannot be followed ({exc.strerror})"))
+            else:
+                broken.append((path, "frame is not a regular file"))
+    return sorted(files, key=_frame_order), sorted(broken)
 
 
 def _frame_order(path: Path) -> tuple[int, str]:

@@ -67,7 +67,13 @@ COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "ima
 DATASET_ENTRIES = {name: {"file_name": f"{name}.jsonl", "columns": dict(COLUMNS)} for name in (TRAIN, TEST)}
 MAX_LISTED_PROBLEMS = 30
 # Problems that make a whole episode unusable (the others concern one question).
-_EPISODE_KINDS = {"missing_frames_folder", "no_frames", "corrupt_image", "episode_id_collision"}
+_EPISODE_KINDS = {
+    "missing_frames_folder",
+    "no_frames",
+    "broken_frame",
+    "corrupt_image",
+    "episode_id_collision",
+}
 
 
 @dataclass(frozen=True)
