@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -329,6 +330,76 @@ def test_killed_run_leaves_no_partial_files_and_resumes(tmp_path: Path) -> None:
     assert run(*source, "--output-dir", str(out)) == 0
     assert run(*source, "--output-dir", str(tmp_path / "clean")) == 0
     assert output_files(out) == output_files(tmp_path / "clean")
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (state, ppid, ...), or None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _children(pid: int) -> dict[int, str]:
+    """PID -> start time of the processes whose parent is `pid` (psutil is not a dependency)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        fields = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid:
+            found[int(entry.name)] = fields[19]
+    return found
+
+
+def _running(pid: int, started: str) -> bool:
+    """Whether that very process (same start time, not a zombie waiting for PID 1) still runs."""
+    fields = _proc_stat(pid)
+    return fields is not None and fields[19] == started and fields[0] not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc")
+def test_killed_prepare_takes_its_workers_and_resource_tracker_along(tmp_path: Path) -> None:
+    """`kill -9` of `prepare --workers 2` mid-run: its pool workers and resource tracker exit too."""
+    episodes = [(f"hm3d-v0/{i:03d}-hm3d-scene{i}", 8, 5) for i in range(40)]
+    questions, frames = write_official(tmp_path, episodes, size=(480, 360))
+    out = tmp_path / "out"
+    source = ["--questions", str(questions), "--frames", str(frames), "--output-dir", str(out)]
+    command = [sys.executable, "-m", "eqakit", "prepare", "openeqa", *source, "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: dict[int, str] = {}
+    commands: dict[int, bytes] = {}
+    deadline = time.monotonic() + 60
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            children.update(_children(process.pid))
+            commands.update({pid: command for pid in children if (command := _cmdline(pid))})
+            workers = [pid for pid, command in commands.items() if b"spawn_main" in command]
+            root = out / "open_eqa_frames"
+            busy = root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir())
+            if len(workers) == 2 and busy:  # both started, and writing episodes
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"no two busy workers seen (exit code {process.poll()}, children {children})")
+    finally:
+        process.kill()
+        process.wait()
+    assert any(b"resource_tracker" in command for command in commands.values()), commands
+
+    deadline = time.monotonic() + 10
+    while any(_running(*child) for child in children.items()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = {pid: commands[pid] for pid, started in children.items() if _running(pid, started)}
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, left
 
 
 def test_existing_dataset_info_is_merged(tmp_path: Path) -> None:

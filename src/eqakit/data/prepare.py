@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -278,7 +279,9 @@ def _execute(
         for episode, job in work:
             yield episode, write_episode(job) if isinstance(job, EpisodeJob) else job
         return
-    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent
+    )
     pending: deque[tuple[Episode, Future | EpisodeResult]] = deque()
     try:
         for episode, job in work:
@@ -289,6 +292,27 @@ def _execute(
             yield _resolved(*pending.popleft())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _exit_with_parent() -> None:
+    """Pool initializer: end this worker as soon as the `prepare` process that started it is gone.
+
+    A pool worker waits for jobs on a queue whose write end it holds itself, so when its parent is
+    killed (``kill -9``, the OOM killer) it would wait forever, and with it multiprocessing's
+    resource tracker, which exits only once every process holding its pipe has. A spawned child
+    gets a parent sentinel: the read end of a pipe whose only write end the parent holds, so it
+    becomes readable (EOF) when the parent dies, however it dies. A daemon thread blocks on it (no
+    polling, no PID reuse, nothing Linux-only like PR_SET_PDEATHSIG, which also tracks the parent
+    *thread*) and ends the process. The tracker then sees EOF and exits too. A worker ended
+    mid-episode leaves at most a ``.tmp.`` or ``.old.`` folder, which the next run deletes.
+    """
+    parent = multiprocessing.parent_process()
+    threading.Thread(target=_exit_when_gone, args=(parent,), name="exit-with-parent", daemon=True).start()
+
+
+def _exit_when_gone(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()  # returns when the parent's sentinel reports EOF
+    os._exit(1)
 
 
 def _resolved(episode: Episode, result: Future | EpisodeResult) -> tuple[Episode, EpisodeResult]:
