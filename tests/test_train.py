@@ -142,9 +142,51 @@ def test_refuses_non_empty_output_dir_and_deletes_nothing(
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
+def _outside_image(data: Path) -> Path:
+    """A good image outside the dataset directory."""
+    outside = data.parent / "elsewhere" / "frame.jpg"
+    outside.parent.mkdir(exist_ok=True)
+    outside.write_bytes((data / "open_eqa_frames" / "ep0" / "000.jpg").read_bytes())
+    return outside
+
+
 def _corrupt(data: Path, how: str) -> str:
     rows = [json.loads(line) for line in (data / "toy.jsonl").read_text().splitlines()]
-    if how == "missing image":
+    if how == "invalid utf-8":
+        lines = (data / "toy.jsonl").read_bytes().splitlines(keepends=True)
+        lines[3] = lines[3].replace(b'"output": "', b'"output": "Gr\xfcn ', 1)
+        (data / "toy.jsonl").write_bytes(b"".join(lines))
+        column = lines[3].index(b"\xfc") + 1
+        return f"toy.jsonl:4: not valid UTF-8: byte 0xfc at byte {column} of line 4"
+    if how == "invalid utf-8 in a .json dataset":
+        text = json.dumps(rows, indent=1).replace('"output": "Red"', '"output": "Rouge \udcff"', 1)
+        (data / "toy.json").write_bytes(text.encode("utf-8", "surrogateescape"))  # writes the byte 0xff
+        line = text[: text.index("\udcff")].count("\n") + 1
+        info = json.loads((data / "dataset_info.json").read_text())
+        info["toy"]["file_name"] = "toy.json"
+        (data / "dataset_info.json").write_text(json.dumps(info))
+        return f"toy.json:{line}: not valid UTF-8: byte 0xff at byte"
+    if how == "image path leaving the dataset dir":
+        rows[2]["images"][0] = "../../../../../../../../../../etc/passwd"
+        expected = "toy.jsonl:3: column 'images' item 0: image '../../../../../../../../../../etc/passwd' resolves to /etc/passwd, outside"
+    elif how == "absolute image path outside":
+        rows[4]["images"][1] = outside = str(_outside_image(data))
+        expected = f"toy.jsonl:5: column 'images' item 1: image {outside!r} resolves to"
+    elif how == "symlink out of the dataset dir":
+        (data / rows[8]["images"][0]).unlink()
+        (data / rows[8]["images"][0]).symlink_to(outside := _outside_image(data))
+        expected = (
+            f"toy.jsonl:9: column 'images' item 0: image {rows[8]['images'][0]!r} resolves to "
+            f"{outside.resolve()}, outside {data.resolve()}"
+        )
+    elif how == "looping image symlink":
+        (data / rows[12]["images"][1]).unlink()
+        (data / rows[12]["images"][1]).symlink_to(data / rows[12]["images"][1])
+        expected = f"toy.jsonl:13: column 'images' item 1: image {rows[12]['images'][1]!r} cannot be resolved"
+    elif how == "image path not a string":
+        rows[6]["images"][0] = 7
+        expected = "toy.jsonl:7: column 'images' item 0: an image path must be a string, got int"
+    elif how == "missing image":
         (data / rows[3]["images"][0]).unlink()
         expected = "image file not found"
     elif how == "corrupt image":
@@ -162,7 +204,22 @@ def _corrupt(data: Path, how: str) -> str:
     return expected
 
 
-@pytest.mark.parametrize("how", ["missing image", "corrupt image", "placeholder count", "empty answer"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "missing image",
+        "corrupt image",
+        "placeholder count",
+        "empty answer",
+        "invalid utf-8",
+        "invalid utf-8 in a .json dataset",
+        "image path leaving the dataset dir",
+        "absolute image path outside",
+        "symlink out of the dataset dir",
+        "looping image symlink",
+        "image path not a string",
+    ],
+)
 def test_bad_rows_stop_before_training_with_nothing_written(
     tmp_path, tiny_model_dir, toy_dataset, capsys, how
 ) -> None:
@@ -171,6 +228,32 @@ def test_bad_rows_stop_before_training_with_nothing_written(
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_images_outside_the_dataset_dir_need_allow_outside_media(
+    tmp_path, tiny_model_dir, toy_dataset, capsys
+) -> None:
+    """Absolute image paths inside dataset_dir are fine; a frames folder symlinked in needs the opt-in."""
+    rows = [json.loads(line) for line in (toy_dataset / "toy.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["images"] = [str(toy_dataset / image) for image in row["images"]]
+    (toy_dataset / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, num_train_epochs=1, save_strategy="no")
+    assert main(["train", str(cfg)]) == 0
+
+    elsewhere = tmp_path / "other-disk" / "ep0"
+    elsewhere.parent.mkdir()
+    (toy_dataset / "open_eqa_frames" / "ep0").rename(elsewhere)
+    (toy_dataset / "open_eqa_frames" / "ep0").symlink_to(elsewhere, target_is_directory=True)
+    capsys.readouterr()
+    assert main(["train", str(cfg), f"output_dir={tmp_path / 'refused'}"]) == 1
+    err = capsys.readouterr().err
+    assert f"toy.jsonl:1: column 'images' item 0: image {rows[0]['images'][0]!r} resolves to" in err
+    assert f"{elsewhere.resolve() / '000.jpg'}, outside" in err and "allow_outside_media: true" in err
+    assert not (tmp_path / "refused").exists()
+    allowed = [f"output_dir={tmp_path / 'allowed'}", "allow_outside_media=true"]
+    assert main(["train", str(cfg), *allowed]) == 0
+    assert (tmp_path / "allowed" / "adapter_model.safetensors").is_file()
 
 
 def test_unknown_dataset_and_model_without_processor(tmp_path, tiny_model_dir, toy_dataset, capsys) -> None:

@@ -101,6 +101,11 @@ class DataArguments:
     eval_dataset: str | None = _f(None, "Evaluation/prediction dataset name(s), comma-separated.")
     dataset_dir: str = _f("data", "Directory holding dataset_info.json and the data files.")
     media_dir: str | None = _f(None, "Directory image paths are relative to (default: dataset_dir).")
+    allow_outside_media: bool = _f(
+        False,
+        "eqakit: read dataset images whose paths resolve (following symlinks) outside dataset_dir and "
+        "media_dir; by default such a row is refused, so a dataset file cannot make a run read other files.",
+    )
     cutoff_len: int = _f(2048, "Largest number of tokens (text and image) in one sample.", min=1)
     train_on_prompt: bool = _f(False, "Also learn the prompt tokens (normally only answers are learned).")
     mask_history: bool = _f(False, "Learn only the last assistant turn of multi-turn samples.")

@@ -3,7 +3,8 @@
 Two formats, as in LLaMA-Factory: ``alpaca`` (instruction/input/output columns; instruction and
 input joined by "\\n"; optional system and history columns) and ``sharegpt`` (a list of
 {from, value} turns). An ``images`` column lists image paths relative to ``media_dir`` (default:
-``dataset_dir``); ``<image>`` placeholders in the text bind to them in order. Extra columns
+``dataset_dir``), which must lead into dataset_dir or media_dir unless the user opts out
+(``allow_outside_media``); ``<image>`` placeholders in the text bind to them in order. Extra columns
 (question_id, category, episode_history, extra_answers, ...) are kept as metadata so predictions
 can be scored per category.
 
@@ -71,7 +72,7 @@ def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
             f"{path} not found: dataset_dir must hold a dataset_info.json (create one with `eqakit prepare openeqa`)"
         )
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(_read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(info, dict):
@@ -79,11 +80,28 @@ def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
     return info
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; invalid bytes are an error naming the line they are on.
+
+    Python's decode error gives a byte offset only, which is of no use for finding the row.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8: byte {data[exc.start]:#04x} at byte {column} of line {line} "
+            f"(file offset {exc.start}, {exc.reason}); save the file as UTF-8"
+        ) from None
+
+
 def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """Rows of a .json (list) or .jsonl file, each with its "file:line" for error messages."""
     if not path.is_file():
         raise DataError(f"dataset file {path} not found")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if path.suffix == ".json":
         try:
             data = json.loads(text)
@@ -161,12 +179,51 @@ def _sharegpt(
     return messages, system
 
 
+class _MediaRoots:
+    """Where a dataset's images may be: inside dataset_dir or media_dir, after resolving symlinks.
+
+    A row's image path is read as given, so without this check a dataset file could make a
+    training run read any file the user can read (``../../../../etc/passwd``, an absolute path, a
+    symlink inside the directory pointing out of it). ``allow_outside_media`` lifts it, for images
+    kept elsewhere on purpose (e.g. a frames folder symlinked in from another disk).
+    """
+
+    def __init__(self, dataset_dir: Path, media: Path, allow_outside: bool) -> None:
+        self.roots = {dataset_dir.resolve(), media.resolve()}
+        self.allow_outside = allow_outside
+        self.checked: set[Path] = set()
+
+    def check(self, path: Path, image: str, where: str) -> None:
+        if self.allow_outside or path in self.checked:
+            return
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+            raise DataError(f"{where}: image {image!r} cannot be resolved ({exc})") from None
+        if not any(resolved.is_relative_to(root) for root in self.roots):
+            roots = " or ".join(sorted(str(r) for r in self.roots))
+            raise DataError(
+                f"{where}: image {image!r} resolves to {resolved}, outside {roots}; move it inside, "
+                "or set allow_outside_media: true if images outside the dataset directory are meant"
+            )
+        self.checked.add(path)
+
+
 def load_samples(
-    names: str, dataset_dir: str | Path, media_dir: str | Path | None = None, max_samples: int | None = None
+    names: str,
+    dataset_dir: str | Path,
+    media_dir: str | Path | None = None,
+    max_samples: int | None = None,
+    *,
+    allow_outside_media: bool = False,
 ) -> list[Sample]:
-    """All samples of the comma-separated dataset names, in file order (max_samples per dataset)."""
+    """All samples of the comma-separated dataset names, in file order (max_samples per dataset).
+
+    Image paths must resolve inside dataset_dir or media_dir unless ``allow_outside_media``.
+    """
     dataset_dir = Path(dataset_dir)
     media = Path(media_dir) if media_dir else dataset_dir
+    roots = _MediaRoots(dataset_dir, media, allow_outside_media)
     info = read_dataset_info(dataset_dir)
     samples: list[Sample] = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
@@ -200,9 +257,16 @@ def load_samples(
                 messages, system = _sharegpt(row, columns, tags, where)
             images = []
             if columns.get("images") and row.get(columns["images"]):
-                for image in _field(row, columns["images"], where, list):
+                for i, image in enumerate(_field(row, columns["images"], where, list)):
+                    place = f"{where}: column {columns['images']!r} item {i}"
+                    if not isinstance(image, str):
+                        raise DataError(
+                            f"{place}: an image path must be a string, got {type(image).__name__}"
+                        )
                     path = Path(image)
-                    images.append(path if path.is_absolute() else media / path)
+                    path = path if path.is_absolute() else media / path
+                    roots.check(path, image, place)
+                    images.append(path)
             meta = {k: v for k, v in row.items() if k not in used}
             samples.append(Sample(messages, images, system, meta, where))
     return samples

@@ -62,7 +62,11 @@ def run_predict(cfg: Config, engine: Engine | VllmEngine | None = None) -> dict[
         raise EqakitError("predict needs a train config with do_predict: true and eval_dataset set")
     out = Path(training.output_dir)
     samples = load_samples(
-        cfg.data.eval_dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples
+        cfg.data.eval_dataset,
+        cfg.data.dataset_dir,
+        cfg.data.media_dir,
+        cfg.data.max_samples,
+        allow_outside_media=cfg.data.allow_outside_media,
     )
     if not samples:
         raise DataError(f"eval_dataset {cfg.data.eval_dataset!r} has no samples")

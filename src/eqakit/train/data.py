@@ -238,8 +238,16 @@ def split_train_val(n: int, val_size: float, seed: int) -> tuple[list[int], list
     return list(split["train"]["i"]), list(split["test"]["i"])
 
 
-def load_training_samples(cfg: Config) -> list[Sample]:
-    return load_samples(cfg.data.dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples)
+def load_training_samples(cfg: Config, names: str | None = None) -> list[Sample]:
+    """The samples of `names` (default: the training datasets), read as the config's data keys say."""
+    d = cfg.data
+    return load_samples(
+        names or d.dataset,
+        d.dataset_dir,
+        d.media_dir,
+        d.max_samples,
+        allow_outside_media=d.allow_outside_media,
+    )
 
 
 def count_by(samples: list[Sample], key: str) -> dict[str, int]:

@@ -139,11 +139,7 @@ def _eval_samples(cfg: Config, processor: Any, budget: ImageBudget) -> tuple[lis
     """eval_dataset's planned samples, when training evaluates on a dataset of its own."""
     if not cfg.data.eval_dataset:
         return None
-    from eqakit.data.dataset import load_samples
-
-    samples = load_samples(
-        cfg.data.eval_dataset, cfg.data.dataset_dir, cfg.data.media_dir, cfg.data.max_samples
-    )
+    samples = load_training_samples(cfg, cfg.data.eval_dataset)
     plans, samples, _ = plan_samples(samples, processor.tokenizer, cfg, budget)
     return plans, samples
 
