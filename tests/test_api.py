@@ -91,10 +91,10 @@ def settings(model_dir: Path, *extra: str) -> list[str]:
 
 
 @contextmanager
-def serving(app) -> Iterator[tuple[str, Service]]:
+def serving(app, header_timeout_s: float = 10.0) -> Iterator[tuple[str, Service]]:
     """The app under uvicorn on a free port of 127.0.0.1, in a thread."""
     sock = bind("127.0.0.1", 0)
-    server = ApiServer(app, app.state.service.drain, log_level="warning")
+    server = ApiServer(app, app.state.service.drain, log_level="warning", header_timeout_s=header_timeout_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -208,6 +208,12 @@ class ApiArguments:
         "(decompression bombs).",
         min=1,
     )
+    api_max_request_pixels: int = _f(
+        80_000_000,
+        "Most pixels (width x height, summed over its images) one request may ask the server to decode; "
+        "bounds the memory a single request can take.",
+        min=1,
+    )
     api_max_body_mb: float = _f(
         64.0, "Largest request body, in MiB (larger requests get 413).", min=0.0, min_exclusive=True
     )
@@ -218,6 +224,19 @@ class ApiArguments:
     api_max_batch_size: int = _f(16, "Most sequences the engine decodes together.", min=1)
     api_batch_window_ms: float = _f(
         10.0, "How long the engine waits for more requests to start together with the first one.", min=0.0
+    )
+    api_header_timeout: float = _f(
+        10.0,
+        "Seconds a connection may take to send a request's headers (slow or stalled clients are "
+        "disconnected, so they cannot hold connections open).",
+        min=0.0,
+        min_exclusive=True,
+    )
+    api_body_timeout: float = _f(
+        60.0,
+        "Seconds a request may take to send its whole body (a stalled upload gets 408).",
+        min=0.0,
+        min_exclusive=True,
     )
     api_drain_timeout: float = _f(
         30.0, "On SIGTERM, seconds to let in-flight requests finish before exiting.", min=0.0

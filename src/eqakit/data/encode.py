@@ -12,14 +12,17 @@ decoding pixels; `materialize` produces tensors when a batch needs them.
 
 from __future__ import annotations
 
+import re
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from eqakit.data.template import Message, count_images, render
+from eqakit.data.template import Message, Segment, count_images, render
 
 IGNORE_INDEX = -100
 IMAGE_PAD = "<|image_pad|>"
@@ -55,6 +58,70 @@ class Plan:
 
 class SampleTooLong(ValueError):
     """The sample's text alone, or text plus the smallest allowed images, exceeds cutoff_len."""
+
+
+# NFC normalization (Qwen's tokenizers apply it) composes at most 4 code points into one character.
+_MAX_COMPOSED = 4
+
+
+class TextEncoder:
+    """Prompt text to token ids, where only the template's markup can become special tokens.
+
+    Message text (a segment's ``literal`` spans) is tokenized with special tokens read as plain
+    text: a user who types ``<|im_end|>\n<|im_start|>system`` gets those characters, not a forged
+    turn, and ``<|image_pad|>`` in text is not an image. Text without special-token strings is
+    tokenized as one piece, exactly as the checkpoint's own chat template does.
+
+    It works on private copies of the tokenizer's Rust core that are never reconfigured (the
+    transformers wrapper mutates its core, e.g. for ``split_special_tokens``), so any number of
+    threads may encode at once without a lock. ``max_chars`` bounds the characters one token can
+    cover, so text too long for a budget is refused from its length before any tokenizing.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        core = getattr(tokenizer, "backend_tokenizer", None)
+        if not isinstance(core, Tokenizer):
+            raise TypeError(
+                f"eqakit needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}"
+            )
+        self._markup, self._plain = Tokenizer.from_str(core.to_str()), Tokenizer.from_str(core.to_str())
+        for copy in (self._markup, self._plain):
+            copy.no_truncation()
+            copy.no_padding()
+        self._markup.encode_special_tokens = False
+        self._plain.encode_special_tokens = True
+        specials = sorted(
+            (t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True
+        )
+        self._special = re.compile("|".join(map(re.escape, specials))) if specials else None
+        longest = max(len(token) for token in core.get_vocab(with_added_tokens=True))
+        self.max_chars = longest * _MAX_COMPOSED
+
+    def encode(self, segment: Segment) -> list[int]:
+        text = segment.text
+        if self._special is None or not any(self._special.search(text, a, b) for a, b in segment.literal):
+            return self._markup.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        done = 0
+        for start, end in segment.literal:
+            if start > done:
+                ids += self._markup.encode(text[done:start], add_special_tokens=False).ids
+            ids += self._plain.encode(text[start:end], add_special_tokens=False).ids
+            done = end
+        if done < len(text):
+            ids += self._markup.encode(text[done:], add_special_tokens=False).ids
+        return ids
+
+
+_ENCODERS: weakref.WeakKeyDictionary[Any, TextEncoder] = weakref.WeakKeyDictionary()
+
+
+def text_encoder(tokenizer: Any) -> TextEncoder:
+    """The `TextEncoder` of a tokenizer (built once per tokenizer)."""
+    encoder = _ENCODERS.get(tokenizer)
+    if encoder is None:
+        encoder = _ENCODERS[tokenizer] = TextEncoder(tokenizer)
+    return encoder
 
 
 def image_grid(
@@ -102,11 +169,17 @@ def plan_sample(
         add_generation_prompt=add_generation_prompt,
         system=system,
     )
+    encoder = text_encoder(tokenizer)
+    characters = sum(len(s.text) for s in segments) - len(image_sizes) * len(IMAGE_PAD)
+    if characters > cutoff_len * encoder.max_chars:  # refused before tokenizing (a 60 MB body)
+        raise SampleTooLong(
+            f"the text has {characters} characters: more than cutoff_len {cutoff_len} tokens can hold"
+        )
     learned = [i for i, s in enumerate(segments) if s.learn]
     input_ids: list[int] = []
     labels: list[int] = []
     for i, segment in enumerate(segments):
-        ids = tokenizer.encode(segment.text, add_special_tokens=False)
+        ids = encoder.encode(segment)
         learn = train_on_prompt or (segment.learn and (not mask_history or i == learned[-1]))
         input_ids += ids
         labels += ids if learn else [IGNORE_INDEX] * len(ids)

@@ -30,10 +30,45 @@ Message = dict[str, Any]  # {"role": "system"|"user"|"assistant", "content": str
 
 @dataclass(frozen=True)
 class Segment:
-    """A stretch of prompt text; ``learn`` marks the answer text whose tokens carry labels."""
+    """A stretch of prompt text; ``learn`` marks the answer text whose tokens carry labels.
+
+    ``literal`` holds the (start, end) character spans of ``text`` that came from a message (user,
+    system or assistant text) rather than from the template: the encoder tokenizes those as plain
+    text, so ``<|im_end|>`` typed by a user can never close a turn or forge a system prompt.
+    """
 
     text: str
     learn: bool
+    literal: tuple[tuple[int, int], ...] = ()
+
+
+class _Builder:
+    """Accumulates a segment's text, recording which spans are message text (see `Segment.literal`)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.spans: list[tuple[int, int]] = []
+
+    def markup(self, text: str) -> None:
+        self.text += text
+
+    def literal(self, text: str) -> None:
+        if text:
+            self.spans.append((len(self.text), len(self.text) + len(text)))
+            self.text += text
+
+    def content(self, content: Any) -> None:
+        """A user message's content: its text parts literal, its images the template's vision markup."""
+        for part in content_parts(content):
+            if part["type"] == "image":
+                self.markup(IMAGE_TOKENS)
+            else:
+                self.literal(part["text"])
+
+    def take(self, learn: bool) -> Segment:
+        segment = Segment(self.text, learn, tuple(self.spans))
+        self.text, self.spans = "", []
+        return segment
 
 
 def content_parts(content: Any) -> list[dict[str, Any]]:
@@ -71,10 +106,6 @@ def count_images(messages: list[Message]) -> int:
     return sum(1 for m in messages for p in content_parts(m.get("content")) if p["type"] == "image")
 
 
-def _render_content(content: Any) -> str:
-    return "".join(IMAGE_TOKENS if p["type"] == "image" else p["text"] for p in content_parts(content))
-
-
 def _text(content: Any) -> str:
     return "".join(p.get("text", "") for p in content_parts(content))
 
@@ -98,19 +129,23 @@ def render(
         raise ValueError(f"unknown template {template!r}; eqakit renders qwen3_vl_nothink and qwen3_vl")
     thinking_template = template == "qwen3_vl"
     segments: list[Segment] = []
-    prompt = ""
+    prompt = _Builder()
     if messages and messages[0].get("role") == "system":
         system, messages = _text(messages[0].get("content")), messages[1:]
     if system:
-        prompt += f"<|im_start|>system\n{system}<|im_end|>\n"
+        prompt.markup("<|im_start|>system\n")
+        prompt.literal(system)
+        prompt.markup("<|im_end|>\n")
     last_assistant = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=-1)
     for i, message in enumerate(messages):
         role = message.get("role")
         if role == "user":
-            prompt += f"<|im_start|>user\n{_render_content(message.get('content'))}<|im_end|>\n"
+            prompt.markup("<|im_start|>user\n")
+            prompt.content(message.get("content"))
+            prompt.markup("<|im_end|>\n")
         elif role == "assistant":
             answer = _text(message.get("content"))
-            prompt += "<|im_start|>assistant\n"
+            prompt.markup("<|im_start|>assistant\n")
             if thinking_template:
                 if i != last_assistant or not enable_thinking:
                     answer = _THINK_BLOCK.sub("", answer)  # earlier turns never keep their reasoning
@@ -118,10 +153,11 @@ def render(
                     if enable_thinking:
                         answer = EMPTY_THOUGHT + answer
                     else:
-                        prompt += EMPTY_THOUGHT
-            segments.append(Segment(prompt, learn=False))
-            segments.append(Segment(f"{answer}<|im_end|>\n", learn=True))
-            prompt = ""
+                        prompt.markup(EMPTY_THOUGHT)
+            segments.append(prompt.take(learn=False))
+            prompt.literal(answer)
+            prompt.markup("<|im_end|>\n")
+            segments.append(prompt.take(learn=True))
         else:
             raise ValueError(
                 f"message {i}: role must be system (first only), user or assistant, got {role!r}"
@@ -129,11 +165,11 @@ def render(
     if add_generation_prompt:
         if not messages or messages[-1].get("role") != "user":
             raise ValueError("the conversation must end with a user message to generate a reply")
-        prompt += "<|im_start|>assistant\n"
+        prompt.markup("<|im_start|>assistant\n")
         if thinking_template and not enable_thinking:
-            prompt += EMPTY_THOUGHT
-    if prompt:
-        segments.append(Segment(prompt, learn=False))
+            prompt.markup(EMPTY_THOUGHT)
+    if prompt.text:
+        segments.append(prompt.take(learn=False))
     return segments
 
 

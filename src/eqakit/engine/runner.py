@@ -70,8 +70,11 @@ class _Row:
         self.seen = job.prepared.ids.tolist() if self.params.repetition_penalty != 1.0 else None
         self.tracker = tracker
 
-    def push(self, token: int, eos: frozenset[int]) -> bool:
-        """Record the next token, stream its text; True when the sequence is finished."""
+    def push(self, token: int | Exception, eos: frozenset[int]) -> bool:
+        """Record the next token, stream its text; True when the sequence is finished (or its draw failed)."""
+        if isinstance(token, Exception):
+            _fail(self.job, token)
+            return True
         self.tokens.append(token)
         if self.seen is not None:
             self.seen.append(token)
@@ -95,6 +98,11 @@ class _Row:
     def _emit(self, delta: str) -> None:
         if delta and self.job.on_delta is not None:
             self.job.on_delta(delta)
+
+
+def _fail(job: Job, error: BaseException) -> None:
+    if job.on_error is not None:
+        job.on_error(error)
 
 
 def _by_length(lengths: list[int], slack: int = 64) -> list[list[int]]:
@@ -150,13 +158,31 @@ class Runner:
         if not jobs:
             return
         with self.lock, torch.inference_mode():
-            features = self._features(jobs)
-            bases = self._bases(jobs, features)
+            try:
+                features = self._features(jobs)
+                bases = self._bases(jobs, features)
+            except Exception as error:
+                self._one_by_one(jobs, error)
+                return
             suffixes = [
                 job.prepared.length - (b.length if b else 0) for job, b in zip(jobs, bases, strict=True)
             ]
             for group in _by_length(suffixes):
-                self._join([jobs[i] for i in group], [features[i] for i in group], [bases[i] for i in group])
+                try:
+                    self._join(
+                        [jobs[i] for i in group], [features[i] for i in group], [bases[i] for i in group]
+                    )
+                except Exception as error:
+                    self._one_by_one([jobs[i] for i in group], error)
+
+    def _one_by_one(self, jobs: list[Job], error: Exception) -> None:
+        """After a failed prefill: a lone job fails with the error; a group is admitted again job by job,
+        so only the request at fault fails and the rows already decoding are untouched."""
+        if len(jobs) == 1:
+            _fail(jobs[0], error)
+            return
+        for job in jobs:
+            self.admit([job])
 
     def _join(
         self, jobs: list[Job], features: list[list[VisualFeatures]], bases: list[PrefixState | None]
@@ -319,5 +345,4 @@ class Runner:
         """Report ``error`` to every row in the batch and empty it (after a failed forward pass)."""
         rows, self.rows, self.kv = self.rows, [], None
         for row in rows:
-            if row.job.on_error is not None:
-                row.job.on_error(error)
+            _fail(row.job, error)

@@ -10,7 +10,14 @@ Features:
   are decoded and prompts tokenized on worker threads, generation runs on the engine's thread;
 - ``infer_backend: vllm`` puts the same API in front of vLLM's engine instead (eqakit.engine.vllm);
 - a client that disconnects cancels its generation;
-- every bad request gets a 4xx in OpenAI's error shape; the server keeps serving;
+- every bad request gets a 4xx in OpenAI's error shape, and fails only itself: the server keeps
+  serving, other requests in its batch are not harmed (see tests/test_api_hostile.py);
+- message text is text: special tokens typed by a client (``<|im_end|>``, ``<|image_pad|>``) are
+  tokenized as characters, never as control tokens (eqakit.data.encode.TextEncoder);
+- slow clients cannot hold connections: headers must arrive within ``api_header_timeout`` and the
+  body within ``api_body_timeout`` (408); malformed HTTP gets a JSON 400;
+- ``/health`` answers without the API key (for load balancers; it reveals only counters), every
+  other route, the OpenAPI schema at ``/openapi.json`` included, needs it;
 - API_KEY: ``Authorization: Bearer`` compared in constant time, 401 otherwise;
 - SIGTERM (or Ctrl-C): new requests get 503, in-flight ones finish (up to api_drain_timeout), exit 0.
 
@@ -35,11 +42,11 @@ import json
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -59,7 +66,7 @@ from eqakit.engine import (
 from eqakit.engine import Request as EngineRequest
 from eqakit.engine.load import load_engine
 from eqakit.errors import ConfigError
-from eqakit.serve.images import ImagePolicy, MiB, RecentImages, load_image
+from eqakit.serve.images import ImagePolicy, MiB, PixelAllowance, RecentImages, load_image
 from eqakit.serve.protocol import (
     ApiError,
     AssistantMessage,
@@ -77,7 +84,7 @@ from eqakit.serve.protocol import (
     now,
     parse_chat_request,
 )
-from eqakit.serve.server import ApiServer, Drain, DrainGate, bind
+from eqakit.serve.server import TRIM, ApiServer, Drain, DrainGate, bind
 
 if TYPE_CHECKING:
     from eqakit.engine.prepare import Prepared
@@ -85,6 +92,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("eqakit.api")
 MAX_STOP = 16
+LARGE_BODY = 8 * MiB  # after a request this large, or one that decoded this many pixels,
+LARGE_DECODE = 16_000_000  # freed memory is handed back to the OS (see server.DrainGate)
+T = TypeVar("T")
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -115,9 +125,8 @@ def create_app(
     limits = settings or ApiArguments()
     worker = engine.worker(batch_window_s=limits.api_batch_window_ms / 1000)
     drain = Drain(limits.api_drain_timeout)
-    service = Service(
-        engine, worker, ImagePolicy.from_args(limits), limits, model_name, api_key or None, now(), drain
-    )
+    policy = ImagePolicy.from_args(limits, target_pixels=engine.format.budget.max_pixels)
+    service = Service(engine, worker, policy, limits, model_name, api_key or None, now(), drain)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -125,7 +134,14 @@ def create_app(
         yield
         await asyncio.to_thread(worker.close, limits.api_drain_timeout)
 
-    app = FastAPI(title="eqakit", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="eqakit",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,  # served below, behind the API key
+        redirect_slashes=False,  # a 307 would take its Location from the client's Host header
+    )
     app.state.service = service
     app.add_middleware(DrainGate, drain=drain)
     _add_error_handlers(app)
@@ -153,6 +169,10 @@ def create_app(
             "cancelled": service.cancelled,
         }
 
+    @app.get("/openapi.json", dependencies=[Depends(authorize)], include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
         return ModelList(data=[ModelCard(id=service.model_name, created=service.created)]).model_dump()
@@ -170,9 +190,17 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(request: Request) -> Response:
-        body = await _read_body(request, int(limits.api_max_body_mb * MiB))
-        chat = await asyncio.to_thread(parse_chat_request, body)
-        prepared = await _prepare(service, chat)
+        body = await _read_body(request, int(limits.api_max_body_mb * MiB), limits.api_body_timeout)
+        allowance = PixelAllowance(limits.api_max_request_pixels)
+        if len(body) >= LARGE_BODY:
+            request.scope[TRIM] = True
+        try:
+            chat = await _off_loop(parse_chat_request, body)
+            del body
+            prepared = await _prepare(service, chat, allowance)
+        finally:
+            if allowance.used >= LARGE_DECODE:
+                request.scope[TRIM] = True
         submissions = _submit(worker, prepared)
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         if chat.stream:
@@ -192,20 +220,42 @@ def create_app(
 # ---- request handling ------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _off_loop(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` on a worker thread. A StopIteration escaping it would be set on an asyncio
+    future, which asyncio refuses, and the request would hang for ever: it becomes a RuntimeError (500)."""
+
+    def run() -> T:
+        try:
+            return function(*args)
+        except (StopIteration, StopAsyncIteration) as exc:
+            raise RuntimeError(f"{type(exc).__name__} in {function.__name__}") from None
+
+    return await asyncio.to_thread(run)
+
+
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     too_large = ApiError(
         413, f"the request body is larger than {limit} bytes (api_max_body_mb)", code="request_too_large"
     )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {timeout_s:g} s (api_body_timeout)", code="timeout"
+        ) from None
 
 
 def _bounded(value: int | None, name: str, high: int, setting: str) -> int | None:
@@ -214,7 +264,9 @@ def _bounded(value: int | None, name: str, high: int, setting: str) -> int | Non
     return value
 
 
-async def _prepare(service: Service, chat: ChatCompletionRequest) -> list[Prepared | VllmPrepared]:
+async def _prepare(
+    service: Service, chat: ChatCompletionRequest, allowance: PixelAllowance
+) -> list[Prepared | VllmPrepared]:
     """One prepared engine request per choice (n), images decoded and prompt tokenized off the event loop."""
     limits = service.limits
     max_tokens = _bounded(chat.max_tokens, "max_tokens", limits.api_max_new_tokens, "api_max_new_tokens")
@@ -249,8 +301,8 @@ async def _prepare(service: Service, chat: ChatCompletionRequest) -> list[Prepar
         stop=stop,
         seed=chat.seed,
     )
-    messages = await asyncio.to_thread(_engine_messages, chat, service.policy, service.recent)
-    first = await asyncio.to_thread(service.engine.prepare, EngineRequest(messages, params))
+    messages = await _off_loop(_engine_messages, chat, service.policy, service.recent, allowance)
+    first = await _off_loop(service.engine.prepare, EngineRequest(messages, params))
     if chat.seed is None:
         return [first] * n  # each unseeded sampling row draws its own random seed
     return [
@@ -262,7 +314,10 @@ async def _prepare(service: Service, chat: ChatCompletionRequest) -> list[Prepar
 
 
 def _engine_messages(
-    chat: ChatCompletionRequest, policy: ImagePolicy, recent: RecentImages | None = None
+    chat: ChatCompletionRequest,
+    policy: ImagePolicy,
+    recent: RecentImages | None = None,
+    allowance: PixelAllowance | None = None,
 ) -> list[dict[str, Any]]:
     """OpenAI messages as the engine's: developer -> system, image_url parts -> decoded images."""
 
@@ -285,7 +340,9 @@ def _engine_messages(
                 if not isinstance(part, ImagePart)
                 else {
                     "type": "image",
-                    "image": load_image(part.image_url.url, policy, f"messages[{i}].content[{j}]", recent),
+                    "image": load_image(
+                        part.image_url.url, policy, f"messages[{i}].content[{j}]", recent, allowance
+                    ),
                 }
                 for j, part in enumerate(content)
             ]
@@ -465,5 +522,5 @@ def cli(argv: list[str]) -> int:
         f"eqakit api: serving {name!r} at http://{host}:{raw_port}/v1 (API key {'required' if api_key else 'off'})",
         file=sys.stderr,
     )
-    ApiServer(app, app.state.service.drain).run(sockets=[sock])
+    ApiServer(app, app.state.service.drain, header_timeout_s=cfg.api.api_header_timeout).run(sockets=[sock])
     return 0

@@ -11,7 +11,11 @@ exhaust its memory, so every source has a fence:
 - other strings are paths inside ``api_media_dir`` (relative to it, or absolute within it); ``..``
   and symlinks that lead out of it are refused, as are ``file://`` URLs;
 - the decoder only tries the five formats, reads the image size from the header and refuses an
-  image over ``api_max_image_pixels`` before decoding its pixels (decompression bombs).
+  image over ``api_max_image_pixels`` before decoding its pixels (decompression bombs);
+- memory is bounded per request, not only per image: the pixels a request asks to decode are
+  summed (``api_max_request_pixels``), and an image much larger than the model will look at is
+  reduced while it is decoded (JPEG's DCT scaling, Pillow's ``reduce``) to no less than twice the
+  model's ``image_max_pixels`` per side, so sixteen 6000x6000 images never sit in memory at full size.
 
 Every refusal is a `RequestError` whose message names the message and part it came from.
 
@@ -23,10 +27,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import http.client
 import io
 import ipaddress
+import math
 import re
 import socket
 import ssl
@@ -69,9 +75,11 @@ class ImagePolicy:
     timeout_s: float = 10.0
     max_bytes: int = 20 * MiB
     max_pixels: int = 40_000_000
+    max_request_pixels: int = 80_000_000
+    target_pixels: int | None = None  # the model's image_max_pixels: larger images are reduced toward it
 
     @classmethod
-    def from_args(cls, args: ApiArguments) -> ImagePolicy:
+    def from_args(cls, args: ApiArguments, target_pixels: int | None = None) -> ImagePolicy:
         """The policy of a config's api_* keys; raises ConfigError for a missing media dir or a bad network."""
         media_dir = None
         if args.api_media_dir:
@@ -95,7 +103,26 @@ class ImagePolicy:
             timeout_s=args.api_remote_timeout,
             max_bytes=int(args.api_max_image_mb * MiB),
             max_pixels=args.api_max_image_pixels,
+            max_request_pixels=args.api_max_request_pixels,
+            target_pixels=target_pixels,
         )
+
+
+class PixelAllowance:
+    """What one request may still decode, in pixels (``api_max_request_pixels``, summed over its images)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, width: int, height: int, where: str) -> None:
+        self.used += width * height
+        if self.used > self.limit:
+            raise _refuse(
+                where,
+                f"the request's images add up to more than {self.limit} pixels (api_max_request_pixels); "
+                "send fewer or smaller images",
+            )
 
 
 class RecentImages:
@@ -131,18 +158,36 @@ class RecentImages:
                 self._bytes -= old.width * old.height * 3
 
 
-def load_image(url: str, policy: ImagePolicy, where: str, recent: RecentImages | None = None) -> Image.Image:
-    """The RGB image behind an ``image_url`` (raises RequestError naming ``where`` when refused or bad)."""
+def load_image(
+    url: str,
+    policy: ImagePolicy,
+    where: str,
+    recent: RecentImages | None = None,
+    allowance: PixelAllowance | None = None,
+) -> Image.Image:
+    """The RGB image behind an ``image_url`` (raises RequestError naming ``where`` when refused or bad).
+
+    ``allowance`` is the request's pixel budget; each image decoded is charged its source size.
+    """
     url = url.strip()
     match = SCHEME.match(url)
     scheme = match.group(1).lower() if match else ""
+    decode = functools.partial(
+        decode_image,
+        max_pixels=policy.max_pixels,
+        where=where,
+        target_pixels=policy.target_pixels,
+        allowance=allowance,
+    )
     if scheme == "data":
         key = hashlib.blake2b(url.encode(), digest_size=16).digest()
         image = recent.get(key) if recent is not None else None
         if image is None:
-            image = decode_image(_from_data_uri(url, where), policy.max_pixels, where)
+            image = decode(_from_data_uri(url, where))
             if recent is not None:
                 recent.put(key, image)
+        elif allowance is not None:
+            allowance.charge(*image.size, where)
         return image
     elif scheme in ("http", "https"):
         data = _fetch(url, policy, where)
@@ -152,11 +197,23 @@ def load_image(url: str, policy: ImagePolicy, where: str, recent: RecentImages |
         raise _refuse(where, f"unsupported URL scheme {scheme!r}; send a data: URI (base64)")
     else:
         data = _read_local(url, policy, where)
-    return decode_image(data, policy.max_pixels, where)
+    return decode(data)
 
 
-def decode_image(data: bytes, max_pixels: int, where: str) -> Image.Image:
-    """Decode png/jpeg/webp/gif/bmp bytes to RGB, refusing an oversized image before reading its pixels."""
+def decode_image(
+    data: bytes,
+    max_pixels: int,
+    where: str,
+    *,
+    target_pixels: int | None = None,
+    allowance: PixelAllowance | None = None,
+) -> Image.Image:
+    """Decode png/jpeg/webp/gif/bmp bytes to RGB, refusing an oversized image before reading its pixels.
+
+    With ``target_pixels`` an image over four times that size is reduced by a whole factor while
+    decoding (it stays at least twice the target per side, so the processor's own resize still has
+    detail to work from).
+    """
     kinds = "png, jpeg, webp, gif or bmp"
     try:
         with warnings.catch_warnings():
@@ -180,13 +237,39 @@ def decode_image(data: bytes, max_pixels: int, where: str) -> Image.Image:
             f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
             "(api_max_image_pixels); send a smaller image",
         )
+    if allowance is not None:
+        allowance.charge(width, height, where)
+    factor = _reduction(width, height, target_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if factor > 1 and image.format in ("JPEG", "MPO"):
+                image.draft("RGB", (width // factor, height // factor))  # decoded at 1/2, 1/4 or 1/8 scale
             image.load()  # the first frame of an animated gif/webp
+            if factor > 1:
+                image = _reduce(image, factor, width)
             return image.convert("RGB")
     except Exception as exc:  # truncated or corrupt pixel data, whatever the decoder raises
         raise _refuse(where, f"the {image.format.lower()} image is truncated or corrupt ({exc})") from None
+
+
+def _reduction(width: int, height: int, target_pixels: int | None) -> int:
+    """The whole factor an image may be shrunk by per side and still keep 4x ``target_pixels``."""
+    if target_pixels is None or width * height <= 4 * target_pixels:
+        return 1
+    return max(1, int(math.sqrt(width * height / (4 * target_pixels))))
+
+
+def _reduce(image: Image.Image, factor: int, width: int) -> Image.Image:
+    """``image`` reduced to about 1/``factor`` of the source ``width`` (a JPEG draft may have done part)."""
+    left = image.width * factor // width
+    if left <= 1:
+        return image
+    if image.mode == "1":
+        image = image.convert("L")
+    elif image.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):  # palette and other modes reduce() refuses
+        image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+    return image.reduce(left)
 
 
 def _sniff(data: bytes) -> str | None:
@@ -249,14 +332,19 @@ def _read_local(path: str, policy: ImagePolicy, where: str) -> bytes:
         raise _refuse(where, "the image path cannot be resolved") from None
     if not resolved.is_relative_to(root):
         raise _refuse(where, "the image path leads outside the server's media directory")
-    if not resolved.is_file():
-        raise _refuse(where, f"no image file {path!r} in the server's media directory")
-    size = resolved.stat().st_size
-    if size > policy.max_bytes:
-        raise _refuse(
-            where, f"the image file is {size} bytes, over the limit of {policy.max_bytes} (api_max_image_mb)"
-        )
-    return resolved.read_bytes()
+    shown = path if len(path) <= 200 else f"{path[:200]}..."
+    try:
+        if not resolved.is_file():
+            raise _refuse(where, f"no image file {shown!r} in the server's media directory")
+        size = resolved.stat().st_size
+        if size > policy.max_bytes:
+            raise _refuse(
+                where,
+                f"the image file is {size} bytes, over the limit of {policy.max_bytes} (api_max_image_mb)",
+            )
+        return resolved.read_bytes()
+    except OSError as exc:  # a name too long for the file system, a permission, a vanished file
+        raise _refuse(where, f"the image file {shown!r} cannot be read ({exc.strerror or exc})") from None
 
 
 # ---- remote images ---------------------------------------------------------------------------------

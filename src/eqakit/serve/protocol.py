@@ -41,6 +41,8 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        if self.status == 408:  # the rest of a stalled body will not be read: the connection ends
+            headers = {"Connection": "close"}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 

@@ -7,20 +7,44 @@ stops at once.
 
     sock = bind("127.0.0.1", 8000)
     ApiServer(app, drain).run(sockets=[sock])
+
+Connections are guarded below the app: a client has ``header_timeout_s`` to send each request's
+headers (slowloris clients holding hundreds of half-open connections are cut off), and malformed
+HTTP is answered with the same JSON error body as every other refusal, not uvicorn's plain text.
+uvicorn's own limits stay on: keep-alive connections idle for 5 s are closed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import ctypes.util
+import functools
+import json
 import socket
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from eqakit.errors import EqakitError
 from eqakit.serve.protocol import ApiError
+
+TRIM = "eqakit.trim"  # set in a request's scope by a route that held a lot of memory
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: RSS stays at its peak)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @dataclass
@@ -52,13 +76,73 @@ class DrainGate:
             await self.app(scope, receive, send)
         finally:
             self.drain.active -= 1
+            if scope.get(TRIM):
+                await asyncio.to_thread(_malloc_trim)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for request headers and JSON answers to malformed HTTP."""
+
+    def __init__(self, *args: Any, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def _awaiting_headers(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
+
+    def _arm(self) -> None:
+        if self._header_deadline is None and self._awaiting_headers():
+            self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._arm()  # the first bytes of a request (also of the next one on a kept-alive connection)
+        super().data_received(data)
+        if not self._awaiting_headers():
+            self._disarm()  # headers complete: the app's own body timeout takes over
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing() and self._awaiting_headers():
+            self._send_error(408, f"the request headers did not arrive within {self.header_timeout_s:g} s")
+
+    def send_400_response(self, msg: str) -> None:
+        self._send_error(400, f"malformed HTTP request: {msg}")
+
+    def _send_error(self, status: int, message: str) -> None:
+        """An OpenAI-shaped JSON error, written raw (h11's state may allow no response), then close."""
+        body = json.dumps(ApiError(status, message, code="invalid_http").body()).encode()
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+        self.transport.close()
 
 
 class ApiServer(uvicorn.Server):
     """uvicorn whose first exit signal drains (see the module docstring)."""
 
-    def __init__(self, app: Any, drain: Drain, *, log_level: str = "info") -> None:
-        super().__init__(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
+    def __init__(
+        self, app: Any, drain: Drain, *, log_level: str = "info", header_timeout_s: float = 10.0
+    ) -> None:
+        protocol = functools.partial(GuardedH11Protocol, header_timeout_s=header_timeout_s)
+        super().__init__(
+            uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, http=protocol)  # type: ignore[arg-type]
+        )
         self.drain = drain
         self.drain_deadline: float | None = None
 
