@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 
 from eqakit.cli import main
 from eqakit.train.callbacks import COMPLETE_MARKER, newest_complete_checkpoint
+from eqakit.train.trainer import LOSS_TOTAL_FILE
 
 
 def config(tmp_path: Path, model: Path, data: Path, **overrides: object) -> Path:
@@ -324,6 +326,33 @@ def test_sigkill_then_resume_matches_an_unbroken_run(tmp_path, tiny_model_dir, t
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert losses(broken_dir) == pytest.approx(losses(tmp_path / "unbroken"), rel=1e-4)
+    train_loss = [
+        json.loads((d / "train_results.json").read_text())["train_loss"]
+        for d in (tmp_path / "unbroken", broken_dir)
+    ]
+    assert train_loss[1] == pytest.approx(train_loss[0], rel=1e-4)
+
+
+def test_a_resumed_run_reports_the_unbroken_runs_train_loss(tmp_path, tiny_model_dir, toy_dataset) -> None:
+    """train_loss covers the whole run after a resume: from the checkpoint's running total (here with
+    a step not logged yet, as save_steps 3 and logging_steps 2 do not align), or rebuilt from the
+    logged losses of a checkpoint written without it (at step 6, where they cover every step)."""
+    common = {"num_train_epochs": 2, "save_steps": 3, "logging_steps": 2}
+    unbroken = tmp_path / "unbroken"
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, output_dir=str(unbroken), **common)
+    assert main(["train", str(cfg)]) == 0
+    expected = json.loads((unbroken / "train_results.json").read_text())["train_loss"]
+    for checkpoint, keep_total in (("checkpoint-3", True), ("checkpoint-6", False)):
+        out = tmp_path / f"resumed-from-{checkpoint}"
+        shutil.copytree(unbroken / checkpoint, out / checkpoint)  # what a run killed after that save leaves
+        if not keep_total:
+            (out / checkpoint / LOSS_TOTAL_FILE).unlink()
+        assert main(["train", str(cfg), f"output_dir={out}", "resume_from_checkpoint=true"]) == 0
+        assert json.loads((out / "train_results.json").read_text())["train_loss"] == pytest.approx(
+            expected, rel=1e-4
+        )
+        final = json.loads((out / "trainer_state.json").read_text())["log_history"][-1]
+        assert final["train_loss"] == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.slow

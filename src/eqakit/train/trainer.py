@@ -1,19 +1,61 @@
 """transformers' Trainer plus the two exact speed-ups: cached visual features and shared-prefix packing.
 
 Everything else (optimizer, schedule, accumulation, clipping, logging, checkpoints, DDP, DeepSpeed)
-is the Trainer's own, so the TrainingArguments keys behave exactly as documented there.
+is the Trainer's own, so the TrainingArguments keys behave exactly as documented there. One figure
+is eqakit's: ``train_loss`` after a resume covers the whole run, as it does for an unbroken one.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_pt_utils import nested_gather
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from eqakit.train.packing import EpisodeBatchSampler, PackedCollator, packed_inputs, packed_loss
 from eqakit.train.vision_cache import VisionFeatureCache
+
+LOSS_TOTAL_FILE = "eqakit_loss_total.json"  # in each checkpoint: the run's summed per-step losses
+
+
+@dataclass(frozen=True)
+class LossSoFar:
+    """A run's training loss up to its step `step`: `loss_sum`, the sum of `steps` per-step losses."""
+
+    step: int
+    steps: int  # all of them, except in checkpoints without LOSS_TOTAL_FILE (see `read`)
+    loss_sum: float
+
+    @classmethod
+    def read(cls, checkpoint: str | Path) -> LossSoFar:
+        """The loss so far of the run that wrote `checkpoint`.
+
+        A checkpoint without LOSS_TOTAL_FILE (older eqakit, plain transformers) is rebuilt from its
+        logged means: exact up to the last log, which is the checkpoint's own step when save_steps
+        is a multiple of logging_steps; steps after the last log are left out of the mean.
+        """
+        checkpoint = Path(checkpoint)
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        saved = checkpoint / LOSS_TOTAL_FILE
+        if saved.is_file():
+            record = json.loads(saved.read_text(encoding="utf-8"))
+            return cls(int(state["global_step"]), int(record["steps"]), float(record["loss_sum"]))
+        total, last = 0.0, 0
+        for entry in state["log_history"]:
+            if "loss" in entry:
+                total += entry["loss"] * (entry["step"] - last)
+                last = entry["step"]
+        return cls(int(state["global_step"]), last, total)
+
+    @property
+    def mean(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
 
 
 class EqakitTrainer(Trainer):
@@ -29,6 +71,53 @@ class EqakitTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.vision_cache = vision_cache
         self.episode_groups = episode_groups
+        self._loss_before: LossSoFar | None = None  # the resumed checkpoint's
+        self._train_loss: float | None = None
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> TrainOutput:
+        """Trainer.train, with ``train_loss`` the mean over every step of the run, resumed or not.
+
+        transformers counts only the steps of this call after a resume (5.24 averages over them,
+        some earlier 5.x releases divide their sum by all steps), so a resumed run reported a figure no
+        unbroken run would. The checkpoint's running total (see `_save_checkpoint`) restores the rest.
+        `resume_from_checkpoint` is a checkpoint directory: `sft.resolve_resume` resolves ``true``.
+        """
+        self._loss_before = LossSoFar.read(resume_from_checkpoint) if resume_from_checkpoint else None
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        metrics = {**output.metrics, "train_loss": self._train_loss}
+        return TrainOutput(output.global_step, self._train_loss, metrics)
+
+    def _loss_so_far(self, pending: float) -> LossSoFar:
+        """The run's loss through the current step: the resumed checkpoint's plus this call's.
+
+        ``_total_loss_scalar`` is the Trainer's sum of this call's per-step losses up to its last
+        log (in 5.x, where ``train_loss`` is computed from it); `pending` is what it has not logged yet.
+        """
+        before = self._loss_before or LossSoFar(0, 0, 0.0)
+        step = self.state.global_step
+        return LossSoFar(
+            step, before.steps + step - before.step, before.loss_sum + self._total_loss_scalar + pending
+        )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Replace the end-of-training ``train_loss`` by the whole run's (after the Trainer added
+        its unlogged remainder to ``_total_loss_scalar``), in the log history as in the result."""
+        if "train_loss" in logs:
+            logs["train_loss"] = self._train_loss = self._loss_so_far(0.0).mean
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Save the checkpoint, then the run's loss so far into it (before CheckpointMarker marks it).
+
+        Steps since the last log are averaged over processes as the next log would (all ranks save).
+        """
+        super()._save_checkpoint(model, trial)
+        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        if self.args.should_save:
+            so_far = self._loss_so_far(pending)
+            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            record = {"global_step": so_far.step, "steps": so_far.steps, "loss_sum": so_far.loss_sum}
+            (folder / LOSS_TOTAL_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
 
     def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
         """eqakit's collators emit exactly what compute_loss consumes (image keys, packing layout)."""
