@@ -31,6 +31,7 @@ from eqakit.engine import (
 )
 from eqakit.engine.caches import PrefixState
 from eqakit.engine.kv import GrowingLayer, KVBatch
+from eqakit.engine.runner import Runner
 
 BUDGET = ImageBudget(32 * 32, 768 * 768)
 QUESTIONS = (
@@ -148,6 +149,30 @@ def test_greedy_tokens_equal_plain_generate(model, processor, expected, options)
         assert vision.misses == 12 and vision.hits > 0
     if prefix is not None:  # one prefix per episode, prefilled once, reused by its other questions
         assert prefix.misses == 3 and prefix.hits > 0
+
+
+def test_the_kv_budget_fills_the_batch_and_is_never_exceeded(model, processor, expected, monkeypatch) -> None:
+    """per_device_eval_batch_size as memory: as many rows as the KV-token budget holds, never more,
+    and the same tokens as plain generate."""
+    requests = episode_requests()
+    engine = make_engine(model, processor, max_batch_size=64, min_prefix_tokens=16)
+    longest = max(engine.prepare(r).length for r in requests) + 10
+    engine.max_batch_tokens = budget = 4 * longest + longest // 2  # room for 4 rows, not 5
+    seen: list[tuple[int, int]] = []
+    step = Runner.step
+
+    def recording_step(self: Runner) -> None:
+        seen.append((self.active, self.footprint([])))
+        step(self)
+
+    monkeypatch.setattr(Runner, "step", recording_step)
+    assert [c.token_ids for c in engine.generate(requests)] == expected
+    assert max(rows for rows, _ in seen) == 4
+    assert max(tokens for _, tokens in seen) <= budget
+    engine.max_batch_tokens = 1  # smaller than any request: each still runs, alone
+    seen.clear()
+    assert [c.token_ids for c in engine.generate(requests[:3])] == expected[:3]
+    assert max(rows for rows, _ in seen) == 1
 
 
 def test_rows_join_and_leave_a_running_batch(model, processor) -> None:
@@ -310,10 +335,13 @@ def test_images_are_scaled_down_to_fit_cutoff_len(model, processor) -> None:
     assert all(s.max_pixels < BUDGET.max_pixels for s in prepared.images)
 
 
-def test_worker_batches_concurrent_requests(model, processor, expected) -> None:
-    engine = make_engine(model, processor, max_batch_size=4, min_prefix_tokens=16)
-    worker = EngineWorker(engine, batch_window_s=0.05).start()
+@pytest.mark.parametrize("by_tokens", [False, True], ids=["by-count", "by-kv-budget"])
+def test_worker_batches_concurrent_requests(model, processor, expected, by_tokens) -> None:
+    engine = make_engine(model, processor, max_batch_size=64 if by_tokens else 4, min_prefix_tokens=16)
     requests = episode_requests()
+    if by_tokens:  # room for 3 rows: the rest wait for room, in order
+        engine.max_batch_tokens = 3 * (max(engine.prepare(r).length for r in requests) + 10) + 5
+    worker = EngineWorker(engine, batch_window_s=0.05).start()
     results: dict[int, list[int]] = {}
 
     def client(i: int) -> None:
@@ -325,6 +353,7 @@ def test_worker_batches_concurrent_requests(model, processor, expected) -> None:
     for t in threads:
         t.join()
     assert [results[i] for i in range(len(requests))] == expected
+    assert 2 <= worker.peak_batch <= (3 if by_tokens else 4)  # batched, within the bound
 
     async def streamed() -> tuple[str, str]:
         submission = worker.submit(requests[1])

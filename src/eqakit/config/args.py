@@ -222,6 +222,13 @@ class ApiArguments:
     )
     api_max_n: int = _f(8, "Largest n (choices per request).", min=1)
     api_max_batch_size: int = _f(16, "Most sequences the engine decodes together.", min=1)
+    api_max_batch_tokens: int | None = _f(
+        None,
+        "KV-cache budget of the engine's batch, in tokens over all its sequences (prompt plus answer "
+        "still to come); requests wait for room rather than exceed it. Unset: bounded by "
+        "api_max_batch_size alone. Refused with infer_backend: vllm (vLLM manages its own cache).",
+        min=1,
+    )
     api_batch_window_ms: float = _f(
         10.0, "How long the engine waits for more requests to start together with the first one.", min=0.0
     )

@@ -282,6 +282,11 @@ def _cross_checks(kind: Kind, values: dict[str, Any]) -> list[str]:
                 "quantization_bit loads with bitsandbytes on the huggingface backend; with infer_backend: vllm "
                 "serve a quantized checkpoint or set vllm_config: {quantization: ...}, and remove quantization_bit"
             )
+        if get("api_max_batch_tokens") is not None:
+            problems.append(
+                "api_max_batch_tokens budgets the transformers engine's KV cache; vLLM manages its own "
+                "(vllm_gpu_util): remove api_max_batch_tokens"
+            )
         cutoff = get("cutoff_len", DataArguments.cutoff_len)
         maxlen = get("vllm_maxlen", ModelArguments.vllm_maxlen)
         if maxlen <= cutoff:

@@ -71,12 +71,17 @@ class Engine:
         defaults: SamplingParams | None = None,
         skip_special_tokens: bool = True,
         max_batch_size: int = 8,
+        max_batch_tokens: int | None = None,
         vision_cache_mib: int = 1024,
         prefix_cache_mib: int = 2048,
         min_prefix_tokens: int = 64,
         eos_token_ids: Iterable[int] | None = None,
     ) -> None:
-        """``vision_cache_mib`` / ``prefix_cache_mib`` of 0 turn that reuse off (for comparisons);
+        """``max_batch_size`` bounds the sequences decoded together and ``max_batch_tokens`` (None: no
+        bound) their KV cache, in token columns over all rows (`Runner.footprint`): the memory a user
+        gives generation, filled with as many sequences as it holds. A request longer than the whole
+        budget still runs, alone. ``vision_cache_mib`` / ``prefix_cache_mib`` of 0 turn that reuse off
+        (for comparisons);
         ``eos_token_ids`` replaces the default end-of-sequence set (generation_config's, <|im_end|>,
         <|endoftext|>)."""
         if max_batch_size < 1:
@@ -89,6 +94,7 @@ class Engine:
         self.defaults = defaults or SamplingParams()
         self.skip_special_tokens = skip_special_tokens
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.reuse = Reuse(
             LRUCache[VisualFeatures](vision_cache_mib * MiB) if vision_cache_mib > 0 else None,
             LRUCache[PrefixState](prefix_cache_mib * MiB) if prefix_cache_mib > 0 else None,
@@ -195,26 +201,40 @@ class Engine:
         finished: deque[tuple[int, Completion]] = deque()
         runner = self.runner()
         exhausted = False
+        held: Job | None = None  # read, but did not fit the batch yet
         while True:
             jobs = []
-            while not exhausted and runner.active + len(jobs) < self.max_batch_size:
-                item = next(source, None)
-                if item is None:
-                    exhausted = True
+            while runner.active + len(jobs) < self.max_batch_size:
+                if held is None:
+                    item = None if exhausted else next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    index, request = item
+                    prepared = request if isinstance(request, Prepared) else self.prepare(request)
+                    held = self._job(index, prepared, finished, on_delta)
+                if not self.fits(runner, jobs, held):
                     break
-                index, request = item
-                prepared = request if isinstance(request, Prepared) else self.prepare(request)
-                jobs.append(self._job(index, prepared, finished, on_delta))
+                jobs.append(held)
+                held = None
             runner.admit(jobs)
             while finished:
                 yield finished.popleft()
             if runner.active == 0:
-                if exhausted:
+                if exhausted and held is None:
                     return
                 continue
             runner.step()
             while finished:
                 yield finished.popleft()
+
+    def fits(self, runner: Runner, jobs: list[Job], job: Job) -> bool:
+        """Whether ``job`` may join ``runner``'s batch beside ``jobs`` within the KV-token budget
+        (always, into an empty batch: a request longer than the whole budget runs alone)."""
+        if self.max_batch_tokens is None or (runner.active == 0 and not jobs):
+            return True
+        joining = [j.prepared for j in jobs] + [job.prepared]
+        return runner.footprint(joining) <= self.max_batch_tokens
 
     @staticmethod
     def _job(

@@ -18,13 +18,18 @@ if TYPE_CHECKING:
     from eqakit.engine.vllm import VllmEngine
 
 
-def load_engine(cfg: Config, *, max_batch_size: int | None = None) -> Engine | VllmEngine:
+def load_engine(
+    cfg: Config, *, max_batch_size: int | None = None, max_batch_tokens: int | None = None
+) -> Engine | VllmEngine:
     """Load the config's model on its backend.
 
     ``max_batch_size``: the transformers engine's batch (None: 8), vLLM's max_num_seqs (None: vLLM's).
+    ``max_batch_tokens``: the transformers engine's KV-cache budget (`Engine`); vLLM manages its own
+    cache within vllm_gpu_util.
     """
     if cfg.model.infer_backend == "vllm":
         from eqakit.engine.vllm import VllmEngine
 
         return VllmEngine.from_config(cfg, max_batch_size=max_batch_size)
-    return Engine.from_config(cfg, **({"max_batch_size": max_batch_size} if max_batch_size else {}))
+    options: dict[str, int] = {"max_batch_size": max_batch_size} if max_batch_size else {}
+    return Engine.from_config(cfg, max_batch_tokens=max_batch_tokens, **options)

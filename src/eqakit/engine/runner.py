@@ -150,6 +150,22 @@ class Runner:
     def active(self) -> int:
         return len(self.rows)
 
+    def footprint(self, joining: list[Prepared]) -> int:
+        """The most KV-cache columns (over all rows) the batch will hold if ``joining`` joins now.
+
+        Rows are aligned at the right, so the cache is rows x width, and every step widens it by one
+        until the longest remaining answer is done: rows x (width + most tokens still to come). A
+        shared prefix is counted in every row that holds it, because each row holds its own copy.
+        """
+        width = int(self.kv.mask.shape[1]) if self.kv is not None else 0
+        width = max([width, *(p.length for p in joining)])
+        ahead = max(
+            [r.params.max_new_tokens - len(r.tokens) for r in self.rows]
+            + [p.request.params.max_new_tokens for p in joining],
+            default=0,
+        )
+        return (len(self.rows) + len(joining)) * (width + ahead)
+
     # ---- joining -----------------------------------------------------------------------------
 
     def admit(self, jobs: list[Job]) -> None:

@@ -27,7 +27,7 @@ from concurrent.futures import CancelledError, Future
 from eqakit.engine.engine import Engine
 from eqakit.engine.params import Completion, Request
 from eqakit.engine.prepare import Prepared
-from eqakit.engine.runner import Job
+from eqakit.engine.runner import Job, Runner
 
 _END = object()
 
@@ -128,6 +128,7 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="eqakit-engine", daemon=True)
         self.in_flight = 0  # requests submitted and not yet finished (for health checks and shutdown)
         self.peak_batch = 0  # most sequences decoded together so far (shows that batching happens)
+        self._held: Job | None = None  # taken from the queue, waiting for room in the KV budget
         self._count_lock = threading.Lock()
 
     def start(self) -> EngineWorker:
@@ -172,11 +173,19 @@ class EngineWorker:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def _take(self, limit: int, block: bool) -> list[Job]:
-        """Up to ``limit`` waiting jobs; when ``block``, wait for one, then a batching window for more."""
+    def _take(self, runner: Runner, block: bool) -> list[Job]:
+        """Waiting jobs that fit the batch (`Engine.fits`); when ``block``, wait for one, then a batching
+        window for more. A job that does not fit yet is held and goes first next time."""
         jobs: list[Job] = []
+        limit = self.engine.max_batch_size - runner.active
         deadline = None
         while len(jobs) < limit:
+            if self._held is not None:
+                if not self.engine.fits(runner, jobs, self._held):
+                    break
+                jobs.append(self._held)
+                self._held = None
+                continue
             try:
                 if block and not jobs:
                     job, _ = self._waiting.get(timeout=0.1)
@@ -189,17 +198,21 @@ class EngineWorker:
                 if block and not jobs and not self._closing.is_set():
                     continue
                 break
-            if not job.is_cancelled():
-                jobs.append(job)
+            if job.is_cancelled():
+                continue
+            if not self.engine.fits(runner, jobs, job):
+                self._held = job
+                break
+            jobs.append(job)
         return jobs
 
     def _run(self) -> None:
         runner = self.engine.runner()
         while True:
             idle = runner.active == 0
-            if idle and self._closing.is_set() and self._waiting.empty():
+            if idle and self._closing.is_set() and self._waiting.empty() and self._held is None:
                 return
-            jobs = self._take(self.engine.max_batch_size - runner.active, block=idle)
+            jobs = self._take(runner, block=idle)
             try:
                 runner.admit(jobs)
                 self.peak_batch = max(self.peak_batch, runner.active)

@@ -49,13 +49,25 @@ if TYPE_CHECKING:
 PREDICTIONS = "generated_predictions.jsonl"
 META_FIELDS = ("question_id", "category", "extra_answers")
 IMAGE_LRU = 64  # decoded frames kept while their episode's questions are being answered
+MAX_ROWS = 64  # sequences decoded together at most, however many fit the KV budget
+
+
+def kv_budget(cfg: Config) -> int:
+    """The KV-cache budget per_device_eval_batch_size stands for, in tokens.
+
+    LLaMA-Factory's predict holds that many whole sequences of up to cutoff_len + max_new_tokens
+    tokens: that is the memory the user gives generation. eqakit fills it with as many questions as
+    fit (`Engine`), so at the tutorial's batch size 2 an episode's short questions decode together.
+    """
+    assert cfg.training is not None
+    return cfg.training.per_device_eval_batch_size * (cfg.data.cutoff_len + cfg.generating.max_new_tokens)
 
 
 def run_predict(cfg: Config, engine: Engine | VllmEngine | None = None) -> dict[str, Any]:
     """Predict, write the files above to ``cfg.training.output_dir``, return the results dict.
 
     ``engine`` lets a caller reuse a loaded model (tests, notebooks); by default the config's
-    model is loaded with ``per_device_eval_batch_size`` as the batch size.
+    model is loaded with the KV budget ``per_device_eval_batch_size`` stands for (`kv_budget`).
     """
     training = cfg.training
     if training is None or not cfg.data.eval_dataset:
@@ -83,7 +95,11 @@ def run_predict(cfg: Config, engine: Engine | VllmEngine | None = None) -> dict[
     owned = engine is None
     if engine is None:  # vLLM schedules its own batch; the eval batch size is the transformers engine's
         hf = cfg.model.infer_backend == "huggingface"
-        engine = load_engine(cfg, max_batch_size=training.per_device_eval_batch_size if hf else None)
+        engine = load_engine(
+            cfg,
+            max_batch_size=MAX_ROWS if hf else None,
+            max_batch_tokens=kv_budget(cfg) if hf else None,
+        )
     try:
         base = SamplingParams.from_generating(cfg.generating)
         todo, too_long, scaled = [], [], 0

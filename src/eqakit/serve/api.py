@@ -510,7 +510,9 @@ def cli(argv: list[str]) -> int:
     cfg = load_config("infer", args.config, args.overrides)
     ImagePolicy.from_args(cfg.api)  # a bad media dir or network fails before the model loads
     sock = bind(host, int(raw_port))
-    engine = load_engine(cfg, max_batch_size=cfg.api.api_max_batch_size)
+    engine = load_engine(
+        cfg, max_batch_size=cfg.api.api_max_batch_size, max_batch_tokens=cfg.api.api_max_batch_tokens
+    )
     name = os.environ.get("API_MODEL_NAME") or default_model_name(cfg)
     app = create_app(engine, model_name=name, api_key=api_key, settings=cfg.api)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
