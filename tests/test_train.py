@@ -188,6 +188,9 @@ def _corrupt(data: Path, how: str) -> str:
     elif how == "image path not a string":
         rows[6]["images"][0] = 7
         expected = "toy.jsonl:7: column 'images' item 0: an image path must be a string, got int"
+    elif how == "lone surrogate":
+        rows[2]["output"] = "Red \ud800"  # json.dumps writes the escape "\ud800"
+        expected = "toy.jsonl:3: column 'output' (character 4) holds a lone surrogate"
     elif how == "missing image":
         (data / rows[3]["images"][0]).unlink()
         expected = "image file not found"
@@ -220,6 +223,7 @@ def _corrupt(data: Path, how: str) -> str:
         "symlink out of the dataset dir",
         "looping image symlink",
         "image path not a string",
+        "lone surrogate",
     ],
 )
 def test_bad_rows_stop_before_training_with_nothing_written(

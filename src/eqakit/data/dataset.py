@@ -121,6 +121,25 @@ def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def _lone_surrogate(value: Any, key: str) -> str | None:
+    """Where in `value` (``key``, ``key[2]``, ``key[0]['value']``) a string UTF-8 cannot encode is.
+
+    JSON's ``\\ud800`` escape is valid JSON but decodes to a lone surrogate, which no tokenizer
+    takes: caught here, the row is named; later, it is a TypeError deep in the tokenizer.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{key} (character {exc.start})"
+    elif isinstance(value, list | dict):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for index, item in items:
+            if (bad := _lone_surrogate(item, f"{key}[{index!r}]")) is not None:
+                return bad
+    return None
+
+
 def _field(row: dict[str, Any], column: str, where: str, kind: type | tuple[type, ...] = str) -> Any:
     if column not in row:
         raise DataError(f"{where}: missing column {column!r} (the row has: {', '.join(sorted(row))})")
@@ -251,6 +270,12 @@ def load_samples(
         for where, row in rows[: max_samples or None]:
             if not isinstance(row, dict):
                 raise DataError(f"{where}: a row must be a JSON object")
+            for column, value in row.items():
+                if (bad := _lone_surrogate(value, repr(column))) is not None:
+                    raise DataError(
+                        f"{where}: column {bad} holds a lone surrogate (an unpaired \\uD800-\\uDFFF "
+                        "escape), which is not valid text; fix or remove it"
+                    )
             if formatting == "alpaca":
                 messages, system = _alpaca(row, columns, where)
             else:
