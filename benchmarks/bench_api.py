@@ -1,7 +1,7 @@
 """API serving under concurrency: eqakit's server against a one-request-at-a-time HF-generate server.
 
     .venv/bin/python benchmarks/bench_api.py                          # tiny model, 1/8/32 clients
-    .venv/bin/python benchmarks/bench_api.py --config ../shared/qwen3-vl-2b-instruct.config.json \\
+    .venv/bin/python benchmarks/bench_api.py --config benchmarks/configs/qwen3-vl-2b-instruct.config.json \\
         --text-layers 7 --episodes 2 --questions 4 --max-tokens 16 --dtype bfloat16
 
 Both servers run in this process on 127.0.0.1, over the same model object, one after the other:

@@ -1,6 +1,6 @@
 """Peak memory of `eqakit export` on a random-weight Qwen3-VL-2B (full architecture, bf16) with a LoRA adapter.
 
-    .venv/bin/python benchmarks/bench_export_memory.py [--config ../shared/qwen3-vl-2b-instruct.config.json]
+    .venv/bin/python benchmarks/bench_export_memory.py [--config benchmarks/configs/qwen3-vl-2b-instruct.config.json]
         [--workdir DIR] [--skip-naive] [--keep]
 
 Builds, in a child process, a model of the real 2B shape (random weights, bf16, one 4.3 GB
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO.parent / "shared" / "qwen3-vl-2b-instruct.config.json"
+DEFAULT_CONFIG = REPO / "benchmarks" / "configs" / "qwen3-vl-2b-instruct.config.json"
 MERGE_CONFIG = REPO / "configs" / "merge_openeqa.yaml"
 LM_PROJECTIONS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 SHARD_GB = 2  # merge_openeqa.yaml's export_size

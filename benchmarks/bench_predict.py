@@ -1,7 +1,7 @@
 """Predict throughput: LLaMA-Factory's way against eqakit's engine, same model, same inputs, one process.
 
     .venv/bin/python benchmarks/bench_predict.py                      # tiny model, 4 episodes x 8 questions
-    .venv/bin/python benchmarks/bench_predict.py --config ../shared/qwen3-vl-2b-instruct.config.json \\
+    .venv/bin/python benchmarks/bench_predict.py --config benchmarks/configs/qwen3-vl-2b-instruct.config.json \\
         --text-layers 7 --episodes 2 --questions 4 --max-new-tokens 16 --dtype bfloat16
 
 Workload: OpenEQA-shaped, as `eqakit prepare` writes it: episodes of F camera-like frames (512x384:
@@ -13,8 +13,9 @@ remapped to it; the vocabulary size, and so the lm_head cost, stays the config's
 
 Reference (what LLaMA-Factory's predict does): per batch of ``--batch-size`` samples, the processor
 on each sample's text and frames, then ``model.generate`` over the left-padded batch; no reuse.
-eqakit: `Engine.generate` (continuous batching, visual-feature cache, shared-prefix KV reuse) with
-the same batch size and with ``--engine-batch-size``. Greedy; outputs are compared token by token.
+eqakit: `Engine.generate` (continuous batching, visual-feature cache, shared-prefix KV reuse) sized
+as `eqakit train` predict sizes it (``--batch-size`` x (``--cutoff-len`` + new tokens) KV tokens),
+then by count at the same batch size and at ``--engine-batch-size``. Greedy; outputs are compared token by token.
 Also prints the FLOP floor of the work eqakit must do (each unique image through the vision tower
 once, each unique prefix once, every suffix and decode step) at this CPU's measured matmul rate.
 """
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=2, help="per_device_eval_batch_size (both ways)")
     parser.add_argument("--engine-batch-size", type=int, default=8, help="a second eqakit run at this batch")
+    parser.add_argument("--cutoff-len", type=int, default=2048, help="cutoff_len (sizes predict's KV budget)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -228,14 +230,19 @@ def main() -> None:
     )
 
     engine = None
-    for batch in dict.fromkeys([args.batch_size, args.engine_batch_size]):
-        engine = Engine(model, processor, image_budget=BUDGET, max_batch_size=batch)
+    budget = args.batch_size * (args.cutoff_len + args.max_new_tokens)  # what `eqakit train` predict uses
+    runs = [(f"KV budget of batch {args.batch_size} = {budget} tokens, as predict sizes it", 64, budget)]
+    runs += [
+        (f"batch {b} by count", b, None) for b in dict.fromkeys([args.batch_size, args.engine_batch_size])
+    ]
+    for label, batch, tokens in runs:
+        engine = Engine(model, processor, image_budget=BUDGET, max_batch_size=batch, max_batch_tokens=tokens)
         start = time.perf_counter()
         ours = [c.token_ids for c in engine.generate(requests)]
         ours_s = time.perf_counter() - start
         same = sum(a == b for a, b in zip(ours, ref, strict=True))
         print(
-            f"eqakit engine (batch {batch}): {n / ours_s:.3f} samples/s ({ours_s:.1f} s), "
+            f"eqakit engine ({label}): {n / ours_s:.3f} samples/s ({ours_s:.1f} s), "
             f"{ref_s / ours_s:.1f}x the reference; identical outputs: {same}/{n}",
             flush=True,
         )

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train.py [--episodes 3] [--scale 4] [--epochs 1] [--bf16]
 
-Model: random weights with Qwen3-VL-2B-Instruct's widths (../shared/qwen3-vl-2b-instruct.config.json:
+Model: random weights with Qwen3-VL-2B-Instruct's widths (benchmarks/configs/qwen3-vl-2b-instruct.config.json:
 hidden 2048, 16 heads, vision width 1024, vocabulary 151,936) and its depth divided by ``--scale`` in
 the 2B's ratio (vision blocks : LM layers = 24 : 28, so 6 : 7 at scale 4), with the tiny model's
 tokenizer and processor. Data: `eqakit synth` episodes prepared by `eqakit prepare openeqa` (8 frames
@@ -33,7 +33,7 @@ from eqakit.demo.synth import generate
 from eqakit.model.tiny import build_tiny_model
 from eqakit.train.sft import run_train
 
-REAL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "qwen3-vl-2b-instruct.config.json"
+REAL_CONFIG = Path(__file__).resolve().parent / "configs" / "qwen3-vl-2b-instruct.config.json"
 
 
 def build_model(workdir: Path, scale: int) -> Path:
