@@ -407,3 +407,22 @@ def test_unfrozen_projector_trains_the_mergers(tmp_path, tiny_model_dir, toy_dat
     assert main(["train", str(cfg)]) == 0
     adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert any("visual.merger" in k for k in adapter) and any("deepstack_merger_list.0" in k for k in adapter)
+
+
+def test_webui_openeqa_tab_reads_outside_media_only_when_the_config_allows(tmp_path) -> None:
+    """The web UI's OpenEQA tab passes the config's allow_outside_media on, as training does (this
+    lives here: tests/test_webui.py needs a browser)."""
+    pytest.importorskip("gradio")
+    from conftest import write_toy_dataset
+    from eqakit.serve.webui_model import UIError
+    from eqakit.serve.webui_openeqa import open_split
+
+    data = write_toy_dataset(tmp_path / "data", episodes=1, questions=1, frames=1)
+    elsewhere = tmp_path / "other-disk" / "ep0"
+    elsewhere.parent.mkdir()
+    (data / "open_eqa_frames" / "ep0").rename(elsewhere)
+    (data / "open_eqa_frames" / "ep0").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UIError, match="allow_outside_media: true"):
+        open_split(str(data), "toy")
+    samples, _, chosen = open_split(str(data), "toy", allow_outside_media=True)
+    assert (chosen, len(samples)) == ("toy", 1) and samples[0].images[0].is_file()

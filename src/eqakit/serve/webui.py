@@ -145,7 +145,7 @@ def unload_model(slot: ModelSlot) -> str:
 def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
     """The web UI's page around ``slot``; ``cfg`` (the command line's config) fills in the fields' defaults."""
     model_path = adapter_path = system_default = ""
-    template, thinking, dataset_dir = "qwen3_vl_nothink", False, ""
+    template, thinking, dataset_dir, allow_outside_media = "qwen3_vl_nothink", False, "", False
     gen_defaults = {"max_new_tokens": 1024, "temperature": 0.95, "top_p": 0.7}
     if cfg is not None:
         model_path = cfg.model.model_name_or_path or ""
@@ -153,7 +153,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
         template = cfg.data.template or template
         thinking = template == "qwen3_vl" and cfg.data.enable_thinking
         system_default = cfg.data.default_system or ""
-        dataset_dir = cfg.data.dataset_dir
+        dataset_dir, allow_outside_media = cfg.data.dataset_dir, cfg.data.allow_outside_media
         gen_defaults = {k: getattr(cfg.generating, k) for k in gen_defaults}
 
     with gr.Blocks(title="eqakit", analytics_enabled=False) as app:
@@ -205,7 +205,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
             notice = gr.Markdown(elem_id="chat-notice")
             clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
 
-        build_openeqa_tab(slot, settings, dataset_dir)
+        build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
 
         load_btn.click(partial(load_model, slot), [model_box, adapter_box, template_box], status)
         unload_btn.click(lambda: unload_model(slot), None, status)

@@ -41,8 +41,14 @@ def question_choices(samples: list[Sample]) -> list[tuple[str, str]]:
     return choices
 
 
-def open_split(dataset_dir: str, split: str | None) -> tuple[list[Sample], list[str], str]:
-    """(samples, split names, chosen split) of a dataset directory; raises UIError with the reason."""
+def open_split(
+    dataset_dir: str, split: str | None, allow_outside_media: bool = False
+) -> tuple[list[Sample], list[str], str]:
+    """(samples, split names, chosen split) of a dataset directory; raises UIError with the reason.
+
+    Rows whose images resolve outside the directory are refused unless ``allow_outside_media`` (the
+    config's key) says otherwise, as in training and predict.
+    """
     root = Path(dataset_dir.strip()).expanduser()
     if not dataset_dir.strip():
         raise UIError("enter the directory `eqakit prepare openeqa` wrote (it holds dataset_info.json)")
@@ -51,7 +57,7 @@ def open_split(dataset_dir: str, split: str | None) -> tuple[list[Sample], list[
         if not names:
             raise UIError(f"{root / 'dataset_info.json'} registers no dataset")
         chosen = split if split in names else (PREFERRED_SPLIT if PREFERRED_SPLIT in names else names[0])
-        samples = load_samples(chosen, root)
+        samples = load_samples(chosen, root, allow_outside_media=allow_outside_media)
     except EqakitError as exc:
         raise UIError(str(exc)) from None
     if not samples:
@@ -64,9 +70,14 @@ def frames_of(sample: Sample) -> list[Any]:
     return [open_image(path) for path in sample.images]
 
 
-def build_openeqa_tab(slot: ModelSlot, settings: list[gr.components.Component], dataset_dir: str) -> None:
+def build_openeqa_tab(
+    slot: ModelSlot,
+    settings: list[gr.components.Component],
+    dataset_dir: str,
+    allow_outside_media: bool = False,
+) -> None:
     """Add the OpenEQA tab to the Blocks being built; ``settings`` are max_new_tokens, temperature,
-    top_p and the thinking switch of the generation panel."""
+    top_p and the thinking switch of the generation panel; ``allow_outside_media`` is the config's."""
     with gr.Tab("OpenEQA"):
         samples = gr.State([])
         with gr.Row(equal_height=True):
@@ -113,7 +124,7 @@ def build_openeqa_tab(slot: ModelSlot, settings: list[gr.components.Component], 
         def on_open(directory: str, split: str | None) -> tuple[Any, ...]:
             """(rows, split, question, *views, notice): the split's first question is shown at once."""
             try:
-                rows, names, chosen = open_split(directory, split)
+                rows, names, chosen = open_split(directory, split, allow_outside_media)
             except UIError as exc:
                 return [], gr.update(), gr.update(choices=[], value=None), [], "", "", "", error_line(exc)
             choices = question_choices(rows)
