@@ -71,6 +71,10 @@ class LRUCache(Generic[V]):
     def __contains__(self, key: bytes) -> bool:
         return key in self._items
 
+    def peek(self, key: bytes) -> V | None:
+        """The entry, without counting a hit or refreshing it (for planning, not use)."""
+        return self._items.get(key)
+
     def get(self, key: bytes) -> V | None:
         value = self._items.get(key)
         if value is None:

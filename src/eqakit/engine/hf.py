@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
+from eqakit.engine.attention import SharedPrefix
+from eqakit.engine.attention import install as install_shared_prefix_attention
 from eqakit.engine.caches import VisualFeatures
 
 VISION_CHUNK = 16  # images per vision-tower call: bounds activation memory on large batches
@@ -46,6 +48,7 @@ class HFModel:
         # recomputes without it, so the name is read off the model's own signature.
         forward = inspect.signature(self.core.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+        install_shared_prefix_attention(self.core.model.language_model)
 
     def image_features(self, images: list[Any], min_pixels: int, max_pixels: int) -> list[VisualFeatures]:
         """Features of images resized within [min_pixels, max_pixels], as the processor would for a prompt."""
@@ -77,9 +80,11 @@ class HFModel:
         features: list[VisualFeatures],
         *,
         logits: bool = True,
+        shared: SharedPrefix | None = None,
     ) -> torch.Tensor | None:
         """Run new tokens (B, T) at ``positions`` (3, B, T) over ``cache``; ``mask`` (B, cached + T) marks
-        real tokens. ``features`` fill the image pads of ``ids`` in row-major order. Returns the float32
+        real tokens. ``features`` fill the image pads of ``ids`` in row-major order; ``shared`` names
+        the prefixes rows continue, attended to in place of cached columns. Returns the float32
         logits (B, vocab) of each row's last position."""
         encoder_outputs = None
         if features:
@@ -99,6 +104,7 @@ class HFModel:
             mm_encoder_outputs=encoder_outputs,
             use_cache=True,
             **{self._cache_arg: cache},
+            **({"shared_prefix": shared} if shared is not None else {}),
         )
         if not logits:
             return None

@@ -4,7 +4,8 @@ transformers' DynamicLayer appends a token by concatenating it to the whole cach
 key and value at every decode step (for a 2B model with 8 rows of 1,600 tokens, about 1.5 GB per
 step; on a CPU that costs more than the step's arithmetic). `GrowingLayer` keeps spare columns
 after the last token and writes new ones in place; the cache is copied only when rows join or
-leave the batch, or the room runs out.
+leave the batch, or the room runs out. A prefix that rows share (an episode's frames) is not in
+the rows at all: each row points at it (`KVBatch.prefixes`), and it is held once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from eqakit.engine.attention import SharedPrefix
 from eqakit.engine.caches import PrefixState
 
 ROOM = 64  # spare columns reserved when a layer is (re)allocated, at least
@@ -65,11 +67,42 @@ class GrowingLayer(DynamicLayer):
 
 
 class KVBatch:
-    """Keys and values of the rows being decoded, with ``mask`` (rows, columns): 1 marks a real token."""
+    """Keys and values of the rows being decoded, with ``mask`` (rows, columns): 1 marks a real token.
 
-    def __init__(self, layers: list[GrowingLayer], mask: torch.Tensor) -> None:
+    ``prefixes`` holds, per row, the shared prefix the row continues (None: none). Its keys and
+    values are not in the row: they stay in the `PrefixState`, once for all rows that share it, and
+    attention reads them from there (`eqakit.engine.attention`).
+    """
+
+    def __init__(
+        self, layers: list[GrowingLayer], mask: torch.Tensor, prefixes: list[PrefixState | None] | None = None
+    ) -> None:
         self.layers = layers
         self.mask = mask
+        self.prefixes = prefixes if prefixes is not None else [None] * int(mask.shape[0])
+        self._shared: SharedPrefix | None = None
+
+    @classmethod
+    def empty(cls, prefixes: list[PrefixState | None], num_layers: int, device: torch.device) -> KVBatch:
+        """One row per prefix, holding nothing yet: its own tokens are appended by the next forward pass."""
+        mask = torch.zeros((len(prefixes), 0), dtype=torch.long, device=device)
+        return cls([GrowingLayer() for _ in range(num_layers)], mask, list(prefixes))
+
+    def shared(self) -> SharedPrefix | None:
+        """The rows' shared prefixes grouped for attention (None when no row has one)."""
+        if self._shared is None and any(p is not None for p in self.prefixes):
+            groups: dict[int, tuple[PrefixState, list[int]]] = {}
+            for row, prefix in enumerate(self.prefixes):
+                if prefix is not None:
+                    groups.setdefault(id(prefix), (prefix, []))[1].append(row)
+            self._shared = SharedPrefix(
+                tuple((p, torch.tensor(rows, device=self.mask.device)) for p, rows in groups.values())
+            )
+        return self._shared
+
+    def prefix_tokens(self) -> int:
+        """Tokens held by the distinct shared prefixes the rows continue."""
+        return sum({id(p): p.length for p in self.prefixes if p is not None}.values())
 
     @classmethod
     def from_states(
@@ -122,6 +155,8 @@ class KVBatch:
     def select(self, keep: list[int]) -> None:
         """Keep only the given rows, and drop leading columns that are padding in all of them."""
         index = torch.tensor(keep, device=self.mask.device)
+        self.prefixes = [self.prefixes[i] for i in keep]
+        self._shared = None
         mask = self.mask[index]
         lead = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
         self.mask = mask[:, lead:]
@@ -131,6 +166,8 @@ class KVBatch:
     def merge(self, other: KVBatch) -> None:
         """Append ``other``'s rows, left-padding whichever batch is shorter."""
         length = max(self.mask.shape[1], other.mask.shape[1])
+        self.prefixes = self.prefixes + other.prefixes
+        self._shared = None
         self.mask = torch.cat([_left_pad(self.mask, length, 1), _left_pad(other.mask, length, 1)])
         for mine, theirs in zip(self.layers, other.layers, strict=True):
             keys = torch.cat([_left_pad(mine.keys, length, 2), _left_pad(theirs.keys, length, 2)])

@@ -151,20 +151,36 @@ class Runner:
         return len(self.rows)
 
     def footprint(self, joining: list[Prepared]) -> int:
-        """The most KV-cache columns (over all rows) the batch will hold if ``joining`` joins now.
+        """The most KV-cache tokens the batch will hold if ``joining`` joins now.
 
-        Rows are aligned at the right, so the cache is rows x width, and every step widens it by one
-        until the longest remaining answer is done: rows x (width + most tokens still to come). A
-        shared prefix is counted in every row that holds it, because each row holds its own copy.
+        Each shared prefix (an episode's frames) is held once, whatever number of rows continue it;
+        each row holds its own tokens, aligned at the right, so rows cost rows x width, and every
+        step widens them by one until the longest remaining answer is done.
         """
+        prefixes: dict[object, int] = {
+            id(p): p.length for p in (self.kv.prefixes if self.kv is not None else []) if p
+        }
         width = int(self.kv.mask.shape[1]) if self.kv is not None else 0
-        width = max([width, *(p.length for p in joining)])
+        for prepared in joining:
+            cut = self._base_cut(prepared)
+            if cut is not None:
+                assert self.reuse.prefix_cache is not None
+                cached = self.reuse.prefix_cache.peek(cut[1])  # the very state running rows may share
+                prefixes[id(cached) if cached is not None else cut[1]] = cut[0]
+            width = max(width, prepared.length - (cut[0] if cut else 0))
         ahead = max(
             [r.params.max_new_tokens - len(r.tokens) for r in self.rows]
             + [p.request.params.max_new_tokens for p in joining],
             default=0,
         )
-        return (len(self.rows) + len(joining)) * (width + ahead)
+        return sum(prefixes.values()) + (len(self.rows) + len(joining)) * (width + ahead)
+
+    def _base_cut(self, prepared: Prepared) -> tuple[int, bytes] | None:
+        """The prefix (length, key) a prompt continues from the prefix cache, if any: its longest cut."""
+        if self.reuse.prefix_cache is None:
+            return None
+        targets = [(n, key) for n, key in prepared.cuts if n >= self.reuse.min_prefix_tokens]
+        return targets[-1] if targets else None
 
     # ---- joining -----------------------------------------------------------------------------
 
@@ -269,11 +285,11 @@ class Runner:
         computed: dict[bytes, PrefixState] = {}  # held here too, in case the cache is too small to keep them
         for job, feats in zip(jobs, features, strict=True):
             cuts = job.prepared.cuts
-            targets = [(n, key) for n, key in cuts if n >= self.reuse.min_prefix_tokens]
-            if not targets:
+            cut = self._base_cut(job.prepared)
+            if cut is None:
                 bases.append(None)
                 continue
-            length, key = targets[-1]
+            length, key = cut
             state = computed.get(key) or cache.get(key)
             if state is None:
                 start = next((cache.get(k) for n, k in reversed(cuts) if n < length and k in cache), None)
@@ -318,9 +334,9 @@ class Runner:
             positions[:, row, width - size :] = p.positions[:, start:]
             mask[row, width - size :] = 1
             feats += [f for slot, f in zip(p.images, features[row], strict=True) if slot.start >= start]
-        kv = KVBatch.from_states(bases, self.num_layers, self.model.device)
+        kv = KVBatch.empty(bases, self.num_layers, self.model.device)
         kv.extend_mask(mask)
-        logits = self.model.forward(ids, positions, kv.mask, kv.cache(), feats)
+        logits = self.model.forward(ids, positions, kv.mask, kv.cache(), feats, shared=kv.shared())
         assert logits is not None
         return logits, kv
 
@@ -336,7 +352,9 @@ class Runner:
             positions = torch.tensor([r.next_position for r in self.rows], dtype=torch.long)
             positions = positions.view(1, batch, 1).expand(3, batch, 1)
             self.kv.extend_mask(torch.ones((batch, 1), dtype=torch.long))
-            logits = self.model.forward(ids, positions, self.kv.mask, self.kv.cache(), [])
+            logits = self.model.forward(
+                ids, positions, self.kv.mask, self.kv.cache(), [], shared=self.kv.shared()
+            )
             assert logits is not None
             for row in self.rows:
                 row.next_position += 1

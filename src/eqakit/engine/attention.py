@@ -1,0 +1,110 @@
+"""Attention over a prompt prefix that many rows share, held once instead of copied into every row.
+
+The questions of an OpenEQA episode share their system prompt and frames: 1,500+ tokens of keys and
+values per layer, against a few dozen for each question. Copying that prefix into every row of
+the batch would make its memory, not the work, decide how many questions decode together. Here a
+row's KV cache holds only its own tokens (question and answer); the prefix stays where the prefix
+cache keeps it, once, and each row's attention is computed over both:
+
+    softmax([q.Kp, q.Ks]) . [Vp; Vs]  =  (e^(q.Kp - m) . Vp + e^(q.Ks - m) . Vs) / (sum e^(q.Kp - m) + sum e^(q.Ks - m))
+
+with m the row's maximum score: the same function as attention over the concatenation (the
+equivalence tests compare greedy tokens with ``model.generate``), computed in float32.
+
+`install` registers this as an attention implementation of transformers (its public
+``AttentionInterface``) for the language model only; rows with no shared prefix, and every forward
+pass without one (prefix computation, plain prompts), go through transformers' sdpa unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from eqakit.engine.caches import PrefixState
+
+NAME = "eqakit_shared_prefix"
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """For one forward pass: each shared prefix and the batch rows (indices) that continue it."""
+
+    groups: tuple[tuple[PrefixState, torch.Tensor], ...]
+
+
+def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """sdpa's boolean mask, always materialized (never "skip: causal"), so padding is explicit here."""
+    return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+
+
+def shared_prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    shared_prefix: SharedPrefix | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query (B, Hq, T, D), key/value (B, Hkv, S, D) from the cache,
+    ``attention_mask`` (B, 1, T, S) boolean; returns (B, T, Hq, D)."""
+    if shared_prefix is None or not shared_prefix.groups:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    rows, q_heads, steps, dim = query.shape
+    kv_heads = key.shape[1]
+    repeat = q_heads // kv_heads
+    scale = scaling if scaling is not None else dim**-0.5
+    # group query heads by the KV head they read: (B, Hkv, repeat * T, D), no copy of K or V
+    q = query.float().reshape(rows, kv_heads, repeat * steps, dim)
+    scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        allowed = attention_mask.to(torch.bool).repeat(1, 1, repeat, 1)
+        scores = scores.masked_fill(~allowed, -torch.inf)
+    values = value.float()
+    out = torch.empty(rows, kv_heads, repeat * steps, dim, dtype=torch.float32, device=query.device)
+    alone = torch.ones(rows, dtype=torch.bool, device=query.device)
+    for state, members in shared_prefix.groups:
+        prefix_keys, prefix_values = state.layers[module.layer_idx]  # (1, Hkv, P, D)
+        prefix_scores = torch.matmul(q[members], prefix_keys[0].float().transpose(-1, -2)) * scale
+        out[members] = _merge([(prefix_scores, prefix_values[0].float()), (scores[members], values[members])])
+        alone[members] = False
+    if alone.any():
+        out[alone] = _merge([(scores[alone], values[alone])])
+    out = out.reshape(rows, q_heads, steps, dim).transpose(1, 2).contiguous()
+    return out.to(query.dtype), None
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Softmax attention over the keys of all parts together (scores (..., Q, K_i), values (..., K_i, D)).
+
+    A query with every key masked (a padding position) gets zeros, not nan, so padding never
+    spreads nan into the real positions' values.
+    """
+    top = torch.stack([s.amax(dim=-1, keepdim=True) for s, _ in parts]).amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    numerator, denominator = None, None
+    for scores, values in parts:
+        weights = (scores - top).exp()
+        part = torch.matmul(weights, values)
+        total = weights.sum(dim=-1, keepdim=True)
+        numerator = part if numerator is None else numerator + part
+        denominator = total if denominator is None else denominator + total
+    assert numerator is not None and denominator is not None
+    return numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def install(language_model: Any) -> None:
+    """Make ``language_model`` (Qwen3-VL's text model) attend with `shared_prefix_attention`."""
+    AttentionInterface.register(NAME, shared_prefix_attention)
+    AttentionMaskInterface.register(NAME, _mask)
+    language_model.config._attn_implementation = NAME
