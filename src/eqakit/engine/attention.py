@@ -75,32 +75,55 @@ def shared_prefix_attention(
     alone = torch.ones(rows, dtype=torch.bool, device=query.device)
     for state, members in shared_prefix.groups:
         prefix_keys, prefix_values = state.layers[module.layer_idx]  # (1, Hkv, P, D)
-        prefix_scores = torch.matmul(q[members], prefix_keys[0].float().transpose(-1, -2)) * scale
-        out[members] = _merge([(prefix_scores, prefix_values[0].float()), (scores[members], values[members])])
+        out[members] = _with_prefix(
+            q[members],
+            scores[members],
+            values[members],
+            prefix_keys[0].float(),
+            prefix_values[0].float(),
+            scale,
+        )
         alone[members] = False
     if alone.any():
-        out[alone] = _merge([(scores[alone], values[alone])])
+        out[alone] = _softmax_attend(scores[alone], values[alone])
     out = out.reshape(rows, q_heads, steps, dim).transpose(1, 2).contiguous()
     return out.to(query.dtype), None
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Softmax attention over the keys of all parts together (scores (..., Q, K_i), values (..., K_i, D)).
+def _with_prefix(
+    q: torch.Tensor,
+    scores: torch.Tensor,
+    values: torch.Tensor,
+    prefix_keys: torch.Tensor,
+    prefix_values: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of n rows' queries q (n, Hkv, M, D) over one prefix (Hkv, P, D) and their own keys.
 
-    A query with every key masked (a padding position) gets zeros, not nan, so padding never
-    spreads nan into the real positions' values.
+    The rows are folded into the query dimension for the prefix's two matrix products, so the
+    prefix is read once per layer and step, not broadcast (copied) to every row.
     """
-    top = torch.stack([s.amax(dim=-1, keepdim=True) for s, _ in parts]).amax(dim=0)
+    n, kv_heads, m, dim = q.shape
+    length = prefix_keys.shape[1]
+    folded = q.transpose(0, 1).reshape(kv_heads, n * m, dim)
+    prefix_scores = (torch.matmul(folded, prefix_keys.transpose(-1, -2)) * scale).view(kv_heads, n, m, length)
+    prefix_scores = prefix_scores.transpose(0, 1)  # (n, Hkv, M, P)
+    top = torch.maximum(prefix_scores.amax(dim=-1, keepdim=True), scores.amax(dim=-1, keepdim=True))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    numerator, denominator = None, None
-    for scores, values in parts:
-        weights = (scores - top).exp()
-        part = torch.matmul(weights, values)
-        total = weights.sum(dim=-1, keepdim=True)
-        numerator = part if numerator is None else numerator + part
-        denominator = total if denominator is None else denominator + total
-    assert numerator is not None and denominator is not None
-    return numerator / denominator.clamp_min(torch.finfo(torch.float32).tiny)
+    prefix_weights, own_weights = (prefix_scores - top).exp(), (scores - top).exp()
+    from_prefix = torch.matmul(prefix_weights.transpose(0, 1).reshape(kv_heads, n * m, length), prefix_values)
+    numerator = from_prefix.view(kv_heads, n, m, dim).transpose(0, 1) + torch.matmul(own_weights, values)
+    denominator = prefix_weights.sum(dim=-1, keepdim=True) + own_weights.sum(dim=-1, keepdim=True)
+    return numerator / denominator
+
+
+def _softmax_attend(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Plain attention; a query with every key masked (a padding position) gets zeros, not nan, so
+    padding never spreads nan into the real positions' values."""
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = (scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top))).exp()
+    total = weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.matmul(weights, values) / total
 
 
 def install(language_model: Any) -> None:
