@@ -265,3 +265,81 @@ def test_vllm_keys_take_llama_factorys_meanings_and_contradictions_are_named(tmp
         load_config("infer", write(tmp_path, base + "vllm_gpu_util: 1.5\n"))
     with pytest.raises(ConfigError, match="api_max_batch_tokens budgets the transformers engine"):
         load_config("infer", write(tmp_path, base + "api_max_batch_tokens: 4096\n"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            ["overwrite_cache=true"],
+            "'overwrite_cache' is a LLaMA-Factory option eqakit does not support (eqakit keeps no cache",
+        ),
+        (
+            ["max_length=2048"],
+            "'max_length' is a LLaMA-Factory option eqakit does not support (LLaMA-Factory",
+        ),
+        (["length_penalty=1.0"], "'length_penalty' is a LLaMA-Factory option eqakit does not support (it"),
+        (["compute_accuracy=true"], "compute_accuracy reports accuracy on the evaluation set: set val_size"),
+        (["freeze_language_model=true"], "leaves LoRA no layer to adapt"),
+        (
+            ["freeze_language_model=true", "freeze_multi_modal_projector=false"],
+            "set freeze_vision_tower: false",
+        ),
+        (
+            ["freeze_language_model=true", "freeze_vision_tower=false", "lora_target=q_proj"],
+            "lora_target 'q_proj' names language-model layers",
+        ),
+        (
+            ["disable_gradient_checkpointing=true", "gradient_checkpointing=true"],
+            "gradient_checkpointing: true and disable_gradient_checkpointing: true contradict",
+        ),
+        (
+            ["disable_gradient_checkpointing=true", "use_reentrant_gc=false"],
+            "use_reentrant_gc has no effect with disable_gradient_checkpointing: true",
+        ),
+        (["preprocessing_batch_size=10"], "set preprocessing_num_workers to 2 or more"),
+        (
+            ["preprocessing_batch_size=10", "preprocessing_num_workers=1"],
+            "set preprocessing_num_workers to 2 or more",
+        ),
+    ],
+)
+def test_keys_without_an_effect_here_are_refused_by_name(
+    tmp_path: Path, settings: list[str], expected: str
+) -> None:
+    """No key is accepted and ignored: each either has LLaMA-Factory's effect or is refused, saying why."""
+    path = write(tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o"))
+    with pytest.raises(ConfigError) as err:
+        load_config("train", path, settings)
+    assert expected in str(err.value)
+
+
+def test_compute_accuracy_is_refused_with_predict_as_in_llama_factory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="remove compute_accuracy"):
+        load_config("train", CONFIGS / "eval_args.yaml", ["compute_accuracy=true"])
+
+
+def test_llama_factory_training_keys_with_effect_are_accepted(tmp_path: Path) -> None:
+    """The values these keys take (their effects are tested in test_train.py and test_train_speed.py)."""
+    path = write(tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o"))
+    default = load_config("train", path)
+    assert not default.finetuning.disable_gradient_checkpointing  # checkpointing on, as in LLaMA-Factory
+    assert default.finetuning.use_reentrant_gc and not default.training.gradient_checkpointing
+    cfg = load_config(
+        "train",
+        path,
+        [
+            "compute_accuracy=true",
+            "val_size=0.1",
+            "freeze_language_model=true",
+            "freeze_vision_tower=false",
+            "disable_gradient_checkpointing=true",
+            "preprocessing_num_workers=4",
+            "preprocessing_batch_size=100",
+        ],
+    )
+    f, d = cfg.finetuning, cfg.data
+    assert f.compute_accuracy and f.freeze_language_model and f.disable_gradient_checkpointing
+    assert (d.preprocessing_num_workers, d.preprocessing_batch_size) == (4, 100)
+    off = load_config("train", path, ["use_reentrant_gc=false", "freeze_multi_modal_projector=false"])
+    assert not off.finetuning.use_reentrant_gc

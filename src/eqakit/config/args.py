@@ -109,9 +109,15 @@ class DataArguments:
     cutoff_len: int = _f(2048, "Largest number of tokens (text and image) in one sample.", min=1)
     train_on_prompt: bool = _f(False, "Also learn the prompt tokens (normally only answers are learned).")
     mask_history: bool = _f(False, "Learn only the last assistant turn of multi-turn samples.")
-    overwrite_cache: bool = _f(False, "Re-encode datasets even when a cache exists.")
-    preprocessing_num_workers: int | None = _f(None, "Processes used to encode datasets.", min=1)
-    preprocessing_batch_size: int = _f(1000, "Samples per encoding batch.", min=1)
+    preprocessing_num_workers: int | None = _f(
+        None,
+        "Processes that plan the training and evaluation samples (decode images, tokenize, fit cutoff_len) "
+        "in parallel; unset: the main process alone. The plans are the same either way.",
+        min=1,
+    )
+    preprocessing_batch_size: int = _f(
+        1000, "Samples handed to a planning worker at a time (with preprocessing_num_workers).", min=1
+    )
     max_samples: int | None = _f(None, "Use at most this many samples of each dataset.", min=1)
     val_size: float = _f(
         0.0, "Validation split of the training data: a fraction in [0, 1) or a number of samples.", min=0.0
@@ -140,7 +146,11 @@ class FinetuningArguments:
     create_new_adapter: bool = _f(False, "Train a new adapter on top of merged adapter_name_or_path ones.")
     freeze_vision_tower: bool = _f(True, "Keep the vision encoder frozen.")
     freeze_multi_modal_projector: bool = _f(True, "Keep the vision-to-language merger frozen.")
-    freeze_language_model: bool = _f(False, "Keep the language model frozen (LoRA layers still train).")
+    freeze_language_model: bool = _f(
+        False,
+        "No LoRA (nor any trainable weight) in the language model: LoRA adapts the vision blocks (so it "
+        "needs freeze_vision_tower: false), and the mergers train if freeze_multi_modal_projector: false.",
+    )
     plot_loss: bool = _f(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
     vision_feature_cache: bool = _f(
         True, "eqakit: run the frozen vision tower once per distinct image and reuse its features (exact)."
@@ -149,7 +159,19 @@ class FinetuningArguments:
         True,
         "eqakit: train questions about the same frames as branches of one sequence (exact loss, fewer tokens).",
     )
-    compute_accuracy: bool = _f(False, "Report token accuracy on the evaluation split.")
+    compute_accuracy: bool = _f(
+        False,
+        "Report eval_accuracy with every evaluation: the share of answer tokens the model predicts "
+        "(greedy, teacher-forced), averaged over samples as LLaMA-Factory does. Needs an evaluation set.",
+    )
+    disable_gradient_checkpointing: bool = _f(
+        False,
+        "Keep every activation for the backward pass. By default, as in LLaMA-Factory, layers with "
+        "trainable weights recompute their activations instead (less memory, more time; same gradients).",
+    )
+    use_reentrant_gc: bool = _f(
+        True, "Gradient checkpointing with torch's reentrant implementation (LLaMA-Factory's default)."
+    )
 
 
 @dataclass
@@ -161,12 +183,10 @@ class GeneratingArguments:
     top_p: float = _f(0.7, "Nucleus sampling mass.", min=0.0, max=1.0, min_exclusive=True)
     top_k: int = _f(50, "Sample among the k most likely tokens (0: no limit).", min=0)
     num_beams: int = _f(1, "Beam search width; eqakit decodes with 1.", min=1, max=1)
-    max_length: int = _f(1024, "Largest prompt+answer length when max_new_tokens is not set.", min=1)
     max_new_tokens: int = _f(1024, "Largest number of generated tokens.", min=1)
     repetition_penalty: float = _f(
         1.0, "Penalty on repeated tokens (1.0: none).", min=0.0, min_exclusive=True
     )
-    length_penalty: float = _f(1.0, "Beam-search length penalty (no effect with num_beams 1).")
     skip_special_tokens: bool = _f(True, "Drop special tokens from decoded text.")
 
 

@@ -30,7 +30,7 @@ from eqakit.config.args import (
     GeneratingArguments,
     ModelArguments,
 )
-from eqakit.config.lf_unsupported import LLAMA_FACTORY_UNSUPPORTED
+from eqakit.config.lf_unsupported import LLAMA_FACTORY_UNSUPPORTED, REASONS
 from eqakit.errors import ConfigError
 
 Kind = Literal["train", "infer", "export"]
@@ -250,7 +250,8 @@ def _check_rules(value: Any, rules: dict[str, Any]) -> str | None:
 
 def _unknown_key_message(key: str, kind: Kind, known: set[str]) -> str:
     if key in LLAMA_FACTORY_UNSUPPORTED:
-        return f"{key!r} is a LLaMA-Factory option eqakit does not support; remove it"
+        reason = f" ({REASONS[key]})" if key in REASONS else ""
+        return f"{key!r} is a LLaMA-Factory option eqakit does not support{reason}; remove it"
     if kind != "train":
         training = {f.name for f in dataclasses.fields(_training_class())}
         if key in training:
@@ -260,8 +261,12 @@ def _unknown_key_message(key: str, kind: Kind, known: set[str]) -> str:
     return f"unknown key {key!r}{hint}"
 
 
-def _cross_checks(kind: Kind, values: dict[str, Any]) -> list[str]:
-    """Contradictions between keys, with LLaMA-Factory's rules where it has them."""
+def _cross_checks(kind: Kind, values: dict[str, Any], given: set[str]) -> list[str]:
+    """Contradictions between keys, with LLaMA-Factory's rules where it has them.
+
+    ``values`` holds every key (defaults filled in), ``given`` the keys the user set: a key set where
+    it can have no effect is refused, as a key eqakit does not know would be.
+    """
     problems = []
     get = values.get
     if not get("model_name_or_path"):
@@ -313,6 +318,51 @@ def _cross_checks(kind: Kind, values: dict[str, Any]) -> list[str]:
             problems.append("predict_with_generate cannot be true while training (do_train: true)")
         if get("bf16") and get("fp16"):
             problems.append("bf16 and fp16 are both true: choose one")
+        problems += _training_checks(values, given)
+    return problems
+
+
+def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
+    """The LoRA, evaluation, checkpointing and preprocessing keys of `eqakit train`, checked together."""
+    problems = []
+    get = values.get
+    if get("compute_accuracy"):
+        if get("predict_with_generate"):
+            problems.append(  # LLaMA-Factory refuses the pair too
+                "compute_accuracy scores teacher-forced tokens, predict_with_generate generated text: "
+                "remove compute_accuracy (do_predict reports its own metrics)"
+            )
+        elif not get("val_size") and not get("eval_dataset"):
+            problems.append(
+                "compute_accuracy reports accuracy on the evaluation set: set val_size (e.g. 0.1) or "
+                "eval_dataset, or remove compute_accuracy"
+            )
+    if get("freeze_language_model") and get("do_train"):
+        if get("freeze_vision_tower"):
+            problems.append(  # LLaMA-Factory fails there too: peft finds no layer to adapt
+                "freeze_language_model: true with freeze_vision_tower: true leaves LoRA no layer to adapt "
+                "(the vision blocks are the only ones left): set freeze_vision_tower: false"
+            )
+        if get("lora_target", "all").strip() != "all":
+            problems.append(
+                f"lora_target {get('lora_target')!r} names language-model layers, which "
+                "freeze_language_model: true keeps free of LoRA: set lora_target: all or remove one of them"
+            )
+    if get("disable_gradient_checkpointing"):
+        if get("gradient_checkpointing"):
+            problems.append(
+                "gradient_checkpointing: true and disable_gradient_checkpointing: true contradict each "
+                "other: remove one (checkpointing is on unless disable_gradient_checkpointing is true)"
+            )
+        if "use_reentrant_gc" in given:
+            problems.append(
+                "use_reentrant_gc has no effect with disable_gradient_checkpointing: true; remove it"
+            )
+    if "preprocessing_batch_size" in given and (get("preprocessing_num_workers") or 1) < 2:
+        problems.append(
+            "preprocessing_batch_size sizes the work handed to planning processes: set "
+            "preprocessing_num_workers to 2 or more, or remove preprocessing_batch_size"
+        )
     return problems
 
 
@@ -365,7 +415,7 @@ def load_config(
         for fields in fields_by_group
         for name, fld in fields.items()
     }
-    problems += _cross_checks(kind, {**defaults, **values})
+    problems += _cross_checks(kind, {**defaults, **values}, set(values))
     where = f" in {path}" if path is not None else ""
     if problems:
         raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(f"  - {p}" for p in problems))
