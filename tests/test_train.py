@@ -377,22 +377,107 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_model_dir, toy_dataset) -> None:
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
-def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir, toy_dataset) -> None:
+@pytest.mark.parametrize(
+    ("settings", "printed"),
+    [
+        ({}, "gradient checkpointing on"),  # LLaMA-Factory's default
+        ({"use_reentrant_gc": False}, "gradient checkpointing on"),
+        ({"gradient_checkpointing": True}, "gradient checkpointing on"),  # transformers' key: every layer
+    ],
+)
+def test_gradient_checkpointing_gives_the_same_losses(
+    tmp_path, tiny_model_dir, toy_dataset, capsys, settings, printed
+) -> None:
     runs = {}
-    for flag in (False, True):
-        out = tmp_path / f"gc-{flag}"
+    for name, extra in (("off", {"disable_gradient_checkpointing": True}), ("on", settings)):
+        out = tmp_path / f"gc-{name}"
         cfg = config(
             tmp_path,
             tiny_model_dir,
             toy_dataset,
             output_dir=str(out),
             num_train_epochs=1,
-            gradient_checkpointing=flag,
             save_strategy="no",
+            **extra,
         )
+        capsys.readouterr()
         assert main(["train", str(cfg)]) == 0
-        runs[flag] = losses(out)
-    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+        assert ("gradient checkpointing off" if name == "off" else printed) in capsys.readouterr().out
+        runs[name] = losses(out)
+    assert runs["on"] == pytest.approx(runs["off"], rel=1e-5)
+
+
+def test_compute_accuracy_reports_eval_accuracy(tmp_path, tiny_model_dir, toy_dataset) -> None:
+    """compute_accuracy: eval_accuracy beside eval_loss at every evaluation and in eval_results.json."""
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        toy_dataset,
+        num_train_epochs=2,
+        val_size=0.25,
+        eval_strategy="epoch",
+        save_strategy="no",
+        compute_accuracy=True,
+        plot_loss=True,
+    )
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "out"
+    evals = [
+        e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in e
+    ]
+    assert len(evals) == 2 and all(0.0 <= e["eval_accuracy"] <= 1.0 for e in evals)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["eval_accuracy"] == evals[-1]["eval_accuracy"]
+    assert (out / "training_eval_accuracy.png").is_file()
+
+
+@pytest.mark.parametrize("projector_trains", [False, True])
+def test_freeze_language_model_trains_nothing_in_it(tiny_model_dir, tmp_path, projector_trains) -> None:
+    """freeze_language_model: LoRA on the vision blocks (and the mergers in full when unfrozen), nothing
+    in the language model or lm_head (with the vision tower frozen too it is refused: tests/test_config.py)."""
+    from transformers import AutoModelForImageTextToText
+
+    from eqakit.config import load_config
+    from eqakit.train.lora import apply_lora
+
+    cfg = load_config(
+        "train",
+        None,
+        [
+            f"model_name_or_path={tiny_model_dir}",
+            "template=qwen3_vl_nothink",
+            "do_train=true",
+            "dataset=toy",
+            f"output_dir={tmp_path}",
+            "freeze_language_model=true",
+            "freeze_vision_tower=false",
+            f"freeze_multi_modal_projector={str(not projector_trains).lower()}",
+        ],
+    )
+    model = apply_lora(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".visual." in n for n in trainable), trainable
+    assert any(".blocks." in n and "lora_" in n for n in trainable)
+    assert any("merger" in n for n in trainable) == projector_trains
+
+
+def test_freeze_language_model_refuses_an_adapter_that_trains_it(
+    tmp_path, tiny_model_dir, toy_dataset, capsys
+) -> None:
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, num_train_epochs=1, save_strategy="no")
+    assert main(["train", str(cfg)]) == 0
+    again = [
+        f"adapter_name_or_path={tmp_path / 'out'}",
+        f"output_dir={tmp_path / 'again'}",
+        "freeze_language_model=true",
+        "freeze_vision_tower=false",
+    ]
+    capsys.readouterr()
+    assert main(["train", str(cfg), *again]) == 2
+    assert "freeze_language_model: true, but adapter" in capsys.readouterr().err
+    assert main(["train", str(cfg), *again, "create_new_adapter=true"]) == 0
+    adapter = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    assert adapter and all("visual.blocks" in k for k in adapter)
 
 
 def test_unfrozen_projector_trains_the_mergers(tmp_path, tiny_model_dir, toy_dataset) -> None:

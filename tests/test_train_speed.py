@@ -1,19 +1,23 @@
-"""The training speed-ups are exact: cached visual features and shared-prefix packing give the plain loss."""
+"""The training speed-ups are exact: cached visual features, shared-prefix packing, gradient checkpointing
+and parallel planning give the plain loss, gradients, accuracy and plans."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
+from transformers import AutoModelForImageTextToText, AutoProcessor, EvalPrediction, TrainingArguments
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from eqakit.config import load_config
 from eqakit.data.encode import ImageBudget
+from eqakit.errors import DataError
 from eqakit.train.data import Collator, PlannedDataset, load_training_samples, plan_samples
 from eqakit.train.lora import apply_lora
 from eqakit.train.packing import EpisodeBatchSampler, PackedCollator
-from eqakit.train.trainer import EqakitTrainer
+from eqakit.train.trainer import EqakitTrainer, checkpoint_trainable_layers, greedy_tokens, token_accuracy
 from eqakit.train.vision_cache import VisionFeatureCache, image_key
 
 
@@ -115,3 +119,136 @@ def test_episode_batches_cover_every_sample_once_and_reshuffle(setup) -> None:
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first  # deterministic per epoch, so resumed runs see the same batches
+
+
+def _gradients(model, trainer, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    trainer.compute_loss(model, dict(batch)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("vision_trains", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(
+    setup, tiny_model_dir, tmp_path, vision_trains
+) -> None:
+    """Reentrant (LLaMA-Factory's default) and non-reentrant checkpointing: the gradients of a plain
+    batch without it, on cached and packed batches; with the vision tower's LoRA too."""
+    trainer, model, plain, cached, processor, cache = setup
+    if vision_trains:  # a model of its own: the vision tower runs (no cache) and its blocks train
+        cfg = load_config(
+            "train",
+            None,
+            [
+                f"model_name_or_path={tiny_model_dir}",
+                "template=qwen3_vl_nothink",
+                "do_train=true",
+                "dataset=toy",
+                f"output_dir={tmp_path}",
+                "lora_rank=4",
+                "freeze_vision_tower=false",
+            ],
+        )
+        torch.manual_seed(0)
+        model = apply_lora(
+            AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32), cfg
+        )
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+        trainer = EqakitTrainer(model=model, args=args, processing_class=processor)
+    pad = processor.tokenizer.pad_token_id
+    rows = [4, 5, 8]
+    batches = {
+        "plain": Collator(pad)([plain[i] for i in rows]),
+        "packed": PackedCollator(pad)([plain[i] for i in rows]),
+    }
+    if not vision_trains:
+        batches["cached"] = Collator(pad)([cached[i] for i in rows])
+        batches["cached+packed"] = PackedCollator(pad)([cached[i] for i in rows])
+    model.train()
+    try:
+        reference = _gradients(model, trainer, batches["plain"])
+        assert any("visual" in n for n in reference) == vision_trains
+        for use_reentrant in (True, False):
+            checkpoint_trainable_layers(model, use_reentrant)
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            assert any(m.gradient_checkpointing for m in layers)
+            assert all(
+                m.gradient_checkpointing == vision_trains for m in model.base_model.model.model.visual.blocks
+            )
+            for name, batch in batches.items():
+                grads = _gradients(model, trainer, batch)
+                assert grads.keys() == reference.keys()
+                for key, grad in grads.items():
+                    assert grad.abs().sum() > 0 or reference[key].abs().sum() == 0, (name, key)
+                    torch.testing.assert_close(
+                        grad, reference[key], rtol=1e-4, atol=1e-6, msg=f"{name} {key}"
+                    )
+            model.base_model.model.activation_checkpointing_disable()
+    finally:
+        model.zero_grad()
+        model.eval()
+
+
+def test_token_accuracy_is_the_same_with_cached_features(setup) -> None:
+    """eval_accuracy (LLaMA-Factory's compute_accuracy) from plain batches and from cached-feature ones."""
+    trainer, model, plain, cached, processor, cache = setup
+    args = TrainingArguments(
+        output_dir=trainer.args.output_dir, report_to="none", use_cpu=True, per_device_eval_batch_size=3
+    )
+    results = {}
+    for name, dataset in (("plain", plain), ("cached", cached)):
+        evaluator = EqakitTrainer(
+            model=model,
+            args=args,
+            processing_class=processor,
+            data_collator=Collator(processor.tokenizer.pad_token_id),
+            vision_cache=cache,
+            compute_metrics=token_accuracy,
+            preprocess_logits_for_metrics=greedy_tokens,
+        )
+        results[name] = evaluator.evaluate(dataset)
+    assert 0.0 <= results["plain"]["eval_accuracy"] <= 1.0
+    assert results["cached"]["eval_accuracy"] == results["plain"]["eval_accuracy"]
+    assert results["cached"]["eval_loss"] == pytest.approx(results["plain"]["eval_loss"], rel=2e-6)
+
+
+def test_token_accuracy_counts_learned_tokens_per_sample_then_averages() -> None:
+    """Position t predicts token t + 1; prompt and padding (-100) count nowhere; samples weigh equally."""
+    labels = torch.tensor([[-100, 5, 6, 7, -100], [-100, -100, 8, -100, -100]])
+    preds = torch.tensor([[5, 6, 0, 9, 9], [0, 8, 1, 1, 1]])  # sample 0: 2 of 3 right; sample 1: 1 of 1
+    metrics = token_accuracy(EvalPrediction(predictions=preds.numpy(), label_ids=labels.numpy()))
+    assert metrics == {"accuracy": pytest.approx((2 / 3 + 1) / 2)}
+    assert greedy_tokens((torch.tensor([[[0.1, 0.9], [0.8, 0.2]]]),), labels).tolist() == [[1, 0]]
+
+
+def test_parallel_planning_gives_the_serial_plans(setup, tiny_model_dir, tmp_path) -> None:
+    """preprocessing_num_workers: the same plans, samples and report as one process, errors included."""
+    trainer, model, plain, cached, processor, cache = setup
+    data = plain.samples[0].images[0].parents[2]
+    base = [
+        f"model_name_or_path={tiny_model_dir}",
+        "template=qwen3_vl_nothink",
+        "do_train=true",
+        "dataset=toy",
+        f"dataset_dir={data}",
+        f"output_dir={tmp_path}",
+    ]
+    serial_cfg = load_config("train", None, base)
+    parallel_cfg = load_config(
+        "train", None, [*base, "preprocessing_num_workers=2", "preprocessing_batch_size=5"]
+    )
+    budget = ImageBudget(serial_cfg.model.image_min_pixels, serial_cfg.model.image_max_pixels)
+    samples = load_training_samples(serial_cfg)
+    serial = plan_samples(samples, processor.tokenizer, serial_cfg, budget)
+    parallel = plan_samples(samples, processor.tokenizer, parallel_cfg, budget)
+    assert serial[0] == parallel[0] and serial[1] == parallel[1]
+    assert serial[2].summary() == parallel[2].summary() and serial[2].kept == len(samples)
+    broken = [*samples[:7], replace(samples[7], images=[data / "missing.jpg"]), *samples[8:]]
+    errors = []
+    for cfg in (serial_cfg, parallel_cfg):
+        with pytest.raises(DataError) as err:
+            plan_samples(broken, processor.tokenizer, cfg, budget)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1] and "missing.jpg" in errors[0]

@@ -58,66 +58,161 @@ class PlanReport:
         }
 
 
-def image_sizes(samples: list[Sample]) -> dict[Path, tuple[int, int]]:
-    """Decode every distinct image once; a missing or corrupt file is an error naming the row."""
-    sizes: dict[Path, tuple[int, int]] = {}
-    problems: list[str] = []
+def _read_size(path: Path, sizes: dict[Path, tuple[int, int]]) -> str | None:
+    """Decode `path` once (into `sizes`); the reason it cannot be read, if it cannot."""
+    if path in sizes:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.load()
+            sizes[path] = image.size
+    except FileNotFoundError:
+        return f"image file not found: {path}"
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        return f"image {path} cannot be read ({exc})"
+    return None
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The config keys planning reads: all a planning process needs besides the tokenizer."""
+
+    template: str | None
+    cutoff_len: int
+    enable_thinking: bool
+    default_system: str | None
+    train_on_prompt: bool
+    mask_history: bool
+    budget: ImageBudget
+    require_answer: bool
+
+    @classmethod
+    def from_config(cls, cfg: Config, budget: ImageBudget, require_answer: bool) -> PlanSettings:
+        d = cfg.data
+        return cls(
+            d.template,
+            d.cutoff_len,
+            d.enable_thinking,
+            d.default_system,
+            d.train_on_prompt,
+            d.mask_history,
+            budget,
+            require_answer,
+        )
+
+
+# What planning made of one sample: ("plan", Plan), ("too_long", reason), ("bad_row", reason) or
+# ("bad_images", [reason, ...]).
+Outcome = tuple[str, Any]
+
+
+def _plan_chunk(
+    samples: list[Sample], tokenizer: Any, settings: PlanSettings, sizes: dict[Path, tuple[int, int]]
+) -> list[Outcome]:
+    """Plan `samples` in order; `sizes` caches decoded image sizes across calls."""
+    outcomes: list[Outcome] = []
     for sample in samples:
-        for path in sample.images:
-            if path in sizes:
-                continue
-            try:
-                with Image.open(path) as image:
-                    image.load()
-                    sizes[path] = image.size
-            except FileNotFoundError:
-                problems.append(f"{sample.source}: image file not found: {path}")
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                problems.append(f"{sample.source}: image {path} cannot be read ({exc})")
-    if problems:
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError("bad images in the dataset:\n  " + "\n  ".join(problems[:20]) + more)
-    return sizes
+        bad = [f"{sample.source}: {r}" for r in (_read_size(p, sizes) for p in sample.images) if r]
+        if bad:
+            outcomes.append(("bad_images", bad))
+            continue
+        if settings.require_answer and not sample.answer.strip():
+            outcomes.append(("bad_row", f"{sample.source}: empty answer"))
+            continue
+        try:
+            plan = plan_sample(
+                sample.messages if settings.require_answer else sample.prompt_messages,
+                [sizes[p] for p in sample.images],
+                tokenizer,
+                template=settings.template,
+                cutoff_len=settings.cutoff_len,
+                budget=settings.budget,
+                enable_thinking=settings.enable_thinking,
+                system=sample.system or settings.default_system,
+                add_generation_prompt=not settings.require_answer,
+                train_on_prompt=settings.train_on_prompt,
+                mask_history=settings.mask_history,
+            )
+        except SampleTooLong as exc:
+            outcomes.append(("too_long", f"{sample.source}: {exc}"))
+        except ValueError as exc:
+            outcomes.append(("bad_row", f"{sample.source}: {exc}"))
+        else:
+            outcomes.append(("plan", plan))
+    return outcomes
+
+
+_worker: tuple[Any, PlanSettings, dict[Path, tuple[int, int]]] | None = None  # in a planning process
+
+
+def _start_worker(tokenizer: Any, settings: PlanSettings) -> None:
+    global _worker
+    _worker = (tokenizer, settings, {})
+
+
+def _plan_in_worker(samples: list[Sample]) -> list[Outcome]:
+    tokenizer, settings, sizes = _worker
+    return _plan_chunk(samples, tokenizer, settings, sizes)
+
+
+def _plan_parallel(
+    samples: list[Sample], tokenizer: Any, settings: PlanSettings, workers: int, batch: int
+) -> list[Outcome]:
+    """`_plan_chunk` over batches of `batch` samples in `workers` processes, outcomes in sample order.
+
+    Processes are spawned, not forked: a fork would copy the tokenizer's thread pool and torch's
+    threads in whatever state they are, which can deadlock the child.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [samples[i : i + batch] for i in range(0, len(samples), batch)]
+    with ProcessPoolExecutor(
+        min(workers, len(chunks)),
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(tokenizer, settings),
+    ) as pool:
+        return [outcome for chunk in pool.map(_plan_in_worker, chunks) for outcome in chunk]
+
+
+def _first_20(problems: list[str]) -> str:
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return "\n  ".join(problems[:20]) + more
 
 
 def plan_samples(
     samples: list[Sample], tokenizer: Any, cfg: Config, budget: ImageBudget, require_answer: bool = True
 ) -> tuple[list[Plan], list[Sample], PlanReport]:
-    """Tokenize and budget every sample; drop (and count) those that cannot fit cutoff_len."""
-    sizes = image_sizes(samples)
-    report = PlanReport(samples=len(samples))
-    plans, kept, problems = [], [], []
-    for sample in samples:
-        if require_answer and not sample.answer.strip():
-            problems.append(f"{sample.source}: empty answer")
-            continue
-        try:
-            plan = plan_sample(
-                sample.messages if require_answer else sample.prompt_messages,
-                [sizes[p] for p in sample.images],
-                tokenizer,
-                template=cfg.data.template,
-                cutoff_len=cfg.data.cutoff_len,
-                budget=budget,
-                enable_thinking=cfg.data.enable_thinking,
-                system=sample.system or cfg.data.default_system,
-                add_generation_prompt=not require_answer,
-                train_on_prompt=cfg.data.train_on_prompt,
-                mask_history=cfg.data.mask_history,
-            )
-        except SampleTooLong as exc:
-            report.dropped_too_long.append(f"{sample.source}: {exc}")
-            continue
-        except ValueError as exc:
-            problems.append(f"{sample.source}: {exc}")
-            continue
-        plans.append(plan)
-        kept.append(sample)
-        report.scaled_down += plan.scaled_down
-        report.image_tokens.append(plan.num_image_tokens)
+    """Decode, tokenize and budget every sample; drop (and count) those that cannot fit cutoff_len.
+
+    Unreadable images are reported first, then bad rows; either stops the run. With
+    ``preprocessing_num_workers`` of 2 or more, batches of ``preprocessing_batch_size`` samples are
+    planned in that many processes (LLaMA-Factory's ``num_proc`` / ``batch_size``), so decoding a
+    large dataset's images is not bound to one core; the result is the same as in one process.
+    """
+    settings = PlanSettings.from_config(cfg, budget, require_answer)
+    workers, batch = cfg.data.preprocessing_num_workers or 1, cfg.data.preprocessing_batch_size
+    if workers >= 2 and len(samples) > batch:
+        outcomes = _plan_parallel(samples, tokenizer, settings, workers, batch)
+    else:
+        outcomes = _plan_chunk(samples, tokenizer, settings, {})
+    bad_images = [reason for kind, value in outcomes if kind == "bad_images" for reason in value]
+    if bad_images:
+        raise DataError("bad images in the dataset:\n  " + _first_20(bad_images))
+    problems = [value for kind, value in outcomes if kind == "bad_row"]
     if problems:
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError("bad rows in the dataset:\n  " + "\n  ".join(problems[:20]) + more)
+        raise DataError("bad rows in the dataset:\n  " + _first_20(problems))
+    report = PlanReport(samples=len(samples))
+    plans, kept = [], []
+    for sample, (kind, value) in zip(samples, outcomes, strict=True):
+        if kind == "too_long":
+            report.dropped_too_long.append(value)
+        elif kind == "plan":
+            plans.append(value)
+            kept.append(sample)
+            report.scaled_down += value.scaled_down
+            report.image_tokens.append(value.num_image_tokens)
     report.kept = len(plans)
     return plans, kept, report
 

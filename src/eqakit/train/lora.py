@@ -3,8 +3,9 @@
 ``lora_target: all`` adapts the language model's q/k/v/o/gate/up/down projections: never lm_head
 (tied to the embedding) nor the embeddings. ``freeze_vision_tower: false`` adds the vision blocks'
 linear layers to the LoRA targets; ``freeze_multi_modal_projector: false`` trains the mergers in
-full. Earlier adapters in ``adapter_name_or_path`` are merged; the last is trained further unless
-``create_new_adapter``.
+full; ``freeze_language_model: true`` takes the language model out of the targets, as
+LLaMA-Factory's forbidden modules do. Earlier adapters in ``adapter_name_or_path`` are merged; the
+last is trained further unless ``create_new_adapter``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,14 @@ def target_pattern(cfg: Config, module_names: list[str]) -> str:
             f"key 'lora_target': {', '.join(missing)} match no linear layer of the language model; "
             f"use 'all' or a comma list of: {', '.join(sorted(lm_names))}"
         )
-    pattern = LM_PREFIX + r".*\b(" + "|".join(map(re.escape, names)) + r")"
+    parts = (
+        []
+        if cfg.finetuning.freeze_language_model
+        else [LM_PREFIX + r".*\b(" + "|".join(map(re.escape, names)) + r")"]
+    )
     if not cfg.finetuning.freeze_vision_tower:
-        pattern = f"({pattern})|({VISION_TARGET})"
-    return f"^({pattern})$"
+        parts.append(VISION_TARGET)
+    return "^(" + "|".join(f"({p})" for p in parts) + ")$"
 
 
 def apply_lora(model: Any, cfg: Config) -> Any:
@@ -71,10 +76,25 @@ def apply_lora(model: Any, cfg: Config) -> Any:
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
+    if cfg.finetuning.freeze_language_model:
+        _refuse_language_model_training(model, resume_adapter)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # LoRA weights train in fp32 even on a bf16 base
     return model
+
+
+def _refuse_language_model_training(model: Any, adapter: str | None) -> None:
+    """freeze_language_model holds for a resumed adapter too: one that adapts the language model is refused.
+
+    LLaMA-Factory would train such an adapter's language-model layers regardless; eqakit says so instead.
+    """
+    inside = [n for n, p in model.named_parameters() if p.requires_grad and ".language_model." in n]
+    if inside:
+        raise ConfigError(
+            f"freeze_language_model: true, but adapter {adapter!r} trains the language model ({inside[0]}, "
+            f"{len(inside)} tensors): set create_new_adapter: true to merge it and train a new adapter"
+        )
 
 
 def _projector_modules(model: Any) -> list[str]:

@@ -19,7 +19,7 @@ def smooth(values: list[float]) -> list[float]:
     return out
 
 
-def plot_loss(output_dir: Path, keys: tuple[str, ...] = ("loss", "eval_loss")) -> list[Path]:
+def plot_loss(output_dir: Path, keys: tuple[str, ...] = ("loss", "eval_loss", "eval_accuracy")) -> list[Path]:
     """Write training_<key>.png for each key found in trainer_state.json's log history."""
     import matplotlib
 

@@ -41,7 +41,7 @@ from eqakit.train.data import (
     plan_samples,
     split_train_val,
 )
-from eqakit.train.trainer import EqakitTrainer
+from eqakit.train.trainer import EqakitTrainer, checkpoint_trainable_layers, greedy_tokens, token_accuracy
 from eqakit.train.vision_cache import VisionFeatureCache
 
 
@@ -201,14 +201,17 @@ def run_train(cfg: Config) -> dict[str, float]:
             show_progress=cfg.training.local_process_index == 0,
         )
     model = apply_lora(model, cfg)
-    if cfg.training.gradient_checkpointing:
+    if cfg.training.gradient_checkpointing:  # transformers' key: the Trainer checkpoints every layer
         model.enable_input_require_grads()
+    elif not cfg.finetuning.disable_gradient_checkpointing:  # LLaMA-Factory's default
+        checkpoint_trainable_layers(model, cfg.finetuning.use_reentrant_gc)
     groups = _episode_groups(train_set) if cfg.finetuning.shared_prefix_packing else None
     if cfg.training.local_process_index == 0:
         print(trainable_summary(model))
         print(
             f"speed-ups: vision feature cache {'on, ' + str(len(cache)) + ' images' if cache else 'off'}; "
-            f"shared-prefix packing {'on, ' + str(len(groups)) + ' groups' if groups else 'off'}"
+            f"shared-prefix packing {'on, ' + str(len(groups)) + ' groups' if groups else 'off'}; "
+            f"gradient checkpointing {'off' if cfg.finetuning.disable_gradient_checkpointing else 'on'}"
         )
 
     if cfg.training.process_index == 0:
@@ -237,6 +240,8 @@ def run_train(cfg: Config) -> dict[str, float]:
         callbacks=[LogCallback(), CheckpointMarker()],
         vision_cache=cache,
         episode_groups=groups,
+        compute_metrics=token_accuracy if cfg.finetuning.compute_accuracy else None,
+        preprocess_logits_for_metrics=greedy_tokens if cfg.finetuning.compute_accuracy else None,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()

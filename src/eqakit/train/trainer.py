@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import EvalPrediction, Trainer
 from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
+from eqakit.data.encode import IGNORE_INDEX
 from eqakit.train.packing import EpisodeBatchSampler, PackedCollator, packed_inputs, packed_loss
 from eqakit.train.vision_cache import VisionFeatureCache
 
@@ -56,6 +57,52 @@ class LossSoFar:
     @property
     def mean(self) -> float:
         return self.loss_sum / max(self.steps, 1)
+
+
+def checkpoint_trainable_layers(model: Any, use_reentrant: bool) -> None:
+    """Gradient checkpointing as LLaMA-Factory applies it: on every layer that holds trainable weights.
+
+    Such a layer keeps only its input and recomputes its activations in the backward pass (the
+    same numbers, in less memory, for about a third more compute). Layers with nothing to train
+    (the frozen vision tower) are left alone: recomputing them would cost time and save nothing.
+    The reentrant implementation reaches the weights inside a layer only if the layer's input
+    requires gradients: transformers hooks the language model's input embeddings for that, and the
+    vision tower's patch embedding is hooked here when its blocks train (it has no such hook).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    for module in base.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.gradient_checkpointing = any(p.requires_grad for p in module.parameters())
+    visual = base.model.visual
+    if use_reentrant and any(p.requires_grad for p in visual.blocks.parameters()):
+        visual.patch_embed.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+
+
+def greedy_tokens(logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    """The most likely token at every position: what `token_accuracy` needs, kept instead of the logits.
+
+    The Trainer accumulates what this returns over the whole evaluation set, so ids (batch x
+    sequence) rather than logits (x vocabulary, ~150k for Qwen) bound evaluation memory, as in
+    LLaMA-Factory. A tuple is the model output less the loss, with the logits first.
+    """
+    return (logits[0] if isinstance(logits, tuple) else logits).argmax(dim=-1)
+
+
+def token_accuracy(prediction: EvalPrediction) -> dict[str, float]:
+    """LLaMA-Factory's ``compute_accuracy``: per sample, the share of learned tokens predicted exactly
+    (position t predicts token t + 1), then the mean over samples.
+
+    Padding between batches (-100, the Trainer's) and unlearned prompt tokens carry IGNORE_INDEX
+    in the labels, so they count nowhere.
+    """
+    preds = torch.as_tensor(prediction.predictions)[:, :-1]
+    labels = torch.as_tensor(prediction.label_ids)[:, 1:]
+    learned = labels != IGNORE_INDEX
+    hits = ((preds == labels) & learned).sum(dim=1)
+    return {"accuracy": float((hits / learned.sum(dim=1)).mean())}
 
 
 class EqakitTrainer(Trainer):
