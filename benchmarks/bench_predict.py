@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
@@ -46,6 +47,7 @@ from eqakit.engine import Engine, Request, SamplingParams
 from eqakit.model.tiny import build_tiny_model
 
 BUDGET = ImageBudget(32 * 32, 768 * 768)
+REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = (
     "What color is the sofa?",
     "Where did I leave my keys?",
@@ -149,6 +151,37 @@ def reference(model: Any, processor: Any, requests: list[Request], batch: int, n
     return out
 
 
+def breakdown(model: Any, processor: Any, requests: list[Request], args: argparse.Namespace) -> str:
+    """Seconds in the vision tower, prompt prefill (prefixes and questions), decode steps and the rest,
+    for the run `eqakit train` predict does (fresh caches), timed around the engine's own calls."""
+    budget = args.batch_size * (args.cutoff_len + args.max_new_tokens)
+    engine = Engine(model, processor, image_budget=BUDGET, max_batch_size=64, max_batch_tokens=budget)
+    spent = dict.fromkeys(("vision", "prefill", "decode"), 0.0)
+
+    def timing(owner: Any, name: str, phase: str) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                spent[phase] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    timing(engine.model, "image_features", "vision")
+    runner = engine.runner()
+    for name, phase in (("_extend", "prefill"), ("_prefill", "prefill"), ("step", "decode")):
+        timing(runner, name, phase)
+    engine.runner = lambda: runner  # type: ignore[method-assign]
+    start = time.perf_counter()
+    engine.generate(requests)
+    total = time.perf_counter() - start
+    rest = total - sum(spent.values())
+    return ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()) + f", other {rest:.1f} s (of {total:.1f} s)"
+
+
 def flop_floor(model: Any, requests: list[Request], engine: Engine, new: int) -> float:
     """Multiply-adds x2 of the work eqakit cannot avoid: unique images, unique prefixes, suffixes, decode."""
     text, vision = model.config.text_config, model.config.vision_config
@@ -184,6 +217,74 @@ def matmul_rate(dtype: torch.dtype) -> float:
     return 2 * 2048**3 * reps / (time.perf_counter() - start)
 
 
+def write_dataset(requests: list[Request], root: Path) -> str:
+    """The workload as a LLaMA-Factory dataset dir (alpaca rows, frames as JPEG files); its name."""
+    rows, saved = [], {}
+    for index, request in enumerate(requests):
+        paths = []
+        for image in request.images:
+            if id(image) not in saved:
+                path = root / "frames" / f"{len(saved):05d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path, quality=95)
+                saved[id(image)] = path.relative_to(root).as_posix()
+            paths.append(saved[id(image)])
+        text = request.messages[0]["content"]
+        rows.append({"instruction": text, "input": "", "output": f"answer {index}", "images": paths})
+    (root / "bench.json").write_text(json.dumps(rows), encoding="utf-8")
+    columns = {"prompt": "instruction", "query": "input", "response": "output", "images": "images"}
+    (root / "dataset_info.json").write_text(
+        json.dumps({"bench": {"file_name": "bench.json", "columns": columns}})
+    )
+    return "bench"
+
+
+def versus_llamafactory(
+    args: argparse.Namespace, model: Any, processor: Any, requests: list[Request]
+) -> None:
+    """The seed's eval_args.yaml (paths, new tokens and greedy decoding changed) run by
+    `llamafactory-cli train` and by `eqakit train`, one after the other, on the same files."""
+    from lf_runner import EQAKIT, llamafactory_cli, timed, write_yaml
+
+    cli = llamafactory_cli()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model.save_pretrained(work / "model")
+        processor.save_pretrained(work / "model")
+        name = write_dataset(requests, work / "data")
+        config = yaml.safe_load((REPO / "configs" / "eval_args.yaml").read_text(encoding="utf-8"))
+        config.pop("adapter_name_or_path")
+        config.update(
+            model_name_or_path=str(work / "model"),
+            dataset_dir=str(work / "data"),
+            eval_dataset=name,
+            max_new_tokens=args.max_new_tokens,
+            per_device_eval_batch_size=args.batch_size,
+            cutoff_len=args.cutoff_len,
+            do_sample=False,  # greedy, so that the two tools' answers can be compared
+        )
+        runs, answers = {}, {}
+        env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+        for tool, command in (("LLaMA-Factory 0.9.5", [str(cli)]), ("eqakit", EQAKIT)):
+            out = work / tool.split()[0]
+            path = write_yaml(work / f"{out.name}.yaml", {**config, "output_dir": str(out)})
+            runs[tool] = timed([*command, "train", str(path)], work / f"{out.name}.log", env)
+            lines = (out / "generated_predictions.jsonl").read_text(encoding="utf-8").splitlines()
+            answers[tool] = [json.loads(line)["predict"] for line in lines]
+            print(
+                f"{tool}: `train eval.yaml` {runs[tool].seconds:.1f} s, {len(requests) / runs[tool].seconds:.3f} "
+                f"samples/s (whole command), peak RSS {runs[tool].peak_rss_gb:.2f} GB",
+                flush=True,
+            )
+        lf, ours = runs["LLaMA-Factory 0.9.5"], runs["eqakit"]
+        same = sum(a == b for a, b in zip(answers["eqakit"], answers["LLaMA-Factory 0.9.5"], strict=True))
+        print(
+            f"eqakit vs LLaMA-Factory: {lf.seconds / ours.seconds:.2f}x the speed (whole command), peak RSS "
+            f"{ours.peak_rss_gb / lf.peak_rss_gb:.2f}x; same answers {same}/{len(requests)}",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="model config JSON (random weights); default: the tiny test model")
@@ -201,6 +302,11 @@ def main() -> None:
     parser.add_argument("--engine-batch-size", type=int, default=8, help="a second eqakit run at this batch")
     parser.add_argument("--cutoff-len", type=int, default=2048, help="cutoff_len (sizes predict's KV budget)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--llamafactory",
+        action="store_true",
+        help="also run LLaMA-Factory 0.9.5 itself and `eqakit train` on the seed's eval YAML (installs .venv-lf)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -247,12 +353,18 @@ def main() -> None:
             flush=True,
         )
     assert engine is not None
+    print(
+        f"where eqakit's time goes (KV-budget run): {breakdown(model, processor, requests, args)}", flush=True
+    )
     flops = flop_floor(model, requests, engine, args.max_new_tokens)
     rate = matmul_rate(getattr(torch, args.dtype))
     print(
         f"FLOP floor: {flops / 1e9:.1f} GFLOP at the measured {rate / 1e9:.0f} GFLOP/s "
-        f"({args.dtype} 2048^3 matmul) = {flops / rate:.2f} s, {n / (flops / rate):.2f} samples/s"
+        f"({args.dtype} 2048^3 matmul) = {flops / rate:.2f} s, {n / (flops / rate):.2f} samples/s",
+        flush=True,
     )
+    if args.llamafactory:
+        versus_llamafactory(args, model, processor, requests)
 
 
 if __name__ == "__main__":
