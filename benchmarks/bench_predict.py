@@ -145,7 +145,7 @@ def reference(model: Any, processor: Any, requests: list[Request], batch: int, n
             inputs = processor(
                 text=texts, images=images, images_kwargs={"size": size}, padding=True, return_tensors="pt"
             )
-            generated = model.generate(**inputs, do_sample=False, max_new_tokens=new)
+            generated = model.generate(**inputs.to(model.device), do_sample=False, max_new_tokens=new)
             width = inputs["input_ids"].shape[1]
             out += [until_eos(row[width:].tolist(), eos) for row in generated]
     return out
@@ -166,6 +166,8 @@ def breakdown(model: Any, processor: Any, requests: list[Request], args: argpars
             try:
                 return inner(*a, **kw)
             finally:
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
                 spent[phase] += time.perf_counter() - start
 
         setattr(owner, name, timed)
@@ -206,15 +208,19 @@ def flop_floor(model: Any, requests: list[Request], engine: Engine, new: int) ->
     return flops
 
 
-def matmul_rate(dtype: torch.dtype) -> float:
-    a = torch.randn(2048, 2048, dtype=dtype)
-    b = torch.randn(2048, 2048, dtype=dtype)
+def matmul_rate(dtype: torch.dtype, device: str = "cpu") -> float:
+    size = 2048 if device == "cpu" else 8192
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     a @ b
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     start, reps = time.perf_counter(), 0
     while time.perf_counter() - start < 2.0:
         a @ b
         reps += 1
-    return 2 * 2048**3 * reps / (time.perf_counter() - start)
+    sync()
+    return 2 * size**3 * reps / (time.perf_counter() - start)
 
 
 def write_dataset(requests: list[Request], root: Path) -> str:
@@ -302,6 +308,7 @@ def main() -> None:
     parser.add_argument("--engine-batch-size", type=int, default=8, help="a second eqakit run at this batch")
     parser.add_argument("--cutoff-len", type=int, default=2048, help="cutoff_len (sizes predict's KV budget)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     parser.add_argument(
         "--llamafactory",
         action="store_true",
@@ -313,6 +320,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         model, processor = build_model(args, Path(workdir))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = model.to(device)
     width, height = map(int, args.frame_size.split("x"))
     requests = workload(args.episodes, args.questions, args.frames, (width, height))
     params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -320,7 +329,7 @@ def main() -> None:
         r.params = params
     n = len(requests)
     print(
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()} ({device}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{args.dtype}; model: {args.config or 'tiny'} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
         f"params); {args.episodes} episodes x {args.questions} questions, {args.frames} frames of "
         f"{args.frame_size}, max_new_tokens {args.max_new_tokens}",
@@ -357,10 +366,10 @@ def main() -> None:
         f"where eqakit's time goes (KV-budget run): {breakdown(model, processor, requests, args)}", flush=True
     )
     flops = flop_floor(model, requests, engine, args.max_new_tokens)
-    rate = matmul_rate(getattr(torch, args.dtype))
+    rate = matmul_rate(getattr(torch, args.dtype), device)
     print(
         f"FLOP floor: {flops / 1e9:.1f} GFLOP at the measured {rate / 1e9:.0f} GFLOP/s "
-        f"({args.dtype} 2048^3 matmul) = {flops / rate:.2f} s, {n / (flops / rate):.2f} samples/s",
+        f"({args.dtype} square matmul) = {flops / rate:.2f} s, {n / (flops / rate):.2f} samples/s",
         flush=True,
     )
     if args.llamafactory:
