@@ -205,6 +205,10 @@ def run_train(cfg: Config) -> dict[str, float]:
         model.enable_input_require_grads()
     elif not cfg.finetuning.disable_gradient_checkpointing:  # LLaMA-Factory's default
         checkpoint_trainable_layers(model, cfg.finetuning.use_reentrant_gc)
+        if cfg.training.ddp_find_unused_parameters is None:
+            # DDP's search for unused weights marks those inside a reentrant checkpoint ready twice (an
+            # error); LoRA uses all of its weights. LLaMA-Factory sets the same for LoRA under DDP.
+            cfg.training.ddp_find_unused_parameters = False
     groups = _episode_groups(train_set) if cfg.finetuning.shared_prefix_packing else None
     if cfg.training.local_process_index == 0:
         print(trainable_summary(model))
