@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,33 @@ def test_an_interrupted_run_resumes_and_ends_identical(
         results["predict_bleu-4"]
         == json.loads((whole / "predict_results.json").read_text())["predict_bleu-4"]
     )
+
+
+def test_preprocessing_workers_decode_frames_ahead_with_the_same_answers(
+    lively_dir: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """preprocessing_num_workers (the seed's eval YAML sets 4): frames decoded by threads, same file."""
+    import eqakit.evaluate.predict as predict
+
+    alone, threads = tmp_path / "one", tmp_path / "four"
+    run_predict(config(lively_dir, dataset, alone, preprocessing_num_workers=1))
+    seen: set[str] = set()
+    load = predict._ImageCache.load
+
+    def recording(self, sample):
+        seen.add(threading.current_thread().name)
+        return load(self, sample)
+
+    monkeypatch.setattr(predict._ImageCache, "load", recording)
+    run_predict(config(lively_dir, dataset, threads, preprocessing_num_workers=4))
+    assert any(name.startswith("eqakit-frames") for name in seen)
+    assert (alone / "generated_predictions.jsonl").read_text() == (
+        threads / "generated_predictions.jsonl"
+    ).read_text()
+    frame = dataset / "open_eqa_frames" / "ep1" / "001.jpg"
+    frame.write_bytes(frame.read_bytes()[:400])  # truncated: named, before any generation, as with 1
+    with pytest.raises(DataError, match=r"open_eqa_test\.jsonl:\d+: image .*ep1/001\.jpg cannot be"):
+        run_predict(config(lively_dir, dataset, tmp_path / "bad", preprocessing_num_workers=4))
 
 
 def test_sampling_is_reproducible_run_to_run(lively_dir: Path, dataset: Path, tmp_path: Path) -> None:

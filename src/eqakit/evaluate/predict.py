@@ -10,7 +10,8 @@ What LLaMA-Factory's predict stage writes, computed the same way, plus what it l
 
 Resumable: a rerun with the same output_dir keeps the rows already written (matched by question_id,
 or by index, and by prompt) and generates only the rest; ``overwrite_output_dir: true`` starts over.
-Questions that share frames are generated next to each other, so the engine runs each frame through
+``preprocessing_num_workers`` (the seed's YAML sets 4) is that many threads decoding the next
+samples' frames while the engine generates. Questions that share frames are generated next to each other, so the engine runs each frame through
 the vision tower once and prefills each episode's frames once. A sample too long for cutoff_len has
 its images scaled down to fit; one that cannot fit even then is left out and counted. Sampling
 (``do_sample: true`` with temperature > 0, LLaMA-Factory's default) draws from a per-sample seed
@@ -25,9 +26,13 @@ whose ``<image>`` placeholders and images disagree, a missing or unreadable imag
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +55,7 @@ PREDICTIONS = "generated_predictions.jsonl"
 META_FIELDS = ("question_id", "category", "extra_answers")
 IMAGE_LRU = 64  # decoded frames kept while their episode's questions are being answered
 MAX_ROWS = 64  # sequences decoded together at most, however many fit the KV budget
+PREFETCH = 32  # samples whose frames are decoded ahead with preprocessing_num_workers >= 2
 
 
 def kv_budget(cfg: Config) -> int:
@@ -122,14 +128,10 @@ def run_predict(cfg: Config, engine: Engine | VllmEngine | None = None) -> dict[
         media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
         started = time.perf_counter()
         images = _ImageCache()
+        loaded = _loaded(samples, todo, images, cfg.data.preprocessing_num_workers or 1)
         requests = (
-            Request(
-                samples[i].prompt_messages,
-                _params(base, training.seed, i),
-                images.load(samples[i]),
-                samples[i].system,
-            )
-            for i in todo
+            Request(samples[i].prompt_messages, _params(base, training.seed, i), frames, samples[i].system)
+            for i, frames in loaded
         )
         with (
             path.open("a", encoding="utf-8") as sink,
@@ -264,28 +266,63 @@ def _resume(path: Path, samples: list[Sample], prompts: list[str]) -> dict[int, 
     return done
 
 
+def _loaded(
+    samples: list[Sample], todo: list[int], images: _ImageCache, workers: int
+) -> Iterator[tuple[int, list[Image.Image]]]:
+    """(index, decoded frames) of each sample of ``todo``, in order.
+
+    With ``preprocessing_num_workers`` of 2 or more, that many threads decode the frames of the
+    next samples while the engine generates (Pillow's decoders release the GIL), at most
+    PREFETCH samples ahead; with 1, each sample's frames are decoded when the engine asks for it.
+    """
+    if workers < 2:
+        for i in todo:
+            yield i, images.load(samples[i])
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="eqakit-frames") as pool:
+        order = iter(todo)
+        pending: deque[tuple[int, Future[list[Image.Image]]]] = deque(
+            (i, pool.submit(images.load, samples[i])) for i in itertools.islice(order, PREFETCH)
+        )
+        try:
+            while pending:
+                i, frames = pending.popleft()
+                following = next(order, None)
+                if following is not None:
+                    pending.append((following, pool.submit(images.load, samples[following])))
+                yield i, frames.result()
+        finally:
+            for _, frames in pending:  # stopped early (an error, an interrupt): decode no further
+                frames.cancel()
+
+
 class _ImageCache:
-    """Decoded frames by path, least recently used dropped: an episode's frames are read once."""
+    """Decoded frames by path, least recently used dropped: an episode's frames are read once, also
+    when several threads ask for them at the same time."""
 
     def __init__(self) -> None:
-        self._images: OrderedDict[Path, Image.Image] = OrderedDict()
+        self._images: OrderedDict[Path, Future[Image.Image]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def load(self, sample: Sample) -> list[Image.Image]:
         return [self._get(path, sample) for path in sample.images]
 
     def _get(self, path: Path, sample: Sample) -> Image.Image:
-        image = self._images.get(path)
-        if image is None:
+        with self._lock:
+            entry = self._images.get(path)
+            mine = entry is None
+            if entry is None:
+                entry = self._images[path] = Future()
+                if len(self._images) > IMAGE_LRU:
+                    self._images.popitem(last=False)
+            self._images.move_to_end(path)
+        if mine:
             try:
                 with Image.open(path) as opened:
-                    image = opened.convert("RGB")
+                    entry.set_result(opened.convert("RGB"))
             except (OSError, ValueError) as exc:
-                raise DataError(f"{sample.source}: image {path} cannot be decoded ({exc})") from None
-            self._images[path] = image
-            if len(self._images) > IMAGE_LRU:
-                self._images.popitem(last=False)
-        self._images.move_to_end(path)
-        return image
+                entry.set_exception(DataError(f"{sample.source}: image {path} cannot be decoded ({exc})"))
+        return entry.result()
 
 
 def _results(
