@@ -160,6 +160,7 @@ def test_the_kv_budget_fills_the_batch_and_is_never_exceeded(model, processor, e
     longest = max(engine.prepare(r).length for r in requests) + 10
     engine.max_batch_tokens = budget = 4 * longest + longest // 2  # room for 4 rows, not 5
     seen: list[tuple[int, int]] = []
+    shared: list[int] = []
     step = Runner.step
 
     def recording_step(self: Runner) -> None:
@@ -167,11 +168,12 @@ def test_the_kv_budget_fills_the_batch_and_is_never_exceeded(model, processor, e
         assert self.kv is not None
         if self.kv.prefix_tokens():  # rows hold their own tokens only, never a copy of the frames
             assert self.kv.mask.shape[1] < min(p.length for p in self.kv.prefixes if p is not None)
+            shared.append(self.active)
         step(self)
 
     monkeypatch.setattr(Runner, "step", recording_step)
     assert [c.token_ids for c in engine.generate(requests)] == expected
-    assert max(rows for rows, _ in seen) > 4
+    assert max(rows for rows, _ in seen) > 4 and max(shared) > 1  # several rows on one held prefix
     assert max(tokens for _, tokens in seen) <= budget
     engine.max_batch_tokens = 1  # smaller than any request: each still runs, alone
     seen.clear()

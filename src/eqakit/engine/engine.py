@@ -80,7 +80,8 @@ class Engine:
         """``max_batch_size`` bounds the sequences decoded together and ``max_batch_tokens`` (None: no
         bound) their KV cache, in token columns over all rows (`Runner.footprint`): the memory a user
         gives generation, filled with as many sequences as it holds. A request longer than the whole
-        budget still runs, alone. ``vision_cache_mib`` / ``prefix_cache_mib`` of 0 turn that reuse off
+        budget still runs, alone. With a budget, rows share a prefix instead of copying it
+        (`Runner`), so that the budget holds more of them. ``vision_cache_mib`` / ``prefix_cache_mib`` of 0 turn that reuse off
         (for comparisons);
         ``eos_token_ids`` replaces the default end-of-sequence set (generation_config's, <|im_end|>,
         <|endoftext|>)."""
@@ -175,6 +176,7 @@ class Engine:
             pad_id=self.pad_id,
             skip_special_tokens=self.skip_special_tokens,
             lock=self.lock,
+            share_prefixes=self.max_batch_tokens is not None,
         )
 
     # ---- generation --------------------------------------------------------------------------
