@@ -37,13 +37,17 @@ from eqakit.serve.protocol import ApiError
 TRIM = "eqakit.trim"  # set in a request's scope by a route that held a lot of memory
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, looked up once (find_library runs ldconfig in a subprocess)."""
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name is not None else None
+
+
 def _malloc_trim() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise: RSS stays at its peak)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "malloc_trim"):
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
