@@ -50,6 +50,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 
 from eqakit.config.args import ApiArguments
+from eqakit.data.encode import PromptFormat
 from eqakit.data.template import render_prompt
 from eqakit.engine import Engine
 from eqakit.serve.api import create_app
@@ -235,7 +236,7 @@ def main() -> None:
         f"{args.questions} questions, {args.frames} frames of {args.frame_size}, greedy, max_tokens {args.max_tokens}",
         flush=True,
     )
-    engine = Engine(model, processor, image_budget=BUDGET, max_batch_size=args.batch_size)
+    engine = Engine(model, processor, format=PromptFormat(budget=BUDGET), max_batch_size=args.batch_size)
     settings = ApiArguments(api_max_batch_size=args.batch_size, api_max_new_tokens=max(args.max_tokens, 1))
     warm = workload(0, 1, 1, args.frames, (width, height), args.max_tokens)
     references: dict[int, tuple[list[str], float, list[str]]] = {}

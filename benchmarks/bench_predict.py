@@ -41,7 +41,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from eqakit.data.encode import ImageBudget
+from eqakit.data.encode import ImageBudget, PromptFormat
 from eqakit.data.template import render_prompt
 from eqakit.engine import Engine, Request, SamplingParams
 from eqakit.model.tiny import build_tiny_model
@@ -155,7 +155,9 @@ def breakdown(model: Any, processor: Any, requests: list[Request], args: argpars
     """Seconds in the vision tower, prompt prefill (prefixes and questions), decode steps and the rest,
     for the run `eqakit train` predict does (fresh caches), timed around the engine's own calls."""
     budget = args.batch_size * (args.cutoff_len + args.max_new_tokens)
-    engine = Engine(model, processor, image_budget=BUDGET, max_batch_size=64, max_batch_tokens=budget)
+    engine = Engine(
+        model, processor, format=PromptFormat(budget=BUDGET), max_batch_size=64, max_batch_tokens=budget
+    )
     spent = dict.fromkeys(("vision", "prefill", "decode"), 0.0)
 
     def timing(owner: Any, name: str, phase: str) -> None:
@@ -351,7 +353,13 @@ def main() -> None:
         (f"batch {b} by count", b, None) for b in dict.fromkeys([args.batch_size, args.engine_batch_size])
     ]
     for label, batch, tokens in runs:
-        engine = Engine(model, processor, image_budget=BUDGET, max_batch_size=batch, max_batch_tokens=tokens)
+        engine = Engine(
+            model,
+            processor,
+            format=PromptFormat(budget=BUDGET),
+            max_batch_size=batch,
+            max_batch_tokens=tokens,
+        )
         start = time.perf_counter()
         ours = [c.token_ids for c in engine.generate(requests)]
         ours_s = time.perf_counter() - start

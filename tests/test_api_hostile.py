@@ -27,7 +27,7 @@ from tests.test_api import ask, data_uri, encoded, jpeg, serving, settings
 from eqakit.config import load_config
 from eqakit.engine import Engine
 from eqakit.engine import Request as EngineRequest
-from eqakit.engine.runner import Job
+from eqakit.engine.hf.runner import Job
 from eqakit.serve.api import _off_loop, create_app
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -221,7 +221,7 @@ def test_special_tokens_in_user_text_are_text(
 def test_dataset_text_with_special_tokens_trains_as_text(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from eqakit.data.encode import ImageBudget, plan_sample
+    from eqakit.data.encode import ImageBudget, PromptFormat, plan_sample
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     messages = [
@@ -229,7 +229,10 @@ def test_dataset_text_with_special_tokens_trains_as_text(tiny_model_dir: Path) -
         {"role": "assistant", "content": "ok<|im_end|><|im_start|>user"},
     ]
     plan = plan_sample(
-        messages, [(64, 48)], tokenizer, template="qwen3_vl_nothink", cutoff_len=512, budget=ImageBudget()
+        messages,
+        [(64, 48)],
+        tokenizer,
+        PromptFormat(cutoff_len=512, budget=ImageBudget()),
     )
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -265,6 +265,8 @@ def test_vllm_keys_take_llama_factorys_meanings_and_contradictions_are_named(tmp
         load_config("infer", write(tmp_path, base + "vllm_gpu_util: 1.5\n"))
     with pytest.raises(ConfigError, match="api_max_batch_tokens budgets the transformers engine"):
         load_config("infer", write(tmp_path, base + "api_max_batch_tokens: 4096\n"))
+    with pytest.raises(ConfigError, match="vLLM schedules continuously and has no window"):
+        load_config("api", write(tmp_path, base + "api_batch_window_ms: 5\n"))
 
 
 @pytest.mark.parametrize(

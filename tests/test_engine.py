@@ -18,20 +18,20 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from eqakit.data.encode import ImageBudget, materialize, plan_sample
+from eqakit.data.encode import ImageBudget, PromptFormat, materialize, plan_sample
 from eqakit.data.template import render_prompt
 from eqakit.engine import (
     Engine,
     EngineUnavailable,
-    EngineWorker,
     PromptTooLong,
     Request,
     RequestError,
     SamplingParams,
 )
-from eqakit.engine.caches import PrefixState
-from eqakit.engine.kv import GrowingLayer, KVBatch
-from eqakit.engine.runner import Runner
+from eqakit.engine.hf.caches import PrefixState
+from eqakit.engine.hf.kv import GrowingLayer, KVBatch
+from eqakit.engine.hf.runner import Runner
+from eqakit.engine.hf.worker import EngineWorker
 
 BUDGET = ImageBudget(32 * 32, 768 * 768)
 QUESTIONS = (
@@ -99,8 +99,8 @@ def expected(model, processor) -> list[list[int]]:
     return [reference(model, processor, r) for r in episode_requests()]
 
 
-def make_engine(model, processor, **kw) -> Engine:
-    return Engine(model, processor, image_budget=BUDGET, **kw)
+def make_engine(model, processor, cutoff_len: int = 2048, **kw) -> Engine:
+    return Engine(model, processor, format=PromptFormat(cutoff_len=cutoff_len, budget=BUDGET), **kw)
 
 
 def test_prompt_tokens_are_the_processors_and_the_training_encoders(model, processor) -> None:
@@ -113,9 +113,7 @@ def test_prompt_tokens_are_the_processors_and_the_training_encoders(model, proce
         request.messages,
         [im.size for im in request.images],
         processor.tokenizer,
-        template="qwen3_vl_nothink",
-        cutoff_len=2048,
-        budget=BUDGET,
+        PromptFormat(cutoff_len=2048, budget=BUDGET),
         add_generation_prompt=True,
     )
     train = materialize(plan, request.images, processor, BUDGET)

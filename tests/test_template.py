@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from eqakit.data.encode import IGNORE_INDEX, ImageBudget, SampleTooLong, materialize, plan_sample
+from eqakit.data.encode import (
+    IGNORE_INDEX,
+    ImageBudget,
+    PromptFormat,
+    SampleTooLong,
+    materialize,
+    plan_sample,
+)
 from eqakit.data.template import render, render_prompt, strip_thinking
 
 
@@ -55,7 +62,10 @@ def test_labels_token_by_token(processor) -> None:
     image = Image.new("RGB", (64, 64), (255, 0, 0))
     budget = ImageBudget(32 * 32, 64 * 64)
     plan = plan_sample(
-        messages, [image.size], tok, template="qwen3_vl_nothink", cutoff_len=512, budget=budget
+        messages,
+        [image.size],
+        tok,
+        PromptFormat(cutoff_len=512, budget=budget),
     )
     enc = materialize(plan, [image], processor, budget)
     ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
@@ -86,15 +96,13 @@ def test_mask_history_and_train_on_prompt(processor) -> None:
         {"role": "assistant", "content": "Hey"},
     ]
     budget = ImageBudget()
-    last_only = plan_sample(
-        messages, [], tok, template="qwen3_vl_nothink", cutoff_len=128, budget=budget, mask_history=True
-    )
+    last_only = plan_sample(messages, [], tok, PromptFormat(cutoff_len=128, budget=budget), mask_history=True)
     learned = tok.decode(
         [t for t, lab in zip(last_only.input_ids, last_only.labels, strict=True) if lab != IGNORE_INDEX]
     )
     assert learned == "Hey<|im_end|>\n"
     everything = plan_sample(
-        messages, [], tok, template="qwen3_vl_nothink", cutoff_len=128, budget=budget, train_on_prompt=True
+        messages, [], tok, PromptFormat(cutoff_len=128, budget=budget), train_on_prompt=True
     )
     assert everything.labels == everything.input_ids
 
@@ -120,15 +128,15 @@ def test_images_scaled_down_to_fit_cutoff_and_never_truncated(processor) -> None
     ]
     budget = ImageBudget(32 * 32, 768 * 768)
     big = [(1920, 1080), (1920, 1080)]
-    full = plan_sample(messages, big, tok, template="qwen3_vl_nothink", cutoff_len=4096, budget=budget)
+    full = plan_sample(messages, big, tok, PromptFormat(cutoff_len=4096, budget=budget))
     assert not full.scaled_down and full.length > 1000
-    fitted = plan_sample(messages, big, tok, template="qwen3_vl_nothink", cutoff_len=300, budget=budget)
+    fitted = plan_sample(messages, big, tok, PromptFormat(cutoff_len=300, budget=budget))
     assert fitted.scaled_down and fitted.length <= 300
     images = [Image.new("RGB", size, (0, 0, 255)) for size in big]
     enc = materialize(fitted, images, processor, budget)
     assert len(enc["input_ids"]) == fitted.length  # every image token present, within cutoff_len
     with pytest.raises(SampleTooLong):
-        plan_sample(messages, big, tok, template="qwen3_vl_nothink", cutoff_len=12, budget=budget)
+        plan_sample(messages, big, tok, PromptFormat(cutoff_len=12, budget=budget))
 
 
 def test_placeholder_count_must_match_images(processor) -> None:
@@ -138,9 +146,7 @@ def test_placeholder_count_must_match_images(processor) -> None:
             messages,
             [(64, 64)],
             processor.tokenizer,
-            template="qwen3_vl_nothink",
-            cutoff_len=128,
-            budget=ImageBudget(),
+            PromptFormat(cutoff_len=128, budget=ImageBudget()),
         )
 
 
@@ -156,9 +162,7 @@ def test_encoding_matches_the_processor(processor) -> None:
         messages,
         [im.size for im in images],
         processor.tokenizer,
-        template="qwen3_vl_nothink",
-        cutoff_len=2048,
-        budget=budget,
+        PromptFormat(cutoff_len=2048, budget=budget),
     )
     enc = materialize(plan, images, processor, budget)
     text = "".join(s.text for s in render(messages, add_generation_prompt=False))

@@ -51,7 +51,7 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     )
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     budget = ImageBudget(cfg.model.image_min_pixels, cfg.model.image_max_pixels)
-    plans, samples, _ = plan_samples(load_training_samples(cfg), processor.tokenizer, cfg, budget)
+    plans, samples, _ = plan_samples(load_training_samples(cfg), processor, cfg)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cache = VisionFeatureCache()
@@ -239,16 +239,15 @@ def test_parallel_planning_gives_the_serial_plans(setup, tiny_model_dir, tmp_pat
     parallel_cfg = load_config(
         "train", None, [*base, "preprocessing_num_workers=2", "preprocessing_batch_size=5"]
     )
-    budget = ImageBudget(serial_cfg.model.image_min_pixels, serial_cfg.model.image_max_pixels)
     samples = load_training_samples(serial_cfg)
-    serial = plan_samples(samples, processor.tokenizer, serial_cfg, budget)
-    parallel = plan_samples(samples, processor.tokenizer, parallel_cfg, budget)
+    serial = plan_samples(samples, processor, serial_cfg)
+    parallel = plan_samples(samples, processor, parallel_cfg)
     assert serial[0] == parallel[0] and serial[1] == parallel[1]
     assert serial[2].summary() == parallel[2].summary() and serial[2].kept == len(samples)
     broken = [*samples[:7], replace(samples[7], images=[data / "missing.jpg"]), *samples[8:]]
     errors = []
     for cfg in (serial_cfg, parallel_cfg):
         with pytest.raises(DataError) as err:
-            plan_samples(broken, processor.tokenizer, cfg, budget)
+            plan_samples(broken, processor, cfg)
         errors.append(str(err.value))
     assert errors[0] == errors[1] and "missing.jpg" in errors[0]

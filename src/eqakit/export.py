@@ -49,18 +49,9 @@ from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.errors import ConfigError, EqakitError
 from eqakit.fsutil import move_into_place
+from eqakit.model.adapters import adapter_config, check_adapters_fit, find_adapters
 from eqakit.model.load import DTYPES, load_base_model, load_processor
-from eqakit.model.merge import (
-    adapter_config,
-    check_adapters_fit,
-    config_dtype,
-    convert_to_bin,
-    find_adapters,
-    log,
-    merge_adapters,
-    skeleton,
-    write_weights,
-)
+from eqakit.model.merge import config_dtype, convert_to_bin, log, merge_adapters, skeleton, write_weights
 
 # Files beside (in) an adapter directory that the model card reports, in this order.
 TRAINING_CONFIGS = ("eqakit_config.yaml", "training_args.yaml")
@@ -145,7 +136,7 @@ def _merge_and_write(
     """Load, merge and write the weights; the model lives only inside this call."""
     log(f"loading {args.model_name_or_path} in {str(dtype).removeprefix('torch.')} on {device}")
     model = load_base_model(args, device=device, dtype=dtype)
-    model = merge_adapters(model, adapters)
+    model = merge_adapters(model, adapters, args.model_name_or_path)
     log(f"writing weights to {directory} in shards of at most {args.export_size:g} GB")
     write_weights(model, directory, args.export_size)
 

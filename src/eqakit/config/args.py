@@ -250,7 +250,10 @@ class ApiArguments:
         min=1,
     )
     api_batch_window_ms: float = _f(
-        10.0, "How long the engine waits for more requests to start together with the first one.", min=0.0
+        10.0,
+        "How long the engine waits for more requests to start together with the first one. Refused "
+        "with infer_backend: vllm (vLLM schedules continuously).",
+        min=0.0,
     )
     api_header_timeout: float = _f(
         10.0,

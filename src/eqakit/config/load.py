@@ -292,6 +292,11 @@ def _cross_checks(kind: Kind, values: dict[str, Any], given: set[str]) -> list[s
                 "api_max_batch_tokens budgets the transformers engine's KV cache; vLLM manages its own "
                 "(vllm_gpu_util): remove api_max_batch_tokens"
             )
+        if "api_batch_window_ms" in given:
+            problems.append(
+                "api_batch_window_ms is how long the transformers engine waits to batch requests; vLLM "
+                "schedules continuously and has no window: remove api_batch_window_ms"
+            )
         cutoff = get("cutoff_len", DataArguments.cutoff_len)
         maxlen = get("vllm_maxlen", ModelArguments.vllm_maxlen)
         if maxlen <= cutoff:

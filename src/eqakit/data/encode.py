@@ -15,14 +15,18 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from eqakit.data.template import Message, Segment, count_images, render
+from eqakit.config.args import DataArguments, ModelArguments
+from eqakit.data.template import NOTHINK, Message, Segment, count_images, render
+
+if TYPE_CHECKING:
+    from eqakit.config.load import Config
 
 IGNORE_INDEX = -100
 IMAGE_PAD = "<|image_pad|>"
@@ -32,8 +36,57 @@ IMAGE_PAD = "<|image_pad|>"
 class ImageBudget:
     """Pixel bounds for the vision tower (LLaMA-Factory's image_min_pixels / image_max_pixels)."""
 
-    min_pixels: int = 32 * 32
-    max_pixels: int = 768 * 768
+    min_pixels: int = ModelArguments.image_min_pixels
+    max_pixels: int = ModelArguments.image_max_pixels
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ImageBudget:
+        return cls(cfg.model.image_min_pixels, cfg.model.image_max_pixels)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What planning needs of a model: its vision patch size and spatial merge (image tokens per
+    image follow from them). Defaults: Qwen3-VL's."""
+
+    patch: int = 16
+    merge: int = 2
+
+    @classmethod
+    def of(cls, model_config: Any) -> Geometry:
+        """A model's geometry, read from its (transformers) config."""
+        vision = model_config.vision_config
+        return cls(int(vision.patch_size), int(vision.spatial_merge_size))
+
+    @classmethod
+    def of_processor(cls, processor: Any) -> Geometry:
+        """The geometry a processor resizes and merges images with (the model's own, from its checkpoint)."""
+        image_processor = processor.image_processor
+        return cls(int(image_processor.patch_size), int(image_processor.merge_size))
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a conversation becomes a prompt and how large it may be: the config's template, thinking
+    switch, default system prompt, cutoff_len and image budget. Every stage builds it with
+    `from_config`, so training, predict, the API, the web UI and chat cannot disagree on them."""
+
+    template: str = NOTHINK
+    enable_thinking: bool = DataArguments.enable_thinking
+    default_system: str | None = DataArguments.default_system
+    cutoff_len: int = DataArguments.cutoff_len
+    budget: ImageBudget = field(default_factory=ImageBudget)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> PromptFormat:
+        d = cfg.data
+        return cls(
+            d.template or NOTHINK,
+            d.enable_thinking,
+            d.default_system,
+            d.cutoff_len,
+            ImageBudget.from_config(cfg),
+        )
 
 
 @dataclass
@@ -46,10 +99,11 @@ class Plan:
     max_pixels: int  # cap used for every image of this sample (<= the budget's; lower when scaled down)
     grids: list[tuple[int, int, int]] = field(default_factory=list)  # (t, h, w) in patches per image
     scaled_down: bool = False
+    merge: int = Geometry.merge  # the model's spatial merge: merge x merge patches make one token
 
     @property
     def num_image_tokens(self) -> int:
-        return sum(t * h * w for t, h, w in self.grids) // 4
+        return _tokens_for(self.grids, self.merge)
 
     @property
     def length(self) -> int:
@@ -140,19 +194,18 @@ def plan_sample(
     messages: list[Message],
     image_sizes: list[tuple[int, int]],
     tokenizer: Any,
+    fmt: PromptFormat,
     *,
-    template: str,
-    cutoff_len: int,
-    budget: ImageBudget,
-    enable_thinking: bool = False,
     system: str | None = None,
     add_generation_prompt: bool = False,
     train_on_prompt: bool = False,
     mask_history: bool = False,
-    patch: int = 16,
-    merge: int = 2,
+    geometry: Geometry = Geometry(),  # noqa: B008 - frozen, so a shared default is safe
 ) -> Plan:
-    """Tokenize a rendered conversation and fit its images into ``cutoff_len``.
+    """Tokenize a rendered conversation and fit its images into ``fmt.cutoff_len``.
+
+    ``system`` is the conversation's own system prompt (a dataset's system column, a request's
+    system field); `eqakit.data.template.system_prompt` chooses between it and fmt.default_system.
 
     Raises `SampleTooLong` (the sample must be dropped) or ValueError (placeholders and images
     disagree).
@@ -162,12 +215,15 @@ def plan_sample(
         raise ValueError(
             f"the text has {n_placeholders} image placeholder(s) but the sample has {len(image_sizes)} image(s)"
         )
+    cutoff_len, budget = fmt.cutoff_len, fmt.budget
+    patch, merge = geometry.patch, geometry.merge
     segments = render(
         messages,
-        template,
-        enable_thinking=enable_thinking,
+        fmt.template,
+        enable_thinking=fmt.enable_thinking,
         add_generation_prompt=add_generation_prompt,
         system=system,
+        default_system=fmt.default_system,
     )
     encoder = text_encoder(tokenizer)
     characters = sum(len(s.text) for s in segments) - len(image_sizes) * len(IMAGE_PAD)
@@ -199,7 +255,7 @@ def plan_sample(
             )
         cap, scaled = new_cap, True
         grids = [image_grid(w, h, budget.min_pixels, cap, patch, merge) for w, h in image_sizes]
-    return Plan(input_ids, labels, list(image_sizes), cap, grids, scaled)
+    return Plan(input_ids, labels, list(image_sizes), cap, grids, scaled, merge)
 
 
 def expand_tokens(plan: Plan, pad_id: int, merge: int = 2) -> dict[str, torch.Tensor]:

@@ -20,6 +20,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+NOTHINK = "qwen3_vl_nothink"
+THINK = "qwen3_vl"
+TEMPLATES = (NOTHINK, THINK)  # LLaMA-Factory's names; the first is the default
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
 EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
@@ -110,28 +113,37 @@ def _text(content: Any) -> str:
     return "".join(p.get("text", "") for p in content_parts(content))
 
 
+def system_prompt(own: str | None, default: str | None) -> str | None:
+    """The one rule for the system prompt, LLaMA-Factory's (``system or default_system``): a
+    conversation's own system prompt, or ``default_system`` when it has none or an empty one."""
+    return own or default
+
+
 def render(
     messages: list[Message],
-    template: str = "qwen3_vl_nothink",
+    template: str = NOTHINK,
     *,
     enable_thinking: bool = False,
     add_generation_prompt: bool = True,
     system: str | None = None,
+    default_system: str | None = None,
 ) -> list[Segment]:
     """Render a conversation as prompt segments.
 
     With ``add_generation_prompt`` (inference) the messages end with a user turn and the result ends
     with the assistant header. Without it (training) every assistant turn is a learned segment:
-    its text, ``<|im_end|>`` and the newline after it. ``system`` is used when the conversation has no
-    system message (LLaMA-Factory's default_system).
+    its text, ``<|im_end|>`` and the newline after it. The conversation's own system prompt is its
+    first message when that is a system message, else ``system`` (a dataset's system column, a
+    request's system field); `system_prompt` decides between it and ``default_system``.
     """
-    if template not in ("qwen3_vl_nothink", "qwen3_vl"):
-        raise ValueError(f"unknown template {template!r}; eqakit renders qwen3_vl_nothink and qwen3_vl")
-    thinking_template = template == "qwen3_vl"
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; eqakit renders {' and '.join(TEMPLATES)}")
+    thinking_template = template == THINK
     segments: list[Segment] = []
     prompt = _Builder()
     if messages and messages[0].get("role") == "system":
         system, messages = _text(messages[0].get("content")), messages[1:]
+    system = system_prompt(system, default_system)
     if system:
         prompt.markup("<|im_start|>system\n")
         prompt.literal(system)
@@ -173,7 +185,7 @@ def render(
     return segments
 
 
-def render_prompt(messages: list[Message], template: str = "qwen3_vl_nothink", **kwargs: Any) -> str:
+def render_prompt(messages: list[Message], template: str = NOTHINK, **kwargs: Any) -> str:
     """The full prompt text for generation (what the model sees before it answers)."""
     return "".join(s.text for s in render(messages, template, add_generation_prompt=True, **kwargs))
 

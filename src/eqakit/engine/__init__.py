@@ -1,18 +1,24 @@
-"""The inference engine shared by predict, api, webui and chat (see eqakit.engine.engine)."""
+"""Inference shared by predict, api, webui and chat: the interface (`eqakit.engine.base`), the
+request types (`eqakit.engine.params`), the backends (`eqakit.engine.hf`, `eqakit.engine.vllm`) and
+the loader that picks one (`eqakit.engine.load`)."""
 
-from eqakit.engine.engine import Engine, TextStream
+from eqakit.engine.base import EngineUnavailable, InferenceEngine, Submission, TextStream, Worker
+from eqakit.engine.hf.engine import Engine
+from eqakit.engine.load import load_engine, make_worker
 from eqakit.engine.params import Completion, PromptTooLong, Request, RequestError, SamplingParams
-from eqakit.engine.worker import EngineUnavailable, EngineWorker, Submission
 
 __all__ = [
     "Completion",
     "Engine",
     "EngineUnavailable",
-    "EngineWorker",
+    "InferenceEngine",
     "PromptTooLong",
     "Request",
     "RequestError",
     "SamplingParams",
     "Submission",
     "TextStream",
+    "Worker",
+    "load_engine",
+    "make_worker",
 ]

@@ -34,22 +34,19 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
 
 from eqakit.config.load import Config
 from eqakit.data.dataset import Sample, load_samples
-from eqakit.data.template import count_images, render_prompt, strip_thinking
-from eqakit.engine import Engine, PromptTooLong, Request, RequestError, SamplingParams
-from eqakit.engine.load import load_engine
+from eqakit.data.encode import PromptFormat
+from eqakit.data.template import THINK, count_images, render_prompt, strip_thinking
+from eqakit.engine import InferenceEngine, PromptTooLong, Request, RequestError, SamplingParams, load_engine
 from eqakit.errors import DataError, EqakitError
 from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
 from eqakit.evaluate.report import write_report, write_text_atomic
-
-if TYPE_CHECKING:
-    from eqakit.engine.vllm import VllmEngine
 
 PREDICTIONS = "generated_predictions.jsonl"
 META_FIELDS = ("question_id", "category", "extra_answers")
@@ -69,7 +66,7 @@ def kv_budget(cfg: Config) -> int:
     return cfg.training.per_device_eval_batch_size * (cfg.data.cutoff_len + cfg.generating.max_new_tokens)
 
 
-def run_predict(cfg: Config, engine: Engine | VllmEngine | None = None) -> dict[str, Any]:
+def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str, Any]:
     """Predict, write the files above to ``cfg.training.output_dir``, return the results dict.
 
     ``engine`` lets a caller reuse a loaded model (tests, notebooks); by default the config's
@@ -139,9 +136,7 @@ def run_predict(cfg: Config, engine: Engine | VllmEngine | None = None) -> dict[
         ):
             for position, completion in engine.generate_iter(requests):
                 index = todo[position]
-                predict = (
-                    strip_thinking(completion.text) if cfg.data.template == "qwen3_vl" else completion.text
-                )
+                predict = strip_thinking(completion.text) if cfg.data.template == THINK else completion.text
                 done[index] = _row(index, samples[index], prompts[index], predict, media)
                 sink.write(json.dumps(done[index], ensure_ascii=False) + "\n")
                 sink.flush()
@@ -209,12 +204,13 @@ def _check_samples(samples: list[Sample]) -> list[list[tuple[int, int]]]:
 
 def _prompt(cfg: Config, sample: Sample) -> str:
     """The prompt as rendered for the model (one <|image_pad|> per image), for the predictions file."""
-    system = sample.system if sample.system is not None else cfg.data.default_system
+    fmt = PromptFormat.from_config(cfg)
     return render_prompt(
         sample.prompt_messages,
-        cfg.data.template or "qwen3_vl_nothink",
-        enable_thinking=cfg.data.enable_thinking,
-        system=system,
+        fmt.template,
+        enable_thinking=fmt.enable_thinking,
+        system=sample.system,
+        default_system=fmt.default_system,
     )
 
 

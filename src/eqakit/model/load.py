@@ -8,7 +8,6 @@ and keeps the last one trainable, or adds a fresh one.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 
 from eqakit.config.args import ModelArguments
 from eqakit.errors import EqakitError
+from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
 
 ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,22 +49,6 @@ def _check_model_source(name: str) -> None:
             f"model_name_or_path {name!r} {what}: give a directory written by save_pretrained "
             "(or `eqakit export`), or a hub id such as Qwen/Qwen3-VL-2B-Instruct"
         )
-
-
-def check_adapter_dir(path: str) -> Path:
-    """An adapter directory, or a clear error naming the missing file."""
-    adapter = Path(path).expanduser()
-    config = adapter / "adapter_config.json"
-    if not config.is_file():
-        raise EqakitError(
-            f"adapter {path!r}: {config} not found; adapter_name_or_path must be a LoRA adapter directory "
-            "(the output_dir or a checkpoint-N directory of `eqakit train`)"
-        )
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise EqakitError(f"adapter {path!r}: {config} is not valid JSON ({exc})") from None
-    return adapter
 
 
 def load_processor(model_args: ModelArguments, path: str | None = None) -> Any:
@@ -135,24 +119,15 @@ def load_model(
     model_args: ModelArguments, *, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> Any:
     """Base model with ``adapter_name_or_path`` applied for inference (merged in order when possible)."""
-    from peft import PeftModel
-
     device = device or pick_device()
     dtype = dtype or pick_dtype(model_args.infer_dtype, device)
-    from eqakit.model.merge import check_adapters_fit, find_adapters
-
     adapters = find_adapters(model_args.adapter_paths)
     model = load_base_model(model_args, device=device, dtype=dtype)
     check_adapters_fit(model, adapters, model_args.model_name_or_path)
     if adapters and model_args.quantization_bit is not None and len(adapters) > 1:
         raise EqakitError("a quantized model takes one adapter; merge the others first with `eqakit export`")
     for adapter in adapters:
-        try:
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise EqakitError(
-                f"adapter {str(adapter)!r} does not fit model {model_args.model_name_or_path!r}: {exc}"
-            ) from None
+        model = apply_adapter(model, adapter, model_args.model_name_or_path)
         if model_args.quantization_bit is None:
             model = model.merge_and_unload()
     model.eval()

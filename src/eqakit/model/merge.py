@@ -8,9 +8,7 @@ one layer at a time, B @ A in fp32 and one rounding into W; writes land in copy-
 in the base's files), and transformers' ``save_pretrained`` writes the shards one at a time straight
 from the model's tensors.
 
-An adapter is checked against the base before anything heavy happens: every tensor it holds must
-name a module of the base with matching sizes, otherwise the error names the first tensor that does
-not fit (PEFT's own errors come late and list hundreds of size mismatches at once).
+Adapters are found, checked and applied by `eqakit.model.adapters`.
 """
 
 from __future__ import annotations
@@ -24,44 +22,13 @@ from typing import Any
 import torch
 
 from eqakit.errors import EqakitError
-from eqakit.model.load import DTYPES, check_adapter_dir
-
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-PEFT_PREFIX = "base_model.model."
-# Which side of the base module each LoRA tensor's size must match: A reads the module's input,
-# B writes its output (for embeddings the input is the vocabulary and the output the embedding).
-LORA_SIDES = {"lora_A": "in", "lora_embedding_A": "in", "lora_B": "out", "lora_embedding_B": "out"}
+from eqakit.model.adapters import apply_adapter
+from eqakit.model.load import DTYPES
 
 
 def log(message: str) -> None:
     """A progress line on stderr, beside transformers' and PEFT's progress bars."""
     print(f"[eqakit export] {message}", file=sys.stderr, flush=True)
-
-
-def find_adapters(paths: list[str]) -> list[Path]:
-    """The adapter directories, each with its adapter_config.json and weights file, or a clear error."""
-    adapters = []
-    for path in paths:
-        adapter = check_adapter_dir(path)
-        if not any((adapter / name).is_file() for name in ADAPTER_WEIGHTS):
-            present = ", ".join(sorted(p.name for p in adapter.iterdir())[:10]) or "nothing"
-            raise EqakitError(
-                f"adapter {path!r} has adapter_config.json but no {' or '.join(ADAPTER_WEIGHTS)} "
-                f"(it holds: {present}); point adapter_name_or_path at a complete adapter directory"
-            )
-        peft_type = adapter_config(adapter).get("peft_type", "LORA")
-        if peft_type != "LORA":
-            raise EqakitError(
-                f"adapter {path!r} is a {peft_type} adapter ({adapter / 'adapter_config.json'}: peft_type); "
-                "eqakit merges LoRA adapters only"
-            )
-        adapters.append(adapter)
-    return adapters
-
-
-def adapter_config(adapter: Path) -> dict[str, Any]:
-    """The adapter's adapter_config.json as a mapping (already checked by `find_adapters`)."""
-    return json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
 
 
 def config_dtype(config: Any) -> torch.dtype:
@@ -92,85 +59,11 @@ def skeleton(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
         ) from None
 
 
-def _sides(module: torch.nn.Module) -> dict[str, int | None]:
-    if isinstance(module, torch.nn.Embedding):
-        return {"in": module.num_embeddings, "out": module.embedding_dim}
-    return {
-        "in": getattr(module, "in_features", getattr(module, "in_channels", None)),
-        "out": getattr(module, "out_features", getattr(module, "out_channels", None)),
-    }
-
-
-def _mismatch(
-    key: str, shape: tuple[int, ...], modules: dict[str, Any], tensors: dict[str, Any]
-) -> str | None:
-    """Why the adapter tensor ``key`` cannot apply to the base, or None when it fits."""
-    name = key.removeprefix(PEFT_PREFIX)
-    parts = name.split(".")
-    kind = next((p for p in parts if p.startswith("lora_")), None)
-    if kind is None:  # a full tensor (modules_to_save): must replace a base tensor of the same shape
-        base = tensors.get(name)
-        if base is not None and tuple(base.shape) != shape:
-            return f"has shape {list(shape)}, the base model's {name} has {list(base.shape)}"
-        return None
-    module_name = ".".join(parts[: parts.index(kind)])
-    module = modules.get(module_name)
-    if module is None:
-        return f"targets {module_name}, which the base model does not have"
-    side = LORA_SIDES.get(kind)
-    size = _sides(module)[side] if side else None
-    if size is None:
-        return None
-    got = shape[0] if side == "out" else shape[1] if len(shape) > 1 else None
-    if got != size:
-        what = "input" if side == "in" else "output"
-        return (
-            f"has shape {list(shape)}, but the base model's {module_name} ({type(module).__name__}) "
-            f"has {what} size {size}"
-        )
-    return None
-
-
-def check_adapters_fit(model: torch.nn.Module, adapters: list[Path], base_name: str) -> None:
-    """Raise EqakitError naming the first adapter tensor (in model order) that does not fit ``model``."""
-    from peft.utils import load_peft_weights
-
-    modules = dict(model.named_modules())
-    order = {name: i for i, name in enumerate(modules)}
-    tensors = dict(model.state_dict())
-    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
-    for adapter in adapters:
-        weights = load_peft_weights(str(adapter), device="cpu", key_mapping=mapping)
-
-        def position(key: str) -> tuple[int, str]:
-            stem = key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
-            return order.get(stem, -1), key
-
-        for key in sorted(weights, key=position):
-            reason = _mismatch(key, tuple(weights[key].shape), modules, tensors)
-            if reason:
-                trained_on = adapter_config(adapter).get("base_model_name_or_path") or "an unrecorded model"
-                hint = (
-                    "its adapter_config.json names this path as its base: was the model there replaced?"
-                    if trained_on == base_name
-                    else f"the adapter was trained on {trained_on}; use that base model (same architecture "
-                    "and size) as model_name_or_path"
-                )
-                raise EqakitError(
-                    f"adapter {str(adapter)!r} does not fit base model {base_name!r}: tensor {key} {reason}; {hint}"
-                )
-
-
-def merge_adapters(model: torch.nn.Module, adapters: list[Path]) -> torch.nn.Module:
+def merge_adapters(model: torch.nn.Module, adapters: list[Path], base_name: str | None) -> torch.nn.Module:
     """Merge ``adapters`` into ``model``'s weights in order; returns the plain (adapter-free) model."""
-    from peft import PeftModel
-
     for i, adapter in enumerate(adapters, 1):
         log(f"merging adapter {i}/{len(adapters)}: {adapter}")
-        try:
-            peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise EqakitError(f"could not apply adapter {str(adapter)!r}: {exc}") from None
+        peft_model = apply_adapter(model, adapter, base_name)
         model = peft_model.merge_and_unload(progressbar=True)
         del peft_model
     return model

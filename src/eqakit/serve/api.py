@@ -46,7 +46,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -56,15 +56,17 @@ from eqakit.config import Config, load_config
 from eqakit.config.args import ApiArguments
 from eqakit.engine import (
     Completion,
-    Engine,
     EngineUnavailable,
-    EngineWorker,
+    InferenceEngine,
     PromptTooLong,
     RequestError,
     Submission,
+    Worker,
+    load_engine,
+    make_worker,
 )
 from eqakit.engine import Request as EngineRequest
-from eqakit.engine.load import load_engine
+from eqakit.engine.base import PreparedRequest
 from eqakit.errors import ConfigError
 from eqakit.serve.images import ImagePolicy, MiB, PixelAllowance, RecentImages, load_image
 from eqakit.serve.protocol import (
@@ -86,10 +88,6 @@ from eqakit.serve.protocol import (
 )
 from eqakit.serve.server import TRIM, ApiServer, Drain, DrainGate, bind
 
-if TYPE_CHECKING:
-    from eqakit.engine.prepare import Prepared
-    from eqakit.engine.vllm import VllmEngine, VllmPrepared, VllmWorker
-
 log = logging.getLogger("eqakit.api")
 MAX_STOP = 16
 LARGE_BODY = 8 * MiB  # after a request this large, or one that decoded this many pixels,
@@ -102,8 +100,8 @@ IMAGE_PLACEHOLDER = "<image>"
 class Service:
     """What the routes share: the engine and its worker, the limits, and live counters."""
 
-    engine: Engine | VllmEngine
-    worker: EngineWorker | VllmWorker
+    engine: InferenceEngine
+    worker: Worker
     policy: ImagePolicy
     limits: ApiArguments
     model_name: str
@@ -115,7 +113,7 @@ class Service:
 
 
 def create_app(
-    engine: Engine | VllmEngine,
+    engine: InferenceEngine,
     *,
     model_name: str = "eqakit",
     api_key: str | None = None,
@@ -123,7 +121,7 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving ``engine``; its worker thread starts and stops with the app's lifespan."""
     limits = settings or ApiArguments()
-    worker = engine.worker(batch_window_s=limits.api_batch_window_ms / 1000)
+    worker = make_worker(engine, batch_window_s=limits.api_batch_window_ms / 1000)
     drain = Drain(limits.api_drain_timeout)
     policy = ImagePolicy.from_args(limits, target_pixels=engine.format.budget.max_pixels)
     service = Service(engine, worker, policy, limits, model_name, api_key or None, now(), drain)
@@ -266,7 +264,7 @@ def _bounded(value: int | None, name: str, high: int, setting: str) -> int | Non
 
 async def _prepare(
     service: Service, chat: ChatCompletionRequest, allowance: PixelAllowance
-) -> list[Prepared | VllmPrepared]:
+) -> list[PreparedRequest]:
     """One prepared engine request per choice (n), images decoded and prompt tokenized off the event loop."""
     limits = service.limits
     max_tokens = _bounded(chat.max_tokens, "max_tokens", limits.api_max_new_tokens, "api_max_new_tokens")
@@ -350,7 +348,7 @@ def _engine_messages(
     return messages
 
 
-def _submit(worker: EngineWorker | VllmWorker, prepared: list[Prepared | VllmPrepared]) -> list[Submission]:
+def _submit(worker: Worker, prepared: list[PreparedRequest]) -> list[Submission]:
     submissions: list[Submission] = []
     try:
         for item in prepared:

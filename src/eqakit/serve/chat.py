@@ -20,19 +20,15 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from PIL import Image
 
 from eqakit.config import load_config
 from eqakit.data.template import strip_thinking
-from eqakit.engine import Engine, Request
-from eqakit.engine.load import load_engine
+from eqakit.engine import InferenceEngine, Request, load_engine
 from eqakit.errors import EqakitError
 from eqakit.serve.webui_model import open_image
-
-if TYPE_CHECKING:
-    from eqakit.engine.vllm import VllmEngine
 
 COMMANDS = """Commands:
   /image PATH   attach an image to your next message (repeat for several)
@@ -43,7 +39,7 @@ COMMANDS = """Commands:
 class ChatSession:
     """One terminal conversation: the turns so far and the images waiting for the next message."""
 
-    def __init__(self, engine: Engine | VllmEngine, out: TextIO) -> None:
+    def __init__(self, engine: InferenceEngine, out: TextIO) -> None:
         self.engine = engine
         self.out = out
         self.messages: list[dict[str, Any]] = []
@@ -88,13 +84,20 @@ class ChatSession:
             f"Attached {Path(path).name} ({count} image{'s' if count > 1 else ''} for your next message)."
         )
 
-    def ask(self, text: str) -> None:
-        """Stream the answer to ``text`` (with the attached images); a failed turn leaves no trace."""
+    def request(self, text: str) -> Request:
+        """The engine request for the next turn: the conversation so far, then ``text`` with the
+        attached images (the config's default_system applies; decoding settings are the config's)."""
         parts: list[dict[str, Any]] = [{"type": "image", "image": image} for image in self.attached]
         user = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+        return Request([*self.messages, user], self.engine.params())
+
+    def ask(self, text: str) -> None:
+        """Stream the answer to ``text`` (with the attached images); a failed turn leaves no trace."""
+        request = self.request(text)
+        user = request.messages[-1]
         self.attached = []
         try:
-            stream = self.engine.stream(Request([*self.messages, user], self.engine.params()))
+            stream = self.engine.stream(request)
         except EqakitError as exc:
             self.say(f"Error: {exc}. The message was not sent.")
             return

@@ -183,8 +183,15 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
         settings = [max_tokens, temperature, top_p, think]
 
         with gr.Tab("Chat"):
+            # One rule everywhere (LLaMA-Factory's): an empty system prompt means default_system; the
+            # placeholder says so, so clearing the box never brings the default back unannounced.
+            empty = (
+                f"(empty: the config's default_system is used: {system_default})"
+                if system_default
+                else "(none)"
+            )
             system = gr.Textbox(
-                system_default, label="System prompt", lines=2, placeholder="(none)", elem_id="system-prompt"
+                system_default, label="System prompt", lines=2, placeholder=empty, elem_id="system-prompt"
             )
             history = gr.State([])
             chatbot = gr.Chatbot(

@@ -16,7 +16,7 @@ import time
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
@@ -24,19 +24,17 @@ from eqakit.config import Config, load_config
 from eqakit.config.args import ApiArguments
 from eqakit.engine import (
     Completion,
-    Engine,
     EngineUnavailable,
-    EngineWorker,
+    InferenceEngine,
     Request,
     RequestError,
     TextStream,
+    Worker,
+    load_engine,
+    make_worker,
 )
-from eqakit.engine.load import load_engine
 from eqakit.errors import EqakitError
 from eqakit.serve.images import decode_image
-
-if TYPE_CHECKING:
-    from eqakit.engine.vllm import VllmEngine, VllmWorker
 
 log = logging.getLogger("eqakit.webui")
 MAX_IMAGE_PIXELS = ApiArguments().api_max_image_pixels  # the API's guard against decompression bombs
@@ -63,8 +61,8 @@ def open_image(path: str | Path) -> Image.Image:
 class Loaded:
     """The model in use, and how it was asked for."""
 
-    engine: Engine | VllmEngine
-    worker: EngineWorker | VllmWorker
+    engine: InferenceEngine
+    worker: Worker
     model_path: str
     adapter_path: str
     template: str
@@ -117,7 +115,7 @@ class ModelSlot:
             start = time.perf_counter()
             engine = load_engine(cfg)
             adapter = cfg.model.adapter_name_or_path or ""
-            worker = engine.worker().start()
+            worker = make_worker(engine).start()
             self.loaded = Loaded(
                 engine, worker, name, adapter, engine.format.template, time.perf_counter() - start
             )
@@ -190,19 +188,32 @@ class ModelSlot:
         if loaded is None:
             raise UIError("no model loaded: enter a model path and press Load")
         try:
-            request = Request(
-                messages,
-                loaded.engine.params(**params),
-                images=list(images or []),
-                system=system or None,
-                enable_thinking=enable_thinking,
-            )
+            request = self.request(loaded, messages, images, system, enable_thinking, **params)
             submission = loaded.worker.submit(request)
         except EngineUnavailable:
             raise UIError("the model is being unloaded; load a model and try again") from None
         except EqakitError as exc:
             raise UIError(str(exc)) from None
         return TextStream(self._deltas(submission))
+
+    @staticmethod
+    def request(
+        loaded: Loaded,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image] | None = None,
+        system: str | None = None,
+        enable_thinking: bool | None = None,
+        **params: Any,
+    ) -> Request:
+        """The engine request for a turn: the page's system prompt is the conversation's own (an
+        empty one means default_system, as everywhere); ``params`` override the sampling defaults."""
+        return Request(
+            messages,
+            loaded.engine.params(**params),
+            images=list(images or []),
+            system=system,
+            enable_thinking=enable_thinking,
+        )
 
     @staticmethod
     def _deltas(submission: Any) -> Generator[str, None, Completion]:

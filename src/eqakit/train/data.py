@@ -8,7 +8,6 @@ lazily in ``__getitem__``: a whole OpenEQA split of pre-computed pixels would no
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,10 @@ from eqakit.data.dataset import Sample, load_samples
 from eqakit.data.encode import (
     IGNORE_INDEX,
     IMAGE_PAD,
+    Geometry,
     ImageBudget,
     Plan,
+    PromptFormat,
     SampleTooLong,
     expand_tokens,
     materialize,
@@ -77,28 +78,15 @@ def _read_size(path: Path, sizes: dict[Path, tuple[int, int]]) -> str | None:
 class PlanSettings:
     """The config keys planning reads: all a planning process needs besides the tokenizer."""
 
-    template: str | None
-    cutoff_len: int
-    enable_thinking: bool
-    default_system: str | None
+    format: PromptFormat
     train_on_prompt: bool
     mask_history: bool
-    budget: ImageBudget
-    require_answer: bool
+    geometry: Geometry
 
     @classmethod
-    def from_config(cls, cfg: Config, budget: ImageBudget, require_answer: bool) -> PlanSettings:
+    def from_config(cls, cfg: Config, geometry: Geometry) -> PlanSettings:
         d = cfg.data
-        return cls(
-            d.template,
-            d.cutoff_len,
-            d.enable_thinking,
-            d.default_system,
-            d.train_on_prompt,
-            d.mask_history,
-            budget,
-            require_answer,
-        )
+        return cls(PromptFormat.from_config(cfg), d.train_on_prompt, d.mask_history, geometry)
 
 
 # What planning made of one sample: ("plan", Plan), ("too_long", reason), ("bad_row", reason) or
@@ -116,22 +104,19 @@ def _plan_chunk(
         if bad:
             outcomes.append(("bad_images", bad))
             continue
-        if settings.require_answer and not sample.answer.strip():
+        if not sample.answer.strip():
             outcomes.append(("bad_row", f"{sample.source}: empty answer"))
             continue
         try:
             plan = plan_sample(
-                sample.messages if settings.require_answer else sample.prompt_messages,
+                sample.messages,
                 [sizes[p] for p in sample.images],
                 tokenizer,
-                template=settings.template,
-                cutoff_len=settings.cutoff_len,
-                budget=settings.budget,
-                enable_thinking=settings.enable_thinking,
-                system=sample.system or settings.default_system,
-                add_generation_prompt=not settings.require_answer,
+                settings.format,
+                system=sample.system,
                 train_on_prompt=settings.train_on_prompt,
                 mask_history=settings.mask_history,
+                geometry=settings.geometry,
             )
         except SampleTooLong as exc:
             outcomes.append(("too_long", f"{sample.source}: {exc}"))
@@ -182,7 +167,7 @@ def _first_20(problems: list[str]) -> str:
 
 
 def plan_samples(
-    samples: list[Sample], tokenizer: Any, cfg: Config, budget: ImageBudget, require_answer: bool = True
+    samples: list[Sample], processor: Any, cfg: Config
 ) -> tuple[list[Plan], list[Sample], PlanReport]:
     """Decode, tokenize and budget every sample; drop (and count) those that cannot fit cutoff_len.
 
@@ -191,7 +176,8 @@ def plan_samples(
     planned in that many processes (LLaMA-Factory's ``num_proc`` / ``batch_size``), so decoding a
     large dataset's images is not bound to one core; the result is the same as in one process.
     """
-    settings = PlanSettings.from_config(cfg, budget, require_answer)
+    tokenizer = processor.tokenizer
+    settings = PlanSettings.from_config(cfg, Geometry.of_processor(processor))
     workers, batch = cfg.data.preprocessing_num_workers or 1, cfg.data.preprocessing_batch_size
     if workers >= 2 and len(samples) > batch:
         outcomes = _plan_parallel(samples, tokenizer, settings, workers, batch)
@@ -343,7 +329,3 @@ def load_training_samples(cfg: Config, names: str | None = None) -> list[Sample]
         d.max_samples,
         allow_outside_media=d.allow_outside_media,
     )
-
-
-def count_by(samples: list[Sample], key: str) -> dict[str, int]:
-    return dict(Counter(str(s.meta.get(key, "?")) for s in samples))

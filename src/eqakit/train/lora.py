@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from eqakit.config import Config
-from eqakit.errors import ConfigError, EqakitError
-from eqakit.model.merge import check_adapters_fit, find_adapters
+from eqakit.errors import ConfigError
+from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
 
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LM_PREFIX = r"model\.language_model\.layers\.\d+\."
@@ -57,11 +57,11 @@ def apply_lora(model: Any, cfg: Config) -> Any:
         adapters, resume_adapter = adapters[:-1], adapters[-1]
     base_name = cfg.model.model_name_or_path
     for adapter in adapters:
-        model = _load_adapter(model, adapter, base_name, trainable=False).merge_and_unload()
+        model = apply_adapter(model, adapter, base_name, trainable=False).merge_and_unload()
     for param in model.parameters():
         param.requires_grad_(False)
     if resume_adapter is not None:
-        model = _load_adapter(model, resume_adapter, base_name, trainable=True)
+        model = apply_adapter(model, resume_adapter, base_name, trainable=True)
     else:
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
         lora = LoraConfig(
@@ -101,17 +101,6 @@ def _projector_modules(model: Any) -> list[str]:
     """The vision-to-language mergers, trained in full; peft needs each deepstack merger by its own name."""
     visual = model.model.visual
     return ["merger"] + [f"deepstack_merger_list.{i}" for i in range(len(visual.deepstack_merger_list))]
-
-
-def _load_adapter(model: Any, adapter: str, base_name: str | None, trainable: bool) -> Any:
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line), first[-1] if first else "")
-        raise EqakitError(f"adapter {adapter!r} does not fit model {base_name!r}: {detail}") from None
 
 
 def trainable_summary(model: Any) -> str:

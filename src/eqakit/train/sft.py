@@ -140,7 +140,7 @@ def _eval_samples(cfg: Config, processor: Any, budget: ImageBudget) -> tuple[lis
     if not cfg.data.eval_dataset:
         return None
     samples = load_training_samples(cfg, cfg.data.eval_dataset)
-    plans, samples, _ = plan_samples(samples, processor.tokenizer, cfg, budget)
+    plans, samples, _ = plan_samples(samples, processor, cfg)
     return plans, samples
 
 
@@ -160,12 +160,12 @@ def run_train(cfg: Config) -> dict[str, float]:
     out = Path(cfg.training.output_dir)
     resume = resolve_resume(cfg)
     processor = load_processor(cfg.model)
-    budget = ImageBudget(cfg.model.image_min_pixels, cfg.model.image_max_pixels)
+    budget = ImageBudget.from_config(cfg)
 
     samples = load_training_samples(cfg)
     if not samples:
         raise DataError(f"dataset {cfg.data.dataset!r} has no rows")
-    plans, samples, report = plan_samples(samples, processor.tokenizer, cfg, budget)
+    plans, samples, report = plan_samples(samples, processor, cfg)
     if not plans:
         raise DataError(
             f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}"

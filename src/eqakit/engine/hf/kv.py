@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from eqakit.engine.attention import SharedPrefix
-from eqakit.engine.caches import PrefixState
+from eqakit.engine.hf.attention import SharedPrefix
+from eqakit.engine.hf.caches import PrefixState
 
 ROOM = 64  # spare columns reserved when a layer is (re)allocated, at least
 
@@ -71,7 +71,7 @@ class KVBatch:
 
     ``prefixes`` holds, per row, the shared prefix the row continues (None: none). Its keys and
     values are not in the row: they stay in the `PrefixState`, once for all rows that share it, and
-    attention reads them from there (`eqakit.engine.attention`).
+    attention reads them from there (`eqakit.engine.hf.attention`).
     """
 
     def __init__(

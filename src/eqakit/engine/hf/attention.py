@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from eqakit.engine.caches import PrefixState
+from eqakit.engine.hf.caches import PrefixState
 
 NAME = "eqakit_shared_prefix"
 

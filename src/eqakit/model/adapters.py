@@ -1,0 +1,149 @@
+"""Everything about LoRA adapters, for every stage that takes ``adapter_name_or_path``.
+
+An adapter is checked before anything heavy happens: `find_adapters` checks each directory (its
+adapter_config.json, its weights, that it is LoRA), `check_adapters_fit` that every tensor it holds
+names a module of the base with matching sizes (the error names the first tensor that does not fit;
+PEFT's own errors come late and list hundreds of size mismatches at once), and `apply_adapter`
+wraps PEFT's loading with one error message. Inference (`eqakit.model.load`), training
+(`eqakit.train.lora`), export (`eqakit.model.merge`) and the vLLM backend use these.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eqakit.errors import EqakitError
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+# Which side of the base module each LoRA tensor's size must match: A reads the module's input,
+# B writes its output (for embeddings the input is the vocabulary and the output the embedding).
+LORA_SIDES = {"lora_A": "in", "lora_embedding_A": "in", "lora_B": "out", "lora_embedding_B": "out"}
+
+
+def check_adapter_dir(path: str) -> Path:
+    """An adapter directory, or a clear error naming the missing file."""
+    adapter = Path(path).expanduser()
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise EqakitError(
+            f"adapter {path!r}: {config} not found; adapter_name_or_path must be a LoRA adapter directory "
+            "(the output_dir or a checkpoint-N directory of `eqakit train`)"
+        )
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EqakitError(f"adapter {path!r}: {config} is not valid JSON ({exc})") from None
+    return adapter
+
+
+def find_adapters(paths: list[str]) -> list[Path]:
+    """The adapter directories, each with its adapter_config.json and weights file, or a clear error."""
+    adapters = []
+    for path in paths:
+        adapter = check_adapter_dir(path)
+        if not any((adapter / name).is_file() for name in ADAPTER_WEIGHTS):
+            present = ", ".join(sorted(p.name for p in adapter.iterdir())[:10]) or "nothing"
+            raise EqakitError(
+                f"adapter {path!r} has adapter_config.json but no {' or '.join(ADAPTER_WEIGHTS)} "
+                f"(it holds: {present}); point adapter_name_or_path at a complete adapter directory"
+            )
+        peft_type = adapter_config(adapter).get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise EqakitError(
+                f"adapter {path!r} is a {peft_type} adapter ({adapter / 'adapter_config.json'}: peft_type); "
+                "eqakit merges LoRA adapters only"
+            )
+        adapters.append(adapter)
+    return adapters
+
+
+def adapter_config(adapter: Path) -> dict[str, Any]:
+    """The adapter's adapter_config.json as a mapping (already checked by `find_adapters`)."""
+    return json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+
+
+def _sides(module: torch.nn.Module) -> dict[str, int | None]:
+    if isinstance(module, torch.nn.Embedding):
+        return {"in": module.num_embeddings, "out": module.embedding_dim}
+    return {
+        "in": getattr(module, "in_features", getattr(module, "in_channels", None)),
+        "out": getattr(module, "out_features", getattr(module, "out_channels", None)),
+    }
+
+
+def _mismatch(
+    key: str, shape: tuple[int, ...], modules: dict[str, Any], tensors: dict[str, Any]
+) -> str | None:
+    """Why the adapter tensor ``key`` cannot apply to the base, or None when it fits."""
+    name = key.removeprefix(PEFT_PREFIX)
+    parts = name.split(".")
+    kind = next((p for p in parts if p.startswith("lora_")), None)
+    if kind is None:  # a full tensor (modules_to_save): must replace a base tensor of the same shape
+        base = tensors.get(name)
+        if base is not None and tuple(base.shape) != shape:
+            return f"has shape {list(shape)}, the base model's {name} has {list(base.shape)}"
+        return None
+    module_name = ".".join(parts[: parts.index(kind)])
+    module = modules.get(module_name)
+    if module is None:
+        return f"targets {module_name}, which the base model does not have"
+    side = LORA_SIDES.get(kind)
+    size = _sides(module)[side] if side else None
+    if size is None:
+        return None
+    got = shape[0] if side == "out" else shape[1] if len(shape) > 1 else None
+    if got != size:
+        what = "input" if side == "in" else "output"
+        return (
+            f"has shape {list(shape)}, but the base model's {module_name} ({type(module).__name__}) "
+            f"has {what} size {size}"
+        )
+    return None
+
+
+def check_adapters_fit(model: torch.nn.Module, adapters: list[Path], base_name: str) -> None:
+    """Raise EqakitError naming the first adapter tensor (in model order) that does not fit ``model``."""
+    from peft.utils import load_peft_weights
+
+    modules = dict(model.named_modules())
+    order = {name: i for i, name in enumerate(modules)}
+    tensors = dict(model.state_dict())
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
+    for adapter in adapters:
+        weights = load_peft_weights(str(adapter), device="cpu", key_mapping=mapping)
+
+        def position(key: str) -> tuple[int, str]:
+            stem = key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
+            return order.get(stem, -1), key
+
+        for key in sorted(weights, key=position):
+            reason = _mismatch(key, tuple(weights[key].shape), modules, tensors)
+            if reason:
+                trained_on = adapter_config(adapter).get("base_model_name_or_path") or "an unrecorded model"
+                hint = (
+                    "its adapter_config.json names this path as its base: was the model there replaced?"
+                    if trained_on == base_name
+                    else f"the adapter was trained on {trained_on}; use that base model (same architecture "
+                    "and size) as model_name_or_path"
+                )
+                raise EqakitError(
+                    f"adapter {str(adapter)!r} does not fit base model {base_name!r}: tensor {key} {reason}; {hint}"
+                )
+
+
+def apply_adapter(model: Any, adapter: Path | str, base_name: str | None, *, trainable: bool = False) -> Any:
+    """``model`` wrapped in a PeftModel with ``adapter`` loaded (trainable or frozen), or EqakitError
+    naming the adapter, the base and PEFT's first size mismatch."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        lines = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line), lines[-1] if lines else "")
+        raise EqakitError(f"adapter {str(adapter)!r} does not fit model {base_name!r}: {detail}") from None
