@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
+# Two venvs with PyTorch take ~13 GB; a pip cache of their wheels would take several more.
+export PIP_NO_CACHE_DIR := 1
 
 .PHONY: demo test lint format bench clean
 
