@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 
 from eqakit.errors import ConfigError, DataError, EqakitError
 from eqakit.evaluate.llm_match import (
-    Question,
+    ReferenceQuestion,
     build_prompt,
     cli,
     mark_to_score,
@@ -446,7 +446,7 @@ def test_truncate_prediction(prediction, cut):
 
 
 def test_prompt_has_three_anchored_examples_and_the_extra_variant():
-    plain = build_prompt(Question("q", "What is it?", "a mug", None, None), "a cup")
+    plain = build_prompt(ReferenceQuestion("q", "What is it?", "a mug", None, None), "a cup")
     assert [line for line in plain.splitlines() if line.startswith("Your mark: ")] == [
         "Your mark: 1",
         "Your mark: 3",
@@ -454,7 +454,9 @@ def test_prompt_has_three_anchored_examples_and_the_extra_variant():
     ]
     assert plain.endswith("Question: What is it?\nAnswer: a mug\nResponse: a cup\nYour mark:")
     assert "Extra answers" not in plain
-    extra = build_prompt(Question("q", "What is it?", "a mug", ("a cup", "coffee mug"), None), "a cup")
+    extra = build_prompt(
+        ReferenceQuestion("q", "What is it?", "a mug", ("a cup", "coffee mug"), None), "a cup"
+    )
     assert extra.count("Extra answers: ") == 4
     assert "Answer: a mug\nExtra answers: a cup; coffee mug\nResponse: a cup\nYour mark:" in extra
     assert "extra answers" in extra.splitlines()[1]

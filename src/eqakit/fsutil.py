@@ -1,11 +1,72 @@
-"""Filesystem steps shared by every verb that writes a directory (tiny-model, synth, export)."""
+"""Filesystem steps shared by the verbs that write: atomic file writes and swapping in finished directories."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` so that readers see the old content or the new, never half of it.
+
+    The text goes to a hidden ``.NAME.XXXX.tmp`` file in the same directory (created with the
+    umask's permissions, as ``open`` would, not mkstemp's 0600), is flushed and fsynced, then
+    renamed over ``path``; the directory is fsynced too where the OS allows it, so the rename
+    survives a crash. On any failure the temporary file is removed and ``path`` is untouched.
+    """
+    return _write_atomic(Path(path), text, "w", encoding)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """:func:`write_text_atomic` for bytes (a rendered PNG, ...)."""
+    return _write_atomic(Path(path), data, "wb", None)
+
+
+def _write_atomic(path: Path, data: str | bytes, mode: str, encoding: str | None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """An exclusive new file beside ``path``; mode 0o666 lets the kernel apply the umask (no umask race)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable; a no-op where directories cannot be opened (Windows)."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the data itself is already synced
+    finally:
+        os.close(fd)
 
 
 def move_into_place(staging: Path, output_dir: Path) -> None:

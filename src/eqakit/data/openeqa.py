@@ -63,7 +63,7 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class Question:
+class OpenEQAQuestion:
     question_id: str
     question: str
     answer: str
@@ -75,12 +75,12 @@ class Question:
 @dataclass
 class Episode:
     episode_history: str
-    questions: list[Question] = field(default_factory=list)
+    questions: list[OpenEQAQuestion] = field(default_factory=list)
     frame_count: int = 0  # source frames available
 
 
 @dataclass
-class Loaded:
+class LoadedSource:
     """What a source's `load` returns: usable episodes, the problems found, and how many records it read."""
 
     episodes: list[Episode]
@@ -95,10 +95,10 @@ class SourceFrame:
     identity: list[Any]  # what a finished episode's manifest compares against (name and size/hash)
 
 
-def parse_questions(records: list[Any], where: list[str]) -> tuple[list[Question], list[Problem]]:
+def parse_questions(records: list[Any], where: list[str]) -> tuple[list[OpenEQAQuestion], list[Problem]]:
     """Validate question records (`where[i]` names record i, e.g. "row 12"); bad ones become problems."""
     problems: list[Problem] = []
-    parsed: list[Question | None] = []
+    parsed: list[OpenEQAQuestion | None] = []
     for record, place in zip(records, where, strict=True):
         question, found = _parse_question(record, place)
         parsed.append(question)
@@ -115,7 +115,7 @@ def parse_questions(records: list[Any], where: list[str]) -> tuple[list[Question
     return questions, problems
 
 
-def _parse_question(record: Any, place: str) -> tuple[Question | None, list[Problem]]:
+def _parse_question(record: Any, place: str) -> tuple[OpenEQAQuestion | None, list[Problem]]:
     if not isinstance(record, dict):
         return None, [Problem("bad_record", f"{place} is a {type(record).__name__}, expected an object")]
     qid = _nameable(record.get("question_id"))
@@ -172,7 +172,7 @@ def _parse_question(record: Any, place: str) -> tuple[Question | None, list[Prob
     if problems:
         return None, problems
     fields = {name: record[name] for name in QUESTION_FIELDS}
-    return Question(**fields, extra_answers=tuple(extra or ())), []
+    return OpenEQAQuestion(**fields, extra_answers=tuple(extra or ())), []
 
 
 def _unencodable_at(text: str) -> int | None:
@@ -207,7 +207,7 @@ def _is_safe_relative(path: str) -> bool:
     return bool(parts) and not path.startswith(("/", "\\")) and ":" not in parts[0] and ".." not in parts
 
 
-def group_episodes(questions: list[Question]) -> list[Episode]:
+def group_episodes(questions: list[OpenEQAQuestion]) -> list[Episode]:
     """Questions grouped by episode_history, episodes and questions in first-appearance order."""
     episodes: dict[str, Episode] = {}
     for q in questions:
@@ -226,7 +226,7 @@ class OfficialSource:
     def describe(self) -> dict[str, str]:
         return {"questions": str(self.questions_file), "frames": str(self.frames_dir)}
 
-    def load(self) -> Loaded:
+    def load(self) -> LoadedSource:
         records = _read_questions_file(self.questions_file)
         if not self.frames_dir.is_dir():
             raise DataError(
@@ -259,7 +259,7 @@ class OfficialSource:
                 continue
             self._frame_files[episode.episode_history] = files
             episode.frame_count = len(files)
-        return Loaded(episodes, problems, len(records))
+        return LoadedSource(episodes, problems, len(records))
 
     def frames(self, episode: Episode, indices: list[int]) -> list[SourceFrame]:
         files = self._frame_files[episode.episode_history]
@@ -339,7 +339,7 @@ class HFSource:
     def describe(self) -> dict[str, str]:
         return {"hf_dataset": self.dataset, "hf_split": self.split, "frames_column": self.frames_column}
 
-    def load(self) -> Loaded:
+    def load(self) -> LoadedSource:
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -388,7 +388,7 @@ class HFSource:
             if not episode.frame_count:
                 message = f"row {row} (the episode's first) has no frames in column {self.frames_column!r}"
                 problems.append(Problem("no_frames", message, episode.episode_history))
-        return Loaded(episodes, problems, len(records))
+        return LoadedSource(episodes, problems, len(records))
 
     def frames(self, episode: Episode, indices: list[int]) -> list[SourceFrame]:
         row = self._first_row[episode.episode_history]

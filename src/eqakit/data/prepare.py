@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -58,6 +57,7 @@ from eqakit.data.openeqa import Episode, HFSource, OfficialSource, Problem
 from eqakit.data.openeqa_categories import OPENEQA_CATEGORIES
 from eqakit.data.split import choose_test_split
 from eqakit.errors import ConfigError, DataError
+from eqakit.fsutil import write_text_atomic
 
 TRAIN, TEST = "open_eqa_train_val", "open_eqa_test"
 FRAMES_DIR = "open_eqa_frames"
@@ -161,11 +161,11 @@ def prepare_openeqa(
             rows[TEST if q.question_id in test else TRAIN].append(_row(q, images))
     for name, split_rows in rows.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
-        _write_atomic(out / f"{name}.jsonl", text)
+        write_text_atomic(out / f"{name}.jsonl", text)
     _remove_stale_episodes(frames_root, {ids[e.episode_history] for e in episodes})
 
     summary = _summary(source, options, workers, loaded.records, episodes, rows, run, problems, ids, started)
-    _write_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     _update_dataset_info(out / DATASET_INFO, register=True)
     print(_format_summary(summary, out))
     return summary
@@ -334,18 +334,6 @@ def _row(q: Any, images: list[str]) -> dict[str, Any]:
     return row
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _update_dataset_info(path: Path, *, register: bool) -> None:
     """Add (or remove) our two datasets, keeping any others a LLaMA-Factory data dir already lists."""
     info: dict[str, Any] = {}
@@ -361,7 +349,7 @@ def _update_dataset_info(path: Path, *, register: bool) -> None:
     if register:
         info.update(DATASET_ENTRIES)
     if info:
-        _write_atomic(path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        write_text_atomic(path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     else:
         path.unlink(missing_ok=True)
 

@@ -38,7 +38,8 @@ from typing import Any
 import yaml
 
 from eqakit.errors import EqakitError
-from eqakit.evaluate.report import METRIC_LABELS, write_text_atomic
+from eqakit.evaluate.report import METRIC_LABELS
+from eqakit.fsutil import write_text_atomic
 
 # Settings of the demo's model and runs, chosen so that fine-tuning visibly works (the fine-tuned
 # model beats the blind baseline, so it reads the frames) in about five minutes on 2 CPU cores.

@@ -82,7 +82,7 @@ GLANCE = frozenset(
 
 
 @dataclass(frozen=True)
-class Question:
+class SceneQuestion:
     """One question about a scene, with the answer its frames show."""
 
     category: str
@@ -91,7 +91,7 @@ class Question:
     extra_answers: tuple[str, ...] = ()
 
 
-def ask(scene: Scene, rng: random.Random) -> list[Question]:
+def ask(scene: Scene, rng: random.Random) -> list[SceneQuestion]:
     """About 11 questions (8-14) about the scene, at least one per category, in category order.
 
     Every episode asks the GLANCE questions, then one random question per category that has none
@@ -113,19 +113,19 @@ def ask(scene: Scene, rng: random.Random) -> list[Question]:
     return sorted(chosen, key=lambda q: OPENEQA_CATEGORIES.index(q.category))
 
 
-def candidates(scene: Scene) -> list[Question]:
+def candidates(scene: Scene) -> list[SceneQuestion]:
     """Every question the templates can ask about this scene, each with its one right answer."""
     floor = [t for t in scene.things if not t.support]
     by_kind = {t.kind: t for t in scene.things}
-    questions: list[Question] = []
+    questions: list[SceneQuestion] = []
 
     # object recognition: name a thing picked out by its colour or its place
     for t in scene.things:
         if t.color and not (t.color == "Green" and "plant" in by_kind):  # plant leaves are green too
-            questions.append(Question(OR, f"What is the {t.color.lower()} object?", _a(t)))
+            questions.append(SceneQuestion(OR, f"What is the {t.color.lower()} object?", _a(t)))
     for t in scene.things:
         if t.support:
-            questions.append(Question(OR, f"What is on the {KINDS[t.support].name}?", _a(t)))
+            questions.append(SceneQuestion(OR, f"What is on the {KINDS[t.support].name}?", _a(t)))
     for place, slots in (
         ("under the window", {scene.window_slot}),
         ("next to the door", {scene.door_slot - 1, scene.door_slot + 1}),
@@ -134,29 +134,33 @@ def candidates(scene: Scene) -> list[Question]:
     ):
         there = [t for t in floor if t.slot in slots]
         if len(there) == 1:
-            questions.append(Question(OR, f"What is {place}?", _a(there[0])))
+            questions.append(SceneQuestion(OR, f"What is {place}?", _a(there[0])))
 
     # attribute recognition
     for t in scene.things:
         if t.color:
             noun = "plant pot" if t.kind == "plant" else KINDS[t.kind].name
-            questions.append(Question(AR, f"What color is the {noun}?", t.color))
-    questions.append(Question(AR, "What color are the walls?", scene.wall))
-    questions.append(Question(AR, "What color is the door?", scene.door_color))
-    questions.append(Question(AR, "What is the floor made of?", scene.floor))
+            questions.append(SceneQuestion(AR, f"What color is the {noun}?", t.color))
+    questions.append(SceneQuestion(AR, "What color are the walls?", scene.wall))
+    questions.append(SceneQuestion(AR, "What color is the door?", scene.door_color))
+    questions.append(SceneQuestion(AR, "What is the floor made of?", scene.floor))
 
     # object state recognition
     for kind in ("lamp", "tv"):
         if kind in by_kind:
             questions.append(
-                Question(OSR, f"Is the {KINDS[kind].name} on or off?", "On" if by_kind[kind].lit else "Off")
+                SceneQuestion(
+                    OSR, f"Is the {KINDS[kind].name} on or off?", "On" if by_kind[kind].lit else "Off"
+                )
             )
-    questions.append(Question(OSR, "Is the door open or closed?", "Open" if scene.door_open else "Closed"))
     questions.append(
-        Question(OSR, "Is the window open or closed?", "Open" if scene.window_open else "Closed")
+        SceneQuestion(OSR, "Is the door open or closed?", "Open" if scene.door_open else "Closed")
     )
     questions.append(
-        Question(
+        SceneQuestion(OSR, "Is the window open or closed?", "Open" if scene.window_open else "Closed")
+    )
+    questions.append(
+        SceneQuestion(
             OSR,
             "Which is open, the door or the window?",
             _which("The door", scene.door_open, "The window", scene.window_open),
@@ -165,37 +169,41 @@ def candidates(scene: Scene) -> list[Question]:
     if "lamp" in by_kind and "tv" in by_kind:
         lamp, tv = by_kind["lamp"].lit, by_kind["tv"].lit
         questions.append(
-            Question(OSR, "Which is switched on, the lamp or the TV?", _which("The lamp", lamp, "The TV", tv))
+            SceneQuestion(
+                OSR, "Which is switched on, the lamp or the TV?", _which("The lamp", lamp, "The TV", tv)
+            )
         )
 
     # object localization
     for t in scene.things:
         place = _location(scene, t, by_kind.get("table"))
         if place:
-            questions.append(Question(OL, f"Where is the {KINDS[t.kind].name}?", place, _paraphrases(place)))
+            questions.append(
+                SceneQuestion(OL, f"Where is the {KINDS[t.kind].name}?", place, _paraphrases(place))
+            )
 
     # spatial understanding: left/right/between along the back wall, the door included
     row: list[tuple[int, str, str]] = [(t.slot, f"the {KINDS[t.kind].name}", _the(t)) for t in floor]
     row = sorted([*row, (scene.door_slot, "the door", "The door")])
     for (_, left_ref, left_answer), (_, right_ref, right_answer) in zip(row, row[1:], strict=False):
-        questions.append(Question(SU, f"What is to the left of {right_ref}?", left_answer))
-        questions.append(Question(SU, f"What is to the right of {left_ref}?", right_answer))
+        questions.append(SceneQuestion(SU, f"What is to the left of {right_ref}?", left_answer))
+        questions.append(SceneQuestion(SU, f"What is to the right of {left_ref}?", right_answer))
     for (_, left_ref, _), (_, _, middle), (_, right_ref, _) in zip(row, row[1:], row[2:], strict=False):
-        questions.append(Question(SU, f"What is between {left_ref} and {right_ref}?", middle))
+        questions.append(SceneQuestion(SU, f"What is between {left_ref} and {right_ref}?", middle))
 
     # functional reasoning
     for question, kinds in FUNCTIONS:
         useful = [t for t in scene.things if t.kind in kinds]
         if len(useful) == 1:
-            questions.append(Question(FR, question, _the(useful[0])))
+            questions.append(SceneQuestion(FR, question, _the(useful[0])))
 
     # world knowledge
-    questions.append(Question(WK, "What kind of room is this?", ROOM_ANSWERS[scene.room]))
-    questions.append(Question(WK, "Is it day or night outside?", "Night" if scene.night else "Day"))
+    questions.append(SceneQuestion(WK, "What kind of room is this?", ROOM_ANSWERS[scene.room]))
+    questions.append(SceneQuestion(WK, "Is it day or night outside?", "Night" if scene.night else "Day"))
     typical = [t for t in scene.things if t.kind in ROOM_KINDS[scene.room]]
     if len(typical) == 1:
         questions.append(
-            Question(
+            SceneQuestion(
                 WK,
                 f"Which object here is usually found in {ROOM_ANSWERS[scene.room].lower()}?",
                 _the(typical[0]),

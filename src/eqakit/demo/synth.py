@@ -35,7 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from eqakit.demo.questions import Question, ask
+from eqakit.demo.questions import SceneQuestion, ask
 from eqakit.demo.render import depth_frame, pose_text, render_frames
 from eqakit.demo.scenes import Scene, sample_scene
 from eqakit.errors import ConfigError, DataError
@@ -111,7 +111,7 @@ def _check_destination(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _plan_episode(seed: int, index: int, hm3d: bool) -> tuple[str, Scene, list[tuple[Question, str]]]:
+def _plan_episode(seed: int, index: int, hm3d: bool) -> tuple[str, Scene, list[tuple[SceneQuestion, str]]]:
     """Scene, questions and ids of one episode, from its own random stream (seed, episode index)."""
     rng = random.Random(f"eqakit-synth:{seed}:{index}")
     if hm3d:
@@ -125,7 +125,7 @@ def _plan_episode(seed: int, index: int, hm3d: bool) -> tuple[str, Scene, list[t
     return history, scene, questions
 
 
-def _row(question: Question, question_id: str, history: str) -> dict:
+def _row(question: SceneQuestion, question_id: str, history: str) -> dict:
     """One entry of open-eqa-v0.json, keys in the real file's order."""
     row = {
         "question": question.question,

@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from eqakit.errors import ConfigError, DataError, EqakitError
 from eqakit.evaluate.metrics import sort_categories
-from eqakit.evaluate.report import scores_markdown, write_text_atomic
+from eqakit.evaluate.report import scores_markdown
+from eqakit.fsutil import write_text_atomic
 
 _INSTRUCTIONS = """\
 You are grading answers to questions that a household robot was asked about what it saw.
@@ -73,7 +74,7 @@ PROMPT_VERSION = "eqakit-mmbench-1"  # recorded in the summary; change it whenev
 
 
 @dataclass(frozen=True)
-class Question:
+class ReferenceQuestion:
     """A reference question: what the judge compares a prediction with."""
 
     question_id: str
@@ -87,7 +88,7 @@ class Question:
 class JudgeItem:
     """One prediction to mark; ``prediction`` is already truncated, None when missing or empty."""
 
-    question: Question
+    question: ReferenceQuestion
     prediction: str | None
 
 
@@ -106,7 +107,7 @@ class JudgeSettings:
     timeout: float = 60.0
 
 
-def build_prompt(question: Question, prediction: str) -> str:
+def build_prompt(question: ReferenceQuestion, prediction: str) -> str:
     """The grading prompt: instructions, three worked examples, then the question to mark."""
     extra = question.extra_answers is not None
 
@@ -202,7 +203,7 @@ def _text_field(row: dict[str, Any], field: str, where: str) -> str:
     return value
 
 
-def load_questions_json(path: str | os.PathLike[str]) -> dict[str, Question]:
+def load_questions_json(path: str | os.PathLike[str]) -> dict[str, ReferenceQuestion]:
     """Questions from OpenEQA's official JSON (a list of {question_id, question, answer, ...})."""
     path = Path(path)
     try:
@@ -211,7 +212,7 @@ def load_questions_json(path: str | os.PathLike[str]) -> dict[str, Question]:
         raise DataError(f"cannot read the questions file {path}: {exc}") from exc
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of questions (OpenEQA's open-eqa-v0.json layout)")
-    questions: dict[str, Question] = {}
+    questions: dict[str, ReferenceQuestion] = {}
     for index, row in enumerate(data):
         where = f"{path} item {index}"
         if not isinstance(row, dict):
@@ -219,7 +220,7 @@ def load_questions_json(path: str | os.PathLike[str]) -> dict[str, Question]:
         qid = _text_field(row, "question_id", where)
         if qid in questions:
             raise DataError(f"{where}: duplicate question_id {qid!r}")
-        questions[qid] = Question(
+        questions[qid] = ReferenceQuestion(
             question_id=qid,
             question=_text_field(row, "question", where),
             answer=_text_field(row, "answer", where),
@@ -232,7 +233,7 @@ def load_questions_json(path: str | os.PathLike[str]) -> dict[str, Question]:
 _SPLIT_FILES = ("open_eqa_test.jsonl", "open_eqa_train_val.jsonl")
 
 
-def _dataset_split(path: Path) -> list[Question]:
+def _dataset_split(path: Path) -> list[ReferenceQuestion]:
     questions = []
     for number, row in _read_jsonl(path):
         where = f"{path} line {number}"
@@ -240,7 +241,7 @@ def _dataset_split(path: Path) -> list[Question]:
         if row.get("input"):
             text = f"{text}\n{row['input']}"  # LLaMA-Factory joins instruction and input this way
         questions.append(
-            Question(
+            ReferenceQuestion(
                 question_id=_text_field(row, "question_id", where),
                 question=text,
                 answer=_text_field(row, "output", where),
@@ -251,7 +252,7 @@ def _dataset_split(path: Path) -> list[Question]:
     return questions
 
 
-def load_dataset_questions(dataset_dir: str | os.PathLike[str]) -> dict[str, Question]:
+def load_dataset_questions(dataset_dir: str | os.PathLike[str]) -> dict[str, ReferenceQuestion]:
     """Questions from a directory written by `eqakit prepare` (test split first, then train_val)."""
     dataset_dir = Path(dataset_dir)
     files = [dataset_dir / name for name in _SPLIT_FILES if (dataset_dir / name).is_file()]
@@ -260,7 +261,7 @@ def load_dataset_questions(dataset_dir: str | os.PathLike[str]) -> dict[str, Que
             f"{dataset_dir} holds neither {' nor '.join(_SPLIT_FILES)}: pass a directory written by "
             "`eqakit prepare openeqa`, or the official questions JSON with --questions"
         )
-    questions: dict[str, Question] = {}
+    questions: dict[str, ReferenceQuestion] = {}
     for path in files:
         for question in _dataset_split(path):
             if question.question_id in questions:
@@ -293,7 +294,7 @@ def _ids_by_position(path: Path, rows: list[tuple[int, dict[str, Any]]], dataset
 
 def load_items(
     predictions_path: str | os.PathLike[str],
-    questions: dict[str, Question],
+    questions: dict[str, ReferenceQuestion],
     dataset_dir: str | os.PathLike[str] | None = None,
 ) -> list[JudgeItem]:
     """Pair each prediction row with its question; every problem is reported before any request.

@@ -46,7 +46,8 @@ from eqakit.data.template import THINK, count_images, render_prompt, strip_think
 from eqakit.engine import InferenceEngine, PromptTooLong, Request, RequestError, SamplingParams, load_engine
 from eqakit.errors import DataError, EqakitError
 from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
-from eqakit.evaluate.report import write_report, write_text_atomic
+from eqakit.evaluate.report import write_report
+from eqakit.fsutil import write_text_atomic
 
 PREDICTIONS = "generated_predictions.jsonl"
 META_FIELDS = ("question_id", "category", "extra_answers")

@@ -10,10 +10,11 @@ means, ``num_samples``, ``per_category``), so one report format serves every sco
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from eqakit.fsutil import write_text_atomic
 
 # Column titles of the metrics a report shows, in order; keys absent from the scores are skipped.
 METRIC_LABELS: dict[str, str] = {
@@ -25,23 +26,6 @@ METRIC_LABELS: dict[str, str] = {
     "predict_exact_match": "EM",
     "predict_token_f1": "Token F1",
 }
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a file so that readers see the old content or the new, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _metrics_in(*scores: Mapping[str, Any]) -> list[str]:

@@ -115,7 +115,7 @@ def load_base_model(model_args: ModelArguments, *, device: torch.device, dtype: 
     return model
 
 
-def load_model(
+def load_inference_model(
     model_args: ModelArguments, *, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> Any:
     """Base model with ``adapter_name_or_path`` applied for inference (merged in order when possible)."""

@@ -58,7 +58,7 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 @dataclass
-class Loaded:
+class LoadedModel:
     """The model in use, and how it was asked for."""
 
     engine: InferenceEngine
@@ -88,7 +88,7 @@ class ModelSlot:
     ) -> None:
         self.config_path = config_path
         self.overrides = dict(overrides or {})
-        self.loaded: Loaded | None = None
+        self.loaded: LoadedModel | None = None
         self.loading: str | None = None  # the model being loaded, for messages meanwhile
         self._lock = threading.Lock()
 
@@ -116,7 +116,7 @@ class ModelSlot:
             engine = load_engine(cfg)
             adapter = cfg.model.adapter_name_or_path or ""
             worker = make_worker(engine).start()
-            self.loaded = Loaded(
+            self.loaded = LoadedModel(
                 engine, worker, name, adapter, engine.format.template, time.perf_counter() - start
             )
             return self.loaded.describe()
@@ -198,7 +198,7 @@ class ModelSlot:
 
     @staticmethod
     def request(
-        loaded: Loaded,
+        loaded: LoadedModel,
         messages: list[dict[str, Any]],
         images: list[Image.Image] | None = None,
         system: str | None = None,

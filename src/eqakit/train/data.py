@@ -220,7 +220,7 @@ class PlannedDataset(torch.utils.data.Dataset):
     ) -> None:
         self.plans, self.samples, self.processor, self.budget = plans, samples, processor, budget
         self.image_keys = image_keys
-        self.pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.image_pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -235,7 +235,9 @@ class PlannedDataset(torch.utils.data.Dataset):
         """Model inputs, plus ``image_refs`` (the image paths) so packing can tell which samples share frames."""
         plan, sample = self.plans[index], self.samples[index]
         if self.image_keys is not None:
-            out: dict[str, Any] = expand_tokens(plan, self.pad_id, self.processor.image_processor.merge_size)
+            out: dict[str, Any] = expand_tokens(
+                plan, self.image_pad_id, self.processor.image_processor.merge_size
+            )
             if plan.grids:
                 out["image_grid_thw"] = torch.tensor(plan.grids, dtype=torch.long)
                 out["image_keys"] = self.image_keys[index]

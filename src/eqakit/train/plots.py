@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
+
+from eqakit.fsutil import write_bytes_atomic
 
 
 def smooth(values: list[float]) -> list[float]:
@@ -42,9 +45,9 @@ def plot_loss(output_dir: Path, keys: tuple[str, ...] = ("loss", "eval_loss", "e
         ax.grid(alpha=0.3)
         ax.legend()
         path = output_dir / f"training_{key}.png"
-        tmp = path.with_name(path.name + ".tmp.png")
-        fig.savefig(tmp, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
-        tmp.replace(path)
+        write_bytes_atomic(path, png.getvalue())
         written.append(path)
     return written

@@ -31,6 +31,7 @@ from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.data.encode import ImageBudget
 from eqakit.errors import ConfigError, DataError
+from eqakit.fsutil import write_text_atomic
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, newest_complete_checkpoint
 from eqakit.train.data import (
     Collator,
@@ -124,9 +125,7 @@ def write_run_record(cfg: Config, out: Path, extra: dict[str, Any]) -> None:
         "config_file": str(cfg.source),
         **extra,
     }
-    tmp = out / "eqakit_run.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-    tmp.replace(out / "eqakit_run.json")
+    write_text_atomic(out / "eqakit_run.json", json.dumps(record, indent=2, default=str))
 
 
 def _compute_dtype(cfg: Config) -> Any:
@@ -289,9 +288,7 @@ def _truncate_log(out: Path, step: int) -> None:
         for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip() and json.loads(line).get("current_steps", 0) <= step
     ]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _print_data_report(report: Any, n_train: int, n_eval: int) -> None:

@@ -98,12 +98,12 @@ class Engine:
 
         ``options`` are Engine keyword arguments (e.g. max_batch_size).
         """
-        from eqakit.model.load import load_model, load_processor, pick_device, pick_dtype
+        from eqakit.model.load import load_inference_model, load_processor, pick_device, pick_dtype
 
         device = pick_device()
         dtype = pick_dtype(cfg.model.infer_dtype, device)
         processor = load_processor(cfg.model)
-        model = load_model(cfg.model, device=device, dtype=dtype)
+        model = load_inference_model(cfg.model, device=device, dtype=dtype)
         return cls(
             model,
             processor,
