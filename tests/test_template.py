@@ -175,3 +175,25 @@ def test_encoding_matches_the_processor(processor) -> None:
     assert torch.equal(ref["input_ids"][0], enc["input_ids"])
     assert torch.equal(ref["pixel_values"], enc["pixel_values"])
     assert torch.equal(ref["mm_token_type_ids"][0], enc["mm_token_type_ids"])
+
+
+def test_one_model_inputs_step_expands_pads_and_checks_grids(processor) -> None:
+    """expand_pads is the only pad expansion (training and the engine); pixel_values refuses pixels
+    whose grid is not the planned one, so image tokens and features can never disagree."""
+    from eqakit.data.encode import expand_pads, image_digest, image_key, pixel_values
+
+    pad = 7
+    ids, spans = expand_pads([1, pad, 2, pad], [(1, 4, 4), (1, 2, 6)], pad, merge=2)
+    assert ids == [1, *[pad] * 4, 2, *[pad] * 3] and spans == [(1, 4), (6, 3)]
+    with pytest.raises(ValueError, match="2 image pads for 1 images"):
+        expand_pads([pad, pad], [(1, 2, 2)], pad, merge=2)
+
+    image = Image.new("RGB", (64, 48), (10, 20, 30))
+    values, grid = pixel_values([image], processor.image_processor, 32 * 32, 64 * 64, [(1, 4, 4)])
+    assert grid.tolist() == [[1, 4, 4]] and values.shape[0] == 16
+    with pytest.raises(ValueError, match="image sizes changed since planning"):
+        pixel_values([image], processor.image_processor, 32 * 32, 64 * 64, [(1, 2, 2)])
+
+    same = Image.new("RGB", (64, 48), (10, 20, 30))
+    assert image_key(image_digest(image), 1, 2) == image_key(image_digest(same), 1, 2)
+    assert image_key(image_digest(image), 1, 2) != image_key(image_digest(image), 1, 3)

@@ -11,14 +11,15 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, EvalPrediction, TrainingArguments
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from conftest import assert_close_to_scale
 from eqakit.config import load_config
 from eqakit.data.encode import ImageBudget
 from eqakit.errors import DataError
-from eqakit.train.data import Collator, PlannedDataset, load_training_samples, plan_samples
+from eqakit.train.data import Collator, KeyedImages, PlannedDataset, load_training_samples, plan_samples
 from eqakit.train.lora import apply_lora
 from eqakit.train.packing import EpisodeBatchSampler, PackedCollator
 from eqakit.train.trainer import EqakitTrainer, checkpoint_trainable_layers, greedy_tokens, token_accuracy
-from eqakit.train.vision_cache import VisionFeatureCache, image_key
+from eqakit.train.vision_cache import VisionFeatureCache
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +56,9 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cache = VisionFeatureCache()
-    digests: dict = {}
-    keys = [
-        [image_key(p, plan.max_pixels, digests) for p in s.images]
-        for plan, s in zip(plans, samples, strict=True)
-    ]
-    wanted = {
-        k: (p, plan.max_pixels)
-        for plan, s, ks in zip(plans, samples, keys, strict=True)
-        for k, p in zip(ks, s.images, strict=True)
-    }
-    cache.build(model, processor, budget, wanted, torch.device("cpu"), show_progress=False)
+    keyed = KeyedImages(budget.min_pixels)
+    keys = [keyed.keys(plan, s) for plan, s in zip(plans, samples, strict=True)]
+    cache.build(model, processor, budget, keyed.wanted, torch.device("cpu"), show_progress=False)
     model = apply_lora(model, cfg)
     for name, param in model.named_parameters():  # non-zero B so the adapter matters in the comparison
         if "lora_B" in name:
@@ -251,3 +244,68 @@ def test_parallel_planning_gives_the_serial_plans(setup, tiny_model_dir, tmp_pat
             plan_samples(broken, processor, cfg)
         errors.append(str(err.value))
     assert errors[0] == errors[1] and "missing.jpg" in errors[0]
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_packing_spans_the_optimizer_step_and_keeps_its_gradient(setup, tmp_path, use_cache) -> None:
+    """At batch 2 x accumulation 6 (the 12 samples of 3 episodes: one optimizer step), the step is
+    packed as a whole: 3 rows (one per episode) in 3 real micro-batches instead of 6, none larger
+    (padded) than the largest unpacked micro-batch, and the step's gradient is the unpacked one's
+    (the loss summed over the step's answer tokens and divided by their count)."""
+    import copy
+
+    from transformers import TrainerCallback
+
+    from eqakit.train.sft import _episode_groups
+    from eqakit.train.trainer import SKIP
+
+    _, model, plain, cached, processor, cache = setup
+    pad = processor.tokenizer.pad_token_id
+    grads: dict[str, dict[str, torch.Tensor]] = {}
+
+    class Grab(TrainerCallback):
+        def __init__(self, mode: str) -> None:
+            self.mode = mode
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads[self.mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    trainers = {}
+    for mode in ("unpacked", "packed"):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / mode),
+            report_to="none",
+            use_cpu=True,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=6,
+            max_steps=1,
+            max_grad_norm=0.0,  # the raw gradient is compared
+            save_strategy="no",
+            seed=3,
+        )
+        dataset = cached if use_cache and mode == "packed" else plain
+        trainers[mode] = EqakitTrainer(
+            model=copy.deepcopy(model),
+            args=args,
+            train_dataset=dataset,
+            data_collator=Collator(pad),
+            processing_class=processor,
+            callbacks=[Grab(mode)],
+            vision_cache=cache if use_cache and mode == "packed" else None,
+            episode_groups=_episode_groups(dataset) if mode == "packed" else None,
+        )
+        trainers[mode].train()
+
+    packed = trainers["packed"]
+    batches, items = packed.get_batch_samples(iter(packed.get_train_dataloader()), 6, torch.device("cpu"))
+    real = [b for b in batches if SKIP not in b]
+    assert len(batches) == 6 and len(real) == 3 and all(SKIP in b for b in batches[:3])
+    assert [b["input_ids"].shape[0] for b in real] == [1, 1, 1]  # an episode's 4 questions: one row
+    unpacked_largest = max(len(plain[i]["input_ids"]) for i in range(12)) * 2
+    assert all(b["input_ids"].numel() <= unpacked_largest for b in real)
+    assert int(items) == sum(int((plain[i]["labels"][1:] != -100).sum()) for i in range(12))
+
+    assert grads["packed"].keys() == grads["unpacked"].keys()
+    for name, grad in grads["unpacked"].items():
+        assert grad.abs().sum() > 0, name
+        assert_close_to_scale(grads["packed"][name], grad, rel=1e-5)

@@ -319,7 +319,7 @@ def test_vllm_config_keys_are_checked_and_the_adapter_rank_must_fit(
 ) -> None:
     from vllm import AsyncEngineArgs
 
-    from eqakit.engine.vllm import VllmEngine, _engine_args
+    from eqakit.engine.vllm.engine import VllmEngine, _engine_args
 
     cfg = load_config("infer", None, [*settings(model_dir, adapter_dir), "infer_backend=vllm"])
     args = _engine_args(AsyncEngineArgs, cfg, 4, 8)
@@ -395,6 +395,9 @@ def test_the_web_uis_model_and_chat_run_on_vllm(model_dir: Path, adapter_dir: Pa
 
     slot = ModelSlot(config)  # the web UI's model: load, stream, unload
     assert "Model loaded" in slot.load_from(load_config("infer", config))
+    from eqakit.engine import InferenceEngine, Worker
+
+    assert isinstance(slot.loaded.engine, InferenceEngine) and isinstance(slot.loaded.worker, Worker)
     stream = slot.stream([first], max_new_tokens=12)
     one = "".join(stream)
     assert one == reference.chat([first]).text and stream.completion.finish_reason == "length"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-TEMPLATES = ("qwen3_vl_nothink", "qwen3_vl")
+from eqakit.data.template import TEMPLATES
 
 
 def _f(default: Any, help: str, **rules: Any) -> Any:  # noqa: A002 - mirrors dataclasses' own vocabulary

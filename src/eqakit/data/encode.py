@@ -12,6 +12,7 @@ decoding pixels; `materialize` produces tensors when a batch needs them.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -258,49 +259,94 @@ def plan_sample(
     return Plan(input_ids, labels, list(image_sizes), cap, grids, scaled, merge)
 
 
-def expand_tokens(plan: Plan, pad_id: int, merge: int = 2) -> dict[str, torch.Tensor]:
-    """Token ids, labels and modality types with each image pad repeated once per visual token."""
-    counts = [t * h * w // (merge * merge) for t, h, w in plan.grids]
+def image_digest(image: Image.Image) -> bytes:
+    """A content hash of a decoded image: the same pixels give the same digest, whatever file or
+    object holds them."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}".encode())
+    digest.update(image.tobytes())
+    return digest.digest()
+
+
+def image_key(digest: bytes, min_pixels: int, max_pixels: int) -> bytes:
+    """The one key of an image's visual features (training's vision cache, the engine's): its content
+    digest and the pixel range it is resized into."""
+    return digest + f"@{min_pixels}:{max_pixels}".encode()
+
+
+def expand_pads(
+    input_ids: list[int], grids: list[tuple[int, int, int]], image_pad_id: int, merge: int
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids with each image pad repeated once per visual token, and each image's (start, length)
+    in them. Raises ValueError when pads and grids disagree in number."""
+    if sum(1 for token in input_ids if token == image_pad_id) != len(grids):
+        raise ValueError(f"the prompt has {input_ids.count(image_pad_id)} image pads for {len(grids)} images")
     ids: list[int] = []
-    labels: list[int] = []
-    k = 0
-    for token, label in zip(plan.input_ids, plan.labels, strict=True):
-        if token == pad_id:
-            ids += [pad_id] * counts[k]
-            labels += [IGNORE_INDEX] * counts[k]
-            k += 1
+    spans: list[tuple[int, int]] = []
+    counts = iter(t * h * w // (merge * merge) for t, h, w in grids)
+    for token in input_ids:
+        if token == image_pad_id:
+            count = next(counts)
+            spans.append((len(ids), count))
+            ids += [image_pad_id] * count
         else:
             ids.append(token)
+    return ids, spans
+
+
+def expand_tokens(plan: Plan, image_pad_id: int) -> dict[str, torch.Tensor]:
+    """Token ids, labels and modality types with each image pad repeated once per visual token."""
+    ids, spans = expand_pads(plan.input_ids, plan.grids, image_pad_id, plan.merge)
+    labels: list[int] = []
+    lengths = iter(length for _, length in spans)
+    for token, label in zip(plan.input_ids, plan.labels, strict=True):
+        if token == image_pad_id:
+            labels += [IGNORE_INDEX] * next(lengths)  # image tokens are never learned
+        else:
             labels.append(label)
     input_ids = torch.tensor(ids, dtype=torch.long)
     # transformers >= 5.2 computes M-RoPE positions from these: 1 marks image tokens, 0 text.
     return {
         "input_ids": input_ids,
         "labels": torch.tensor(labels, dtype=torch.long),
-        "mm_token_type_ids": (input_ids == pad_id).to(torch.int),
+        "mm_token_type_ids": (input_ids == image_pad_id).to(torch.int),
     }
+
+
+def pixel_values(
+    images: list[Image.Image],
+    image_processor: Any,
+    min_pixels: int,
+    max_pixels: int,
+    grids: list[tuple[int, int, int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's input for images resized within [min_pixels, max_pixels], and their patch
+    grids; with ``grids`` (the plan's), a grid that differs from the planned one raises ValueError
+    rather than feeding the model image tokens that do not match its features."""
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    vision = image_processor(images=[im.convert("RGB") for im in images], size=size, return_tensors="pt")
+    grid = vision["image_grid_thw"]
+    if grids is not None and [tuple(g) for g in grid.tolist()] != [tuple(g) for g in grids]:
+        raise ValueError(f"image sizes changed since planning: grids {grid.tolist()}, planned {list(grids)}")
+    return vision["pixel_values"], grid
 
 
 def pixels(
     plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget
 ) -> dict[str, torch.Tensor]:
     """Pixel values and patch grids of a planned sample's images, at the size planning chose."""
-    size = {"shortest_edge": budget.min_pixels, "longest_edge": plan.max_pixels}
-    vision = processor.image_processor(
-        images=[im.convert("RGB") for im in images], size=size, return_tensors="pt"
+    values, grid = pixel_values(
+        images, processor.image_processor, budget.min_pixels, plan.max_pixels, plan.grids
     )
-    grid = vision["image_grid_thw"]
-    if [tuple(g.tolist()) for g in grid] != [tuple(g) for g in plan.grids]:
-        raise ValueError(f"image sizes changed since planning: grids {grid.tolist()}, planned {plan.grids}")
-    return {"pixel_values": vision["pixel_values"], "image_grid_thw": grid}
+    return {"pixel_values": values, "image_grid_thw": grid}
 
 
 def materialize(
     plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget
 ) -> dict[str, torch.Tensor]:
     """Pixel values and expanded token ids for a planned sample (images in placeholder order)."""
-    pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    out = expand_tokens(plan, pad_id, processor.image_processor.merge_size)
+    image_pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    out = expand_tokens(plan, image_pad_id)
     if images:
         out.update(pixels(plan, images, processor, budget))
     return out

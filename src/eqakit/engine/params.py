@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from PIL import Image
 
+from eqakit.config.args import GeneratingArguments
 from eqakit.data.template import Message
 from eqakit.errors import EqakitError
-
-if TYPE_CHECKING:
-    from eqakit.config.args import GeneratingArguments
 
 FinishReason = Literal["stop", "length"]
 
@@ -39,12 +37,12 @@ class PromptTooLong(RequestError):
 class SamplingParams:
     """Decoding settings of one request (LLaMA-Factory semantics)."""
 
-    max_new_tokens: int = 1024
-    temperature: float = 0.95
-    top_p: float = 0.7
-    top_k: int = 50
-    do_sample: bool = True
-    repetition_penalty: float = 1.0
+    max_new_tokens: int = GeneratingArguments.max_new_tokens  # defaults: the config's (one home)
+    temperature: float = GeneratingArguments.temperature
+    top_p: float = GeneratingArguments.top_p
+    top_k: int = GeneratingArguments.top_k
+    do_sample: bool = GeneratingArguments.do_sample
+    repetition_penalty: float = GeneratingArguments.repetition_penalty
     stop: tuple[str, ...] = ()
     seed: int | None = None
 

@@ -28,8 +28,8 @@ from typing import Any
 import gradio as gr
 
 from eqakit.config import Config, load_config, parse_overrides
-from eqakit.config.args import TEMPLATES
-from eqakit.data.template import strip_thinking
+from eqakit.config.args import GeneratingArguments
+from eqakit.data.template import NOTHINK, TEMPLATES, THINK, strip_thinking
 from eqakit.errors import EqakitError
 from eqakit.serve.webui_model import ModelSlot, UIError, error_line, open_image, stats_line, throttled
 from eqakit.serve.webui_openeqa import build_openeqa_tab
@@ -125,7 +125,7 @@ def respond(
     yield chatbot_view(turns), turns, gr.skip(), stats_line(stream.completion, time.perf_counter() - start)
 
 
-def load_model(slot: ModelSlot, model_path: str, adapter_path: str, template: str) -> Iterator[str]:
+def load_into_slot(slot: ModelSlot, model_path: str, adapter_path: str, template: str) -> Iterator[str]:
     """Status lines for the Load button: "Loading..." at once (a real model takes a while), then the result."""
     yield f"Loading `{model_path.strip()}`…"
     try:
@@ -134,7 +134,7 @@ def load_model(slot: ModelSlot, model_path: str, adapter_path: str, template: st
         yield f"{error_line(exc)}\n\n{slot.status()}"
 
 
-def unload_model(slot: ModelSlot) -> str:
+def unload_slot(slot: ModelSlot) -> str:
     """The status line after the Unload button."""
     try:
         return slot.unload()
@@ -145,16 +145,16 @@ def unload_model(slot: ModelSlot) -> str:
 def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
     """The web UI's page around ``slot``; ``cfg`` (the command line's config) fills in the fields' defaults."""
     model_path = adapter_path = system_default = ""
-    template, thinking, dataset_dir, allow_outside_media = "qwen3_vl_nothink", False, "", False
-    gen_defaults = {"max_new_tokens": 1024, "temperature": 0.95, "top_p": 0.7}
+    template, thinking, dataset_dir, allow_outside_media = NOTHINK, False, "", False
+    generating = cfg.generating if cfg is not None else GeneratingArguments()
+    gen_defaults = {k: getattr(generating, k) for k in ("max_new_tokens", "temperature", "top_p")}
     if cfg is not None:
         model_path = cfg.model.model_name_or_path or ""
         adapter_path = cfg.model.adapter_name_or_path or ""
         template = cfg.data.template or template
-        thinking = template == "qwen3_vl" and cfg.data.enable_thinking
+        thinking = template == THINK and cfg.data.enable_thinking
         system_default = cfg.data.default_system or ""
         dataset_dir, allow_outside_media = cfg.data.dataset_dir, cfg.data.allow_outside_media
-        gen_defaults = {k: getattr(cfg.generating, k) for k in gen_defaults}
 
     with gr.Blocks(title="eqakit", analytics_enabled=False) as app:
         gr.Markdown("## eqakit: chat with Qwen3-VL")
@@ -214,8 +214,8 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
 
         build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
 
-        load_btn.click(partial(load_model, slot), [model_box, adapter_box, template_box], status)
-        unload_btn.click(lambda: unload_model(slot), None, status)
+        load_btn.click(partial(load_into_slot, slot), [model_box, adapter_box, template_box], status)
+        unload_btn.click(lambda: unload_slot(slot), None, status)
         app.load(slot.status, None, status)  # a page opened later shows the model loaded now
         sent = textbox.submit(
             partial(respond, slot),

@@ -26,11 +26,12 @@ from eqakit.data.encode import (
     PromptFormat,
     SampleTooLong,
     expand_tokens,
+    image_digest,
+    image_key,
     materialize,
     plan_sample,
 )
 from eqakit.errors import DataError
-from eqakit.train.vision_cache import image_key
 
 
 @dataclass
@@ -216,7 +217,7 @@ class PlannedDataset(torch.utils.data.Dataset):
         samples: list[Sample],
         processor: Any,
         budget: ImageBudget,
-        image_keys: list[list[str]] | None = None,
+        image_keys: list[list[bytes]] | None = None,
     ) -> None:
         self.plans, self.samples, self.processor, self.budget = plans, samples, processor, budget
         self.image_keys = image_keys
@@ -235,9 +236,7 @@ class PlannedDataset(torch.utils.data.Dataset):
         """Model inputs, plus ``image_refs`` (the image paths) so packing can tell which samples share frames."""
         plan, sample = self.plans[index], self.samples[index]
         if self.image_keys is not None:
-            out: dict[str, Any] = expand_tokens(
-                plan, self.image_pad_id, self.processor.image_processor.merge_size
-            )
+            out: dict[str, Any] = expand_tokens(plan, self.image_pad_id)
             if plan.grids:
                 out["image_grid_thw"] = torch.tensor(plan.grids, dtype=torch.long)
                 out["image_keys"] = self.image_keys[index]
@@ -253,15 +252,23 @@ class PlannedDataset(torch.utils.data.Dataset):
 
 @dataclass
 class KeyedImages:
-    """Content keys of the images a run uses, and which file (at which size cap) each key stands for."""
+    """Content keys of the images a run uses (`eqakit.data.encode.image_key`), and which file at which
+    size cap each key stands for."""
 
-    wanted: dict[str, tuple[Path, int]] = field(default_factory=dict)
-    digests: dict[Path, str] = field(default_factory=dict)
+    min_pixels: int
+    wanted: dict[bytes, tuple[Path, int]] = field(default_factory=dict)
+    digests: dict[Path, bytes] = field(default_factory=dict)  # each file decoded once
 
-    def keys(self, plan: Plan, sample: Sample) -> list[str]:
-        keys = [image_key(p, plan.max_pixels, self.digests) for p in sample.images]
+    def keys(self, plan: Plan, sample: Sample) -> list[bytes]:
+        keys = [image_key(self._digest(p), self.min_pixels, plan.max_pixels) for p in sample.images]
         self.wanted.update({k: (p, plan.max_pixels) for k, p in zip(keys, sample.images, strict=True)})
         return keys
+
+    def _digest(self, path: Path) -> bytes:
+        if path not in self.digests:
+            with Image.open(path) as image:
+                self.digests[path] = image_digest(image)
+        return self.digests[path]
 
 
 def make_dataset(

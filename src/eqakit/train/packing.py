@@ -7,9 +7,14 @@ with M-RoPE positions taken from the branch's own separate sequence. Each branch
 exactly what it would see alone, so the logits, and the loss over the batch's answer tokens, equal
 the separate samples' (tests check within 1e-5 in fp32) at a fraction of the tokens.
 
-Batches are drawn episode by episode (`EpisodeBatchSampler`): a micro-batch still holds
-``per_device_train_batch_size`` question/answer pairs, grouped so that pairs sharing frames land in
-the same row.
+Packing spans the optimizer step, not the micro-batch. `EpisodeBatchSampler` draws a step's
+``per_device_train_batch_size x gradient_accumulation_steps`` samples episode by episode; the
+trainer (`eqakit.train.trainer.EqakitTrainer.get_batch_samples`) packs all of them (`pack_rows`: one
+row per episode, split where a row would outgrow the budget) and regroups the rows into micro-batches
+(`micro_batches`) no larger, padded, than the largest micro-batch the step had unpacked, so the peak
+memory is not higher. At the seed's 2 x 8 an episode's questions are one row instead of 8 micro-batches
+that each repeat its frames. The step's loss stays the sum over its answer tokens divided by their
+count, as transformers computes it unpacked (``num_items_in_batch``).
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from eqakit.data.encode import IGNORE_INDEX
 
 
 class EpisodeBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Micro-batches of ``batch_size`` samples taken episode by episode, reshuffled every epoch."""
+    """Micro-batches of ``batch_size`` samples; each run of ``accumulation`` of them (an optimizer
+    step) is taken episode by episode, and the steps are reshuffled every epoch."""
 
-    def __init__(self, groups: list[list[int]], batch_size: int, seed: int) -> None:
+    def __init__(self, groups: list[list[int]], batch_size: int, seed: int, accumulation: int = 1) -> None:
         self.groups, self.batch_size, self.seed, self.epoch = groups, batch_size, seed, 0
+        self.accumulation = accumulation
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -38,9 +45,11 @@ class EpisodeBatchSampler(torch.utils.data.Sampler[list[int]]):
         groups = [rng.sample(g, len(g)) for g in self.groups]
         rng.shuffle(groups)
         flat = [i for g in groups for i in g]
-        batches = [flat[i : i + self.batch_size] for i in range(0, len(flat), self.batch_size)]
-        rng.shuffle(batches)
-        return batches
+        per_step = self.batch_size * self.accumulation
+        steps = [flat[i : i + per_step] for i in range(0, len(flat), per_step)]
+        rng.shuffle(steps)
+        order = [i for step in steps for i in step]
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._batches()
@@ -67,6 +76,54 @@ def _shared_prefix(features: list[dict[str, torch.Tensor]]) -> int:
     return n if n >= last_image else 0
 
 
+def _packed_length(members: list[dict[str, Any]]) -> int:
+    prefix = _shared_prefix(members) if len(members) > 1 else 0
+    return (
+        prefix + sum(len(m["input_ids"]) - prefix for m in members)
+        if prefix
+        else sum(len(m["input_ids"]) for m in members)
+    )
+
+
+def pack_rows(features: list[dict[str, Any]], budget: int | None = None) -> list[dict[str, Any]]:
+    """Rows for ``features``: each run of samples with the same images packed into one row (split
+    where a row would be longer than ``budget`` tokens), samples sharing no prefix alone."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for f in features:
+        groups.setdefault(f["image_refs"], []).append(f)
+    rows = []
+    for members in groups.values():
+        parts: list[list[dict[str, Any]]] = [[]]
+        for m in members:
+            if parts[-1] and budget is not None and _packed_length([*parts[-1], m]) > budget:
+                parts.append([])
+            parts[-1].append(m)
+        for part in parts:
+            prefix = _shared_prefix(part) if len(part) > 1 else 0
+            rows += [_row([m], 0) for m in part] if prefix == 0 else [_row(part, prefix)]
+    return rows
+
+
+def micro_batches(rows: list[dict[str, Any]], budget: int) -> list[list[dict[str, Any]]]:
+    """Rows in order, grouped so that no group's padded size (rows x longest) exceeds ``budget``."""
+    batches: list[list[dict[str, Any]]] = []
+    longest = 0
+    for row in rows:
+        n = len(row["input_ids"])
+        if batches and (len(batches[-1]) + 1) * max(longest, n) <= budget:
+            batches[-1].append(row)
+            longest = max(longest, n)
+        else:
+            batches.append([row])
+            longest = n
+    return batches
+
+
+def padded_size(features: list[dict[str, Any]]) -> int:
+    """Tokens a micro-batch of these samples occupies unpacked and right-padded."""
+    return len(features) * max(len(f["input_ids"]) for f in features)
+
+
 @dataclass
 class PackedCollator:
     """Packs each run of samples with the same images into one row; rows are right-padded."""
@@ -74,16 +131,10 @@ class PackedCollator:
     pad_token_id: int
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        groups: dict[tuple, list[dict[str, Any]]] = {}
-        for f in features:
-            groups.setdefault(f["image_refs"], []).append(f)
-        rows = []
-        for members in groups.values():
-            prefix = _shared_prefix(members) if len(members) > 1 else 0
-            if prefix == 0:
-                rows += [_row([m], 0) for m in members]
-            else:
-                rows.append(_row(members, prefix))
+        return self.collate_rows(pack_rows(features))
+
+    def collate_rows(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """One batch of already packed rows (`pack_rows`)."""
         longest = max(len(r["input_ids"]) for r in rows)
         batch: dict[str, Any] = {
             "input_ids": torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long),
@@ -177,8 +228,10 @@ def packed_inputs(rope_index: Any, batch: dict[str, Any], dtype: torch.dtype) ->
     return {"input_ids": ids, "mm_token_type_ids": types, "attention_mask": mask, "position_ids": positions}
 
 
-def packed_loss(logits_for: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """Mean cross-entropy over every branch's learned tokens (what the separate samples' loss averages)."""
+def packed_loss(logits_for: Any, batch: dict[str, Any], num_items: Any = None) -> torch.Tensor:
+    """Cross-entropy over every branch's learned tokens: their mean (what the separate samples' loss
+    averages), or, with ``num_items`` (the optimizer step's count of learned tokens), their sum
+    divided by it, so that the step's micro-batches add up to the step's mean, as transformers does."""
     targets = batch["packed_targets"]
     sources = sorted({int(s) for t in targets for s in t[:, 0].tolist()})
     logits = logits_for(
@@ -192,4 +245,7 @@ def packed_loss(logits_for: Any, batch: dict[str, Any]) -> torch.Tensor:
             labels.append(t[:, 1])
     if not picked:
         return logits.sum() * 0.0
-    return torch.nn.functional.cross_entropy(torch.cat(picked).float(), torch.cat(labels).to(logits.device))
+    logits, labels = torch.cat(picked).float(), torch.cat(labels).to(logits.device)
+    if num_items is None:
+        return torch.nn.functional.cross_entropy(logits, labels)
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items

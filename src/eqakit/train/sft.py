@@ -177,7 +177,7 @@ def run_train(cfg: Config) -> dict[str, float]:
         )
 
     cache = VisionFeatureCache() if _uses_vision_cache(cfg) else None
-    keyed = KeyedImages() if cache is not None else None
+    keyed = KeyedImages(budget.min_pixels) if cache is not None else None
     every = make_dataset(plans, samples, processor, budget, keyed)
     train_rows, val_rows = split_train_val(len(plans), cfg.data.val_size, cfg.training.seed)
     train_set = every.subset(train_rows)

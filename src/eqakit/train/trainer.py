@@ -1,4 +1,5 @@
-"""transformers' Trainer plus the two exact speed-ups: cached visual features and shared-prefix packing.
+"""transformers' Trainer plus the two exact speed-ups: cached visual features and shared-prefix packing
+(across each optimizer step: `get_batch_samples`).
 
 Everything else (optimizer, schedule, accumulation, clipping, logging, checkpoints, DDP, DeepSpeed)
 is the Trainer's own, so the TrainingArguments keys behave exactly as documented there. One figure
@@ -19,10 +20,30 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from eqakit.data.encode import IGNORE_INDEX
-from eqakit.train.packing import EpisodeBatchSampler, PackedCollator, packed_inputs, packed_loss
+from eqakit.train.packing import (
+    EpisodeBatchSampler,
+    PackedCollator,
+    micro_batches,
+    pack_rows,
+    packed_inputs,
+    packed_loss,
+    padded_size,
+)
 from eqakit.train.vision_cache import VisionFeatureCache
 
 LOSS_TOTAL_FILE = "eqakit_loss_total.json"  # in each checkpoint: the run's summed per-step losses
+SKIP = "eqakit_skip"  # marks a micro-batch slot that step packing left empty (see get_batch_samples)
+
+
+def _as_list(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The DataLoader's collate function with step packing: the step is packed as a whole later."""
+    return features
+
+
+def learned_tokens(features: list[dict[str, Any]]) -> int:
+    """Answer tokens a loss is taken over: labels after the first position (nothing predicts it), as
+    transformers counts ``num_items_in_batch``."""
+    return sum(int((f["labels"][1:] != IGNORE_INDEX).sum()) for f in features)
 
 
 @dataclass(frozen=True)
@@ -118,6 +139,10 @@ class EqakitTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.vision_cache = vision_cache
         self.episode_groups = episode_groups
+        # Training losses are divided by the step's count of answer tokens (`compute_loss`): the
+        # Trainer must count them (it does so for models that take loss kwargs) and not divide again.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
         self._loss_before: LossSoFar | None = None  # the resumed checkpoint's
         self._train_loss: float | None = None
 
@@ -173,17 +198,63 @@ class EqakitTrainer(Trainer):
     def get_train_dataloader(self) -> DataLoader:
         if self.episode_groups is None:
             return super().get_train_dataloader()
-        sampler = EpisodeBatchSampler(self.episode_groups, self._train_batch_size, self.args.seed)
+        sampler = EpisodeBatchSampler(
+            self.episode_groups, self._train_batch_size, self.args.seed, self.args.gradient_accumulation_steps
+        )
         loader = DataLoader(
             self.train_dataset,
             batch_sampler=sampler,
-            collate_fn=PackedCollator(self.processing_class.tokenizer.pad_token_id),
+            collate_fn=_as_list,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers
             and self.args.dataloader_num_workers > 0,
         )
         return self.accelerator.prepare(loader)
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list, Any]:
+        """One optimizer step's micro-batches, packed across the whole step (shared-prefix packing).
+
+        The step's samples are packed into rows (an episode's questions in one) and the rows regrouped
+        into micro-batches no larger, padded, than the step's largest unpacked one. The Trainer still
+        runs ``num_batches`` micro-batches per step (its accumulation and sync logic count them), so
+        the slots packing freed come first and are skipped (`training_step`): the last micro-batch,
+        the one that synchronizes gradients across processes, is always a real one. The loss is
+        divided by the step's count of answer tokens, as transformers does unpacked.
+        """
+        if self.episode_groups is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        unpacked: list[list[dict[str, Any]]] = []
+        for _ in range(num_batches):
+            try:
+                unpacked.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not unpacked:
+            return [], None
+        collate = PackedCollator(self.processing_class.tokenizer.pad_token_id)
+        budget = max(padded_size(features) for features in unpacked)
+        rows = pack_rows([f for features in unpacked for f in features], budget)
+        batches = [collate.collate_rows(group) for group in micro_batches(rows, budget)]
+        if len(batches) > len(unpacked):  # cannot happen with whole rows; never more micro-batches than asked
+            batches = [collate(features) for features in unpacked]
+        batches = [{SKIP: True}] * (len(unpacked) - len(batches)) + batches
+        items = torch.tensor(learned_tokens([f for features in unpacked for f in features]), device=device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            items = self.accelerator.gather(items).sum()
+        return batches, items
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        if SKIP in inputs:  # a slot step packing left empty: no forward, no backward, no loss
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        return 0 if SKIP in inputs else super().floating_point_ops(inputs)
 
     def _encoder_outputs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
         keys = inputs.pop("image_keys", None)
@@ -194,11 +265,40 @@ class EqakitTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
+        """The loss of a plain or packed batch. In training (``num_items_in_batch`` given: the optimizer
+        step's answer tokens, or in evaluation the batch's) it is the batch's summed cross-entropy
+        divided by that count, so an accumulated step's loss is its token mean whatever the
+        micro-batches hold, packed or not; transformers would average per-micro-batch means here, as
+        Qwen3-VL declares ``accepts_loss_kwargs = False``."""
         encoder_outputs = self._encoder_outputs(inputs)
-        if "packed_targets" not in inputs:
+        outputs = None
+        if "packed_targets" in inputs:
+            loss = self._packed_loss(model, inputs, encoder_outputs, num_items_in_batch)
+        else:
             if encoder_outputs is not None:
                 inputs["mm_encoder_outputs"] = encoder_outputs
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if num_items_in_batch is None:
+                return super().compute_loss(model, inputs, return_outputs)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            logits = outputs.logits[:, :-1]
+            targets = labels[:, 1:].to(logits.device)
+            loss = (
+                torch.nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(),
+                    targets.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                / num_items_in_batch
+            )
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        return (loss, outputs) if return_outputs else loss
+
+    def _packed_loss(
+        self, model: Any, inputs: dict[str, Any], encoder_outputs: dict[str, Any] | None, num_items: Any
+    ) -> torch.Tensor:
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         dtype = next(base.parameters()).dtype
@@ -211,5 +311,4 @@ class EqakitTrainer(Trainer):
         def logits_for(positions: torch.Tensor) -> torch.Tensor:
             return model(**model_inputs, **extra, logits_to_keep=positions).logits
 
-        loss = packed_loss(logits_for, inputs)
-        return (loss, None) if return_outputs else loss
+        return packed_loss(logits_for, inputs, num_items)

@@ -2,15 +2,14 @@
 
 The vision tower and projector are frozen during LoRA training, and OpenEQA asks ~11 questions
 about the same 8 frames, so LLaMA-Factory's way (the vision tower on every sample, every epoch)
-repeats the same computation ~11 x epochs times. Here every distinct image (by file content and
-size cap) goes through the tower once, before the first step; batches then carry keys instead of
+repeats the same computation ~11 x epochs times. Here every distinct image (by decoded content and
+size range: `eqakit.data.encode.image_key`, the engine's key too) goes through the tower once, before the first step; batches then carry keys instead of
 pixels and the model receives the stored features (``mm_encoder_outputs``). Exact: the features are
 the ones the tower would compute.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +17,16 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from eqakit.data.encode import ImageBudget
+from eqakit.data.encode import ImageBudget, pixel_values
 
 Features = tuple[torch.Tensor, list[torch.Tensor]]  # merged tokens, one tensor per deepstack layer
-
-
-def image_key(path: Path, max_pixels: int, digests: dict[Path, str]) -> str:
-    """Content hash of the file plus the size cap it is resized under."""
-    if path not in digests:
-        digests[path] = hashlib.sha1(path.read_bytes()).hexdigest()[:24]
-    return f"{digests[path]}@{max_pixels}"
 
 
 class VisionFeatureCache:
     """Image key -> (merged visual tokens, deepstack features), on the model's device."""
 
     def __init__(self) -> None:
-        self.features: dict[str, Features] = {}
+        self.features: dict[bytes, Features] = {}
 
     def __len__(self) -> int:
         return len(self.features)
@@ -45,7 +37,7 @@ class VisionFeatureCache:
         model: Any,
         processor: Any,
         budget: ImageBudget,
-        images: dict[str, tuple[Path, int]],
+        images: dict[bytes, tuple[Path, int]],
         device: torch.device,
         batch_size: int = 8,
         show_progress: bool = True,
@@ -56,21 +48,18 @@ class VisionFeatureCache:
             model.model if hasattr(model, "model") and hasattr(model.model, "get_image_features") else model
         )
         bar = tqdm(total=len(todo), desc="vision features", unit="img", disable=not show_progress)
-        by_cap: dict[int, list[tuple[str, Path]]] = {}
+        by_cap: dict[int, list[tuple[bytes, Path]]] = {}
         for key, path, cap in todo:
             by_cap.setdefault(cap, []).append((key, path))
         for cap, items in by_cap.items():
-            size = {"shortest_edge": budget.min_pixels, "longest_edge": cap}
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
                 pil = []
                 for _, path in chunk:
                     with Image.open(path) as image:
                         pil.append(image.convert("RGB"))
-                inputs = processor.image_processor(images=pil, size=size, return_tensors="pt")
-                out = visual.get_image_features(
-                    inputs["pixel_values"].to(device), inputs["image_grid_thw"].to(device)
-                )
+                pixels, grid = pixel_values(pil, processor.image_processor, budget.min_pixels, cap)
+                out = visual.get_image_features(pixels.to(device), grid.to(device))
                 for i, (key, _) in enumerate(chunk):
                     self.features[key] = (
                         out.pooler_output[i].detach(),
@@ -79,7 +68,7 @@ class VisionFeatureCache:
                 bar.update(len(chunk))
         bar.close()
 
-    def encoder_outputs(self, keys: list[str]) -> dict[str, Any]:
+    def encoder_outputs(self, keys: list[bytes]) -> dict[str, Any]:
         """What Qwen3-VL's forward accepts as ``mm_encoder_outputs`` for images in this order."""
         from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 

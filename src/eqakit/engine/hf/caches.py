@@ -8,23 +8,13 @@ map bounded in bytes.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 import torch
-from PIL import Image
 
 V = TypeVar("V")
-
-
-def image_digest(image: Image.Image) -> bytes:
-    """A content hash of a decoded image: the same pixels give the same key, whatever object holds them."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{image.mode}:{image.size[0]}x{image.size[1]}".encode())
-    digest.update(image.tobytes())
-    return digest.digest()
 
 
 @dataclass(frozen=True)

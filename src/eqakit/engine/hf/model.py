@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from eqakit.data.encode import Geometry
+from eqakit.data.encode import Geometry, pixel_values
 from eqakit.engine.hf.attention import SharedPrefix
 from eqakit.engine.hf.attention import install as install_shared_prefix_attention
 from eqakit.engine.hf.caches import VisualFeatures
@@ -50,16 +50,20 @@ class HFModel:
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         install_shared_prefix_attention(self.core.model.language_model)
 
-    def image_features(self, images: list[Any], min_pixels: int, max_pixels: int) -> list[VisualFeatures]:
-        """Features of images resized within [min_pixels, max_pixels], as the processor would for a prompt."""
+    def image_features(
+        self, images: list[Any], min_pixels: int, max_pixels: int, grids: list[tuple[int, int, int]]
+    ) -> list[VisualFeatures]:
+        """Features of images resized within [min_pixels, max_pixels] to their planned ``grids``, as the
+        processor would for a prompt (`eqakit.data.encode.pixel_values`: training's pixels)."""
         out: list[VisualFeatures] = []
-        size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
         for start in range(0, len(images), VISION_CHUNK):
-            chunk = [im.convert("RGB") for im in images[start : start + VISION_CHUNK]]
-            vision = self.image_processor(images=chunk, size=size, return_tensors="pt")
-            pixels = vision["pixel_values"].to(self.device)
-            grid = vision["image_grid_thw"].to(self.device)
-            result = self.core.model.get_image_features(pixels, grid, return_dict=True)
+            end = start + VISION_CHUNK
+            pixels, grid = pixel_values(
+                images[start:end], self.image_processor, min_pixels, max_pixels, grids[start:end]
+            )
+            result = self.core.model.get_image_features(
+                pixels.to(self.device), grid.to(self.device), return_dict=True
+            )
             for i, embeds in enumerate(result.pooler_output):
                 out.append(VisualFeatures(embeds, tuple(level[i] for level in result.deepstack_features)))
         return out

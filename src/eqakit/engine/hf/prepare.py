@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from eqakit.data.encode import PromptFormat
-from eqakit.engine.hf.caches import image_digest
+from eqakit.data.encode import PromptFormat, expand_pads, image_digest, image_key
 from eqakit.engine.hf.model import HFModel
 from eqakit.engine.params import Request, RequestError
 from eqakit.engine.prompt import plan_request
@@ -35,6 +34,7 @@ class ImageSlot:
     length: int
     min_pixels: int
     max_pixels: int
+    grid: tuple[int, int, int]  # (t, h, w) in patches, as planned
 
 
 @dataclass
@@ -61,24 +61,15 @@ def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: Promp
     """Render, tokenize and position a request; raises RequestError (PromptTooLong when it cannot fit)."""
     planned, images = plan_request(request, tokenizer, model.geometry, fmt)
 
-    merge2 = model.geometry.merge**2
-    ids: list[int] = []
-    slots: list[ImageSlot] = []
-    grids = iter(planned.grids)
-    sized = f"{fmt.budget.min_pixels}:{planned.max_pixels}".encode()
-    for token in planned.input_ids:
-        if token != model.image_token_id:
-            ids.append(token)
-            continue
-        grid = next(grids, None)
-        if grid is None:  # cannot happen (message text never yields image pads); never a StopIteration
-            raise RequestError("the prompt has more image tokens than images", param="messages")
-        t, h, w = grid
-        count = t * h * w // merge2
-        image = images[len(slots)]
-        key = image_digest(image) + sized
-        slots.append(ImageSlot(image, key, len(ids), count, fmt.budget.min_pixels, planned.max_pixels))
-        ids += [token] * count
+    low, high = fmt.budget.min_pixels, planned.max_pixels
+    try:
+        ids, spans = expand_pads(planned.input_ids, planned.grids, model.image_token_id, model.geometry.merge)
+    except ValueError as exc:  # cannot happen (message text never yields image pads); never a hang
+        raise RequestError(str(exc), param="messages") from None
+    slots = [
+        ImageSlot(image, image_key(image_digest(image), low, high), start, length, low, high, grid)
+        for image, (start, length), grid in zip(images, spans, planned.grids, strict=True)
+    ]
     ids_tensor = torch.tensor(ids, dtype=torch.long)
     positions = model.rope_positions(ids_tensor, planned.grids)
     return Prepared(request, ids_tensor, positions, slots, _cuts(ids, slots, tokenizer), planned.scaled_down)

@@ -271,7 +271,9 @@ class Runner:
     def _compute_list(self, slots: list[ImageSlot]) -> list[VisualFeatures]:
         if not slots:
             return []
-        return self.model.image_features([s.image for s in slots], slots[0].min_pixels, slots[0].max_pixels)
+        return self.model.image_features(
+            [s.image for s in slots], slots[0].min_pixels, slots[0].max_pixels, [s.grid for s in slots]
+        )
 
     def _compute(self, items: list[tuple[bytes, ImageSlot]]) -> dict[bytes, VisualFeatures]:
         """Features of the given (key, slot) pairs, one vision call per image size cap."""
@@ -280,7 +282,8 @@ class Runner:
             by_size.setdefault((slot.min_pixels, slot.max_pixels), []).append((key, slot))
         out: dict[bytes, VisualFeatures] = {}
         for (low, high), group in by_size.items():
-            features = self.model.image_features([slot.image for _, slot in group], low, high)
+            slots = [slot for _, slot in group]
+            features = self.model.image_features([s.image for s in slots], low, high, [s.grid for s in slots])
             out.update(zip([key for key, _ in group], features, strict=True))
         return out
 
