@@ -1,6 +1,7 @@
 """LoRA training throughput: LLaMA-Factory's way against eqakit's, same model, same data, one process.
 
     .venv/bin/python benchmarks/bench_train.py [--episodes 3] [--scale 4] [--epochs 1] [--bf16]
+    .venv/bin/python benchmarks/bench_train.py --llamafactory   # + LLaMA-Factory 0.9.5 itself, seed's YAML
 
 Model: random weights with Qwen3-VL-2B-Instruct's widths (benchmarks/configs/qwen3-vl-2b-instruct.config.json:
 hidden 2048, 16 heads, vision width 1024, vocabulary 151,936) and its depth divided by ``--scale`` in
@@ -14,6 +15,12 @@ trainer with ``vision_feature_cache: false`` and ``shared_prefix_packing: false`
 to exactly the Trainer's default loss. eqakit: both speed-ups on (the defaults). Both train the same
 number of question/answer pairs with the same hyper-parameters; both losses are printed (they differ
 only through batch composition: eqakit draws a micro-batch from one episode).
+
+``--llamafactory``: the seed's training_args.yaml (configs/training_args.yaml: batch 2 x accumulation
+8, gradient checkpointing on in both tools, paths, epochs and evaluation changed) run by
+`llamafactory-cli train` (0.9.5, its own venv: benchmarks/install_llamafactory.sh) and by
+`eqakit train`, one after the other, each a process of its own: wall time, peak RSS, optimizer steps
+and the final loss of each.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from eqakit.config import load_config
 from eqakit.data.prepare import PrepareOptions, prepare_openeqa
@@ -34,6 +42,7 @@ from eqakit.model.tiny import build_tiny_model
 from eqakit.train.sft import run_train
 
 REAL_CONFIG = Path(__file__).resolve().parent / "configs" / "qwen3-vl-2b-instruct.config.json"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def build_model(workdir: Path, scale: int) -> Path:
@@ -123,6 +132,46 @@ def run(name: str, model: Path, data: Path, out: Path, args: argparse.Namespace,
     return result
 
 
+def versus_llamafactory(model: Path, data: Path, workdir: Path, args: argparse.Namespace) -> None:
+    """The seed's training YAML run by LLaMA-Factory 0.9.5 and by eqakit, one after the other."""
+    from lf_runner import EQAKIT, llamafactory_cli, timed, write_yaml
+
+    cli = llamafactory_cli()
+    config = yaml.safe_load((REPO / "configs" / "training_args.yaml").read_text(encoding="utf-8"))
+    config.update(
+        model_name_or_path=str(model),
+        dataset_dir=str(data),
+        num_train_epochs=float(args.epochs),
+        eval_strategy="no",  # training time only; evaluation is predict's benchmark
+        val_size=0.0,
+        save_strategy="no",
+        logging_steps=1,
+        bf16=args.bf16,
+    )
+    env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+    runs, logs = {}, {}
+    for tool, command in (("LLaMA-Factory 0.9.5", [str(cli)]), ("eqakit", EQAKIT)):
+        out = workdir / f"train-{tool.split()[0]}"
+        path = write_yaml(workdir / f"{out.name}.yaml", {**config, "output_dir": str(out)})
+        runs[tool] = timed([*command, "train", str(path)], workdir / f"{out.name}.log", env)
+        logs[tool] = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+        steps = [r for r in logs[tool] if "loss" in r]
+        losses = ", ".join(f"{r['loss']:.4f}" for r in steps)
+        print(
+            f"{tool}: `train training_args.yaml` {runs[tool].seconds:.1f} s (whole command), peak RSS "
+            f"{runs[tool].peak_rss_gb:.2f} GB, {len(steps)} optimizer steps, losses "
+            f"{losses}",
+            flush=True,
+        )
+    lf, ours = runs["LLaMA-Factory 0.9.5"], runs["eqakit"]
+    print(
+        f"eqakit vs LLaMA-Factory (batch {config['per_device_train_batch_size']} x accumulation "
+        f"{config['gradient_accumulation_steps']}): {lf.seconds / ours.seconds:.2f}x the speed (whole command), "
+        f"peak RSS {ours.peak_rss_gb / lf.peak_rss_gb:.2f}x",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", type=int, default=3)
@@ -131,6 +180,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CPUs with AVX512-BF16)")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--llamafactory",
+        action="store_true",
+        help="also run LLaMA-Factory 0.9.5 itself and `eqakit train` on the seed's training YAML",
+    )
+    parser.add_argument("--only-llamafactory", action="store_true", help="skip the in-process comparison")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="eqakit-bench-train-"))
     generate(workdir / "synth", episodes=args.episodes, seed=0)
@@ -142,6 +197,10 @@ def main() -> None:
         options=PrepareOptions(test_size=0.0 if args.episodes < 3 else 0.15),
     )
     model = build_model(workdir, args.scale)
+    if args.llamafactory or args.only_llamafactory:
+        versus_llamafactory(model, data, workdir, args)
+        if args.only_llamafactory:
+            return
     reference = run(
         "reference (Trainer + PEFT, per-question samples)", model, data, workdir / "ref", args, False
     )

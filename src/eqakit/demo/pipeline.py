@@ -37,6 +37,7 @@ from typing import Any
 
 import yaml
 
+from eqakit.data.template import NOTHINK
 from eqakit.errors import EqakitError
 from eqakit.evaluate.report import METRIC_LABELS
 from eqakit.fsutil import write_text_atomic
@@ -73,7 +74,7 @@ TRAIN: dict[str, Any] = {
     "lora_target": "all",
     "lora_rank": 16,
     "lora_alpha": 32,
-    "template": "qwen3_vl_nothink",
+    "template": NOTHINK,
     "cutoff_len": 1024,
     "per_device_train_batch_size": 8,
     "gradient_accumulation_steps": 1,
@@ -97,7 +98,7 @@ PREDICT: dict[str, Any] = {
     "do_predict": True,
     "predict_with_generate": True,
     "finetuning_type": "lora",
-    "template": "qwen3_vl_nothink",
+    "template": NOTHINK,
     "eval_dataset": "open_eqa_test",
     "cutoff_len": 1024,
     "per_device_eval_batch_size": 16,
@@ -285,7 +286,7 @@ def _run(out: Path, episodes: int, seed: int, epochs: float | None) -> dict[str,
         {
             "model_name_or_path": str(model),
             "adapter_name_or_path": str(lora),
-            "template": "qwen3_vl_nothink",
+            "template": NOTHINK,
             "finetuning_type": "lora",
             "export_dir": str(merged),
             "export_size": 1,
@@ -305,7 +306,7 @@ def _run(out: Path, episodes: int, seed: int, epochs: float | None) -> dict[str,
     same, total = _same_answers(tuned_eval, merged_eval)
     infer_cfg = _write_config(
         configs / "infer.yaml",
-        {"model_name_or_path": str(merged), "template": "qwen3_vl_nothink", "finetuning_type": "lora"},
+        {"model_name_or_path": str(merged), "template": NOTHINK, "finetuning_type": "lora"},
     )
 
     base, tuned = (_results(d) for d in (base_eval, tuned_eval))

@@ -581,22 +581,46 @@ def _parser() -> argparse.ArgumentParser:
         help="environment variable holding the API key (default: OPENAI_API_KEY, optional)",
     )
     parser.add_argument(
-        "--concurrency", metavar="N", type=int, default=4, help="requests in flight at once (default: 4)"
+        "--concurrency",
+        metavar="N",
+        type=int,
+        default=JudgeSettings.concurrency,
+        help=f"requests in flight at once (default: {JudgeSettings.concurrency})",
     )
     parser.add_argument(
-        "--temperature", metavar="T", type=float, default=0.2, help="judge temperature (OpenEQA: 0.2)"
+        "--temperature",
+        metavar="T",
+        type=float,
+        default=JudgeSettings.temperature,
+        help=f"judge temperature (OpenEQA: {JudgeSettings.temperature})",
     )
     parser.add_argument(
-        "--seed", metavar="N", type=int, default=1234, help="judge sampling seed (OpenEQA: 1234)"
+        "--seed",
+        metavar="N",
+        type=int,
+        default=JudgeSettings.seed,
+        help=f"judge sampling seed (OpenEQA: {JudgeSettings.seed})",
     )
     parser.add_argument(
-        "--max-tokens", metavar="N", type=int, default=32, help="judge reply length limit (OpenEQA: 32)"
+        "--max-tokens",
+        metavar="N",
+        type=int,
+        default=JudgeSettings.max_tokens,
+        help=f"judge reply length limit (OpenEQA: {JudgeSettings.max_tokens})",
     )
     parser.add_argument(
-        "--max-retries", metavar="N", type=int, default=5, help="retries with backoff on 429/5xx/timeouts"
+        "--max-retries",
+        metavar="N",
+        type=int,
+        default=JudgeSettings.max_retries,
+        help="retries with backoff on 429/5xx/timeouts",
     )
     parser.add_argument(
-        "--timeout", metavar="SECONDS", type=float, default=60.0, help="seconds to wait for one reply"
+        "--timeout",
+        metavar="SECONDS",
+        type=float,
+        default=JudgeSettings.timeout,
+        help="seconds to wait for one reply",
     )
     parser.add_argument(
         "--retry-failures",

@@ -256,6 +256,12 @@ class EqakitTrainer(Trainer):
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         return 0 if SKIP in inputs else super().floating_point_ops(inputs)
 
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """include_num_input_tokens_seen counts the tokens fed to the model (packed rows hold an
+        episode's frames once); an empty slot feeds none."""
+        if SKIP not in inputs:
+            super()._track_num_input_tokens(inputs)
+
     def _encoder_outputs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
         keys = inputs.pop("image_keys", None)
         if not keys:
