@@ -18,6 +18,8 @@ Greedy decoding; the answers of the two servers are compared request by request.
 server's throughput and p50/p99 latency per level and eqakit's throughput ratio (target: >= 4x at 8).
 With ``--vllm`` the same levels then run against `eqakit api` on vLLM's engine (infer_backend: vllm),
 answers compared with the reference's (GPU: run it in an environment with ``pip install 'eqakit[vllm]'``).
+With ``--llamafactory`` they run against LLaMA-Factory 0.9.5's own `llamafactory-cli api` (its own
+venv and process, its defaults: one request at a time), and eqakit's throughput is divided by its.
 Model options are bench_predict.py's (tiny model with weights scaled so answers vary, or a
 random-weight config such as Qwen3-VL-2B-Instruct's, optionally with fewer layers).
 """
@@ -29,6 +31,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -176,7 +179,7 @@ def summary(name: str, wall: float, latencies: list[float]) -> str:
     ordered = sorted(latencies)
     p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
     return (
-        f"{name:>9}: {len(latencies) / wall:7.3f} req/s   p50 {statistics.median(ordered):7.2f} s   "
+        f"{name:>13}: {len(latencies) / wall:7.3f} req/s   p50 {statistics.median(ordered):7.2f} s   "
         f"p99 {p99:7.2f} s   ({wall:.1f} s)"
     )
 
@@ -213,6 +216,11 @@ def main() -> None:
         default="{}",
         help="JSON of further infer-config keys for the vLLM run (e.g. vllm_gpu_util)",
     )
+    parser.add_argument(
+        "--llamafactory",
+        action="store_true",
+        help="also serve the same weights with LLaMA-Factory 0.9.5's `llamafactory-cli api` (installs .venv-lf)",
+    )
     args = parser.parse_args()
     if args.config is None and args.weight_scale is None:
         args.weight_scale = 12.0
@@ -222,8 +230,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         model, processor = build_model(args, Path(workdir))
-        if args.vllm:  # vLLM loads weights from a directory; keep a copy until the vLLM run
-            served = Path(tempfile.mkdtemp(prefix="eqakit-bench-vllm-"))
+        if args.vllm or args.llamafactory:  # loaded from a directory; kept until those runs
+            served = Path(tempfile.mkdtemp(prefix="eqakit-bench-served-"))
             model.save_pretrained(served)
             processor.save_pretrained(served)
     model = model.to(device)
@@ -240,6 +248,7 @@ def main() -> None:
     settings = ApiArguments(api_max_batch_size=args.batch_size, api_max_new_tokens=max(args.max_tokens, 1))
     warm = workload(0, 1, 1, args.frames, (width, height), args.max_tokens)
     references: dict[int, tuple[list[str], float, list[str]]] = {}
+    ours_walls: dict[int, float] = {}
     for level in levels:
         bodies = workload(level, args.episodes, args.questions, args.frames, (width, height), args.max_tokens)
         with serving(reference_app(model, processor)) as url:
@@ -249,6 +258,7 @@ def main() -> None:
             run_clients(url, warm, 1)
             ours_wall, ours_lat, ours_answers = run_clients(url, bodies, level)
         references[level] = (bodies, ref_wall, ref_answers)
+        ours_walls[level] = ours_wall
         same = sum(a == b for a, b in zip(ours_answers, ref_answers, strict=True))
         print(f"{level} concurrent clients, {len(bodies)} requests:")
         print(summary("reference", ref_wall, ref_lat))
@@ -258,9 +268,82 @@ def main() -> None:
             f"({len(set(ref_answers))} distinct), e.g. {ours_answers[0][:40]!r}",
             flush=True,
         )
+    if args.llamafactory:
+        run_llamafactory(args, served, warm, references, ours_walls)
     if args.vllm:
         del model, engine
         run_vllm(args, served, settings, warm, references)
+    if args.vllm or args.llamafactory:
+        shutil.rmtree(served, ignore_errors=True)
+
+
+def run_llamafactory(
+    args: argparse.Namespace,
+    served: Path,
+    warm: list[str],
+    references: dict[int, tuple[list[str], float, list[str]]],
+    ours_walls: dict[int, float],
+) -> None:
+    """The same levels against LLaMA-Factory's own OpenAI-compatible server, in its own process."""
+    import subprocess
+
+    from lf_runner import llamafactory_cli, write_yaml
+
+    cli = llamafactory_cli()
+    port = bind("127.0.0.1", 0)
+    number = port.getsockname()[1]
+    port.close()
+    config = write_yaml(
+        served / "lf_api.yaml",
+        {
+            "model_name_or_path": str(served),
+            "template": "qwen3_vl_nothink",
+            "infer_backend": "huggingface",
+            "infer_dtype": args.dtype,
+            "image_min_pixels": BUDGET.min_pixels,
+            "image_max_pixels": BUDGET.max_pixels,
+            "trust_remote_code": True,
+        },
+    )
+    env = {
+        **os.environ,
+        "API_HOST": "127.0.0.1",
+        "API_PORT": str(number),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    log = (served / "lf_api.log").open("wb")
+    server = subprocess.Popen([str(cli), "api", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{number}/v1/chat/completions"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(
+                    f"llamafactory-cli api exited:\n{(served / 'lf_api.log').read_text()[-3000:]}"
+                )
+            try:
+                if requests.get(f"http://127.0.0.1:{number}/v1/models", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("llamafactory-cli api did not start within 600 s")
+            time.sleep(1)
+        run_clients(url, warm, 1)
+        for level, (bodies, ref_wall, ref_answers) in references.items():
+            wall, latencies, answers = run_clients(url, bodies, level)
+            same = sum(a == b for a, b in zip(answers, ref_answers, strict=True))
+            print(f"{level} concurrent clients, {len(bodies)} requests:")
+            print(summary("LLaMA-Factory", wall, latencies))
+            print(
+                f"    eqakit: {wall / ours_walls[level]:.1f}x LLaMA-Factory's throughput (LLaMA-Factory: "
+                f"{ref_wall / wall:.2f}x the reference's); its answers equal the reference's {same}/{len(bodies)}",
+                flush=True,
+            )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
 
 
 def run_vllm(
@@ -300,7 +383,6 @@ def run_vllm(
             print(
                 f"    ratio: {ref_wall / wall:.1f}x the reference's throughput; same answers: {same}/{len(bodies)}"
             )
-    shutil.rmtree(served, ignore_errors=True)
 
 
 if __name__ == "__main__":

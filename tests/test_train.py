@@ -203,6 +203,16 @@ def _corrupt(data: Path, how: str) -> str:
     elif how == "empty answer":
         rows[2]["output"] = "  "
         expected = "toy.jsonl:3: empty answer"
+    elif how == "video placeholder":  # LLaMA-Factory's; eqakit must not train on it as text
+        rows[4]["instruction"] = "<video>" + rows[4]["instruction"]
+        expected = "toy.jsonl:5: the text holds a <video> placeholder, and eqakit reads images only"
+    elif how == "videos column":
+        info = json.loads((data / "dataset_info.json").read_text())
+        info["toy"]["columns"]["videos"] = "videos"
+        (data / "dataset_info.json").write_text(json.dumps(info))
+        expected = (
+            "dataset 'toy' in " + str(data / "dataset_info.json") + ": column 'videos' is not read by eqakit"
+        )
     else:
         raise AssertionError(how)
     (data / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -216,6 +226,8 @@ def _corrupt(data: Path, how: str) -> str:
         "corrupt image",
         "placeholder count",
         "empty answer",
+        "video placeholder",
+        "videos column",
         "invalid utf-8",
         "invalid utf-8 in a .json dataset",
         "image path leaving the dataset dir",

@@ -31,6 +31,7 @@ ALPACA_COLUMNS = {
     "images": None,
 }
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "images": None}
+UNREAD_PLACEHOLDERS = ("<video>", "<audio>")  # LLaMA-Factory's; refused rather than trained on as text
 SHAREGPT_TAGS = {
     "role_tag": "from",
     "content_tag": "value",
@@ -263,7 +264,15 @@ def load_samples(
                 f"dataset {name!r}: formatting {formatting!r} is not supported (alpaca or sharegpt)"
             )
         defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
-        columns = {**defaults, **entry.get("columns", {})}
+        registered = entry.get("columns", {})
+        unknown = sorted(set(registered) - set(defaults))
+        if unknown:  # LLaMA-Factory's videos, audios, tools, chosen/rejected, kto_tag: never dropped silently
+            raise DataError(
+                f"dataset {name!r} in {dataset_dir / 'dataset_info.json'}: column "
+                f"{', '.join(repr(c) for c in unknown)} is not read by eqakit ({formatting} reads "
+                f"{', '.join(defaults)}); its data would be lost, so remove it or the dataset's rows that need it"
+            )
+        columns = {**defaults, **registered}
         tags = {**SHAREGPT_TAGS, **entry.get("tags", {})}
         used = {c for c in columns.values() if c}
         rows = _read_rows(dataset_dir / entry["file_name"])
@@ -280,6 +289,12 @@ def load_samples(
                 messages, system = _alpaca(row, columns, where)
             else:
                 messages, system = _sharegpt(row, columns, tags, where)
+            for placeholder in UNREAD_PLACEHOLDERS:
+                if any(placeholder in str(m.get("content", "")) for m in messages):
+                    raise DataError(
+                        f"{where}: the text holds a {placeholder} placeholder, and eqakit reads images only "
+                        f"(<image> with an images column); remove the row or turn its media into images"
+                    )
             images = []
             if columns.get("images") and row.get(columns["images"]):
                 for i, image in enumerate(_field(row, columns["images"], where, list)):
