@@ -238,7 +238,7 @@ class EqakitTrainer(Trainer):
         budget = max(padded_size(features) for features in unpacked)
         rows = pack_rows([f for features in unpacked for f in features], budget)
         batches = [collate.collate_rows(group) for group in micro_batches(rows, budget)]
-        if len(batches) > len(unpacked):  # cannot happen with whole rows; never more micro-batches than asked
+        if len(batches) > len(unpacked):  # rows packed worse than the unpacked grouping: keep that grouping
             batches = [collate(features) for features in unpacked]
         batches = [{SKIP: True}] * (len(unpacked) - len(batches)) + batches
         items = torch.tensor(learned_tokens([f for features in unpacked for f in features]), device=device)
