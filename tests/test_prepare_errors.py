@@ -381,3 +381,22 @@ def test_hf_rows_with_empty_or_corrupt_frames(
     assert f"episode {EPISODES[2][0]}" in capsys.readouterr().out
     problem = next(p for p in summary["problems"] if p["kind"] == "corrupt_image")
     assert problem["episode_history"] == EPISODES[2][0] and "row 4 frame 2" in problem["message"]
+
+
+def test_a_frame_deleted_after_listing_is_a_named_problem(tmp_path: Path) -> None:
+    """The official source lists an episode's frames when it loads; a frame that is gone when the
+    episode is written (deleted mid-run) is a frame error naming the file (an episode problem, as
+    for a corrupt frame), never a traceback."""
+    from eqakit.data.frames import FrameError, FrameOptions, convert_frame
+    from eqakit.data.openeqa import OfficialSource
+
+    questions_file, frames = write_official(tmp_path)
+    source = OfficialSource(questions_file, frames)
+    episode = source.load().episodes[0]
+    victim = sorted((frames / episode.episode_history).glob("*-rgb.png"))[0]
+    victim.unlink()
+    chosen = source.frames(episode, list(range(episode.frame_count)))
+    gone = [f for f in chosen if f.identity[1] is None]
+    assert [f.identity for f in gone] == [[victim.name, None]] and victim.name in gone[0].label
+    with pytest.raises(FrameError, match=victim.name):
+        convert_frame(gone[0].ref, FrameOptions())

@@ -266,8 +266,12 @@ class OfficialSource:
         chosen = []
         for i in indices:
             path = files[i]
-            stat = path.stat()
             label = f"frame {path.relative_to(self.frames_dir).as_posix()}"
+            try:
+                stat = path.stat()
+            except OSError:  # gone since it was listed: writing the episode reports it, by name
+                chosen.append(SourceFrame(str(path), label, [path.name, None]))
+                continue
             chosen.append(SourceFrame(str(path), label, [path.name, stat.st_size, stat.st_mtime_ns]))
         return chosen
 
