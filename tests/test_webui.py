@@ -8,6 +8,7 @@ Screenshots go to the test's tmp dir (``.../webui*/shots``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -379,3 +380,39 @@ def test_thinking_switch_with_the_qwen3_vl_template(site: dict, page) -> None:
     assert on.prompt_tokens != off.prompt_tokens  # thinking off puts an empty <think> block in the prompt
     expect_answer(page, send(page, "Think first: which color?", [site["blue"]]), on)
     page.screenshot(path=site["shots"] / "thinking.png", full_page=True)
+
+
+def test_load_options_dtype_quantization_and_backend(site: dict, page) -> None:
+    """LLaMA Board's load options: the dtype loads the model in it; 4-bit on a CPU says why it cannot;
+    the backend list offers vLLM only where it is installed."""
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#template input").click()
+    page.get_by_role("option", name="qwen3_vl_nothink", exact=True).click()
+    page.locator("#load-backend input").click()
+    offered = page.locator("#load-backend").get_by_role("option").all_inner_texts()
+    assert [o.strip().lstrip("✓").strip() for o in offered] == ["huggingface"] + (
+        ["vllm"] if importlib.util.find_spec("vllm") else []
+    )
+    page.keyboard.press("Escape")
+
+    page.locator("#load-quantization input").click()
+    page.get_by_role("option", name="4-bit", exact=True).click()
+    watch(page, "#model-status")
+    page.locator("#load-btn").click()
+    status = wait_seen(page, "#model-status", "Error", after="Loading")
+    assert "quantization_bit: 4 needs a CUDA GPU" in status and "No model loaded" in status, status
+
+    page.locator("#load-quantization input").click()
+    page.get_by_role("option", name="none", exact=True).click()
+    page.locator("#load-dtype input").click()
+    page.get_by_role("option", name="bfloat16", exact=True).click()
+    watch(page, "#model-status")
+    page.locator("#load-btn").click()
+    assert "bfloat16, huggingface" in wait_seen(page, "#model-status", "Model loaded", after="Loading")
+    half = Engine.from_config(load_config("infer", site["config"], ["infer_dtype=bfloat16"]))
+    assert half.model.dtype == torch.bfloat16
+    page.locator("#clear-btn").click()
+    expect_answer(
+        page, send(page, "Which color?", [site["red"]]), half.chat([user("Which color?", site["red"])])
+    )
+    page.screenshot(path=site["shots"] / "load-options.png", full_page=True)

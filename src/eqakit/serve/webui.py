@@ -31,7 +31,17 @@ from eqakit.config import Config, load_config, parse_overrides
 from eqakit.config.args import GeneratingArguments
 from eqakit.data.template import NOTHINK, TEMPLATES, THINK, strip_thinking
 from eqakit.errors import EqakitError
-from eqakit.serve.webui_model import ModelSlot, UIError, error_line, open_image, stats_line, throttled
+from eqakit.serve.webui_model import (
+    QUANTIZATION,
+    LoadOptions,
+    ModelSlot,
+    UIError,
+    backends,
+    error_line,
+    open_image,
+    stats_line,
+    throttled,
+)
 from eqakit.serve.webui_openeqa import build_openeqa_tab
 
 Turn = dict[str, Any]  # {"role": "user", "text": str, "images": [path]} or {"role": "assistant", "text": str}
@@ -125,11 +135,19 @@ def respond(
     yield chatbot_view(turns), turns, gr.skip(), stats_line(stream.completion, time.perf_counter() - start)
 
 
-def load_into_slot(slot: ModelSlot, model_path: str, adapter_path: str, template: str) -> Iterator[str]:
+def load_into_slot(
+    slot: ModelSlot,
+    model_path: str,
+    adapter_path: str,
+    template: str,
+    dtype: str,
+    quantization: str,
+    backend: str,
+) -> Iterator[str]:
     """Status lines for the Load button: "Loading..." at once (a real model takes a while), then the result."""
     yield f"Loading `{model_path.strip()}`…"
     try:
-        yield slot.load(model_path, adapter_path, template)
+        yield slot.load(model_path, adapter_path, template, LoadOptions(dtype, quantization, backend))
     except UIError as exc:
         yield f"{error_line(exc)}\n\n{slot.status()}"
 
@@ -148,7 +166,10 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
     template, thinking, dataset_dir, allow_outside_media = NOTHINK, False, "", False
     generating = cfg.generating if cfg is not None else GeneratingArguments()
     gen_defaults = {k: getattr(generating, k) for k in ("max_new_tokens", "temperature", "top_p")}
+    load = LoadOptions()
     if cfg is not None:
+        bits = {v: k for k, v in QUANTIZATION.items()}[cfg.model.quantization_bit]
+        load = LoadOptions(cfg.model.infer_dtype, bits, cfg.model.infer_backend)
         model_path = cfg.model.model_name_or_path or ""
         adapter_path = cfg.model.adapter_name_or_path or ""
         template = cfg.data.template or template
@@ -170,6 +191,22 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
             )
             load_btn = gr.Button("Load", variant="primary", scale=1, elem_id="load-btn")
             unload_btn = gr.Button("Unload", scale=1, elem_id="unload-btn")
+        with gr.Row(equal_height=True):  # LLaMA Board's load options: the config's keys, its defaults
+            dtype_box = gr.Dropdown(
+                ["auto", "bfloat16", "float16", "float32"],
+                value=load.dtype,
+                label="Dtype (infer_dtype; auto: bf16 on CUDA, fp32 on CPU)",
+                elem_id="load-dtype",
+            )
+            quant_box = gr.Dropdown(
+                list(QUANTIZATION),
+                value=load.quantization,
+                label="Quantization (bitsandbytes, CUDA only)",
+                elem_id="load-quantization",
+            )
+            backend_box = gr.Dropdown(
+                backends(), value=load.backend, label="Backend (vLLM where installed)", elem_id="load-backend"
+            )
         status = gr.Markdown(slot.status(), elem_id="model-status")
         with gr.Accordion("Generation", open=True), gr.Row():
             max_tokens = gr.Slider(1, 4096, gen_defaults["max_new_tokens"], step=1, label="Max new tokens")
@@ -214,7 +251,11 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
 
         build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
 
-        load_btn.click(partial(load_into_slot, slot), [model_box, adapter_box, template_box], status)
+        load_btn.click(
+            partial(load_into_slot, slot),
+            [model_box, adapter_box, template_box, dtype_box, quant_box, backend_box],
+            status,
+        )
         unload_btn.click(lambda: unload_slot(slot), None, status)
         app.load(slot.status, None, status)  # a page opened later shows the model loaded now
         sent = textbox.submit(

@@ -10,6 +10,7 @@ traceback on the server console and shown on the page as one line, and the app k
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import threading
 import time
@@ -34,6 +35,7 @@ from eqakit.engine import (
     make_worker,
 )
 from eqakit.errors import EqakitError
+from eqakit.model.load import pick_device, pick_dtype
 from eqakit.serve.images import decode_image
 
 log = logging.getLogger("eqakit.webui")
@@ -67,13 +69,51 @@ class LoadedModel:
     adapter_path: str
     template: str
     seconds: float
+    setup: str  # dtype, quantization and backend, as the status line shows them
 
     def describe(self) -> str:
         adapter = f" + adapter `{self.adapter_path}`" if self.adapter_path else ""
         return (
-            f"Model loaded: `{self.model_path}`{adapter} (template {self.template}, "
+            f"Model loaded: `{self.model_path}`{adapter} (template {self.template}, {self.setup}, "
             f"{self.seconds:.1f} s to load)"
         )
+
+
+QUANTIZATION = {"none": None, "4-bit": 4, "8-bit": 8}  # the page's choices -> quantization_bit
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """The page's load options, LLaMA Board's: dtype, quantization and backend (the config's keys
+    infer_dtype, quantization_bit and infer_backend, with their meanings and their checks)."""
+
+    dtype: str = "auto"
+    quantization: str = "none"
+    backend: str = "huggingface"
+
+    def keys(self) -> dict[str, Any]:
+        if self.quantization not in QUANTIZATION:
+            raise UIError(f"quantization must be one of {', '.join(QUANTIZATION)}, got {self.quantization!r}")
+        return {
+            "infer_dtype": self.dtype,
+            "quantization_bit": QUANTIZATION[self.quantization],
+            "infer_backend": self.backend,
+        }
+
+
+def backends() -> list[str]:
+    """The inference backends this installation can run: vLLM only where it is installed."""
+    return ["huggingface", *(["vllm"] if importlib.util.find_spec("vllm") is not None else [])]
+
+
+def _setup(cfg: Config) -> str:
+    """How the model was loaded, for the status line: dtype (auto resolved), quantization, backend."""
+    model = cfg.model
+    dtype = model.infer_dtype
+    if model.infer_backend == "huggingface":
+        dtype = str(pick_dtype(dtype, pick_device())).removeprefix("torch.")
+    bits = f", {model.quantization_bit}-bit" if model.quantization_bit else ""
+    return f"{dtype}{bits}, {model.infer_backend}"
 
 
 class ModelSlot:
@@ -92,12 +132,20 @@ class ModelSlot:
         self.loading: str | None = None  # the model being loaded, for messages meanwhile
         self._lock = threading.Lock()
 
-    def settings(self, model_path: str, adapter_path: str = "", template: str | None = None) -> Config:
+    def settings(
+        self,
+        model_path: str,
+        adapter_path: str = "",
+        template: str | None = None,
+        options: LoadOptions | None = None,
+    ) -> Config:
         """The config a Load with these page fields would use (raises ConfigError)."""
         extra = {**self.overrides, "model_name_or_path": model_path.strip() or None}
         extra["adapter_name_or_path"] = adapter_path.strip() or None
         if template:
             extra["template"] = template
+        if options is not None:
+            extra |= options.keys()
         return load_config("infer", self.config_path, None, extra)
 
     def load_from(self, cfg: Config) -> str:
@@ -117,7 +165,13 @@ class ModelSlot:
             adapter = cfg.model.adapter_name_or_path or ""
             worker = make_worker(engine).start()
             self.loaded = LoadedModel(
-                engine, worker, name, adapter, engine.format.template, time.perf_counter() - start
+                engine,
+                worker,
+                name,
+                adapter,
+                engine.format.template,
+                time.perf_counter() - start,
+                _setup(cfg),
             )
             return self.loaded.describe()
         except EqakitError as exc:
@@ -129,12 +183,18 @@ class ModelSlot:
             self.loading = None
             self._lock.release()
 
-    def load(self, model_path: str, adapter_path: str = "", template: str | None = None) -> str:
+    def load(
+        self,
+        model_path: str,
+        adapter_path: str = "",
+        template: str | None = None,
+        options: LoadOptions | None = None,
+    ) -> str:
         """Load from the page's fields; returns the status line, raises UIError with the reason."""
         if not model_path.strip():
             raise UIError("enter a model path (a local model directory or a hub id), then press Load")
         try:
-            cfg = self.settings(model_path, adapter_path, template)
+            cfg = self.settings(model_path, adapter_path, template, options)
         except EqakitError as exc:
             raise UIError(f"could not load the model: {exc}") from None
         return self.load_from(cfg)
