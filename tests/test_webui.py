@@ -9,6 +9,7 @@ Screenshots go to the test's tmp dir (``.../webui*/shots``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -416,3 +417,58 @@ def test_load_options_dtype_quantization_and_backend(site: dict, page) -> None:
         page, send(page, "Which color?", [site["red"]]), half.chat([user("Which color?", site["red"])])
     )
     page.screenshot(path=site["shots"] / "load-options.png", full_page=True)
+
+
+def test_results_tab_lists_a_predict_runs_answers_with_frames(site: dict, page, tmp_path: Path) -> None:
+    """A real predict run on the site's dataset, opened in the Results tab: the tables, the filters by
+    category and by wrong answers, and a question with its frames, reference and answer."""
+    from eqakit.evaluate.metrics import sample_scores
+    from eqakit.evaluate.predict import run_predict
+
+    out = tmp_path / "predict"
+    keys = {
+        "model_name_or_path": str(site["model"]),
+        "template": "qwen3_vl_nothink",
+        "do_predict": True,
+        "predict_with_generate": True,
+        "eval_dataset": "toy",
+        "dataset_dir": str(site["dataset"]),
+        "output_dir": str(out),
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "report_to": "none",
+    }
+    run_predict(load_config("train", extra=keys))
+    rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    rows[1]["predict"] = rows[1]["label"]  # one right answer, so that the filter has something to drop
+    (out / "generated_predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    wrong = [r for r in rows if sample_scores(r["predict"], r["label"])["predict_exact_match"] == 0]
+    assert 0 < len(wrong) < len(rows), "the check needs right and wrong answers"
+
+    page.get_by_role("tab", name="Results").click()
+    assert page.locator("#res-data textarea, #res-data input").first.input_value() == str(site["dataset"])
+    page.locator("#res-dir textarea, #res-dir input").first.fill(str(tmp_path / "nowhere"))
+    watch(page, "#res-notice")
+    page.locator("#res-open").click()
+    assert "generated_predictions.jsonl not found" in wait_seen(page, "#res-notice", "Error")
+
+    page.locator("#res-dir textarea, #res-dir input").first.fill(str(out))
+    watch(page, "#res-notice")
+    page.locator("#res-open").click()
+    assert f"{len(rows)} predictions, {len(wrong)} wrong" in wait_seen(page, "#res-notice", "predictions")
+    table = page.locator("#res-table").inner_text()
+    assert "Overall" in table and "attribute recognition" in table
+
+    page.locator("#res-wrong input").check()
+    assert f"{len(wrong)} shown" in wait_seen(page, "#res-notice", "shown")
+    page.locator("#res-question input").click()
+    options = page.locator("#res-question").get_by_role("option")
+    assert options.count() == len(wrong) and all("✗" in t for t in options.all_inner_texts())
+    options.first.click()
+    page.wait_for_function("() => document.querySelector('#res-answer textarea').value.length > 0")
+    first = wrong[0]
+    assert page.locator("#res-answer textarea").input_value() == first["predict"]
+    assert page.locator("#res-reference textarea").input_value() == first["label"]
+    page.wait_for_function("() => document.querySelectorAll('#res-frames img').length >= 2")
+    assert "What color is the ball?" in page.locator("#res-question-text").inner_text()
+    page.screenshot(path=site["shots"] / "results.png", full_page=True)

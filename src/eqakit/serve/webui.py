@@ -9,7 +9,9 @@ path with Load and Unload buttons and a status line; a system prompt; several im
 (upload, drag and drop, paste) with text; sliders for max new tokens, temperature and top-p; an
 enable-thinking switch (qwen3_vl template); answers stream token by token; Clear starts over. Every
 turn's images stay in the conversation the model sees. The OpenEQA tab shows a prepared dataset's
-question: its frames, the reference answer and the model's answer side by side.
+question: its frames, the reference answer and the model's answer side by side. The Results tab
+opens a predict run: its scores per category, its answers filtered by category and by wrong ones,
+each beside its reference and frames. Load options: dtype, quantization and backend.
 
 The page binds to 127.0.0.1 unless --host says otherwise: whoever reaches it runs the model. Problems
 (no model loaded, a bad path, a file that is not an image, a model that fails to load, a prompt too
@@ -43,6 +45,7 @@ from eqakit.serve.webui_model import (
     throttled,
 )
 from eqakit.serve.webui_openeqa import build_openeqa_tab
+from eqakit.serve.webui_results import build_results_tab
 
 Turn = dict[str, Any]  # {"role": "user", "text": str, "images": [path]} or {"role": "assistant", "text": str}
 THINK_TAGS = [("<think>", "</think>")]
@@ -250,6 +253,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
             clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
 
         build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
+        build_results_tab(dataset_dir, allow_outside_media)
 
         load_btn.click(
             partial(load_into_slot, slot),
