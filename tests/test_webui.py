@@ -472,3 +472,42 @@ def test_results_tab_lists_a_predict_runs_answers_with_frames(site: dict, page, 
     page.wait_for_function("() => document.querySelectorAll('#res-frames img').length >= 2")
     assert "What color is the ball?" in page.locator("#res-question-text").inner_text()
     page.screenshot(path=site["shots"] / "results.png", full_page=True)
+
+
+def test_export_tab_merges_an_adapter_with_progress(site: dict, page, tmp_path: Path) -> None:
+    """Export from the page: a bad export dir is the CLI's message; a real adapter is merged by
+    `eqakit export` with its log shown, and the result loads with plain transformers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_pretrained(site["model"], dtype=torch.float32)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, lora).save_pretrained(adapter)
+
+    page.get_by_role("tab", name="Export").click()
+    assert page.locator("#exp-base textarea, #exp-base input").first.input_value() == str(site["model"])
+    page.locator("#exp-adapter textarea, #exp-adapter input").first.fill(str(adapter))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    page.locator("#exp-dir textarea, #exp-dir input").first.fill(str(taken))
+    watch(page, "#exp-status")
+    page.locator("#exp-btn").click()
+    status = wait_seen(page, "#exp-status", "Error", after="Exporting")
+    assert "exists and is not empty" in status and (taken / "keep.txt").read_text() == "mine", status
+
+    merged = tmp_path / "merged"
+    page.locator("#exp-dir textarea, #exp-dir input").first.fill(str(merged))
+    watch(page, "#exp-status")
+    page.locator("#exp-btn").click()
+    status = wait_seen(page, "#exp-status", "Done", after="Exporting")
+    assert f"wrote {merged}" in status and "1 adapter(s) merged" in status, status
+    assert "merging adapter 1/1" in page.locator("#exp-log textarea").input_value()
+    loaded = AutoModelForImageTextToText.from_pretrained(merged).state_dict()
+    original = AutoModelForImageTextToText.from_pretrained(site["model"]).state_dict()
+    assert loaded.keys() == original.keys()  # a plain model: no LoRA tensors left
+    changed = [k for k in original if not torch.equal(loaded[k], original[k])]
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)  # merged in
+    page.screenshot(path=site["shots"] / "export.png", full_page=True)

@@ -11,7 +11,8 @@ enable-thinking switch (qwen3_vl template); answers stream token by token; Clear
 turn's images stay in the conversation the model sees. The OpenEQA tab shows a prepared dataset's
 question: its frames, the reference answer and the model's answer side by side. The Results tab
 opens a predict run: its scores per category, its answers filtered by category and by wrong ones,
-each beside its reference and frames. Load options: dtype, quantization and backend.
+each beside its reference and frames. The Export tab merges an adapter into its base (`eqakit
+export`, with its progress). Load options: dtype, quantization and backend.
 
 The page binds to 127.0.0.1 unless --host says otherwise: whoever reaches it runs the model. Problems
 (no model loaded, a bad path, a file that is not an image, a model that fails to load, a prompt too
@@ -33,6 +34,7 @@ from eqakit.config import Config, load_config, parse_overrides
 from eqakit.config.args import GeneratingArguments
 from eqakit.data.template import NOTHINK, TEMPLATES, THINK, strip_thinking
 from eqakit.errors import EqakitError
+from eqakit.serve.webui_export import build_export_tab
 from eqakit.serve.webui_model import (
     QUANTIZATION,
     LoadOptions,
@@ -254,6 +256,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
 
         build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
         build_results_tab(dataset_dir, allow_outside_media)
+        build_export_tab(model_path, adapter_path, template)
 
         load_btn.click(
             partial(load_into_slot, slot),
