@@ -511,3 +511,30 @@ def test_export_tab_merges_an_adapter_with_progress(site: dict, page, tmp_path: 
     changed = [k for k in original if not torch.equal(loaded[k], original[k])]
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)  # merged in
     page.screenshot(path=site["shots"] / "export.png", full_page=True)
+
+
+def test_evaluate_tab_runs_predict_and_shows_its_scores(site: dict, page, tmp_path: Path) -> None:
+    """Predict from the page: an unregistered dataset is the CLI's message; a real run writes the
+    predictions file (the CLI's) and the page shows its overall and per-category tables."""
+    page.get_by_role("tab", name="Evaluate").click()
+    assert page.locator("#ev-data textarea, #ev-data input").first.input_value() == str(site["dataset"])
+    page.locator("#ev-split textarea, #ev-split input").first.fill("nope")
+    page.locator("#ev-out textarea, #ev-out input").first.fill(str(tmp_path / "refused"))
+    watch(page, "#ev-status")
+    page.locator("#ev-run").click()
+    status = wait_seen(page, "#ev-status", "Error", after="Predicting")
+    assert "dataset 'nope' is not registered" in status and not (tmp_path / "refused").exists(), status
+
+    out = tmp_path / "predict"
+    page.locator("#ev-split textarea, #ev-split input").first.fill("toy")
+    page.locator("#ev-out textarea, #ev-out input").first.fill(str(out))
+    watch(page, "#ev-status")
+    page.locator("#ev-run").click()
+    status = wait_seen(page, "#ev-status", "Done", after="Predicting")
+    rows = (out / "generated_predictions.jsonl").read_text().splitlines()
+    assert f"Done: {len(rows)} predictions in {out}" in status and len(rows) == 4, status
+    assert (out / "predict_results.json").is_file()
+    table = page.locator("#ev-table").inner_text()
+    assert "Overall" in table and "attribute recognition" in table
+    assert "predict" in page.locator("#ev-log textarea").input_value()
+    page.screenshot(path=site["shots"] / "evaluate.png", full_page=True)

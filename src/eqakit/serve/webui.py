@@ -9,7 +9,8 @@ path with Load and Unload buttons and a status line; a system prompt; several im
 (upload, drag and drop, paste) with text; sliders for max new tokens, temperature and top-p; an
 enable-thinking switch (qwen3_vl template); answers stream token by token; Clear starts over. Every
 turn's images stay in the conversation the model sees. The OpenEQA tab shows a prepared dataset's
-question: its frames, the reference answer and the model's answer side by side. The Results tab
+question: its frames, the reference answer and the model's answer side by side. The Evaluate tab
+runs predict on a dataset and shows its score tables. The Results tab
 opens a predict run: its scores per category, its answers filtered by category and by wrong ones,
 each beside its reference and frames. The Export tab merges an adapter into its base (`eqakit
 export`, with its progress). Load options: dtype, quantization and backend.
@@ -34,6 +35,7 @@ from eqakit.config import Config, load_config, parse_overrides
 from eqakit.config.args import GeneratingArguments
 from eqakit.data.template import NOTHINK, TEMPLATES, THINK, strip_thinking
 from eqakit.errors import EqakitError
+from eqakit.serve.webui_evaluate import build_evaluate_tab
 from eqakit.serve.webui_export import build_export_tab
 from eqakit.serve.webui_model import (
     QUANTIZATION,
@@ -183,7 +185,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
         dataset_dir, allow_outside_media = cfg.data.dataset_dir, cfg.data.allow_outside_media
 
     with gr.Blocks(title="eqakit", analytics_enabled=False) as app:
-        gr.Markdown("## eqakit: chat with Qwen3-VL")
+        gr.Markdown("## eqakit: chat with, evaluate and export Qwen3-VL")
         with gr.Row(equal_height=True):
             model_box = gr.Textbox(
                 model_path, label="Model path (base or merged)", scale=4, elem_id="model-path"
@@ -255,6 +257,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
             clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
 
         build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
+        build_evaluate_tab(model_path, adapter_path, template, dataset_dir, settings)
         build_results_tab(dataset_dir, allow_outside_media)
         build_export_tab(model_path, adapter_path, template)
 
