@@ -277,6 +277,20 @@ def main() -> None:
         shutil.rmtree(served, ignore_errors=True)
 
 
+def against_reference(
+    name: str, url: str, warm: list[str], references: dict[int, tuple[list[str], float, list[str]]]
+) -> Iterator[tuple[int, float, float, int, int]]:
+    """The reference run's levels against the server at ``url`` (warmed first), each printed with
+    its throughput and latency: (level, wall, reference wall, answers equal to the reference's, requests)."""
+    run_clients(url, warm, 1)
+    for level, (bodies, ref_wall, ref_answers) in references.items():
+        wall, latencies, answers = run_clients(url, bodies, level)
+        same = sum(a == b for a, b in zip(answers, ref_answers, strict=True))
+        print(f"{level} concurrent clients, {len(bodies)} requests:")
+        print(summary(name, wall, latencies))
+        yield level, wall, ref_wall, same, len(bodies)
+
+
 def run_llamafactory(
     args: argparse.Namespace,
     served: Path,
@@ -329,15 +343,10 @@ def run_llamafactory(
             if time.monotonic() > deadline:
                 raise RuntimeError("llamafactory-cli api did not start within 600 s")
             time.sleep(1)
-        run_clients(url, warm, 1)
-        for level, (bodies, ref_wall, ref_answers) in references.items():
-            wall, latencies, answers = run_clients(url, bodies, level)
-            same = sum(a == b for a, b in zip(answers, ref_answers, strict=True))
-            print(f"{level} concurrent clients, {len(bodies)} requests:")
-            print(summary("LLaMA-Factory", wall, latencies))
+        for level, wall, ref_wall, same, count in against_reference("LLaMA-Factory", url, warm, references):
             print(
                 f"    eqakit: {wall / ours_walls[level]:.1f}x LLaMA-Factory's throughput (LLaMA-Factory: "
-                f"{ref_wall / wall:.2f}x the reference's); its answers equal the reference's {same}/{len(bodies)}",
+                f"{ref_wall / wall:.2f}x the reference's); its answers equal the reference's {same}/{count}",
                 flush=True,
             )
     finally:
@@ -374,14 +383,9 @@ def run_vllm(
     engine = VllmEngine.from_config(cfg, max_batch_size=args.batch_size)
     print(f"vLLM engine ready in {time.perf_counter() - start:.0f} s", flush=True)
     with serving(create_app(engine, settings=settings)) as url:
-        run_clients(url, warm, 1)
-        for level, (bodies, ref_wall, ref_answers) in references.items():
-            wall, latencies, answers = run_clients(url, bodies, level)
-            same = sum(a == b for a, b in zip(answers, ref_answers, strict=True))
-            print(f"{level} concurrent clients, {len(bodies)} requests:")
-            print(summary("vllm", wall, latencies))
+        for _, wall, ref_wall, same, count in against_reference("vllm", url, warm, references):
             print(
-                f"    ratio: {ref_wall / wall:.1f}x the reference's throughput; same answers: {same}/{len(bodies)}"
+                f"    ratio: {ref_wall / wall:.1f}x the reference's throughput; same answers: {same}/{count}"
             )
 
 
