@@ -349,6 +349,43 @@ def test_sigkill_then_resume_matches_an_unbroken_run(tmp_path, tiny_model_dir, t
     assert train_loss[1] == pytest.approx(train_loss[0], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_finishes(
+    tmp_path, tiny_model_dir, toy_dataset
+) -> None:
+    """SIGTERM (the web UI's Stop; Ctrl-C is SIGINT, handled alike) ends the step, saves a complete
+    checkpoint there, exits 130 naming it and writes no final adapter; resume finishes the run."""
+    out = tmp_path / "out"
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, num_train_epochs=100, save_steps=10_000)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eqakit", "train", str(cfg)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "trainer_log.jsonl").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, stderr[-2000:]
+    [checkpoint] = out.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert 0 < step < 600 and (checkpoint / COMPLETE_MARKER).is_file()
+    assert f"eqakit train: stopped: at step {step} of 600: {checkpoint} is complete" in stderr
+    assert not (out / "adapter_model.safetensors").exists()
+    assert [
+        json.loads(line)["current_steps"] for line in (out / "trainer_log.jsonl").read_text().splitlines()
+    ][-1] == step  # the stop step is logged
+
+    assert main(["train", str(cfg), "resume_from_checkpoint=true"]) == 0
+    steps = [
+        json.loads(line)["current_steps"] for line in (out / "trainer_log.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 601)) and (out / "adapter_model.safetensors").is_file()
+
+
 def test_a_resumed_run_reports_the_unbroken_runs_train_loss(tmp_path, tiny_model_dir, toy_dataset) -> None:
     """train_loss covers the whole run after a resume: from the checkpoint's running total (here with
     a step not logged yet, as save_steps 3 and logging_steps 2 do not align), or rebuilt from the

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.cli(rest) or 0)
     except EqakitError as exc:
-        print(f"eqakit {verb}: error: {exc}", file=sys.stderr)
+        print(f"eqakit {verb}: {exc.label}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"eqakit {verb}: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ class EqakitError(Exception):
     """An error caused by the user's input; the message must say what is wrong, where, and the fix."""
 
     exit_code = 1
+    label = "error"  # the CLI prints "eqakit VERB: LABEL: message"
 
 
 class ConfigError(EqakitError):
@@ -24,3 +25,13 @@ class DataError(EqakitError):
     """A problem in input data: missing files, corrupt images, malformed rows."""
 
     exit_code = 1
+
+
+class Stopped(EqakitError):
+    """A run stopped on request (Ctrl-C, SIGTERM, the web UI's Stop) at a point it can resume from.
+
+    Exit code 130, as for an interrupted command; the message says where it stopped and how to go on.
+    """
+
+    exit_code = 130
+    label = "stopped"

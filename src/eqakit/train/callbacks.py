@@ -1,9 +1,12 @@
-"""Trainer callbacks: LLaMA-Factory's trainer_log.jsonl and crash-safe checkpoint markers."""
+"""Trainer callbacks: LLaMA-Factory's trainer_log.jsonl, crash-safe checkpoint markers, graceful stops."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -93,3 +96,56 @@ def newest_complete_checkpoint(output_dir: Path) -> Path | None:
         if path.is_dir() and suffix.isdigit() and (path / COMPLETE_MARKER).is_file():
             complete.append((int(suffix), path))
     return max(complete)[1] if complete else None
+
+
+class StopOnSignal(TrainerCallback):
+    """A graceful stop: the first SIGINT or SIGTERM lets the current optimizer step finish, saves a
+    complete checkpoint there and ends training; a second one stops at once (KeyboardInterrupt).
+
+    Ctrl-C in a terminal and the web UI's Stop (SIGTERM) both end a run this way, so it resumes from
+    where it stopped with ``resume_from_checkpoint: true``. Under torchrun every process must stop at
+    the same step (they meet in each step's gradient all-reduce), so the request is all-reduced at
+    each step's end. Use it as a context manager around the run: it owns the handlers only inside.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None  # the step training stopped at, once it has
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._agreed(args):
+            control.should_log = control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def _agreed(self, args: Any) -> bool:
+        if args.world_size <= 1:
+            return self.requested
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.requested)], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -30,9 +30,9 @@ import yaml
 from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.data.encode import ImageBudget
-from eqakit.errors import ConfigError, DataError
+from eqakit.errors import ConfigError, DataError, Stopped
 from eqakit.fsutil import write_text_atomic
-from eqakit.train.callbacks import CheckpointMarker, LogCallback, newest_complete_checkpoint
+from eqakit.train.callbacks import CheckpointMarker, LogCallback, StopOnSignal, newest_complete_checkpoint
 from eqakit.train.data import (
     Collator,
     KeyedImages,
@@ -149,7 +149,16 @@ def _uses_vision_cache(cfg: Config) -> bool:
 
 
 def run_train(cfg: Config) -> dict[str, float]:
-    """Fine-tune with LoRA; returns the final training metrics."""
+    """Fine-tune with LoRA; returns the final training metrics.
+
+    Ctrl-C or SIGTERM stops at the end of the current step with a complete checkpoint and raises
+    Stopped (see StopOnSignal); before training begins it stops with nothing written.
+    """
+    with StopOnSignal() as stop:
+        return _train(cfg, stop)
+
+
+def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     import transformers
 
     from eqakit.model.load import load_base_model, load_processor
@@ -217,6 +226,8 @@ def run_train(cfg: Config) -> dict[str, float]:
             f"gradient checkpointing {'off' if cfg.finetuning.disable_gradient_checkpointing else 'on'}"
         )
 
+    if stop.requested:
+        raise Stopped("before the first training step; nothing was written to output_dir")
     if cfg.training.process_index == 0:
         if resume is None and (out / "trainer_log.jsonl").exists():
             (out / "trainer_log.jsonl").unlink()  # overwrite_output_dir: a fresh run starts a fresh log
@@ -240,13 +251,19 @@ def run_train(cfg: Config) -> dict[str, float]:
         eval_dataset=eval_set,
         data_collator=Collator(processor.tokenizer.pad_token_id),
         processing_class=processor,
-        callbacks=[LogCallback(), CheckpointMarker()],
+        callbacks=[LogCallback(), CheckpointMarker(), stop],
         vision_cache=cache,
         episode_groups=groups,
         compute_metrics=token_accuracy if cfg.finetuning.compute_accuracy else None,
         preprocess_logits_for_metrics=greedy_tokens if cfg.finetuning.compute_accuracy else None,
     )
     result = trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
+    if stop.stopped_at is not None and state.global_step < state.max_steps:
+        raise Stopped(
+            f"at step {state.global_step} of {state.max_steps}: {out / f'checkpoint-{state.global_step}'} "
+            "is complete; continue with resume_from_checkpoint=true"
+        )
     trainer.save_model()
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
