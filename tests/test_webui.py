@@ -29,6 +29,7 @@ from conftest import write_toy_dataset
 from eqakit.config import load_config
 from eqakit.data.dataset import load_samples
 from eqakit.engine import Completion, Engine, Request
+from eqakit.serve.webui_train import SERIES_COLORS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -538,3 +539,175 @@ def test_evaluate_tab_runs_predict_and_shows_its_scores(site: dict, page, tmp_pa
     assert "Overall" in table and "attribute recognition" in table
     assert "predict" in page.locator("#ev-log textarea").input_value()
     page.screenshot(path=site["shots"] / "evaluate.png", full_page=True)
+
+
+def train_yaml(path: Path, model: Path, data: Path, out: Path) -> Path:
+    """A training config in the tutorial's shape for the tiny model: 900 short steps (~15 s)."""
+    settings = {
+        "stage": "sft",
+        "do_train": True,
+        "model_name_or_path": str(model),
+        "finetuning_type": "lora",
+        "lora_target": "all",
+        "template": "qwen3_vl_nothink",
+        "dataset_dir": str(data),
+        "dataset": "toy",
+        "cutoff_len": 512,
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "num_train_epochs": 150,
+        "learning_rate": 0.01,
+        "logging_steps": 5,
+        "save_steps": 10_000,
+        "val_size": 0.125,
+        "eval_strategy": "steps",
+        "eval_steps": 40,
+        "report_to": "none",
+    }
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()), encoding="utf-8")
+    return path
+
+
+def field(page, key: str):
+    return page.locator(f"#tr-{key} textarea, #tr-{key} input").first
+
+
+def train_status(page, needle: str) -> str:
+    page.wait_for_function(
+        "needle => document.querySelector('#tr-status').innerText.includes(needle)",
+        arg=needle,
+        timeout=120_000,
+    )
+    return page.locator("#tr-status").inner_text()
+
+
+def shown_step(page) -> int:
+    match = re.search(r"step (\d+) / (\d+)", page.locator("#tr-status").inner_text())
+    assert match, page.locator("#tr-status").inner_text()
+    return int(match.group(1))
+
+
+def pixels_of(page, selector: str, colour: str) -> int:
+    """How many pixels of an element are close to ``colour`` ("#rrggbb"): a plot line's, say."""
+    import io
+
+    import numpy as np
+
+    want = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    image = np.asarray(Image.open(io.BytesIO(page.locator(selector).screenshot())).convert("RGB"), dtype=int)
+    return int((np.abs(image - want).sum(axis=-1) < 60).sum())
+
+
+def test_train_tab_starts_watches_stops_resumes_and_finishes(site: dict, page, tmp_path: Path) -> None:
+    """A training YAML loaded into the form runs as `eqakit train`: step counter and loss curve update,
+    a reloaded page re-attaches, Stop leaves a complete checkpoint, Resume finishes with the adapter;
+    a bad value and a used output dir are the CLI's own messages."""
+    data = write_toy_dataset(tmp_path / "data")
+    out = tmp_path / "run"
+    config = train_yaml(tmp_path / "train.yaml", site["model"], data, out)
+    page.get_by_role("tab", name="Train").click()
+    field(page, "config").fill(str(config))
+    page.locator("#tr-load").click()
+    page.wait_for_function(
+        "out => document.querySelector('#tr-output_dir input, #tr-output_dir textarea').value === out",
+        arg=str(out),
+    )
+    assert "Loaded" in page.locator("#tr-load-status").inner_text()
+    page.wait_for_function("() => document.querySelector('#tr-datasets').innerText.includes('24')")
+    assert "toy" in page.locator("#tr-datasets").inner_text()
+    assert field(page, "per_device_train_batch_size").input_value() == "4"
+
+    field(page, "learning_rate").fill("-1")
+    field(page, "learning_rate").press("Tab")
+    page.locator("#tr-start").click()
+    status = train_status(page, "Error")
+    assert "invalid configuration" in status and "learning_rate" in status, status
+    assert not out.exists()
+    field(page, "learning_rate").fill("0.01")
+    field(page, "learning_rate").press("Tab")
+
+    page.locator("#tr-start").click()
+    train_status(page, "Running: step")
+    first = shown_step(page)
+    page.wait_for_function(
+        "first => { const m = document.querySelector('#tr-status').innerText.match(/step (\\d+) \\//);"
+        " return m && Number(m[1]) > first; }",
+        arg=first,
+    )
+    page.wait_for_function(
+        "() => document.querySelector('#tr-status').innerText.match(/step ([2-9]\\d|\\d{3}) \\//)"
+    )  # a few points on the curve
+    page.wait_for_function("() => document.querySelector('#tr-plot').innerText.includes('train loss')")
+    assert pixels_of(page, "#tr-plot", SERIES_COLORS["train"]) > 100  # the train loss curve is drawn
+
+    page.locator("#tr-stop").click()
+    status = train_status(page, "Stopped")
+    [checkpoint] = out.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    total = json.loads((out / "trainer_log.jsonl").read_text().splitlines()[0])["total_steps"]
+    assert f"at step {step} of {total}" in status and 0 < step < total, status
+    assert (checkpoint / "eqakit_checkpoint_complete").is_file()
+    assert not (out / "adapter_model.safetensors").exists()
+
+    page.locator("#tr-resume").click()
+    train_status(page, "Running: step")
+    page.reload()  # the run belongs to the server: a new page finds it
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_function(
+        "out => document.querySelector('#tr-output_dir input, #tr-output_dir textarea').value === out",
+        arg=str(out),
+    )
+    status = train_status(page, "Finished")
+    assert f"step {total} / {total}" in status and (out / "adapter_model.safetensors").is_file(), status
+    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    steps = [r["current_steps"] for r in records if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == total  # one unbroken log across the stop
+    assert any("eval_loss" in r for r in records)
+    assert "train_loss" in page.locator("#tr-log textarea").input_value()
+    time.sleep(1.5)
+    assert pixels_of(page, "#tr-plot", SERIES_COLORS["eval"]) > 30  # and the eval loss curve
+    assert "eval loss" in page.locator("#tr-plot").inner_text()
+    page.screenshot(path=site["shots"] / "train.png", full_page=True)
+
+    page.locator("#tr-start").click()
+    status = train_status(page, "Error")
+    assert "exists and is not empty" in status and "resume_from_checkpoint" in status, status
+
+
+def test_webui_given_a_training_config_fills_the_train_tab(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`eqakit webui configs/training_args.yaml` (the tutorial's first step) opens with the Train tab's
+    form holding the file's values, command-line overrides applied, and no model loaded."""
+    import requests
+
+    data = write_toy_dataset(tmp_path / "data", episodes=1, questions=1)
+    config = train_yaml(tmp_path / "train.yaml", tiny_model_dir, data, tmp_path / "run")
+    port = free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "eqakit", "webui", str(config), "--port", str(port), "lora_rank=4"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                page = requests.get(f"http://127.0.0.1:{port}/config", timeout=2).json()
+                break
+            except (requests.RequestException, ValueError):
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.3)
+        values = {
+            c["props"].get("elem_id"): c["props"].get("value") for c in page["components"] if "props" in c
+        }
+        assert values["tr-config"] == str(config)
+        assert values["tr-output_dir"] == str(tmp_path / "run")
+        assert values["tr-num_train_epochs"] == 150 and values["tr-lora_rank"] == 4
+        assert "toy" in values["tr-datasets"] and "is a training config" in log.read_text()
+        assert "No model loaded" in values["model-status"] or "no model" in values["model-status"].lower()
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

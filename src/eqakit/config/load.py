@@ -371,6 +371,15 @@ def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
     return problems
 
 
+def key_defaults(kind: Kind) -> dict[str, Any]:
+    """Every key a verb of ``kind`` reads, with the value it takes when a config leaves it out."""
+    return {
+        name: (fld.default if fld.default is not dataclasses.MISSING else None)
+        for cls in _groups(kind)
+        for name, fld in _fields(cls).items()
+    }
+
+
 def load_config(
     kind: Kind,
     path: str | Path | None = None,
@@ -415,12 +424,7 @@ def load_config(
                 continue
             values[name] = coerced
 
-    defaults = {
-        name: (fld.default if fld.default is not dataclasses.MISSING else None)
-        for fields in fields_by_group
-        for name, fld in fields.items()
-    }
-    problems += _cross_checks(kind, {**defaults, **values}, set(values))
+    problems += _cross_checks(kind, {**key_defaults(kind), **values}, set(values))
     where = f" in {path}" if path is not None else ""
     if problems:
         raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -14,6 +14,7 @@ can be scored per category.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,49 @@ def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise DataError(f"{path} must map dataset names to their descriptions")
     return info
+
+
+@dataclass(frozen=True)
+class RegisteredDataset:
+    """One entry of dataset_info.json as a page lists it: its file, format and row count."""
+
+    name: str
+    file_name: str
+    formatting: str
+    rows: int | None  # None when the file cannot be read (``problem`` says why)
+    problem: str = ""
+
+
+def registered_datasets(dataset_dir: str | Path) -> list[RegisteredDataset]:
+    """The datasets dataset_dir registers, each with its row count; raises DataError for a missing or
+    malformed dataset_info.json. Files are counted once per (size, mtime)."""
+    dataset_dir = Path(dataset_dir)
+    found = []
+    for name, entry in read_dataset_info(dataset_dir).items():
+        entry = entry if isinstance(entry, dict) else {}
+        file_name = str(entry.get("file_name", ""))
+        rows, problem = None, ""
+        if not file_name:
+            problem = "no file_name (eqakit reads local files only)"
+        else:
+            try:
+                rows = _count_rows(dataset_dir / file_name)
+            except (DataError, OSError) as exc:
+                problem = str(exc)
+        found.append(
+            RegisteredDataset(name, file_name, str(entry.get("formatting", "alpaca")), rows, problem)
+        )
+    return found
+
+
+def _count_rows(path: Path) -> int:
+    stat = path.stat() if path.is_file() else None
+    return _count_rows_of(path, stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _count_rows_of(path: Path, size: int, mtime_ns: int) -> int:
+    return len(_read_rows(path))
 
 
 def _read_text(path: Path) -> str:

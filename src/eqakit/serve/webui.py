@@ -3,13 +3,16 @@
     eqakit webui                                  # enter a model path on the page, press Load
     eqakit webui configs/infer_openeqa.yaml       # the config's model is loaded at start
     eqakit webui configs/infer_openeqa.yaml --port 7861 max_new_tokens=256
+    eqakit webui configs/training_args.yaml       # a training config fills the Train tab instead
 
 Step 3.5 of the tutorial, on eqakit's engine: a model path (base or merged) and an optional adapter
 path with Load and Unload buttons and a status line; a system prompt; several images per turn
 (upload, drag and drop, paste) with text; sliders for max new tokens, temperature and top-p; an
 enable-thinking switch (qwen3_vl template); answers stream token by token; Clear starts over. Every
 turn's images stay in the conversation the model sees. The OpenEQA tab shows a prepared dataset's
-question: its frames, the reference answer and the model's answer side by side. The Evaluate tab
+question: its frames, the reference answer and the model's answer side by side. The Train tab runs
+`eqakit train` from a form (or any training YAML), with Start, Stop, Resume and a live loss curve;
+it survives a page reload. The Evaluate tab
 runs predict on a dataset and shows its score tables. The Results tab
 opens a predict run: its scores per category, its answers filtered by category and by wrong ones,
 each beside its reference and frames. The Export tab merges an adapter into its base (`eqakit
@@ -31,8 +34,9 @@ from typing import Any
 
 import gradio as gr
 
-from eqakit.config import Config, load_config, parse_overrides
+from eqakit.config import Config, load_config, parse_overrides, read_yaml
 from eqakit.config.args import GeneratingArguments
+from eqakit.config.load import infer_kind
 from eqakit.data.template import NOTHINK, TEMPLATES, THINK, strip_thinking
 from eqakit.errors import EqakitError
 from eqakit.serve.webui_evaluate import build_evaluate_tab
@@ -50,6 +54,7 @@ from eqakit.serve.webui_model import (
 )
 from eqakit.serve.webui_openeqa import build_openeqa_tab
 from eqakit.serve.webui_results import build_results_tab
+from eqakit.serve.webui_train import build_train_tab
 
 Turn = dict[str, Any]  # {"role": "user", "text": str, "images": [path]} or {"role": "assistant", "text": str}
 THINK_TAGS = [("<think>", "</think>")]
@@ -167,8 +172,9 @@ def unload_slot(slot: ModelSlot) -> str:
         return f"{error_line(exc)}\n\n{slot.status()}"
 
 
-def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
-    """The web UI's page around ``slot``; ``cfg`` (the command line's config) fills in the fields' defaults."""
+def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any] | None = None) -> gr.Blocks:
+    """The web UI's page around ``slot``; ``cfg`` (the command line's config) fills in the fields'
+    defaults; ``train`` (the command line's training config, when it is one) fills the Train tab."""
     model_path = adapter_path = system_default = ""
     template, thinking, dataset_dir, allow_outside_media = NOTHINK, False, "", False
     generating = cfg.generating if cfg is not None else GeneratingArguments()
@@ -257,6 +263,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None) -> gr.Blocks:
             clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
 
         build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
+        build_train_tab(app, train or {}, str(cfg.source) if train and cfg and cfg.source else "")
         build_evaluate_tab(model_path, adapter_path, template, dataset_dir, settings)
         build_results_tab(dataset_dir, allow_outside_media)
         build_export_tab(model_path, adapter_path, template)
@@ -292,13 +299,19 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     args = parser.parse_intermixed_args(argv)
 
-    slot = ModelSlot(args.config, parse_overrides(args.overrides))
-    cfg = None
-    if args.config is not None:
+    overrides = parse_overrides(args.overrides)
+    cfg, train = None, None
+    if args.config is not None and infer_kind(read_yaml(args.config)) == "train":
+        # A training config (the tutorial's training_args.yaml) fills the Train tab; nothing loads.
+        cfg = load_config("train", args.config, args.overrides)
+        train = {**read_yaml(args.config), **overrides}
+        print(f"eqakit webui: {args.config} is a training config: the Train tab holds it", flush=True)
+    slot = ModelSlot(None if train else args.config, None if train else overrides)
+    if args.config is not None and train is None:
         cfg = load_config("infer", args.config, args.overrides)
         print(f"eqakit webui: loading {cfg.model.model_name_or_path} ...", flush=True)
         print(f"eqakit webui: {slot.load_from(cfg)}", flush=True)
-    app = create_app(slot, cfg)
+    app = create_app(slot, cfg, train)
     try:
         app.queue().launch(server_name=args.host, server_port=args.port, show_error=False, ssr_mode=False)
     except OSError as exc:

@@ -1,0 +1,405 @@
+"""The web UI's Train tab: LLaMA Board's training page, on `eqakit train`.
+
+"Config file" + "Load config" read any training YAML (the tutorial's included) into the form; the
+form shows the keys people change most (model, data, output dir, the tutorial's hyper-parameters)
+and keeps every other key of the file as it is. The preview is the YAML that will run, checked as
+`eqakit train` checks it, and can be saved. "Start" runs `eqakit train` on it in a process of its own
+(`eqakit.serve.webui_jobs.Command`), one run per output dir; the process belongs to the web UI
+server, not to the page, so a reloaded page finds it again (the newest run refills the form). While
+it runs, the page reads output_dir/trainer_log.jsonl (the file LLaMA-Factory's board reads too):
+step / total, samples/s, ETA and the train and eval loss curves, beside the last log lines. "Stop"
+sends SIGTERM: the step finishes, a complete checkpoint is saved and the process exits (see
+`eqakit.train.callbacks.StopOnSignal`); "Resume" starts it again with resume_from_checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from eqakit.config import load_config, read_yaml
+from eqakit.config.load import key_defaults
+from eqakit.data.dataset import registered_datasets
+from eqakit.errors import EqakitError
+from eqakit.fsutil import write_text_atomic
+from eqakit.serve.webui_jobs import LOG_LINES, Command, tail
+from eqakit.serve.webui_model import UIError, error_line
+
+# The form: (key, label, kind). Everything else a loaded config holds is kept unchanged.
+PATHS = [
+    ("model_name_or_path", "Model path", str),
+    ("dataset_dir", "Dataset dir", str),
+    ("dataset", "Dataset (comma-separated)", str),
+    ("output_dir", "Output dir", str),
+]
+NUMBERS = [
+    ("num_train_epochs", "Epochs", float),
+    ("learning_rate", "Learning rate", float),
+    ("per_device_train_batch_size", "Batch size (per device)", int),
+    ("gradient_accumulation_steps", "Gradient accumulation", int),
+    ("lora_rank", "LoRA rank", int),
+    ("lora_alpha", "LoRA alpha (empty: 2 x rank)", int),
+    ("lora_dropout", "LoRA dropout", float),
+    ("cutoff_len", "Cutoff length (tokens)", int),
+    ("image_max_pixels", "Image max pixels", int),
+    ("image_min_pixels", "Image min pixels", int),
+    ("val_size", "Validation size", float),
+    ("eval_steps", "Eval steps (empty: logging steps)", int),
+    ("save_steps", "Save steps", int),
+    ("logging_steps", "Logging steps", int),
+]
+FORM = PATHS + NUMBERS
+LOG_FILE = "trainer_log.jsonl"
+SERIES_COLORS = {"train": "#ea580c", "eval": "#2563eb"}
+
+
+def form_values(base: dict[str, Any]) -> list[Any]:
+    """The form's field values for a config: its own value of each key, else eqakit's default."""
+    defaults = key_defaults("train")
+    values = []
+    for key, _, kind in FORM:
+        value = base.get(key, defaults.get(key))
+        values.append(("" if value is None else str(value)) if kind is str else value)
+    return values
+
+
+def run_keys(base: dict[str, Any], fields: list[Any]) -> dict[str, Any]:
+    """The config that runs: the loaded file's keys with the form's values over them (an empty field
+    leaves the key out, so its default applies)."""
+    keys = dict(base)
+    for (key, _, kind), value in zip(FORM, fields, strict=True):
+        if kind is str:
+            value = (value or "").strip() or None
+        elif value is not None and kind is int and float(value).is_integer():
+            value = int(value)
+        if value is None:
+            keys.pop(key, None)
+        else:
+            keys[key] = value
+    keys.setdefault("do_train", True)
+    keys.pop("resume_from_checkpoint", None)  # Start starts, Resume resumes
+    return keys
+
+
+def check_keys(keys: dict[str, Any]) -> None:
+    """Raise UIError with `eqakit train`'s own message if it would refuse these keys."""
+    if keys.get("do_predict"):
+        raise UIError("this config predicts (do_predict: true): run it from the Evaluate tab")
+    if not keys.get("output_dir"):
+        raise UIError("set an output dir: the adapter, checkpoints and logs go there")
+    try:
+        load_config("train", None, None, keys)
+    except EqakitError as exc:
+        raise UIError(str(exc)) from None
+
+
+def preview(base: dict[str, Any], *fields: Any) -> tuple[str, str]:
+    """(the YAML that would run, whether `eqakit train` accepts it)."""
+    keys = run_keys(base, list(fields))
+    text = yaml.safe_dump(keys, sort_keys=True, allow_unicode=True)
+    try:
+        check_keys(keys)
+    except UIError as exc:
+        return text, error_line(exc)
+    return text, "The config is valid."
+
+
+def datasets_table(dataset_dir: str) -> str:
+    """Markdown: the datasets a dataset dir registers and their sizes (or why it has none)."""
+    if not dataset_dir.strip():
+        return ""
+    try:
+        found = registered_datasets(Path(dataset_dir.strip()).expanduser())
+    except EqakitError as exc:
+        return error_line(exc)
+    if not found:
+        return f"{dataset_dir.strip()}/dataset_info.json registers no dataset"
+    lines = ["| dataset | file | format | samples |", "| --- | --- | --- | --- |"]
+    for d in found:
+        rows = f"{d.rows:,}" if d.rows is not None else f"unreadable: {d.problem}"
+        lines.append(f"| `{d.name}` | {d.file_name} | {d.formatting} | {rows} |")
+    return "\n".join(lines)
+
+
+def read_log(output_dir: Path) -> list[dict[str, Any]]:
+    """trainer_log.jsonl's records; a line being written (not yet complete) is left for next time."""
+    try:
+        text = (output_dir / LOG_FILE).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "current_steps" in record:
+            records.append(record)
+    return records
+
+
+def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """The train and eval loss per step, in the long form gr.LinePlot draws one line per series from."""
+    rows = [
+        {"step": r["current_steps"], "loss": r[key], "series": series}
+        for r in records
+        for key, series in (("loss", "train"), ("eval_loss", "eval"))
+        if isinstance(r.get(key), (int, float))
+    ]
+    frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # typed even when empty: the plot's axes take their kind (quantitative, nominal) from the dtypes
+    return frame.astype({"step": "int64", "loss": "float64", "series": "str"})
+
+
+def loss_caption(records: list[dict[str, Any]]) -> str:
+    """The newest train and eval loss, under the plot."""
+    last = {
+        series: next((r[key] for r in reversed(records) if isinstance(r.get(key), (int, float))), None)
+        for key, series in (("loss", "train"), ("eval_loss", "eval"))
+    }
+    return ", ".join(f"{series} loss {value:.4g}" for series, value in last.items() if value is not None)
+
+
+def progress_line(records: list[dict[str, Any]]) -> str:
+    if not records:
+        return ""
+    r = records[-1]
+    return (
+        f"step {r['current_steps']} / {r['total_steps']} ({r.get('percentage', 0):.1f}%), "
+        f"{r.get('samples_per_second', 0):g} samples/s, elapsed {r.get('elapsed_time', '?')}, "
+        f"ETA {r.get('remaining_time', '?')}"
+    )
+
+
+@dataclass
+class TrainRun:
+    """One `eqakit train` started from the page."""
+
+    output_dir: Path
+    keys: dict[str, Any]
+    command: Command
+    resumed: bool
+    stopping: bool = False
+    started: float = field(default_factory=time.time)
+
+    def finished(self) -> bool:
+        """Whether training wrote its final results: a Stop that comes after that (while the process
+        exits) ends a finished run, not a stopped one."""
+        results = self.output_dir / "train_results.json"
+        return results.is_file() and results.stat().st_mtime >= self.started
+
+    def status(self, records: list[dict[str, Any]]) -> str:
+        progress = progress_line(records)
+        code = self.command.returncode
+        if code is None and self.stopping:
+            return (
+                f"**Stopping**: finishing the step and saving a checkpoint; {progress} "
+                "(press Stop again to end at once, losing the step)"
+            )
+        if code is None:
+            doing = "Resuming" if self.resumed else "Starting"
+            return (
+                f"**Running**: {progress}"
+                if progress
+                else f"**{doing}**: reading the data, loading the model…"
+            )
+        if code == 0 or (self.stopping and self.finished()):
+            return f"**Finished**: {progress}; the adapter is in {self.output_dir}"
+        if code == 130:
+            return (
+                f"**Stopped** {self.command.failure().removeprefix('stopped: ')}. Press Resume to continue."
+            )
+        if code < 0 and self.stopping:  # the signal came before training had set up its handler
+            return "**Stopped** before training began: nothing to resume; press Start"
+        return error_line(self.command.failure())
+
+
+@dataclass
+class TrainRuns:
+    """The runs this web UI started, by output dir: one live run per dir, the newest first to re-attach."""
+
+    runs: dict[Path, TrainRun] = field(default_factory=dict)
+    newest: TrainRun | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self, keys: dict[str, Any], resume: bool) -> TrainRun:
+        from eqakit.train.sft import resolve_resume  # the CLI's own output_dir and checkpoint checks
+
+        check_keys(keys)
+        if resume:
+            keys = {**keys, "resume_from_checkpoint": True}
+        out = Path(keys["output_dir"]).expanduser().resolve()
+        with self.lock:
+            live = self.runs.get(out)
+            if live is not None and live.command.running:
+                raise UIError(f"a run is already writing to {out}: Stop it first")
+            try:
+                resolve_resume(load_config("train", None, None, keys))
+            except EqakitError as exc:
+                raise UIError(str(exc)) from None
+            if live is not None:
+                live.command.remove()
+            run = TrainRun(out, keys, Command("train", keys), resume)
+            self.runs[out] = self.newest = run
+        return run
+
+    def find(self, output_dir: str) -> TrainRun | None:
+        if not output_dir.strip():
+            return None
+        return self.runs.get(Path(output_dir.strip()).expanduser().resolve())
+
+
+def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "") -> None:
+    """The Train tab (inside ``app``); ``base`` (the command line's training config, read from
+    ``config_path``, with its key=value overrides) fills the form at start."""
+    runs = TrainRuns()
+    with gr.Tab("Train"):
+        gr.Markdown(
+            "Fine-tune with LoRA: `eqakit train` on the config below, in a process of its own "
+            "(reload the page and it is still here)."
+        )
+        loaded = gr.State(base)
+        with gr.Row(equal_height=True):
+            config_box = gr.Textbox(config_path, label="Config file", scale=5, elem_id="tr-config")
+            load_btn = gr.Button("Load config", scale=1, elem_id="tr-load")
+        load_status = gr.Markdown(elem_id="tr-load-status")
+        initial = form_values(base)
+        boxes: list[Any] = []
+        with gr.Row(equal_height=True):
+            for (key, label, _), value in zip(PATHS, initial, strict=False):
+                boxes.append(gr.Textbox(value, label=label, elem_id=f"tr-{key}"))
+        datasets = gr.Markdown(datasets_table(initial[1]), elem_id="tr-datasets")
+        for row in range(0, len(NUMBERS), 4):
+            with gr.Row(equal_height=True):
+                for (key, label, kind), value in zip(
+                    NUMBERS[row : row + 4], initial[len(PATHS) + row :], strict=False
+                ):
+                    boxes.append(
+                        gr.Number(
+                            value, label=label, precision=0 if kind is int else None, elem_id=f"tr-{key}"
+                        )
+                    )
+        with gr.Accordion("Config that runs (YAML)", open=False):
+            shown, valid = preview(base, *initial)
+            yaml_box = gr.Code(shown, language="yaml", interactive=False, elem_id="tr-preview")
+            check = gr.Markdown(valid, elem_id="tr-check")
+            with gr.Row(equal_height=True):
+                save_box = gr.Textbox(
+                    label="Save config to", placeholder="path/to/train.yaml", scale=5, elem_id="tr-save-path"
+                )
+                save_btn = gr.Button("Save config", scale=1, elem_id="tr-save")
+        with gr.Row():
+            start_btn = gr.Button("Start", variant="primary", elem_id="tr-start")
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="tr-stop")
+            resume_btn = gr.Button("Resume", elem_id="tr-resume")
+        status = gr.Markdown(elem_id="tr-status")
+        plot = gr.LinePlot(
+            loss_frame([]),
+            x="step",
+            y="loss",
+            color="series",
+            color_map=SERIES_COLORS,  # fixed: the page starts with no data to derive colours from
+            title="Loss",
+            height=300,
+            elem_id="tr-plot",
+        )
+        log = gr.Textbox(
+            label="Log", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False, elem_id="tr-log"
+        )
+        seen = gr.State(-1)  # how many log records the plot shows
+        timer = gr.Timer(1.0)
+
+        def load(path: str) -> tuple[Any, ...]:
+            try:
+                keys = read_yaml(path.strip())
+            except EqakitError as exc:
+                return (gr.skip(), error_line(exc), *[gr.skip()] * len(FORM))
+            shown = sum(key in keys for key, _, _ in FORM)
+            note = f"Loaded {path.strip()}: {len(keys)} keys, {shown} of them in the form; the others run as written."
+            return (keys, note, *form_values(keys))
+
+        def start(resume: bool, keys: dict[str, Any], *fields: Any) -> str:
+            try:
+                run = runs.start(run_keys(keys, list(fields)), resume)
+            except UIError as exc:
+                return error_line(exc)
+            return run.status([])
+
+        def stop(output_dir: str) -> str:
+            run = runs.find(output_dir)
+            if run is None or not run.command.running:
+                return error_line(
+                    f"no run started here is writing to {output_dir.strip() or '(no output dir)'}"
+                )
+            run.stopping = True  # a second Stop sends a second SIGTERM: StopOnSignal then ends at once
+            run.command.stop()
+            return run.status(read_log(run.output_dir))
+
+        def poll(output_dir: str, shown: int) -> tuple[Any, ...]:
+            run = runs.find(output_dir)
+            records = read_log(Path(output_dir.strip()).expanduser()) if output_dir.strip() else []
+            if run is not None:
+                text, lines = run.status(records), tail(run.command.lines())
+            else:
+                text = (
+                    f"Not started from this page; {LOG_FILE} shows {progress_line(records)}"
+                    if records
+                    else ""
+                )
+                lines = gr.skip()
+            # A new caption with each new point makes the page redraw the chart, not only its data: the
+            # colour of each series is set at a redraw, from the series the data then has.
+            frame = (
+                gr.update(value=loss_frame(records), caption=loss_caption(records))
+                if len(records) != shown
+                else gr.skip()
+            )
+            return text, frame, lines, len(records)
+
+        def attach() -> tuple[Any, ...]:
+            """A page opened (or reloaded) while runs exist shows the newest one."""
+            run = runs.newest
+            if run is None:
+                return (gr.skip(),) * (1 + len(FORM))
+            keys = {k: v for k, v in run.keys.items() if k != "resume_from_checkpoint"}
+            return (keys, *form_values(keys))
+
+        load_btn.click(load, config_box, [loaded, load_status, *boxes])
+        gr.on(
+            [box.change for box in boxes] + [loaded.change],
+            preview,
+            [loaded, *boxes],
+            [yaml_box, check],
+            show_progress="hidden",
+        )
+        boxes[1].change(datasets_table, boxes[1], datasets, show_progress="hidden")
+        save_btn.click(save_config, [save_box, yaml_box], load_status)
+        start_btn.click(lambda *a: start(False, *a), [loaded, *boxes], status)
+        resume_btn.click(lambda *a: start(True, *a), [loaded, *boxes], status)
+        stop_btn.click(stop, boxes[3], status)
+        timer.tick(poll, [boxes[3], seen], [status, plot, log, seen], show_progress="hidden")
+        gr.on([boxes[3].change], lambda: -1, None, seen)  # another output dir: redraw its curve
+        app.load(attach, None, [loaded, *boxes])
+
+
+def save_config(path: str, text: str) -> str:
+    """Write the previewed YAML to ``path`` (atomically: a crash leaves the old file whole)."""
+    if not path.strip():
+        return error_line("type the path to save the config to")
+    target = Path(path.strip()).expanduser()
+    if target.is_dir():
+        return error_line(f"{target} is a directory: give a file name such as {target / 'train.yaml'}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(target, text)
+    except OSError as exc:
+        return error_line(f"cannot write {target} ({exc.strerror or exc})")
+    return f"Saved {target}; run it with `eqakit train {target}`"
