@@ -234,6 +234,13 @@ def expect_answer(page, notice: str, expected: Completion) -> None:
     assert any(0 < n < len(final) for n in shown), f"the answer did not stream: lengths shown {sorted(shown)}"
 
 
+def load_config_keys(site: dict) -> dict:
+    """The site's config file as keys (to load another model with its settings)."""
+    import yaml
+
+    return yaml.safe_load(site["config"].read_text())
+
+
 def user(text: str, *images: Path) -> dict:
     parts = [{"type": "image", "image": Image.open(p).convert("RGB")} for p in images]
     return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
@@ -513,6 +520,23 @@ def test_export_tab_merges_an_adapter_with_progress(site: dict, page, tmp_path: 
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)  # merged in
     page.screenshot(path=site["shots"] / "export.png", full_page=True)
 
+    # The Chat tab loads the merged model and answers as the engine does on it.
+    page.get_by_role("tab", name="Chat").click()
+    page.locator("#model-path textarea, #model-path input").first.fill(str(merged))
+    page.locator("#adapter-path textarea, #adapter-path input").first.fill("")
+    page.locator("#load-dtype input").click()
+    page.get_by_role("option", name="float32", exact=True).click()
+    watch(page, "#model-status")
+    page.locator("#load-btn").click()
+    assert str(merged) in wait_seen(page, "#model-status", "Model loaded", after="Loading")
+    engine = Engine.from_config(
+        load_config("infer", extra={**load_config_keys(site), "model_name_or_path": str(merged)})
+    )
+    page.locator("#clear-btn").click()
+    question = user("Which color is the ball?")
+    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')")
+    expect_answer(page, send(page, "Which color is the ball?"), engine.chat([question]))
+
 
 def test_evaluate_tab_runs_predict_and_shows_its_scores(site: dict, page, tmp_path: Path) -> None:
     """Predict from the page: an unregistered dataset is the CLI's message; a real run writes the
@@ -581,6 +605,22 @@ def train_status(page, needle: str) -> str:
     return page.locator("#tr-status").inner_text()
 
 
+def wait_curve(page, colour: str, points: int) -> None:
+    """Wait until the loss plot draws a line of ``colour`` through at least ``points`` points."""
+    page.wait_for_function(
+        """([colour, points]) => [...document.querySelectorAll('#tr-plot path')].some(
+             p => p.getAttribute('stroke') === colour && (p.getAttribute('d') || '').split('L').length >= points)""",
+        arg=[colour, points],
+    )
+
+
+def train_notice(page, needle: str) -> str:
+    page.wait_for_function(
+        "needle => document.querySelector('#tr-notice').innerText.includes(needle)", arg=needle
+    )
+    return page.locator("#tr-notice").inner_text()
+
+
 def shown_step(page) -> int:
     match = re.search(r"step (\d+) / (\d+)", page.locator("#tr-status").inner_text())
     assert match, page.locator("#tr-status").inner_text()
@@ -620,7 +660,7 @@ def test_train_tab_starts_watches_stops_resumes_and_finishes(site: dict, page, t
     field(page, "learning_rate").fill("-1")
     field(page, "learning_rate").press("Tab")
     page.locator("#tr-start").click()
-    status = train_status(page, "Error")
+    status = train_notice(page, "Error")
     assert "invalid configuration" in status and "learning_rate" in status, status
     assert not out.exists()
     field(page, "learning_rate").fill("0.01")
@@ -637,7 +677,7 @@ def test_train_tab_starts_watches_stops_resumes_and_finishes(site: dict, page, t
     page.wait_for_function(
         "() => document.querySelector('#tr-status').innerText.match(/step ([2-9]\\d|\\d{3}) \\//)"
     )  # a few points on the curve
-    page.wait_for_function("() => document.querySelector('#tr-plot').innerText.includes('train loss')")
+    wait_curve(page, SERIES_COLORS["train"], points=10)
     assert pixels_of(page, "#tr-plot", SERIES_COLORS["train"]) > 100  # the train loss curve is drawn
 
     page.locator("#tr-stop").click()
@@ -664,13 +704,13 @@ def test_train_tab_starts_watches_stops_resumes_and_finishes(site: dict, page, t
     assert steps == sorted(set(steps)) and steps[-1] == total  # one unbroken log across the stop
     assert any("eval_loss" in r for r in records)
     assert "train_loss" in page.locator("#tr-log textarea").input_value()
-    time.sleep(1.5)
+    wait_curve(page, SERIES_COLORS["eval"], points=3)
     assert pixels_of(page, "#tr-plot", SERIES_COLORS["eval"]) > 30  # and the eval loss curve
     assert "eval loss" in page.locator("#tr-plot").inner_text()
     page.screenshot(path=site["shots"] / "train.png", full_page=True)
 
     page.locator("#tr-start").click()
-    status = train_status(page, "Error")
+    status = train_notice(page, "Error")
     assert "exists and is not empty" in status and "resume_from_checkpoint" in status, status
 
 

@@ -191,7 +191,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
         dataset_dir, allow_outside_media = cfg.data.dataset_dir, cfg.data.allow_outside_media
 
     with gr.Blocks(title="eqakit", analytics_enabled=False) as app:
-        gr.Markdown("## eqakit: chat with, evaluate and export Qwen3-VL")
+        gr.Markdown("## eqakit: train, evaluate, export and chat with Qwen3-VL")
         with gr.Row(equal_height=True):
             model_box = gr.Textbox(
                 model_path, label="Model path (base or merged)", scale=4, elem_id="model-path"

@@ -73,7 +73,7 @@ class Command:
         )
         if start is None:
             return lines[-1] if lines else f"eqakit {self.verb} exited with status {self.returncode}"
-        return "\n".join(lines[start:]).removeprefix(f"eqakit {self.verb}: ")
+        return "\n".join(lines[start:]).removeprefix(f"eqakit {self.verb}: ").removeprefix("error: ")
 
     def stop(self) -> None:
         """SIGTERM: training finishes its step and saves a checkpoint; a second one ends it at once."""

@@ -300,7 +300,8 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
             start_btn = gr.Button("Start", variant="primary", elem_id="tr-start")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="tr-stop")
             resume_btn = gr.Button("Resume", elem_id="tr-resume")
-        status = gr.Markdown(elem_id="tr-status")
+        notice = gr.Markdown(elem_id="tr-notice")  # what the last button did (or why it could not)
+        status = gr.Markdown(elem_id="tr-status")  # the watched run, refreshed while it runs
         plot = gr.LinePlot(
             loss_frame([]),
             x="step",
@@ -315,7 +316,7 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
             label="Log", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False, elem_id="tr-log"
         )
         seen = gr.State(-1)  # how many log records the plot shows
-        timer = gr.Timer(1.0)
+        timer = gr.Timer(1.0, active=False)  # ticks only while a run started here is live
 
         def load(path: str) -> tuple[Any, ...]:
             try:
@@ -326,22 +327,22 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
             note = f"Loaded {path.strip()}: {len(keys)} keys, {shown} of them in the form; the others run as written."
             return (keys, note, *form_values(keys))
 
-        def start(resume: bool, keys: dict[str, Any], *fields: Any) -> str:
+        def start(resume: bool, keys: dict[str, Any], *fields: Any) -> tuple[str, Any]:
             try:
                 run = runs.start(run_keys(keys, list(fields)), resume)
             except UIError as exc:
-                return error_line(exc)
-            return run.status([])
+                return error_line(exc), gr.skip()
+            verb = "Resumed" if resume else "Started"
+            return f"{verb} `eqakit train` writing to {run.output_dir}", gr.Timer(active=True)
 
-        def stop(output_dir: str) -> str:
+        def stop(output_dir: str) -> tuple[str, Any]:
             run = runs.find(output_dir)
             if run is None or not run.command.running:
-                return error_line(
-                    f"no run started here is writing to {output_dir.strip() or '(no output dir)'}"
-                )
+                where = output_dir.strip() or "(no output dir)"
+                return error_line(f"no run started here is writing to {where}"), gr.skip()
             run.stopping = True  # a second Stop sends a second SIGTERM: StopOnSignal then ends at once
             run.command.stop()
-            return run.status(read_log(run.output_dir))
+            return "Stop sent: the run ends after this step, with a checkpoint", gr.Timer(active=True)
 
         def poll(output_dir: str, shown: int) -> tuple[Any, ...]:
             run = runs.find(output_dir)
@@ -362,15 +363,16 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
                 if len(records) != shown
                 else gr.skip()
             )
-            return text, frame, lines, len(records)
+            live = run is not None and run.command.running
+            return text, frame, lines, len(records), gr.Timer(active=live)
 
         def attach() -> tuple[Any, ...]:
             """A page opened (or reloaded) while runs exist shows the newest one."""
             run = runs.newest
             if run is None:
-                return (gr.skip(),) * (1 + len(FORM))
+                return (gr.skip(),) * (2 + len(FORM))
             keys = {k: v for k, v in run.keys.items() if k != "resume_from_checkpoint"}
-            return (keys, *form_values(keys))
+            return (keys, *form_values(keys), gr.Timer(active=True))
 
         load_btn.click(load, config_box, [loaded, load_status, *boxes])
         gr.on(
@@ -382,12 +384,14 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
         )
         boxes[1].change(datasets_table, boxes[1], datasets, show_progress="hidden")
         save_btn.click(save_config, [save_box, yaml_box], load_status)
-        start_btn.click(lambda *a: start(False, *a), [loaded, *boxes], status)
-        resume_btn.click(lambda *a: start(True, *a), [loaded, *boxes], status)
-        stop_btn.click(stop, boxes[3], status)
-        timer.tick(poll, [boxes[3], seen], [status, plot, log, seen], show_progress="hidden")
-        gr.on([boxes[3].change], lambda: -1, None, seen)  # another output dir: redraw its curve
-        app.load(attach, None, [loaded, *boxes])
+        start_btn.click(lambda *a: start(False, *a), [loaded, *boxes], [notice, timer])
+        resume_btn.click(lambda *a: start(True, *a), [loaded, *boxes], [notice, timer])
+        stop_btn.click(stop, boxes[3], [notice, timer])
+        watched = [status, plot, log, seen, timer]
+        timer.tick(poll, [boxes[3], seen], watched, show_progress="hidden")
+        # another output dir: show its run (or its trainer_log.jsonl) and draw its curve afresh
+        boxes[3].change(lambda out: poll(out, -1), boxes[3], watched, show_progress="hidden")
+        app.load(attach, None, [loaded, *boxes, timer])
 
 
 def save_config(path: str, text: str) -> str:
