@@ -285,6 +285,21 @@ def test_unknown_dataset_and_model_without_processor(tmp_path, tiny_model_dir, t
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_of_another_architecture_is_refused_by_model_type(
+    tmp_path, tiny_model_dir, toy_dataset, capsys
+) -> None:
+    """A Qwen2.5-VL (or any other) checkpoint is named with its model_type before weights load."""
+    other = tmp_path / "qwen2_5_vl"
+    shutil.copytree(tiny_model_dir, other)
+    config_file = other / "config.json"
+    config_file.write_text(config_file.read_text().replace('"qwen3_vl"', '"qwen2_5_vl"'))
+    cfg = config(tmp_path, other, toy_dataset)
+    assert main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"model_name_or_path '{other}' is a 'qwen2_5_vl' model; eqakit supports qwen3_vl" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_adapter_of_another_base_is_refused(tmp_path, tiny_model_dir, toy_dataset, capsys) -> None:
     from eqakit.model.tiny import build_tiny_model
 

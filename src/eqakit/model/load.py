@@ -19,6 +19,7 @@ from eqakit.errors import EqakitError
 from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
 
 ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
+SUPPORTED = {"qwen3_vl": "Qwen3-VL, dense"}  # config.json model_type -> what it is
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -51,12 +52,45 @@ def _check_model_source(name: str) -> None:
         )
 
 
+def check_supported(name: str, model_args: ModelArguments) -> None:
+    """Refuse, before any weights load, a checkpoint whose architecture eqakit does not handle.
+
+    Another architecture would load through the Auto classes and then fail deep inside the vision
+    cache, the template or the LoRA setup; its model_type is known from config.json at once. A hub
+    id not in the local cache is left to the loader, whose error says so.
+    """
+    import json
+
+    path = Path(name).expanduser()
+    try:
+        if (path / "config.json").is_file():
+            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+        else:
+            from transformers import AutoConfig
+
+            model_type = AutoConfig.from_pretrained(
+                name,
+                trust_remote_code=model_args.trust_remote_code,
+                cache_dir=model_args.cache_dir,
+                revision=model_args.model_revision,
+            ).model_type
+    except (OSError, ValueError, AttributeError):
+        return
+    if model_type not in SUPPORTED:
+        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
+        raise EqakitError(
+            f"model_name_or_path {name!r} is a {model_type!r} model; eqakit supports {supported} only "
+            "(Qwen2.5-VL and Qwen3-VL-MoE are not supported yet)"
+        )
+
+
 def load_processor(model_args: ModelArguments, path: str | None = None) -> Any:
     """The checkpoint's processor (tokenizer + image processor + chat template)."""
     from transformers import AutoProcessor
 
     name = path or model_args.model_name_or_path
     _check_model_source(name)
+    check_supported(name, model_args)
     try:
         return AutoProcessor.from_pretrained(
             name,
@@ -93,6 +127,7 @@ def load_base_model(model_args: ModelArguments, *, device: torch.device, dtype: 
 
     name = model_args.model_name_or_path
     _check_model_source(name)
+    check_supported(name, model_args)
     attn = ATTENTION[model_args.flash_attn]
     if attn == "flash_attention_2" and device.type != "cuda":
         raise EqakitError("flash_attn: fa2 needs a CUDA GPU with flash-attn installed; use flash_attn: auto")
