@@ -697,6 +697,7 @@ def test_train_tab_starts_watches_stops_resumes_and_finishes(site: dict, page, t
         "out => document.querySelector('#tr-output_dir input, #tr-output_dir textarea').value === out",
         arg=str(out),
     )
+    assert field(page, "config").input_value() == str(config)
     status = train_status(page, "Finished")
     assert f"step {total} / {total}" in status and (out / "adapter_model.safetensors").is_file(), status
     records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]

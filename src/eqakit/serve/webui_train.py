@@ -187,6 +187,7 @@ class TrainRun:
     keys: dict[str, Any]
     command: Command
     resumed: bool
+    config_file: str = ""  # the Config file box when it started, shown again to a reloaded page
     stopping: bool = False
     started: float = field(default_factory=time.time)
 
@@ -230,7 +231,7 @@ class TrainRuns:
     newest: TrainRun | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self, keys: dict[str, Any], resume: bool) -> TrainRun:
+    def start(self, keys: dict[str, Any], resume: bool, config_file: str = "") -> TrainRun:
         from eqakit.train.sft import resolve_resume  # the CLI's own output_dir and checkpoint checks
 
         check_keys(keys)
@@ -247,7 +248,7 @@ class TrainRuns:
                 raise UIError(str(exc)) from None
             if live is not None:
                 live.command.remove()
-            run = TrainRun(out, keys, Command("train", keys), resume)
+            run = TrainRun(out, keys, Command("train", keys), resume, config_file)
             self.runs[out] = self.newest = run
         return run
 
@@ -327,9 +328,9 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
             note = f"Loaded {path.strip()}: {len(keys)} keys, {shown} of them in the form; the others run as written."
             return (keys, note, *form_values(keys))
 
-        def start(resume: bool, keys: dict[str, Any], *fields: Any) -> tuple[str, Any]:
+        def start(resume: bool, config_file: str, keys: dict[str, Any], *fields: Any) -> tuple[str, Any]:
             try:
-                run = runs.start(run_keys(keys, list(fields)), resume)
+                run = runs.start(run_keys(keys, list(fields)), resume, config_file)
             except UIError as exc:
                 return error_line(exc), gr.skip()
             verb = "Resumed" if resume else "Started"
@@ -370,9 +371,9 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
             """A page opened (or reloaded) while runs exist shows the newest one."""
             run = runs.newest
             if run is None:
-                return (gr.skip(),) * (2 + len(FORM))
+                return (gr.skip(),) * (3 + len(FORM))
             keys = {k: v for k, v in run.keys.items() if k != "resume_from_checkpoint"}
-            return (keys, *form_values(keys), gr.Timer(active=True))
+            return (run.config_file, keys, *form_values(keys), gr.Timer(active=True))
 
         load_btn.click(load, config_box, [loaded, load_status, *boxes])
         gr.on(
@@ -384,14 +385,14 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
         )
         boxes[1].change(datasets_table, boxes[1], datasets, show_progress="hidden")
         save_btn.click(save_config, [save_box, yaml_box], load_status)
-        start_btn.click(lambda *a: start(False, *a), [loaded, *boxes], [notice, timer])
-        resume_btn.click(lambda *a: start(True, *a), [loaded, *boxes], [notice, timer])
+        start_btn.click(lambda *a: start(False, *a), [config_box, loaded, *boxes], [notice, timer])
+        resume_btn.click(lambda *a: start(True, *a), [config_box, loaded, *boxes], [notice, timer])
         stop_btn.click(stop, boxes[3], [notice, timer])
         watched = [status, plot, log, seen, timer]
         timer.tick(poll, [boxes[3], seen], watched, show_progress="hidden")
         # another output dir: show its run (or its trainer_log.jsonl) and draw its curve afresh
         boxes[3].change(lambda out: poll(out, -1), boxes[3], watched, show_progress="hidden")
-        app.load(attach, None, [loaded, *boxes, timer])
+        app.load(attach, None, [config_box, loaded, *boxes, timer])
 
 
 def save_config(path: str, text: str) -> str:
