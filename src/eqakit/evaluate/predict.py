@@ -87,7 +87,8 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
     if not samples:
         raise DataError(f"eval_dataset {cfg.data.eval_dataset!r} has no samples")
     sizes = _check_samples(samples)
-    prompts = [_prompt(cfg, s) for s in samples]
+    fmt = PromptFormat.from_config(cfg)
+    prompts = [_prompt(fmt, s) for s in samples]
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / PREDICTIONS
@@ -203,9 +204,8 @@ def _check_samples(samples: list[Sample]) -> list[list[tuple[int, int]]]:
     return sizes
 
 
-def _prompt(cfg: Config, sample: Sample) -> str:
+def _prompt(fmt: PromptFormat, sample: Sample) -> str:
     """The prompt as rendered for the model (one <|image_pad|> per image), for the predictions file."""
-    fmt = PromptFormat.from_config(cfg)
     return render_prompt(
         sample.prompt_messages,
         fmt.template,
