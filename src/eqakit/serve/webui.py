@@ -263,7 +263,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
             clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
 
         build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
-        build_train_tab(app, train or {}, str(cfg.source) if train and cfg and cfg.source else "")
+        build_train_tab(app, train or {}, str(cfg.source) if train else "")
         build_evaluate_tab(model_path, adapter_path, template, dataset_dir, settings)
         build_results_tab(dataset_dir, allow_outside_media)
         build_export_tab(model_path, adapter_path, template)
@@ -301,10 +301,11 @@ def cli(argv: list[str]) -> int:
 
     overrides = parse_overrides(args.overrides)
     cfg, train = None, None
-    if args.config is not None and infer_kind(read_yaml(args.config)) == "train":
+    raw = read_yaml(args.config) if args.config is not None else {}
+    if infer_kind(raw) == "train":
         # A training config (the tutorial's training_args.yaml) fills the Train tab; nothing loads.
         cfg = load_config("train", args.config, args.overrides)
-        train = {**read_yaml(args.config), **overrides}
+        train = {**raw, **overrides}
         print(f"eqakit webui: {args.config} is a training config: the Train tab holds it", flush=True)
     slot = ModelSlot(None if train else args.config, None if train else overrides)
     if args.config is not None and train is None:

@@ -25,7 +25,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from eqakit.config import load_config, read_yaml
+from eqakit.config import Config, load_config, read_yaml
 from eqakit.config.load import key_defaults
 from eqakit.data.dataset import registered_datasets
 from eqakit.errors import EqakitError
@@ -58,6 +58,7 @@ NUMBERS = [
 ]
 FORM = PATHS + NUMBERS
 LOG_FILE = "trainer_log.jsonl"
+SERIES = (("loss", "train"), ("eval_loss", "eval"))  # trainer_log.jsonl key -> plotted series
 SERIES_COLORS = {"train": "#ea580c", "eval": "#2563eb"}
 
 
@@ -89,14 +90,15 @@ def run_keys(base: dict[str, Any], fields: list[Any]) -> dict[str, Any]:
     return keys
 
 
-def check_keys(keys: dict[str, Any]) -> None:
-    """Raise UIError with `eqakit train`'s own message if it would refuse these keys."""
+def check_keys(keys: dict[str, Any]) -> Config:
+    """The config `eqakit train` would build from these keys; raises UIError with its own message
+    if it would refuse them."""
     if keys.get("do_predict"):
         raise UIError("this config predicts (do_predict: true): run it from the Evaluate tab")
     if not keys.get("output_dir"):
         raise UIError("set an output dir: the adapter, checkpoints and logs go there")
     try:
-        load_config("train", None, None, keys)
+        return load_config("train", None, None, keys)
     except EqakitError as exc:
         raise UIError(str(exc)) from None
 
@@ -151,7 +153,7 @@ def loss_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     rows = [
         {"step": r["current_steps"], "loss": r[key], "series": series}
         for r in records
-        for key, series in (("loss", "train"), ("eval_loss", "eval"))
+        for key, series in SERIES
         if isinstance(r.get(key), (int, float))
     ]
     frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
@@ -163,7 +165,7 @@ def loss_caption(records: list[dict[str, Any]]) -> str:
     """The newest train and eval loss, under the plot."""
     last = {
         series: next((r[key] for r in reversed(records) if isinstance(r.get(key), (int, float))), None)
-        for key, series in (("loss", "train"), ("eval_loss", "eval"))
+        for key, series in SERIES
     }
     return ", ".join(f"{series} loss {value:.4g}" for series, value in last.items() if value is not None)
 
@@ -234,16 +236,16 @@ class TrainRuns:
     def start(self, keys: dict[str, Any], resume: bool, config_file: str = "") -> TrainRun:
         from eqakit.train.sft import resolve_resume  # the CLI's own output_dir and checkpoint checks
 
-        check_keys(keys)
         if resume:
             keys = {**keys, "resume_from_checkpoint": True}
+        cfg = check_keys(keys)
         out = Path(keys["output_dir"]).expanduser().resolve()
         with self.lock:
             live = self.runs.get(out)
             if live is not None and live.command.running:
                 raise UIError(f"a run is already writing to {out}: Stop it first")
             try:
-                resolve_resume(load_config("train", None, None, keys))
+                resolve_resume(cfg)
             except EqakitError as exc:
                 raise UIError(str(exc)) from None
             if live is not None:
