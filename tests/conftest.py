@@ -18,11 +18,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 
-def write_toy_dataset(root: Path, episodes: int = 6, questions: int = 4, frames: int = 2) -> Path:
+def write_toy_dataset(
+    root: Path, episodes: int = 6, questions: int = 4, frames: int = 2, as_video: bool = False
+) -> Path:
     """A LLaMA-Factory dataset dir like `eqakit prepare` writes: a coloured ball per episode, "What color?".
 
     Registered as ``toy`` (all rows) in dataset_info.json; frames are small JPEGs shared by the
-    questions of an episode, as in OpenEQA.
+    questions of an episode, as in OpenEQA; ``as_video``: each episode's frames are one video (a
+    ``videos`` column of frame lists, one ``<video>`` placeholder).
     """
     import json
 
@@ -40,19 +43,22 @@ def write_toy_dataset(root: Path, episodes: int = 6, questions: int = 4, frames:
             image.save(path, quality=90)
             images.append(path.relative_to(root).as_posix())
         for q in range(questions):
+            media = {"videos": [images]} if as_video else {"images": images}
             rows.append(
                 {
-                    "instruction": "<image>" * frames + "What color is the ball?",
+                    "instruction": ("<video>" if as_video else "<image>" * frames)
+                    + "What color is the ball?",
                     "input": "",
                     "output": color.capitalize(),
-                    "images": images,
+                    **media,
                     "question_id": f"q{ep}-{q}",
                     "category": "attribute recognition",
                     "episode_history": f"toy/ep{ep}",
                 }
             )
     (root / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    columns = {"prompt": "instruction", "query": "input", "response": "output", "images": "images"}
+    columns = {"prompt": "instruction", "query": "input", "response": "output"}
+    columns.update({"videos": "videos"} if as_video else {"images": "images"})
     (root / "dataset_info.json").write_text(
         json.dumps({"toy": {"file_name": "toy.jsonl", "columns": columns}})
     )

@@ -156,9 +156,9 @@ def test_preprocessing_workers_decode_frames_ahead_with_the_same_answers(
     seen: set[str] = set()
     load = predict._ImageCache.load
 
-    def recording(self, sample):
+    def recording(self, sample, videos):
         seen.add(threading.current_thread().name)
-        return load(self, sample)
+        return load(self, sample, videos)
 
     monkeypatch.setattr(predict._ImageCache, "load", recording)
     run_predict(config(lively_dir, dataset, threads, preprocessing_num_workers=4))

@@ -555,3 +555,51 @@ def test_python_api_returns_summary(tmp_path: Path) -> None:
         tmp_path / "out", questions=questions, frames=frames, options=PrepareOptions(workers=1, test_size=0.3)
     )
     assert summary["splits"]["open_eqa_test"]["episodes"] >= 1 and summary["options"]["workers"] == 1
+
+
+def test_as_video_writes_each_episodes_frames_once_as_a_video(tmp_path: Path, capsys) -> None:
+    """--as-video: the same frames, each row one <video> whose videos entry lists them; registered with
+    a videos column, read back as frame-list videos that plan within cutoff_len."""
+    from transformers import AutoProcessor
+
+    from eqakit.data.dataset import load_samples
+    from eqakit.data.encode import PromptFormat, plan_sample
+    from eqakit.data.video import probe
+
+    questions, frames = write_official(tmp_path / "src")
+    out = tmp_path / "data"
+    argv = ["prepare", "openeqa", "--questions", str(questions), "--frames", str(frames), "--num-frames", "6"]
+    assert main([*argv, "--output-dir", str(out), "--as-video"]) == 0
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["open_eqa_test"]["columns"] == {
+        "prompt": "instruction", "query": "input", "response": "output", "videos": "videos"
+    }  # fmt: skip
+    rows = [
+        json.loads(line)
+        for name in ("open_eqa_train_val", "open_eqa_test")
+        for line in (out / f"{name}.jsonl").read_text().splitlines()
+    ]
+    assert all(
+        r["instruction"].startswith("<video>") and "images" not in r and len(r["videos"]) == 1 for r in rows
+    )
+    by_episode = {r["episode_history"]: r["videos"][0] for r in rows}
+    assert all(len(v) == min(6, dict((h, n) for h, n, _ in EPISODES)[e]) for e, v in by_episode.items())
+    written = sorted(p.relative_to(out).as_posix() for p in (out / "open_eqa_frames").rglob("*.jpg"))
+    assert written == sorted(f for v in by_episode.values() for f in v)  # each frame once, shared by the rows
+
+    samples = load_samples("open_eqa_train_val", out)
+    processor = AutoProcessor.from_pretrained(build_tiny())
+    video = probe(samples[0].videos[0], fps=2.0, maxlen=128)
+    plan = plan_sample(
+        samples[0].messages, [], processor.tokenizer, PromptFormat(cutoff_len=4096), videos=[video]
+    )
+    assert plan.videos[0].grid[0] == len(video.indices) // 2 and plan.length <= 4096
+
+
+@functools.cache
+def build_tiny() -> Path:
+    import tempfile
+
+    from eqakit.model.tiny import build_tiny_model
+
+    return build_tiny_model(Path(tempfile.mkdtemp()) / "tiny")

@@ -180,13 +180,21 @@ def test_encoding_matches_the_processor(processor) -> None:
 def test_one_model_inputs_step_expands_pads_and_checks_grids(processor) -> None:
     """expand_pads is the only pad expansion (training and the engine); pixel_values refuses pixels
     whose grid is not the planned one, so image tokens and features can never disagree."""
-    from eqakit.data.encode import expand_pads, image_digest, image_key, pixel_values
+    from eqakit.data.encode import PadIds, expand_pads, image_digest, image_key, pixel_values
 
-    pad = 7
-    ids, spans = expand_pads([1, pad, 2, pad], [(1, 4, 4), (1, 2, 6)], pad, merge=2)
-    assert ids == [1, *[pad] * 4, 2, *[pad] * 3] and spans == [(1, 4), (6, 3)]
-    with pytest.raises(ValueError, match="2 image pads for 1 images"):
-        expand_pads([pad, pad], [(1, 2, 2)], pad, merge=2)
+    pad, vpad = 7, 8
+    pads = PadIds(pad, vpad)
+    ids, spans, videos = expand_pads([1, pad, 2, pad], [(1, 4, 4), (1, 2, 6)], pads, merge=2)
+    assert ids == [1, *[pad] * 4, 2, *[pad] * 3] and spans == [(1, 4), (6, 3)] and videos == []
+    with pytest.raises(ValueError, match="2 image pads and 0 video pads for 1 images"):
+        expand_pads([pad, pad], [(1, 2, 2)], pads, merge=2)
+    # a video of two temporal patches (one pad each, a timestamp token between) and an image
+    ids, spans, videos = expand_pads(
+        [vpad, 3, vpad, pad], [(1, 2, 2)], pads, merge=2, video_grids=[(2, 4, 2)]
+    )
+    assert ids == [*[vpad] * 2, 3, *[vpad] * 2, pad] and spans == [(5, 1)] and videos == [(0, 5)]
+    with pytest.raises(ValueError, match="1 video pads for 0 images and 1 videos of 2 temporal patches"):
+        expand_pads([vpad], [], pads, merge=2, video_grids=[(2, 2, 2)])
 
     image = Image.new("RGB", (64, 48), (10, 20, 30))
     values, grid = pixel_values([image], processor.image_processor, 32 * 32, 64 * 64, [(1, 4, 4)])

@@ -203,16 +203,28 @@ def _corrupt(data: Path, how: str) -> str:
     elif how == "empty answer":
         rows[2]["output"] = "  "
         expected = "toy.jsonl:3: empty answer"
-    elif how == "video placeholder":  # LLaMA-Factory's; eqakit must not train on it as text
+    elif how == "video placeholder":  # a <video> without a video: never trained on as text
         rows[4]["instruction"] = "<video>" + rows[4]["instruction"]
-        expected = "toy.jsonl:5: the text holds a <video> placeholder, and eqakit reads images only"
-    elif how == "videos column":
+        expected = "toy.jsonl:5: the text has 1 video placeholder(s) but the sample has 0 video(s)"
+    elif how == "audio placeholder":  # LLaMA-Factory's; eqakit must not train on it as text
+        rows[4]["instruction"] = "<audio>" + rows[4]["instruction"]
+        expected = (
+            "toy.jsonl:5: the text holds a <audio> placeholder, and eqakit reads images and videos only"
+        )
+    elif how == "audios column":
+        info = json.loads((data / "dataset_info.json").read_text())
+        info["toy"]["columns"]["audios"] = "audios"
+        (data / "dataset_info.json").write_text(json.dumps(info))
+        expected = (
+            "dataset 'toy' in " + str(data / "dataset_info.json") + ": column 'audios' is not read by eqakit"
+        )
+    elif how == "missing video":
         info = json.loads((data / "dataset_info.json").read_text())
         info["toy"]["columns"]["videos"] = "videos"
         (data / "dataset_info.json").write_text(json.dumps(info))
-        expected = (
-            "dataset 'toy' in " + str(data / "dataset_info.json") + ": column 'videos' is not read by eqakit"
-        )
+        rows[2]["instruction"] = "<video>" + rows[2]["instruction"]
+        rows[2]["videos"] = ["walk.mp4"]
+        expected = f"toy.jsonl:3: video 0: video file not found: {data / 'walk.mp4'}"
     else:
         raise AssertionError(how)
     (data / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -227,7 +239,9 @@ def _corrupt(data: Path, how: str) -> str:
         "placeholder count",
         "empty answer",
         "video placeholder",
-        "videos column",
+        "audio placeholder",
+        "audios column",
+        "missing video",
         "invalid utf-8",
         "invalid utf-8 in a .json dataset",
         "image path leaving the dataset dir",

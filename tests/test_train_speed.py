@@ -13,7 +13,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conftest import assert_close_to_scale
 from eqakit.config import load_config
-from eqakit.data.encode import ImageBudget
+from eqakit.data.encode import PromptFormat
 from eqakit.errors import DataError
 from eqakit.train.data import Collator, KeyedImages, PlannedDataset, load_training_samples, plan_samples
 from eqakit.train.lora import apply_lora
@@ -24,9 +24,25 @@ from eqakit.train.vision_cache import VisionFeatureCache
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    return _setup(tiny_model_dir, tmp_path_factory, as_video=False)
+
+
+@pytest.fixture(scope="module")
+def video_setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The same episodes with their frames as videos of 4 frames (2 temporal patches, timestamps between)."""
+    return _setup(tiny_model_dir, tmp_path_factory, as_video=True)
+
+
+def _setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, as_video: bool):
     from conftest import write_toy_dataset
 
-    data = write_toy_dataset(tmp_path_factory.mktemp("speed") / "data", episodes=3, questions=4, frames=2)
+    data = write_toy_dataset(
+        tmp_path_factory.mktemp("speed") / "data",
+        episodes=3,
+        questions=4,
+        frames=4 if as_video else 2,
+        as_video=as_video,
+    )
     # questions of different lengths, so branches differ in length and position
     import json
 
@@ -51,14 +67,14 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         ],
     )
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    budget = ImageBudget(cfg.model.image_min_pixels, cfg.model.image_max_pixels)
+    fmt = PromptFormat.from_config(cfg)
     plans, samples, _ = plan_samples(load_training_samples(cfg), processor, cfg)
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cache = VisionFeatureCache()
-    keyed = KeyedImages(budget.min_pixels)
+    keyed = KeyedImages(fmt.budget.min_pixels, fmt.video.min_pixels)
     keys = [keyed.keys(plan, s) for plan, s in zip(plans, samples, strict=True)]
-    cache.build(model, processor, budget, keyed.wanted, torch.device("cpu"), show_progress=False)
+    cache.build(model, processor, fmt, keyed, torch.device("cpu"), show_progress=False)
     model = apply_lora(model, cfg)
     for name, param in model.named_parameters():  # non-zero B so the adapter matters in the comparison
         if "lora_B" in name:
@@ -66,8 +82,8 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     model.eval()
     args = TrainingArguments(output_dir=str(out), report_to="none", use_cpu=True)
     trainer = EqakitTrainer(model=model, args=args, processing_class=processor, vision_cache=cache)
-    plain = PlannedDataset(plans, samples, processor, budget)
-    cached = PlannedDataset(plans, samples, processor, budget, keys)
+    plain = PlannedDataset(plans, samples, processor, fmt)
+    cached = PlannedDataset(plans, samples, processor, fmt, keys)
     return trainer, model, plain, cached, processor, cache
 
 
@@ -76,22 +92,33 @@ def _loss(trainer, batch) -> float:
         return float(trainer.compute_loss(trainer.model, dict(batch)))
 
 
-def test_vision_cache_gives_the_plain_loss(setup) -> None:
-    trainer, model, plain, cached, processor, cache = setup
-    assert len(cache) == 6  # 3 episodes x 2 frames, each through the tower once
+@pytest.mark.parametrize("medium", ["images", "video"])
+def test_vision_cache_gives_the_plain_loss(request, medium) -> None:
+    trainer, model, plain, cached, processor, cache = request.getfixturevalue(
+        "setup" if medium == "images" else "video_setup"
+    )
+    # 3 episodes x 2 frames, or 3 videos, each through the tower once
+    assert len(cache) == (6 if medium == "images" else 3)
     collate = Collator(processor.tokenizer.pad_token_id)
     for rows in ([0, 1], [3, 4, 8], [11]):
         a = _loss(trainer, collate([plain[i] for i in rows]))
         b_batch = collate([cached[i] for i in rows])
-        assert "pixel_values" not in b_batch and len(b_batch["image_keys"]) == 2 * len(rows)
+        assert "pixel_values" not in b_batch and "pixel_values_videos" not in b_batch
+        if medium == "images":
+            assert len(b_batch["image_keys"]) == 2 * len(rows)
+        else:
+            assert len(b_batch["video_keys"]) == len(rows) and b_batch["video_grid_thw"][0, 0] == 2
         assert _loss(trainer, b_batch) == pytest.approx(
             a, rel=2e-6
         )  # float32 sums in another order: relative
 
 
+@pytest.mark.parametrize("medium", ["images", "video"])
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_shared_prefix_packing_gives_the_plain_loss(setup, use_cache) -> None:
-    trainer, model, plain, cached, processor, cache = setup
+def test_shared_prefix_packing_gives_the_plain_loss(request, use_cache, medium) -> None:
+    trainer, model, plain, cached, processor, cache = request.getfixturevalue(
+        "setup" if medium == "images" else "video_setup"
+    )
     dataset = cached if use_cache else plain
     pad = processor.tokenizer.pad_token_id
     for rows in ([0, 1, 2, 3], [4, 5, 8], [0, 5, 9, 10]):  # one episode; two episodes; three

@@ -40,6 +40,13 @@ class ModelArguments:
     image_min_pixels: int = _f(32 * 32, "Smallest image area fed to the vision tower, in pixels.", min=1)
     video_max_pixels: int = _f(256 * 256, "Largest video frame area, in pixels.", min=1)
     video_min_pixels: int = _f(16 * 16, "Smallest video frame area, in pixels.", min=1)
+    video_fps: float = _f(
+        2.0,
+        "Frames per second sampled from a video file; the spacing in time of a video given as frames.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    video_maxlen: int = _f(128, "Most frames taken from one video (longer ones are sampled evenly).", min=1)
     quantization_bit: int | None = _f(
         None, "Load the base model in 4 or 8 bits (bitsandbytes, CUDA only).", choices=(4, 8)
     )

@@ -26,7 +26,7 @@ LLAMA_FACTORY_UNSUPPORTED: frozenset[str] = frozenset(
     swanlab_api_key swanlab_mode swanlab_project swanlab_run_name swanlab_workspace tokenized_path tool_format
     train_from_scratch train_mm_proj_only upcast_layernorm upcast_lmhead_output use_adam_mini use_apollo
     use_audio_in_video use_badam use_cache use_dora use_galore use_kt use_llama_pro use_mca use_muon
-    use_swanlab use_unsloth use_unsloth_gc video_fps video_maxlen
+    use_swanlab use_unsloth use_unsloth_gc
     """.split()
 )
 

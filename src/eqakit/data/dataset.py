@@ -4,7 +4,9 @@ Two formats, as in LLaMA-Factory: ``alpaca`` (instruction/input/output columns; 
 input joined by "\\n"; optional system and history columns) and ``sharegpt`` (a list of
 {from, value} turns). An ``images`` column lists image paths relative to ``media_dir`` (default:
 ``dataset_dir``), which must lead into dataset_dir or media_dir unless the user opts out
-(``allow_outside_media``); ``<image>`` placeholders in the text bind to them in order. Extra columns
+(``allow_outside_media``); ``<image>`` placeholders in the text bind to them in order. A ``videos``
+column lists videos, each a video file path or a list of frame image paths, bound to ``<video>``
+placeholders in order (`eqakit.data.video` reads them). Extra columns
 (question_id, category, episode_history, extra_answers, ...) are kept as metadata so predictions
 can be scored per category.
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from eqakit.data.template import Message
+from eqakit.data.video import VideoSource
 from eqakit.errors import DataError
 
 ALPACA_COLUMNS = {
@@ -30,9 +33,10 @@ ALPACA_COLUMNS = {
     "system": None,
     "history": None,
     "images": None,
+    "videos": None,
 }
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "images": None}
-UNREAD_PLACEHOLDERS = ("<video>", "<audio>")  # LLaMA-Factory's; refused rather than trained on as text
+SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "images": None, "videos": None}
+UNREAD_PLACEHOLDERS = ("<audio>",)  # LLaMA-Factory's; refused rather than trained on as text
 SHAREGPT_TAGS = {
     "role_tag": "from",
     "content_tag": "value",
@@ -51,6 +55,7 @@ class Sample:
     system: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:line", for error messages
+    videos: list[VideoSource] = field(default_factory=list)  # bound to <video> placeholders in order
 
     @property
     def prompt_messages(self) -> list[Message]:
@@ -257,20 +262,40 @@ class _MediaRoots:
         self.allow_outside = allow_outside
         self.checked: set[Path] = set()
 
-    def check(self, path: Path, image: str, where: str) -> None:
+    def check(self, path: Path, image: str, where: str, what: str = "image") -> None:
         if self.allow_outside or path in self.checked:
             return
         try:
             resolved = path.resolve()
         except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
-            raise DataError(f"{where}: image {image!r} cannot be resolved ({exc})") from None
+            raise DataError(f"{where}: {what} {image!r} cannot be resolved ({exc})") from None
         if not any(resolved.is_relative_to(root) for root in self.roots):
             roots = " or ".join(sorted(str(r) for r in self.roots))
             raise DataError(
-                f"{where}: image {image!r} resolves to {resolved}, outside {roots}; move it inside, "
-                "or set allow_outside_media: true if images outside the dataset directory are meant"
+                f"{where}: {what} {image!r} resolves to {resolved}, outside {roots}; move it inside, "
+                f"or set allow_outside_media: true if {what}s outside the dataset directory are meant"
             )
         self.checked.add(path)
+
+
+def _video(video: Any, place: str, media: Path, roots: _MediaRoots) -> VideoSource:
+    """A videos-column item: a video file path, or a non-empty list of frame image paths."""
+
+    def path_of(item: Any, where: str, what: str) -> Path:
+        if not isinstance(item, str):
+            raise DataError(f"{where}: a {what} path must be a string, got {type(item).__name__}")
+        path = Path(item)
+        path = path if path.is_absolute() else media / path
+        roots.check(path, item, where, what)
+        return path
+
+    if isinstance(video, list):
+        if not video:
+            raise DataError(f"{place}: a video given as frames needs at least one frame")
+        return VideoSource(
+            frames=tuple(path_of(f, f"{place} frame {j}", "frame") for j, f in enumerate(video))
+        )
+    return VideoSource(file=path_of(video, place, "video"))
 
 
 def load_samples(
@@ -336,8 +361,9 @@ def load_samples(
             for placeholder in UNREAD_PLACEHOLDERS:
                 if any(placeholder in str(m.get("content", "")) for m in messages):
                     raise DataError(
-                        f"{where}: the text holds a {placeholder} placeholder, and eqakit reads images only "
-                        f"(<image> with an images column); remove the row or turn its media into images"
+                        f"{where}: the text holds a {placeholder} placeholder, and eqakit reads images and "
+                        "videos only (<image> with an images column, <video> with a videos column); remove "
+                        "the row or turn its media into images or videos"
                     )
             images = []
             if columns.get("images") and row.get(columns["images"]):
@@ -351,6 +377,12 @@ def load_samples(
                     path = path if path.is_absolute() else media / path
                     roots.check(path, image, place)
                     images.append(path)
+            videos = []
+            if columns.get("videos") and row.get(columns["videos"]):
+                for i, video in enumerate(_field(row, columns["videos"], where, list)):
+                    videos.append(
+                        _video(video, f"{where}: column {columns['videos']!r} item {i}", media, roots)
+                    )
             meta = {k: v for k, v in row.items() if k not in used}
-            samples.append(Sample(messages, images, system, meta, where))
+            samples.append(Sample(messages, images, system, meta, where, videos))
     return samples

@@ -22,9 +22,11 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
 from eqakit.config.args import DataArguments, ModelArguments
-from eqakit.data.template import NOTHINK, Message, Segment, count_images, render
+from eqakit.data.template import NOTHINK, VIDEO_PAD, Message, Segment, count_parts, render
+from eqakit.data.video import TEMPORAL_PATCH, VideoInfo
 
 if TYPE_CHECKING:
     from eqakit.config.load import Config
@@ -43,6 +45,22 @@ class ImageBudget:
     @classmethod
     def from_config(cls, cfg: Config) -> ImageBudget:
         return cls(cfg.model.image_min_pixels, cfg.model.image_max_pixels)
+
+
+@dataclass(frozen=True)
+class VideoBudget:
+    """How videos are sampled and sized (LLaMA-Factory's video_fps, video_maxlen and the per-frame
+    video_min_pixels / video_max_pixels)."""
+
+    min_pixels: int = ModelArguments.video_min_pixels
+    max_pixels: int = ModelArguments.video_max_pixels
+    fps: float = ModelArguments.video_fps
+    maxlen: int = ModelArguments.video_maxlen
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> VideoBudget:
+        m = cfg.model
+        return cls(m.video_min_pixels, m.video_max_pixels, m.video_fps, m.video_maxlen)
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,7 @@ class PromptFormat:
     default_system: str | None = DataArguments.default_system
     cutoff_len: int = DataArguments.cutoff_len
     budget: ImageBudget = field(default_factory=ImageBudget)
+    video: VideoBudget = field(default_factory=VideoBudget)
 
     @classmethod
     def from_config(cls, cfg: Config) -> PromptFormat:
@@ -87,7 +106,23 @@ class PromptFormat:
             d.default_system,
             d.cutoff_len,
             ImageBudget.from_config(cfg),
+            VideoBudget.from_config(cfg),
         )
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """A planned video: the frames kept (``info``), the frame-area cap they are resized under and the
+    resulting (temporal patches, h, w) grid in patches."""
+
+    info: VideoInfo
+    max_pixels: int
+    grid: tuple[int, int, int]
+
+    @property
+    def clip_grid(self) -> tuple[int, int, int]:
+        """One temporal patch's grid: the unit Qwen3-VL positions and attends over."""
+        return 1, self.grid[1], self.grid[2]
 
 
 @dataclass
@@ -101,14 +136,18 @@ class Plan:
     grids: list[tuple[int, int, int]] = field(default_factory=list)  # (t, h, w) in patches per image
     scaled_down: bool = False
     merge: int = Geometry.merge  # the model's spatial merge: merge x merge patches make one token
+    videos: list[VideoPlan] = field(default_factory=list)
+    frames_dropped: int = 0  # video frames left out to fit cutoff_len
 
     @property
     def num_image_tokens(self) -> int:
-        return _tokens_for(self.grids, self.merge)
+        """Visual tokens of the sample: its images' and its videos'."""
+        return _tokens_for(self.grids + [v.grid for v in self.videos], self.merge)
 
     @property
     def length(self) -> int:
-        return len(self.input_ids) - len(self.grids) + self.num_image_tokens
+        pads = len(self.grids) + sum(v.grid[0] for v in self.videos)
+        return len(self.input_ids) - pads + self.num_image_tokens
 
 
 class SampleTooLong(ValueError):
@@ -187,8 +226,40 @@ def image_grid(
     return 1, h // patch, w // patch
 
 
+def video_grid(
+    frames: int, width: int, height: int, min_pixels: int, max_pixels: int, patch: int = 16, merge: int = 2
+) -> tuple[int, int, int]:
+    """The (t, h, w) patch grid Qwen3-VL's video processor produces for ``frames`` frames of this size
+    with each frame's area within [min_pixels, max_pixels] (`video_size` is its size argument)."""
+    low, high = video_size(frames, min_pixels, max_pixels).values()
+    h, w = video_smart_resize(
+        frames,
+        height,
+        width,
+        temporal_factor=TEMPORAL_PATCH,
+        factor=patch * merge,
+        min_pixels=low,
+        max_pixels=high,
+    )
+    return frames // TEMPORAL_PATCH, h // patch, w // patch
+
+
+def video_size(frames: int, min_pixels: int, max_pixels: int) -> dict[str, int]:
+    """The video processor's ``size`` for a per-frame pixel range: its bounds are on all frames' pixels."""
+    return {"shortest_edge": frames * min_pixels, "longest_edge": frames * max_pixels}
+
+
 def _tokens_for(grids: list[tuple[int, int, int]], merge: int) -> int:
     return sum(t * h * w for t, h, w in grids) // (merge * merge)
+
+
+def _shrink(cap: int, low: int, room: int, factor: int) -> int | None:
+    """The next, smaller pixel cap when a sample does not fit (``room``: visual tokens per item that
+    would fit), or None when the cap cannot go lower."""
+    new_cap = min(int(cap * 0.9), room * factor * factor)
+    if new_cap < low or new_cap < factor * factor or new_cap >= cap:
+        return None
+    return new_cap
 
 
 def plan_sample(
@@ -197,27 +268,73 @@ def plan_sample(
     tokenizer: Any,
     fmt: PromptFormat,
     *,
+    videos: list[VideoInfo] | tuple[VideoInfo, ...] = (),
     system: str | None = None,
     add_generation_prompt: bool = False,
     train_on_prompt: bool = False,
     mask_history: bool = False,
     geometry: Geometry = Geometry(),  # noqa: B008 - frozen, so a shared default is safe
 ) -> Plan:
-    """Tokenize a rendered conversation and fit its images into ``fmt.cutoff_len``.
+    """Tokenize a rendered conversation and fit its images and videos into ``fmt.cutoff_len``.
 
     ``system`` is the conversation's own system prompt (a dataset's system column, a request's
     system field); `eqakit.data.template.system_prompt` chooses between it and fmt.default_system.
+    ``videos`` are the probed videos (`eqakit.data.video.probe`) of the ``<video>`` parts, in order.
+    Images and video frames are scaled down first; when the smallest allowed sizes do not fit,
+    video frames are left out (whole temporal patches, evenly, longest video first): the most
+    frames that fit are kept.
 
-    Raises `SampleTooLong` (the sample must be dropped) or ValueError (placeholders and images
-    disagree).
+    Raises `SampleTooLong` (the sample must be dropped) or ValueError (placeholders and media disagree).
     """
-    n_placeholders = count_images(messages)
-    if n_placeholders != len(image_sizes):
-        raise ValueError(
-            f"the text has {n_placeholders} image placeholder(s) but the sample has {len(image_sizes)} image(s)"
+    for kind, given in (("image", len(image_sizes)), ("video", len(videos))):
+        placeholders = count_parts(messages, kind)
+        if placeholders != given:
+            raise ValueError(
+                f"the text has {placeholders} {kind} placeholder(s) but the sample has {given} {kind}(s)"
+            )
+    encoder = text_encoder(tokenizer)
+
+    def attempt(infos: list[VideoInfo]) -> Plan:
+        input_ids, labels = _tokenize(
+            messages, encoder, fmt, infos, system, add_generation_prompt, train_on_prompt, mask_history
         )
-    cutoff_len, budget = fmt.cutoff_len, fmt.budget
-    patch, merge = geometry.patch, geometry.merge
+        text_len = len(input_ids) - len(image_sizes) - sum(v.clips for v in infos)
+        return _fit(input_ids, labels, text_len, image_sizes, infos, fmt, geometry)
+
+    infos = list(videos)
+    while True:
+        try:
+            plan = attempt(infos)
+            break
+        except SampleTooLong:
+            if all(v.clips == 1 for v in infos):
+                raise
+        # the longest video keeps the most temporal patches that fit (fewer always fit if more do)
+        longest = max(range(len(infos)), key=lambda i: infos[i].clips)
+        low, high = 1, infos[longest].clips - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            try:
+                attempt([*infos[:longest], infos[longest].keep(middle), *infos[longest + 1 :]])
+                low = middle
+            except SampleTooLong:
+                high = middle - 1
+        infos[longest] = infos[longest].keep(low)
+    plan.frames_dropped = sum(len(a.indices) - len(b.indices) for a, b in zip(videos, infos, strict=True))
+    return plan
+
+
+def _tokenize(
+    messages: list[Message],
+    encoder: TextEncoder,
+    fmt: PromptFormat,
+    videos: list[VideoInfo],
+    system: str | None,
+    add_generation_prompt: bool,
+    train_on_prompt: bool,
+    mask_history: bool,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of the rendered conversation (one pad per image and per temporal patch)."""
     segments = render(
         messages,
         fmt.template,
@@ -225,12 +342,13 @@ def plan_sample(
         add_generation_prompt=add_generation_prompt,
         system=system,
         default_system=fmt.default_system,
+        video_times=[v.clip_times() for v in videos],
     )
-    encoder = text_encoder(tokenizer)
-    characters = sum(len(s.text) for s in segments) - len(image_sizes) * len(IMAGE_PAD)
-    if characters > cutoff_len * encoder.max_chars:  # refused before tokenizing (a 60 MB body)
+    pads = count_parts(messages, "image") * len(IMAGE_PAD) + sum(v.clips for v in videos) * len(VIDEO_PAD)
+    characters = sum(len(s.text) for s in segments) - pads
+    if characters > fmt.cutoff_len * encoder.max_chars:  # refused before tokenizing (a 60 MB body)
         raise SampleTooLong(
-            f"the text has {characters} characters: more than cutoff_len {cutoff_len} tokens can hold"
+            f"the text has {characters} characters: more than cutoff_len {fmt.cutoff_len} tokens can hold"
         )
     learned = [i for i, s in enumerate(segments) if s.learn]
     input_ids: list[int] = []
@@ -240,23 +358,62 @@ def plan_sample(
         learn = train_on_prompt or (segment.learn and (not mask_history or i == learned[-1]))
         input_ids += ids
         labels += ids if learn else [IGNORE_INDEX] * len(ids)
-    text_len = len(input_ids) - len(image_sizes)
-    if text_len + len(image_sizes) > cutoff_len:
-        raise SampleTooLong(f"{text_len} text tokens exceed cutoff_len {cutoff_len} before any image")
-    cap = budget.max_pixels
-    grids = [image_grid(w, h, budget.min_pixels, cap, patch, merge) for w, h in image_sizes]
+    return input_ids, labels
+
+
+Grid = tuple[int, int, int]
+
+
+def _grids(
+    image_sizes: list[tuple[int, int]],
+    videos: list[VideoInfo],
+    cap: int,
+    vcap: int,
+    fmt: PromptFormat,
+    geometry: Geometry,
+) -> tuple[list[Grid], list[Grid]]:
+    """The images' and videos' grids under pixel caps ``cap`` (images) and ``vcap`` (video frames)."""
+    patch, merge, low, vlow = geometry.patch, geometry.merge, fmt.budget.min_pixels, fmt.video.min_pixels
+    return (
+        [image_grid(w, h, low, cap, patch, merge) for w, h in image_sizes],
+        [video_grid(len(v.indices), *v.size, vlow, vcap, patch, merge) for v in videos],
+    )
+
+
+def _fit(
+    input_ids: list[int],
+    labels: list[int],
+    text_len: int,
+    image_sizes: list[tuple[int, int]],
+    videos: list[VideoInfo],
+    fmt: PromptFormat,
+    geometry: Geometry,
+) -> Plan:
+    """Scale images and video frames down (both by the same steps) until the sample fits cutoff_len."""
+    cutoff_len, budget, vbudget = fmt.cutoff_len, fmt.budget, fmt.video
+    patch, merge = geometry.patch, geometry.merge
+    pads = len(image_sizes) + sum(v.clips for v in videos)
+    if text_len + pads > cutoff_len:
+        what = "image or video" if videos else "image"
+        raise SampleTooLong(f"{text_len} text tokens exceed cutoff_len {cutoff_len} before any {what}")
+
+    cap, vcap = budget.max_pixels, vbudget.max_pixels
+    image_grids, video_grids = _grids(image_sizes, videos, cap, vcap, fmt, geometry)
     scaled = False
-    while text_len + _tokens_for(grids, merge) > cutoff_len:
-        room = max(cutoff_len - text_len, 0) // max(len(image_sizes), 1)  # image tokens per image that fit
-        new_cap = min(int(cap * 0.9), room * (patch * merge) ** 2)
-        if new_cap < budget.min_pixels or new_cap < (patch * merge) ** 2 or new_cap >= cap:
+    while text_len + _tokens_for(image_grids + video_grids, merge) > cutoff_len:
+        room = max(cutoff_len - text_len, 0) // pads  # visual tokens per image or temporal patch that fit
+        new_cap = _shrink(cap, budget.min_pixels, room, patch * merge) if image_sizes else None
+        new_vcap = _shrink(vcap, vbudget.min_pixels, room, patch * merge) if videos else None
+        if new_cap is None and new_vcap is None:
+            items = f"{len(image_sizes)} images" + (f" and {len(videos)} videos" if videos else "")
             raise SampleTooLong(
-                f"{text_len} text tokens + {len(image_sizes)} images at the smallest allowed size "
-                f"({_tokens_for(grids, merge)} image tokens) exceed cutoff_len {cutoff_len}"
+                f"{text_len} text tokens + {items} at the smallest allowed size "
+                f"({_tokens_for(image_grids + video_grids, merge)} visual tokens) exceed cutoff_len {cutoff_len}"
             )
-        cap, scaled = new_cap, True
-        grids = [image_grid(w, h, budget.min_pixels, cap, patch, merge) for w, h in image_sizes]
-    return Plan(input_ids, labels, list(image_sizes), cap, grids, scaled, merge)
+        cap, vcap, scaled = new_cap or cap, new_vcap or vcap, True
+        image_grids, video_grids = _grids(image_sizes, videos, cap, vcap, fmt, geometry)
+    planned = [VideoPlan(v, vcap, g) for v, g in zip(videos, video_grids, strict=True)]
+    return Plan(input_ids, labels, list(image_sizes), cap, image_grids, scaled, merge, planned)
 
 
 def image_digest(image: Image.Image) -> bytes:
@@ -268,49 +425,103 @@ def image_digest(image: Image.Image) -> bytes:
     return digest.digest()
 
 
+def video_digest(frames: list[Image.Image] | tuple[Image.Image, ...]) -> bytes:
+    """A content hash of a video's chosen frames, in order (never equal to an image's digest)."""
+    digest = hashlib.blake2b(b"video", digest_size=16)
+    for frame in frames:
+        digest.update(image_digest(frame))
+    return digest.digest()
+
+
 def image_key(digest: bytes, min_pixels: int, max_pixels: int) -> bytes:
     """The one key of an image's visual features (training's vision cache, the engine's): its content
     digest and the pixel range it is resized into."""
     return digest + f"@{min_pixels}:{max_pixels}".encode()
 
 
+@dataclass(frozen=True)
+class PadIds:
+    """The token ids of the image pad and the video pad (a tokenizer's)."""
+
+    image: int
+    video: int
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> PadIds:
+        image, video = tokenizer.convert_tokens_to_ids([IMAGE_PAD, VIDEO_PAD])
+        return cls(int(image), int(video))
+
+
+Span = tuple[int, int]  # (start, length) in expanded token ids
+
+
 def expand_pads(
-    input_ids: list[int], grids: list[tuple[int, int, int]], image_pad_id: int, merge: int
-) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids with each image pad repeated once per visual token, and each image's (start, length)
-    in them. Raises ValueError when pads and grids disagree in number."""
-    if sum(1 for token in input_ids if token == image_pad_id) != len(grids):
-        raise ValueError(f"the prompt has {input_ids.count(image_pad_id)} image pads for {len(grids)} images")
+    input_ids: list[int],
+    grids: list[Grid],
+    pads: PadIds,
+    merge: int,
+    video_grids: list[Grid] | tuple[Grid, ...] = (),
+) -> tuple[list[int], list[Span], list[Span]]:
+    """Token ids with each image pad, and each video's pad per temporal patch, repeated once per
+    visual token; each image's (start, length) in them, and each video's (from its first visual token
+    to its last, timestamps between included). Raises ValueError when pads and grids disagree."""
+    clips = [t for t, _, _ in video_grids]
+    n_image, n_video = input_ids.count(pads.image), input_ids.count(pads.video)
+    if n_image != len(grids) or n_video != sum(clips):
+        raise ValueError(
+            f"the prompt has {n_image} image pads and {n_video} video pads for {len(grids)} images "
+            f"and {len(video_grids)} videos of {sum(clips)} temporal patches"
+        )
+    image_counts = iter(t * h * w // (merge * merge) for t, h, w in grids)
+    video_counts = iter(h * w // (merge * merge) for t, h, w in video_grids for _ in range(t))
+    clip_left = iter(c for t in clips for c in range(t - 1, -1, -1))  # patches left in its video
     ids: list[int] = []
-    spans: list[tuple[int, int]] = []
-    counts = iter(t * h * w // (merge * merge) for t, h, w in grids)
+    spans: list[Span] = []
+    video_spans: list[Span] = []
+    start = 0
     for token in input_ids:
-        if token == image_pad_id:
-            count = next(counts)
+        if token == pads.image:
+            count = next(image_counts)
             spans.append((len(ids), count))
-            ids += [image_pad_id] * count
+            ids += [pads.image] * count
+        elif token == pads.video:
+            left = next(clip_left)
+            if left == clips[len(video_spans)] - 1:
+                start = len(ids)
+            ids += [pads.video] * next(video_counts)
+            if left == 0:
+                video_spans.append((start, len(ids) - start))
         else:
             ids.append(token)
-    return ids, spans
+    return ids, spans, video_spans
 
 
-def expand_tokens(plan: Plan, image_pad_id: int) -> dict[str, torch.Tensor]:
-    """Token ids, labels and modality types with each image pad repeated once per visual token."""
-    ids, spans = expand_pads(plan.input_ids, plan.grids, image_pad_id, plan.merge)
-    labels: list[int] = []
-    lengths = iter(length for _, length in spans)
-    for token, label in zip(plan.input_ids, plan.labels, strict=True):
-        if token == image_pad_id:
-            labels += [IGNORE_INDEX] * next(lengths)  # image tokens are never learned
-        else:
-            labels.append(label)
+def expand_tokens(plan: Plan, pads: PadIds) -> dict[str, torch.Tensor]:
+    """Token ids, labels and modality types with each image and video pad repeated once per visual
+    token (visual tokens are never learned)."""
+    video_grids = [v.grid for v in plan.videos]
+    ids, _, _ = expand_pads(plan.input_ids, plan.grids, pads, plan.merge, video_grids)
     input_ids = torch.tensor(ids, dtype=torch.long)
-    # transformers >= 5.2 computes M-RoPE positions from these: 1 marks image tokens, 0 text.
+    is_visual = (input_ids == pads.image) | (input_ids == pads.video)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[~is_visual] = torch.tensor(
+        [
+            label
+            for token, label in zip(plan.input_ids, plan.labels, strict=True)
+            if token not in (pads.image, pads.video)
+        ],
+        dtype=torch.long,
+    )
     return {
         "input_ids": input_ids,
-        "labels": torch.tensor(labels, dtype=torch.long),
-        "mm_token_type_ids": (input_ids == image_pad_id).to(torch.int),
+        "labels": labels,
+        "mm_token_type_ids": mm_token_types(input_ids, pads),
     }
+
+
+def mm_token_types(ids: torch.Tensor, pads: PadIds) -> torch.Tensor:
+    """What transformers (>= 5.2) computes M-RoPE positions from: 1 marks image tokens, 2 video, 0 text."""
+    return (ids == pads.image).to(torch.int) + 2 * (ids == pads.video).to(torch.int)
 
 
 def pixel_values(
@@ -331,22 +542,52 @@ def pixel_values(
     return vision["pixel_values"], grid
 
 
-def pixels(
-    plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget
-) -> dict[str, torch.Tensor]:
-    """Pixel values and patch grids of a planned sample's images, at the size planning chose."""
-    values, grid = pixel_values(
-        images, processor.image_processor, budget.min_pixels, plan.max_pixels, plan.grids
+def video_pixel_values(
+    frames: list[Image.Image], video_processor: Any, video: VideoPlan, min_pixels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vision tower's input for one planned video's frames (``video.info`` order, repeats
+    included), resized as planned; raises ValueError when the processor's grid is not the plan's."""
+    from transformers.video_utils import VideoMetadata
+
+    info = video.info
+    metadata = VideoMetadata(total_num_frames=len(frames), fps=None, frames_indices=list(range(len(frames))))
+    out = video_processor(
+        videos=[[im.convert("RGB") for im in frames]],
+        video_metadata=[metadata],
+        do_sample_frames=False,
+        cap_pixels_per_frame=False,
+        size=video_size(len(info.indices), min_pixels, video.max_pixels),
+        return_tensors="pt",
     )
-    return {"pixel_values": values, "image_grid_thw": grid}
+    grid = out["video_grid_thw"]
+    if [tuple(g) for g in grid.tolist()] != [video.grid]:
+        raise ValueError(
+            f"video frame sizes changed since planning: grid {grid.tolist()}, planned {video.grid}"
+        )
+    return out["pixel_values_videos"], grid
 
 
 def materialize(
-    plan: Plan, images: list[Image.Image], processor: Any, budget: ImageBudget
+    plan: Plan,
+    images: list[Image.Image],
+    processor: Any,
+    budget: ImageBudget,
+    videos: list[list[Image.Image]] | tuple[()] = (),
+    video_budget: VideoBudget = VideoBudget(),  # noqa: B008 - frozen
 ) -> dict[str, torch.Tensor]:
-    """Pixel values and expanded token ids for a planned sample (images in placeholder order)."""
-    image_pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    out = expand_tokens(plan, image_pad_id)
+    """Expanded token ids, and pixel values and patch grids at the sizes planning chose, for a planned
+    sample (images and videos in placeholder order)."""
+    out = expand_tokens(plan, PadIds.of(processor.tokenizer))
     if images:
-        out.update(pixels(plan, images, processor, budget))
+        values, grid = pixel_values(
+            images, processor.image_processor, budget.min_pixels, plan.max_pixels, plan.grids
+        )
+        out.update(pixel_values=values, image_grid_thw=grid)
+    if videos:
+        made = [
+            video_pixel_values(frames, processor.video_processor, video, video_budget.min_pixels)
+            for frames, video in zip(videos, plan.videos, strict=True)
+        ]
+        out["pixel_values_videos"] = torch.cat([v for v, _ in made])
+        out["video_grid_thw"] = torch.cat([g for _, g in made])
     return out

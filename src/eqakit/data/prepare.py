@@ -65,7 +65,16 @@ SUMMARY_FILE = "prepare_summary.json"
 DATASET_INFO = "dataset_info.json"
 # Registered exactly as in the seed tutorial.
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "images": "images"}
-DATASET_ENTRIES = {name: {"file_name": f"{name}.jsonl", "columns": dict(COLUMNS)} for name in (TRAIN, TEST)}
+# --as-video: each episode's frames are one video (a frame list), bound to one <video> placeholder.
+VIDEO_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "videos": "videos"}
+
+
+def dataset_entries(as_video: bool) -> dict[str, dict[str, Any]]:
+    """Our two datasets' dataset_info.json entries, with an images or a videos column."""
+    columns = VIDEO_COLUMNS if as_video else COLUMNS
+    return {name: {"file_name": f"{name}.jsonl", "columns": dict(columns)} for name in (TRAIN, TEST)}
+
+
 MAX_LISTED_PROBLEMS = 30
 # Problems that make a whole episode unusable (the others concern one question).
 _EPISODE_KINDS = {
@@ -87,6 +96,7 @@ class PrepareOptions:
     seed: int = 42
     workers: int | None = None  # processes writing frames; None: all cores
     on_error: str = "fail"  # "fail": stop and register nothing; "skip": leave bad input out and report it
+    as_video: bool = False  # rows hold each episode's frames as one video (<video>, videos column)
 
     def problems(self) -> list[str]:
         found = self.frames.problems()
@@ -158,7 +168,7 @@ def prepare_openeqa(
         folder = f"{FRAMES_DIR}/{ids[episode.episode_history]}"
         images = [f"{folder}/{i:03d}.jpg" for i in range(len(run.sizes[episode.episode_history]))]
         for q in episode.questions:
-            rows[TEST if q.question_id in test else TRAIN].append(_row(q, images))
+            rows[TEST if q.question_id in test else TRAIN].append(_row(q, images, options.as_video))
     for name, split_rows in rows.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in split_rows)
         write_text_atomic(out / f"{name}.jsonl", text)
@@ -166,7 +176,7 @@ def prepare_openeqa(
 
     summary = _summary(source, options, workers, loaded.records, episodes, rows, run, problems, ids, started)
     write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    _update_dataset_info(out / DATASET_INFO, register=True)
+    _update_dataset_info(out / DATASET_INFO, register=True, as_video=options.as_video)
     print(_format_summary(summary, out))
     return summary
 
@@ -319,12 +329,13 @@ def _resolved(episode: Episode, result: Future | EpisodeResult) -> tuple[Episode
     return episode, result.result() if isinstance(result, Future) else result
 
 
-def _row(q: Any, images: list[str]) -> dict[str, Any]:
+def _row(q: Any, images: list[str], as_video: bool = False) -> dict[str, Any]:
+    media = {"videos": [images]} if as_video else {"images": images}
     row = {
-        "instruction": "<image>" * len(images) + q.question,
+        "instruction": ("<video>" if as_video else "<image>" * len(images)) + q.question,
         "input": "",
         "output": q.answer,
-        "images": images,
+        **media,
         "question_id": q.question_id,
         "category": q.category,
         "episode_history": q.episode_history,
@@ -334,7 +345,7 @@ def _row(q: Any, images: list[str]) -> dict[str, Any]:
     return row
 
 
-def _update_dataset_info(path: Path, *, register: bool) -> None:
+def _update_dataset_info(path: Path, *, register: bool, as_video: bool = False) -> None:
     """Add (or remove) our two datasets, keeping any others a LLaMA-Factory data dir already lists."""
     info: dict[str, Any] = {}
     if path.exists():
@@ -344,10 +355,10 @@ def _update_dataset_info(path: Path, *, register: bool) -> None:
             raise DataError(f"{path} exists but is not valid JSON ({exc}); fix or delete it") from exc
         if not isinstance(info, dict):
             raise DataError(f"{path} exists but is not a JSON object; fix or delete it")
-    for name in DATASET_ENTRIES:
+    for name in (TRAIN, TEST):
         info.pop(name, None)
     if register:
-        info.update(DATASET_ENTRIES)
+        info.update(dataset_entries(as_video))
     if info:
         write_text_atomic(path, json.dumps(info, indent=2, ensure_ascii=False) + "\n")
     else:
@@ -356,7 +367,7 @@ def _update_dataset_info(path: Path, *, register: bool) -> None:
 
 def _remove_leftovers(out: Path, frames_root: Path) -> None:
     """Delete the temporary files and folders an interrupted run may have left behind."""
-    for name in (*(f"{n}.jsonl" for n in DATASET_ENTRIES), SUMMARY_FILE, DATASET_INFO):
+    for name in (*(f"{n}.jsonl" for n in (TRAIN, TEST)), SUMMARY_FILE, DATASET_INFO):
         for leftover in out.glob(f".{name}.*.tmp"):
             leftover.unlink()
     for prefix in (".tmp.", ".old."):
@@ -544,6 +555,12 @@ def cli(argv: list[str]) -> int:
         default=frame_defaults.quality,
         help="JPEG quality 1-100 (default: %(default)s)",
     )
+    frames.add_argument(
+        "--as-video",
+        action="store_true",
+        help="rows hold each episode's frames as one video (<video> and a videos column of frame lists) "
+        "instead of --num-frames images; train with video_fps/video_max_pixels",
+    )
     split = p.add_argument_group("split")
     split.add_argument(
         "--test-size",
@@ -588,6 +605,7 @@ def cli(argv: list[str]) -> int:
         seed=args.seed,
         workers=args.workers,
         on_error=args.on_error,
+        as_video=args.as_video,
     )
     prepare_openeqa(
         args.output_dir,

@@ -8,7 +8,10 @@ token ids, labels and pixel values.
 Templates (LLaMA-Factory names):
 - ``qwen3_vl_nothink``: Qwen3-VL-Instruct's format. No default system prompt;
   ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn; each image is
-  ``<|vision_start|><|image_pad|><|vision_end|>``; the reply follows ``<|im_start|>assistant\\n``.
+  ``<|vision_start|><|image_pad|><|vision_end|>``; each video is ``<|vision_start|>``, then per temporal
+  patch (two frames) ``<{t:.1f} seconds><|vision_start|><|video_pad|><|vision_end|>``, then
+  ``<|vision_end|>`` (what Qwen3VLProcessor makes of the chat template's video markup); the reply
+  follows ``<|im_start|>assistant\\n``.
 - ``qwen3_vl``: the same turns for thinking models. With ``enable_thinking: false`` an empty
   ``<think>\\n\\n</think>\\n\\n`` block is put in the prompt (not learned); with thinking enabled an answer
   without a think block gets the empty block in front of it and learns it, as LLaMA-Factory does.
@@ -24,9 +27,12 @@ NOTHINK = "qwen3_vl_nothink"
 THINK = "qwen3_vl"
 TEMPLATES = (NOTHINK, THINK)  # LLaMA-Factory's names; the first is the default
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
+VISION_START, VISION_END, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"
 EMPTY_THOUGHT = "<think>\n\n</think>\n\n"
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 Message = dict[str, Any]  # {"role": "system"|"user"|"assistant", "content": str | list[part]}
 
@@ -45,12 +51,22 @@ class Segment:
     literal: tuple[tuple[int, int], ...] = ()
 
 
-class _Builder:
-    """Accumulates a segment's text, recording which spans are message text (see `Segment.literal`)."""
+def video_tokens(clip_times: list[float]) -> str:
+    """A video's prompt markup, one pad per temporal patch (expanded per visual token later)."""
+    clips = "".join(f"<{t:.1f} seconds>{VISION_START}{VIDEO_PAD}{VISION_END}" for t in clip_times)
+    return f"{VISION_START}{clips}{VISION_END}"
 
-    def __init__(self) -> None:
+
+class _Builder:
+    """Accumulates a segment's text, recording which spans are message text (see `Segment.literal`).
+
+    ``video_times`` holds each video's temporal-patch times, in prompt order (its markup needs them).
+    """
+
+    def __init__(self, video_times: list[list[float]] | None = None) -> None:
         self.text = ""
         self.spans: list[tuple[int, int]] = []
+        self.videos = iter(video_times or [])
 
     def markup(self, text: str) -> None:
         self.text += text
@@ -61,10 +77,15 @@ class _Builder:
             self.text += text
 
     def content(self, content: Any) -> None:
-        """A user message's content: its text parts literal, its images the template's vision markup."""
+        """A user message's content: its text parts literal, its images and videos the vision markup."""
         for part in content_parts(content):
             if part["type"] == "image":
                 self.markup(IMAGE_TOKENS)
+            elif part["type"] == "video":
+                times = next(self.videos, None)
+                if times is None:
+                    raise ValueError("the text has more video placeholders than the sample has videos")
+                self.markup(video_tokens(times))
             else:
                 self.literal(part["text"])
 
@@ -77,17 +98,17 @@ class _Builder:
 def content_parts(content: Any) -> list[dict[str, Any]]:
     """Normalise OpenAI-style content (a string or a list of parts) into text and image parts.
 
-    Strings may hold LLaMA-Factory ``<image>`` placeholders; each becomes an image part (bound to
-    the sample's images in order by the caller).
+    Strings may hold LLaMA-Factory ``<image>`` and ``<video>`` placeholders; each becomes an image or
+    video part (bound to the sample's images or videos in order by the caller).
     """
     if content is None:
         return []
     if isinstance(content, str):
         parts: list[dict[str, Any]] = []
-        for i, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
-            if i:
-                parts.append({"type": "image"})
-            if piece:
+        for piece in _PLACEHOLDERS.split(content):
+            if piece in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+                parts.append({"type": "image" if piece == IMAGE_PLACEHOLDER else "video"})
+            elif piece:
                 parts.append({"type": "text", "text": piece})
         return parts
     if isinstance(content, list):
@@ -99,14 +120,21 @@ def content_parts(content: Any) -> list[dict[str, Any]]:
                 out.extend(content_parts(part.get("text", "")))
             elif isinstance(part, dict) and part.get("type") in ("image", "image_url"):
                 out.append({"type": "image", **{k: v for k, v in part.items() if k != "type"}})
+            elif isinstance(part, dict) and part.get("type") in ("video", "video_url"):
+                out.append({"type": "video", **{k: v for k, v in part.items() if k != "type"}})
             else:
                 raise ValueError(f"unsupported message content part: {part!r}")
         return out
     raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
 
 
+def count_parts(messages: list[Message], kind: str = "image") -> int:
+    """How many parts of ``kind`` (image or video) the messages hold."""
+    return sum(1 for m in messages for p in content_parts(m.get("content")) if p["type"] == kind)
+
+
 def count_images(messages: list[Message]) -> int:
-    return sum(1 for m in messages for p in content_parts(m.get("content")) if p["type"] == "image")
+    return count_parts(messages, "image")
 
 
 def _text(content: Any) -> str:
@@ -127,8 +155,9 @@ def render(
     add_generation_prompt: bool = True,
     system: str | None = None,
     default_system: str | None = None,
+    video_times: list[list[float]] | None = None,
 ) -> list[Segment]:
-    """Render a conversation as prompt segments.
+    """Render a conversation as prompt segments (``video_times``: each video's temporal-patch times).
 
     With ``add_generation_prompt`` (inference) the messages end with a user turn and the result ends
     with the assistant header. Without it (training) every assistant turn is a learned segment:
@@ -140,7 +169,7 @@ def render(
         raise ValueError(f"unknown template {template!r}; eqakit renders {' and '.join(TEMPLATES)}")
     thinking_template = template == THINK
     segments: list[Segment] = []
-    prompt = _Builder()
+    prompt = _Builder(video_times)
     if messages and messages[0].get("role") == "system":
         system, messages = _text(messages[0].get("content")), messages[1:]
     system = system_prompt(system, default_system)

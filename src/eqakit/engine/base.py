@@ -17,12 +17,13 @@ import asyncio
 import contextlib
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from typing import Any, Protocol, runtime_checkable
 
 from eqakit.data.encode import Plan, PromptFormat
 from eqakit.data.template import Message
+from eqakit.data.video import VideoInfo
 from eqakit.engine.params import Completion, Request, SamplingParams
 
 
@@ -143,9 +144,14 @@ class InferenceEngine(Protocol):
         ...
 
     def plan(
-        self, messages: list[Message], image_sizes: list[tuple[int, int]], system: str | None = None
+        self,
+        messages: list[Message],
+        image_sizes: list[tuple[int, int]],
+        system: str | None = None,
+        videos: Sequence[VideoInfo] = (),
     ) -> Plan:
-        """Check that a prompt fits cutoff_len from its image sizes alone (raises PromptTooLong / RequestError)."""
+        """Check that a prompt fits cutoff_len from its image sizes and probed videos alone (raises
+        PromptTooLong / RequestError)."""
         ...
 
     def prepare(self, request: Request) -> PreparedRequest:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from eqakit.config.args import GeneratingArguments
 from eqakit.data.template import Message
+from eqakit.data.video import Video
 from eqakit.errors import EqakitError
 
 FinishReason = Literal["stop", "length"]
@@ -104,7 +105,8 @@ class Request:
 
     ``messages`` use OpenAI's shape: role system/user/assistant, content a string or a list of parts
     (``{"type": "text", "text": ...}``, ``{"type": "image", "image": PIL.Image}``). Image parts without
-    an ``image`` (and LLaMA-Factory ``<image>`` placeholders in text) take ``images`` in order.
+    an ``image`` (and LLaMA-Factory ``<image>`` placeholders in text) take ``images`` in order; video
+    parts (``{"type": "video", "video": Video}``, ``<video>``) take ``videos`` likewise.
     ``system`` is used when the messages have no system message. ``enable_thinking`` overrides the
     config's for this request (qwen3_vl template: the web UI's thinking switch); None keeps it.
     """
@@ -114,6 +116,7 @@ class Request:
     images: list[Image.Image] = field(default_factory=list)
     system: str | None = None
     enable_thinking: bool | None = None
+    videos: list[Video] = field(default_factory=list)
 
 
 @dataclass

@@ -41,8 +41,9 @@ from tqdm import tqdm
 
 from eqakit.config.load import Config
 from eqakit.data.dataset import Sample, load_samples
-from eqakit.data.encode import PromptFormat
-from eqakit.data.template import THINK, count_images, render_prompt, strip_thinking
+from eqakit.data.encode import PromptFormat, VideoBudget
+from eqakit.data.template import THINK, count_images, count_parts, render_prompt, strip_thinking
+from eqakit.data.video import Video, VideoError, VideoInfo, VideoSource, decode, probe
 from eqakit.engine import InferenceEngine, PromptTooLong, Request, RequestError, SamplingParams, load_engine
 from eqakit.errors import DataError, EqakitError
 from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
@@ -86,9 +87,9 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
     )
     if not samples:
         raise DataError(f"eval_dataset {cfg.data.eval_dataset!r} has no samples")
-    sizes = _check_samples(samples)
+    sizes, videos = _check_samples(samples, VideoBudget.from_config(cfg))
     fmt = PromptFormat.from_config(cfg)
-    prompts = [_prompt(fmt, s) for s in samples]
+    prompts = [_prompt(fmt, s, v) for s, v in zip(samples, videos, strict=True)]
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / PREDICTIONS
@@ -112,7 +113,9 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
             if index in done:
                 continue
             try:
-                scaled += engine.plan(sample.prompt_messages, sizes[index], sample.system).scaled_down
+                scaled += engine.plan(
+                    sample.prompt_messages, sizes[index], sample.system, videos[index]
+                ).scaled_down
             except PromptTooLong as exc:
                 too_long.append(f"{sample.source}: {exc}")
                 continue
@@ -127,10 +130,16 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
         media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
         started = time.perf_counter()
         images = _ImageCache()
-        loaded = _loaded(samples, todo, images, cfg.data.preprocessing_num_workers or 1)
+        loaded = _loaded(samples, videos, todo, images, cfg.data.preprocessing_num_workers or 1)
         requests = (
-            Request(samples[i].prompt_messages, _params(base, training.seed, i), frames, samples[i].system)
-            for i, frames in loaded
+            Request(
+                samples[i].prompt_messages,
+                _params(base, training.seed, i),
+                frames,
+                samples[i].system,
+                videos=clips,
+            )
+            for i, (frames, clips) in loaded
         )
         with (
             path.open("a", encoding="utf-8") as sink,
@@ -175,12 +184,34 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
     return results
 
 
-def _check_samples(samples: list[Sample]) -> list[list[tuple[int, int]]]:
-    """Every sample's image sizes (headers only); all placeholder/image mismatches and bad files at once."""
+def _check_samples(
+    samples: list[Sample], budget: VideoBudget
+) -> tuple[list[list[tuple[int, int]]], list[list[VideoInfo]]]:
+    """Every sample's image sizes and probed videos (headers only); all placeholder/media mismatches
+    and bad files at once."""
     problems: list[str] = []
     sizes: list[list[tuple[int, int]]] = []
+    videos: list[list[VideoInfo]] = []
     known: dict[Path, tuple[int, int]] = {}
+    probed: dict[VideoSource, VideoInfo | None] = {}
     for sample in samples:
+        wanted_videos = count_parts(sample.prompt_messages, "video")
+        if wanted_videos != len(sample.videos):
+            problems.append(
+                f"{sample.source}: the prompt has {wanted_videos} <video> placeholder(s) but the row lists "
+                f"{len(sample.videos)} video(s); make them agree"
+            )
+        row_videos = []
+        for i, source in enumerate(sample.videos):
+            if source not in probed:
+                try:
+                    probed[source] = probe(source, budget.fps, budget.maxlen)
+                except VideoError as exc:
+                    problems.append(f"{sample.source}: video {i}: {exc}")
+                    probed[source] = None
+            if probed[source] is not None:
+                row_videos.append(probed[source])
+        videos.append(row_videos)
         wanted = count_images(sample.prompt_messages)
         if wanted != len(sample.images):
             problems.append(
@@ -201,17 +232,19 @@ def _check_samples(samples: list[Sample]) -> list[list[tuple[int, int]]]:
     if problems:
         more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise DataError("eval_dataset has bad samples:\n  " + "\n  ".join(problems[:10]) + more)
-    return sizes
+    return sizes, videos
 
 
-def _prompt(fmt: PromptFormat, sample: Sample) -> str:
-    """The prompt as rendered for the model (one <|image_pad|> per image), for the predictions file."""
+def _prompt(fmt: PromptFormat, sample: Sample, videos: list[VideoInfo]) -> str:
+    """The prompt as rendered for the model (one <|image_pad|> per image, one <|video_pad|> per
+    temporal patch of each video's probed frames), for the predictions file."""
     return render_prompt(
         sample.prompt_messages,
         fmt.template,
         enable_thinking=fmt.enable_thinking,
         system=sample.system,
         default_system=fmt.default_system,
+        video_times=[v.clip_times() for v in videos],
     )
 
 
@@ -264,8 +297,8 @@ def _resume(path: Path, samples: list[Sample], prompts: list[str]) -> dict[int, 
 
 
 def _loaded(
-    samples: list[Sample], todo: list[int], images: _ImageCache, workers: int
-) -> Iterator[tuple[int, list[Image.Image]]]:
+    samples: list[Sample], videos: list[list[VideoInfo]], todo: list[int], images: _ImageCache, workers: int
+) -> Iterator[tuple[int, tuple[list[Image.Image], list[Video]]]]:
     """(index, decoded frames) of each sample of ``todo``, in order.
 
     With ``preprocessing_num_workers`` of 2 or more, that many threads decode the frames of the
@@ -274,19 +307,21 @@ def _loaded(
     """
     if workers < 2:
         for i in todo:
-            yield i, images.load(samples[i])
+            yield i, images.load(samples[i], videos[i])
         return
     with ThreadPoolExecutor(workers, thread_name_prefix="eqakit-frames") as pool:
         order = iter(todo)
-        pending: deque[tuple[int, Future[list[Image.Image]]]] = deque(
-            (i, pool.submit(images.load, samples[i])) for i in itertools.islice(order, PREFETCH)
+        pending: deque[tuple[int, Future[tuple[list[Image.Image], list[Video]]]]] = deque(
+            (i, pool.submit(images.load, samples[i], videos[i])) for i in itertools.islice(order, PREFETCH)
         )
         try:
             while pending:
                 i, frames = pending.popleft()
                 following = next(order, None)
                 if following is not None:
-                    pending.append((following, pool.submit(images.load, samples[following])))
+                    pending.append(
+                        (following, pool.submit(images.load, samples[following], videos[following]))
+                    )
                 yield i, frames.result()
         finally:
             for _, frames in pending:  # stopped early (an error, an interrupt): decode no further
@@ -294,32 +329,43 @@ def _loaded(
 
 
 class _ImageCache:
-    """Decoded frames by path, least recently used dropped: an episode's frames are read once, also
-    when several threads ask for them at the same time."""
+    """Decoded frames by path (and videos by source), least recently used dropped: an episode's
+    frames are read once, also when several threads ask for them at the same time."""
 
     def __init__(self) -> None:
         self._images: OrderedDict[Path, Future[Image.Image]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def load(self, sample: Sample) -> list[Image.Image]:
-        return [self._get(path, sample) for path in sample.images]
+    def load(self, sample: Sample, videos: list[VideoInfo]) -> tuple[list[Image.Image], list[Video]]:
+        """The sample's decoded images and its videos' chosen frames (``videos``: their probes)."""
+        images = [self._get(path, sample, lambda p=path: _decode_image(p)) for path in sample.images]
+        loaded = [
+            self._get(source, sample, lambda s=source, i=info: Video(i, tuple(decode(s, i))))
+            for source, info in zip(sample.videos, videos, strict=True)
+        ]
+        return images, loaded
 
-    def _get(self, path: Path, sample: Sample) -> Image.Image:
+    def _get(self, key: Any, sample: Sample, make: Any) -> Any:
         with self._lock:
-            entry = self._images.get(path)
+            entry = self._images.get(key)
             mine = entry is None
             if entry is None:
-                entry = self._images[path] = Future()
+                entry = self._images[key] = Future()
                 if len(self._images) > IMAGE_LRU:
                     self._images.popitem(last=False)
-            self._images.move_to_end(path)
+            self._images.move_to_end(key)
         if mine:
             try:
-                with Image.open(path) as opened:
-                    entry.set_result(opened.convert("RGB"))
-            except (OSError, ValueError) as exc:
-                entry.set_exception(DataError(f"{sample.source}: image {path} cannot be decoded ({exc})"))
+                entry.set_result(make())
+            except (OSError, ValueError) as exc:  # VideoError is a ValueError
+                what = f"image {key}" if isinstance(key, Path) else key.describe()
+                entry.set_exception(DataError(f"{sample.source}: {what} cannot be decoded ({exc})"))
         return entry.result()
+
+
+def _decode_image(path: Path) -> Image.Image:
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
 
 
 def _results(

@@ -54,6 +54,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eqakit.config import Config, load_config
 from eqakit.config.args import ApiArguments
+from eqakit.data.encode import VideoBudget
+from eqakit.data.template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from eqakit.engine import (
     Completion,
     EngineUnavailable,
@@ -68,7 +70,15 @@ from eqakit.engine import (
 from eqakit.engine import Request as EngineRequest
 from eqakit.engine.base import PreparedRequest
 from eqakit.errors import ConfigError
-from eqakit.serve.images import ImagePolicy, MiB, PixelAllowance, RecentImages, load_image
+from eqakit.serve.images import (
+    ImagePolicy,
+    MiB,
+    PixelAllowance,
+    RecentImages,
+    load_image,
+    load_video,
+    video_from_frames,
+)
 from eqakit.serve.protocol import (
     ApiError,
     AssistantMessage,
@@ -82,6 +92,7 @@ from eqakit.serve.protocol import (
     ModelCard,
     ModelList,
     Usage,
+    VideoPart,
     completion_id,
     now,
     parse_chat_request,
@@ -93,7 +104,7 @@ MAX_STOP = 16
 LARGE_BODY = 8 * MiB  # after a request this large, or one that decoded this many pixels,
 LARGE_DECODE = 16_000_000  # freed memory is handed back to the OS (see server.DrainGate)
 T = TypeVar("T")
-IMAGE_PLACEHOLDER = "<image>"
+MAX_VIDEO_FRAMES = 1024  # frame URLs one video part may list (video_maxlen then samples them)
 
 
 @dataclass
@@ -299,7 +310,9 @@ async def _prepare(
         stop=stop,
         seed=chat.seed,
     )
-    messages = await _off_loop(_engine_messages, chat, service.policy, service.recent, allowance)
+    messages = await _off_loop(
+        _engine_messages, chat, service.policy, service.recent, allowance, service.engine.format.video
+    )
     first = await _off_loop(service.engine.prepare, EngineRequest(messages, params))
     if chat.seed is None:
         return [first] * n  # each unseeded sampling row draws its own random seed
@@ -316,16 +329,35 @@ def _engine_messages(
     policy: ImagePolicy,
     recent: RecentImages | None = None,
     allowance: PixelAllowance | None = None,
+    video_budget: VideoBudget | None = None,
 ) -> list[dict[str, Any]]:
-    """OpenAI messages as the engine's: developer -> system, image_url parts -> decoded images."""
+    """OpenAI messages as the engine's: developer -> system, image_url parts -> decoded images,
+    video_url parts -> decoded videos (a video file, or a list of frame image URLs)."""
 
     def text(value: str, where: str) -> dict[str, Any]:
-        if IMAGE_PLACEHOLDER in value:
-            raise RequestError(
-                f"{where}: text must not contain {IMAGE_PLACEHOLDER!r}; send images as image_url parts",
-                param=where,
-            )
+        for placeholder, part in ((IMAGE_PLACEHOLDER, "image_url"), (VIDEO_PLACEHOLDER, "video_url")):
+            if placeholder in value:
+                raise RequestError(
+                    f"{where}: text must not contain {placeholder!r}; send {part.split('_')[0]}s as {part} parts",
+                    param=where,
+                )
         return {"type": "text", "text": value}
+
+    def video(url: str | list[str], where: str) -> dict[str, Any]:
+        if video_budget is None:
+            raise RequestError(f"{where}: this server's model takes no video", param=where)
+        if isinstance(url, str):
+            return {"type": "video", "video": load_video(url, policy, where, video_budget, allowance)}
+        if len(url) > MAX_VIDEO_FRAMES:
+            raise RequestError(
+                f"{where}: a video of {len(url)} frames; send at most {MAX_VIDEO_FRAMES}", param=where
+            )
+        frame_policy = dataclasses.replace(policy, target_pixels=video_budget.max_pixels)
+        frames = [
+            load_image(u, frame_policy, f"{where}.video_url.url[{k}]", recent, allowance)
+            for k, u in enumerate(url)
+        ]
+        return {"type": "video", "video": video_from_frames(frames, video_budget, where)}
 
     messages = []
     for i, message in enumerate(chat.messages):
@@ -333,17 +365,20 @@ def _engine_messages(
         if isinstance(content, str):
             parts = [text(content, f"messages[{i}].content")]
         else:
-            parts = [
-                text(part.text, f"messages[{i}].content[{j}]")
-                if not isinstance(part, ImagePart)
-                else {
-                    "type": "image",
-                    "image": load_image(
-                        part.image_url.url, policy, f"messages[{i}].content[{j}]", recent, allowance
-                    ),
-                }
-                for j, part in enumerate(content)
-            ]
+            parts = []
+            for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                if isinstance(part, ImagePart):
+                    parts.append(
+                        {
+                            "type": "image",
+                            "image": load_image(part.image_url.url, policy, where, recent, allowance),
+                        }
+                    )
+                elif isinstance(part, VideoPart):
+                    parts.append(video(part.video_url.url, where))
+                else:
+                    parts.append(text(part.text, where))
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": parts})
     return messages
 

@@ -1,4 +1,5 @@
-"""The images an API request names, decoded safely: data: URIs, optional http(s) URLs, media-dir paths.
+"""The images and videos an API request names, decoded safely: data: URIs, optional http(s) URLs,
+media-dir paths.
 
 A server reachable by robots and apps must not become a way to read its disk, probe its network or
 exhaust its memory, so every source has a fence:
@@ -16,6 +17,13 @@ exhaust its memory, so every source has a fence:
   summed (``api_max_request_pixels``), and an image much larger than the model will look at is
   reduced while it is decoded (JPEG's DCT scaling, Pillow's ``reduce``) to no less than twice the
   model's ``image_max_pixels`` per side, so sixteen 6000x6000 images never sit in memory at full size.
+
+Videos follow the same fences: a ``video_url`` (a video file: data:video/<type>;base64, a remote URL
+or a media-dir path, bounded like an image's bytes) or a list of frame image URLs (each one loaded as
+an image). Frames are chosen as in training (video_fps, video_maxlen), each frame's size is checked
+against ``api_max_image_pixels`` from the header and every chosen frame is charged to the request's
+``api_max_request_pixels``, and frames much larger than ``video_max_pixels`` are shrunk while they
+are decoded.
 
 Every refusal is a `RequestError` whose message names the message and part it came from.
 
@@ -47,16 +55,19 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
+from eqakit.data.video import Video, VideoError, VideoSource, decode, from_frames, probe, reduced
 from eqakit.engine.params import RequestError
 from eqakit.errors import ConfigError
 
 if TYPE_CHECKING:
     from eqakit.config.args import ApiArguments
+    from eqakit.data.encode import VideoBudget
 
 MiB = 1 << 20
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DECODED_FORMATS = {*FORMATS, "MPO"}  # Pillow names some camera JPEGs MPO
 MEDIA_TYPES = {"png", "jpeg", "jpg", "pjpeg", "webp", "gif", "bmp", "x-ms-bmp"}
+VIDEO_TYPES = {"mp4", "webm", "quicktime", "x-matroska", "x-msvideo", "mpeg", "ogg", "avi"}
 MAX_REDIRECTS = 3
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
@@ -189,15 +200,18 @@ def load_image(
         elif allowance is not None:
             allowance.charge(*image.size, where)
         return image
-    elif scheme in ("http", "https"):
-        data = _fetch(url, policy, where)
-    elif scheme == "file":
-        raise _refuse(where, "file:// URLs are not accepted; send the image as a data: URI (base64)")
-    elif len(scheme) > 1:
+    return decode(_read_url(url, scheme, policy, where, "image"))
+
+
+def _read_url(url: str, scheme: str, policy: ImagePolicy, where: str, medium: str) -> bytes:
+    """The bytes behind a URL that is not a data: URI: a remote one (when allowed) or a media-dir path."""
+    if scheme in ("http", "https"):
+        return _fetch(url, policy, where)
+    if scheme == "file":
+        raise _refuse(where, f"file:// URLs are not accepted; send the {medium} as a data: URI (base64)")
+    if len(scheme) > 1:
         raise _refuse(where, f"unsupported URL scheme {scheme!r}; send a data: URI (base64)")
-    else:
-        data = _read_local(url, policy, where)
-    return decode(data)
+    return _read_local(url, policy, where)
 
 
 def decode_image(
@@ -253,6 +267,52 @@ def decode_image(
         raise _refuse(where, f"the {image.format.lower()} image is truncated or corrupt ({exc})") from None
 
 
+def load_video(
+    url: str,
+    policy: ImagePolicy,
+    where: str,
+    budget: VideoBudget,
+    allowance: PixelAllowance | None = None,
+) -> Video:
+    """The video behind a ``video_url``: its frames chosen by ``budget`` (video_fps, video_maxlen)
+    and decoded, no larger than needed (raises RequestError naming ``where``)."""
+    url = url.strip()
+    match = SCHEME.match(url)
+    scheme = match.group(1).lower() if match else ""
+    data = (
+        _from_data_uri(url, where, "video")
+        if scheme == "data"
+        else _read_url(url, scheme, policy, where, "video")
+    )
+    source = VideoSource(data=data)
+    try:
+        info = probe(source, budget.fps, budget.maxlen)
+    except VideoError as exc:
+        raise _refuse(where, str(exc).replace(source.describe(), "the video")) from None
+    width, height = info.size
+    if width * height > policy.max_pixels:
+        raise _refuse(
+            where,
+            f"the video's frames are {width}x{height} = {width * height} pixels, over the limit of "
+            f"{policy.max_pixels} (api_max_image_pixels); send a smaller video",
+        )
+    info = reduced(info, budget.max_pixels)
+    if allowance is not None:
+        allowance.charge(info.size[0] * len(set(info.indices)), info.size[1], where)
+    try:
+        return Video(info, tuple(decode(source, info)))
+    except VideoError as exc:
+        raise _refuse(where, str(exc).replace(source.describe(), "the video")) from None
+
+
+def video_from_frames(frames: list[Image.Image], budget: VideoBudget, where: str) -> Video:
+    """A video sent as a list of frame images (already decoded and checked one by one)."""
+    try:
+        return from_frames(frames, budget.fps, budget.maxlen)
+    except VideoError as exc:
+        raise _refuse(where, str(exc)) from None
+
+
 def _reduction(width: int, height: int, target_pixels: int | None) -> int:
     """The whole factor an image may be shrunk by per side and still keep 4x ``target_pixels``."""
     if target_pixels is None or width * height <= 4 * target_pixels:
@@ -289,19 +349,21 @@ def _refuse(where: str, reason: str) -> RequestError:
     return RequestError(f"{where}: {reason}", param=where)
 
 
-def _from_data_uri(url: str, where: str) -> bytes:
+def _from_data_uri(url: str, where: str, medium: str = "image") -> bytes:
     header, comma, payload = url[len("data:") :].partition(",")
     if not comma:
-        raise _refuse(where, "malformed data URI: expected data:image/<type>;base64,<data>")
+        raise _refuse(where, f"malformed data URI: expected data:{medium}/<type>;base64,<data>")
     media_type, *options = [p.strip().lower() for p in header.split(";")]
     kind, _, subtype = media_type.partition("/")
-    if kind != "image" or subtype not in MEDIA_TYPES:
-        raise _refuse(
-            where,
-            f"unsupported data URI type {media_type or '(none)'!r}; send image/png, jpeg, webp, gif or bmp",
+    if kind != medium or subtype not in (MEDIA_TYPES if medium == "image" else VIDEO_TYPES):
+        accepted = (
+            "image/png, jpeg, webp, gif or bmp"
+            if medium == "image"
+            else "video/mp4, webm, quicktime, x-matroska"
         )
+        raise _refuse(where, f"unsupported data URI type {media_type or '(none)'!r}; send {accepted}")
     if "base64" not in options:
-        raise _refuse(where, "data URIs must be base64-encoded (data:image/<type>;base64,<data>)")
+        raise _refuse(where, f"data URIs must be base64-encoded (data:{medium}/<type>;base64,<data>)")
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):

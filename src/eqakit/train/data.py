@@ -19,18 +19,20 @@ from eqakit.config import Config
 from eqakit.data.dataset import Sample, load_samples
 from eqakit.data.encode import (
     IGNORE_INDEX,
-    IMAGE_PAD,
     Geometry,
-    ImageBudget,
+    PadIds,
     Plan,
     PromptFormat,
     SampleTooLong,
+    VideoBudget,
     expand_tokens,
     image_digest,
     image_key,
     materialize,
     plan_sample,
+    video_digest,
 )
+from eqakit.data.video import VideoError, VideoInfo, VideoSource, decode, probe
 from eqakit.errors import DataError
 
 
@@ -43,13 +45,24 @@ class PlanReport:
     scaled_down: int = 0
     dropped_too_long: list[str] = field(default_factory=list)
     image_tokens: list[int] = field(default_factory=list)
+    videos_sampled_down: int = 0  # frame lists longer than video_maxlen
+    frames_dropped_samples: int = 0  # samples whose videos lost frames to fit cutoff_len
+    frames_dropped: int = 0
 
     def summary(self) -> dict[str, Any]:
         tokens = self.image_tokens or [0]
+        videos = {}
+        if self.videos_sampled_down or self.frames_dropped:
+            videos = {
+                "videos_sampled_to_video_maxlen": self.videos_sampled_down,
+                "samples_with_frames_dropped_to_fit": self.frames_dropped_samples,
+                "frames_dropped_to_fit": self.frames_dropped,
+            }
         return {
             "samples": self.samples,
             "kept": self.kept,
             "scaled_down_to_fit": self.scaled_down,
+            **videos,
             "dropped_too_long": len(self.dropped_too_long),
             "dropped_rows": self.dropped_too_long[:20],
             "image_tokens_per_sample": {
@@ -95,13 +108,31 @@ class PlanSettings:
 Outcome = tuple[str, Any]
 
 
+def _probe(
+    source: VideoSource, budget: VideoBudget, videos: dict[VideoSource, VideoInfo | str]
+) -> str | None:
+    """Probe a video once (into `videos`); the reason it cannot be read, if it cannot."""
+    if source not in videos:
+        try:
+            videos[source] = probe(source, budget.fps, budget.maxlen)
+        except VideoError as exc:
+            videos[source] = str(exc)
+    found = videos[source]
+    return found if isinstance(found, str) else None
+
+
 def _plan_chunk(
-    samples: list[Sample], tokenizer: Any, settings: PlanSettings, sizes: dict[Path, tuple[int, int]]
+    samples: list[Sample], tokenizer: Any, settings: PlanSettings, sizes: dict[Any, Any]
 ) -> list[Outcome]:
-    """Plan `samples` in order; `sizes` caches decoded image sizes across calls."""
+    """Plan `samples` in order; `sizes` caches decoded image sizes and probed videos across calls."""
     outcomes: list[Outcome] = []
     for sample in samples:
         bad = [f"{sample.source}: {r}" for r in (_read_size(p, sizes) for p in sample.images) if r]
+        bad += [
+            f"{sample.source}: video {i}: {r}"
+            for i, r in enumerate(_probe(v, settings.format.video, sizes) for v in sample.videos)
+            if r
+        ]
         if bad:
             outcomes.append(("bad_images", bad))
             continue
@@ -114,6 +145,7 @@ def _plan_chunk(
                 [sizes[p] for p in sample.images],
                 tokenizer,
                 settings.format,
+                videos=[sizes[v] for v in sample.videos],
                 system=sample.system,
                 train_on_prompt=settings.train_on_prompt,
                 mask_history=settings.mask_history,
@@ -128,7 +160,7 @@ def _plan_chunk(
     return outcomes
 
 
-_worker: tuple[Any, PlanSettings, dict[Path, tuple[int, int]]] | None = None  # in a planning process
+_worker: tuple[Any, PlanSettings, dict[Any, Any]] | None = None  # in a planning process
 
 
 def _start_worker(tokenizer: Any, settings: PlanSettings) -> None:
@@ -186,7 +218,7 @@ def plan_samples(
         outcomes = _plan_chunk(samples, tokenizer, settings, {})
     bad_images = [reason for kind, value in outcomes if kind == "bad_images" for reason in value]
     if bad_images:
-        raise DataError("bad images in the dataset:\n  " + _first_20(bad_images))
+        raise DataError("bad images or videos in the dataset:\n  " + _first_20(bad_images))
     problems = [value for kind, value in outcomes if kind == "bad_row"]
     if problems:
         raise DataError("bad rows in the dataset:\n  " + _first_20(problems))
@@ -200,6 +232,9 @@ def plan_samples(
             kept.append(sample)
             report.scaled_down += value.scaled_down
             report.image_tokens.append(value.num_image_tokens)
+            report.videos_sampled_down += sum(v.info.sampled_down for v in value.videos)
+            report.frames_dropped_samples += value.frames_dropped > 0
+            report.frames_dropped += value.frames_dropped
     report.kept = len(plans)
     return plans, kept, report
 
@@ -207,8 +242,8 @@ def plan_samples(
 class PlannedDataset(torch.utils.data.Dataset):
     """Planned samples; pixel values are computed when a sample is fetched.
 
-    With ``image_keys`` (one list per sample, see `eqakit.train.vision_cache`) a sample carries the
-    keys of its images' cached features instead of pixels.
+    With ``keys`` (one (image keys, video keys) pair per sample, see `eqakit.train.vision_cache`) a
+    sample carries the keys of its images' and videos' cached features instead of pixels.
     """
 
     def __init__(
@@ -216,53 +251,69 @@ class PlannedDataset(torch.utils.data.Dataset):
         plans: list[Plan],
         samples: list[Sample],
         processor: Any,
-        budget: ImageBudget,
-        image_keys: list[list[bytes]] | None = None,
+        fmt: PromptFormat,
+        keys: list[tuple[list[bytes], list[bytes]]] | None = None,
     ) -> None:
-        self.plans, self.samples, self.processor, self.budget = plans, samples, processor, budget
-        self.image_keys = image_keys
-        self.image_pad_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.plans, self.samples, self.processor, self.fmt = plans, samples, processor, fmt
+        self.keys = keys
+        self.pads = PadIds.of(processor.tokenizer)
 
     def __len__(self) -> int:
         return len(self.plans)
 
     def subset(self, rows: list[int]) -> PlannedDataset:
-        keys = [self.image_keys[i] for i in rows] if self.image_keys is not None else None
+        keys = [self.keys[i] for i in rows] if self.keys is not None else None
         return PlannedDataset(
-            [self.plans[i] for i in rows], [self.samples[i] for i in rows], self.processor, self.budget, keys
+            [self.plans[i] for i in rows], [self.samples[i] for i in rows], self.processor, self.fmt, keys
         )
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Model inputs, plus ``image_refs`` (the image paths) so packing can tell which samples share frames."""
+        """Model inputs, plus ``image_refs`` (the images and videos, as planned) so packing can tell
+        which samples share them."""
         plan, sample = self.plans[index], self.samples[index]
-        if self.image_keys is not None:
-            out: dict[str, Any] = expand_tokens(plan, self.image_pad_id)
+        if self.keys is not None:
+            out: dict[str, Any] = expand_tokens(plan, self.pads)
+            image_keys, video_keys = self.keys[index]
             if plan.grids:
                 out["image_grid_thw"] = torch.tensor(plan.grids, dtype=torch.long)
-                out["image_keys"] = self.image_keys[index]
+                out["image_keys"] = image_keys
+            if plan.videos:
+                out["video_grid_thw"] = torch.tensor([v.grid for v in plan.videos], dtype=torch.long)
+                out["video_keys"] = video_keys
         else:
             images = []
             for path in sample.images:
                 with Image.open(path) as image:
                     images.append(image.convert("RGB"))
-            out = materialize(plan, images, self.processor, self.budget)
-        out["image_refs"] = tuple(str(p) for p in sample.images)
+            videos = [decode(source, v.info) for source, v in zip(sample.videos, plan.videos, strict=True)]
+            out = materialize(plan, images, self.processor, self.fmt.budget, videos, self.fmt.video)
+        out["image_refs"] = tuple(str(p) for p in sample.images) + tuple(
+            (source, v.info.indices, v.max_pixels)
+            for source, v in zip(sample.videos, plan.videos, strict=True)
+        )
         return out
 
 
 @dataclass
 class KeyedImages:
-    """Content keys of the images a run uses (`eqakit.data.encode.image_key`), and which file at which
-    size cap each key stands for."""
+    """Content keys of the images and videos a run uses (`eqakit.data.encode.image_key`), and what
+    each key stands for: an image file at a size cap, or a planned video of a source."""
 
     min_pixels: int
+    video_min_pixels: int = VideoBudget.min_pixels
     wanted: dict[bytes, tuple[Path, int]] = field(default_factory=dict)
-    digests: dict[Path, bytes] = field(default_factory=dict)  # each file decoded once
+    wanted_videos: dict[bytes, tuple[VideoSource, Any]] = field(default_factory=dict)
+    digests: dict[Any, bytes] = field(default_factory=dict)  # each file decoded once
 
-    def keys(self, plan: Plan, sample: Sample) -> list[bytes]:
+    def keys(self, plan: Plan, sample: Sample) -> tuple[list[bytes], list[bytes]]:
         keys = [image_key(self._digest(p), self.min_pixels, plan.max_pixels) for p in sample.images]
         self.wanted.update({k: (p, plan.max_pixels) for k, p in zip(keys, sample.images, strict=True)})
-        return keys
+        video_keys = []
+        for source, video in zip(sample.videos, plan.videos, strict=True):
+            key = image_key(self._video_digest(source, video.info), self.video_min_pixels, video.max_pixels)
+            self.wanted_videos[key] = (source, video)
+            video_keys.append(key)
+        return keys, video_keys
 
     def _digest(self, path: Path) -> bytes:
         if path not in self.digests:
@@ -270,18 +321,31 @@ class KeyedImages:
                 self.digests[path] = image_digest(image)
         return self.digests[path]
 
+    def _video_digest(self, source: VideoSource, info: VideoInfo) -> bytes:
+        """A hash of the chosen frames' contents, in order (the same frames give the same key)."""
+        if (source, info.indices) not in self.digests:
+            self.digests[source, info.indices] = video_digest(decode(source, info))
+        return self.digests[source, info.indices]
+
 
 def make_dataset(
-    plans: list[Plan], samples: list[Sample], processor: Any, budget: ImageBudget, keyed: KeyedImages | None
+    plans: list[Plan], samples: list[Sample], processor: Any, fmt: PromptFormat, keyed: KeyedImages | None
 ) -> PlannedDataset:
     """A dataset of planned samples; with ``keyed`` its samples carry cached-feature keys, not pixels."""
     keys = [keyed.keys(plan, s) for plan, s in zip(plans, samples, strict=True)] if keyed else None
-    return PlannedDataset(plans, samples, processor, budget, keys)
+    return PlannedDataset(plans, samples, processor, fmt, keys)
+
+
+# Per medium: its grids, its pixel values and its cached-feature keys, as batches carry them.
+MEDIA = (
+    ("image_grid_thw", "pixel_values", "image_keys"),
+    ("video_grid_thw", "pixel_values_videos", "video_keys"),
+)
 
 
 @dataclass
 class Collator:
-    """Right-pads a training batch and concatenates its images (the model reads grids in order)."""
+    """Right-pads a training batch and concatenates its images and videos (the model reads grids in order)."""
 
     pad_token_id: int
 
@@ -302,13 +366,14 @@ class Collator:
         }
         for i, f in enumerate(features):
             batch["attention_mask"][i, : len(f["input_ids"])] = 1
-        with_images = [f for f in features if "image_grid_thw" in f]
-        if with_images:
-            batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in with_images])
-            if "image_keys" in with_images[0]:
-                batch["image_keys"] = [k for f in with_images for k in f["image_keys"]]
-            else:
-                batch["pixel_values"] = torch.cat([f["pixel_values"] for f in with_images])
+        for grid, pixels, keys in MEDIA:
+            having = [f for f in features if grid in f]
+            if having:
+                batch[grid] = torch.cat([f[grid] for f in having])
+                if keys in having[0]:
+                    batch[keys] = [k for f in having for k in f[keys]]
+                else:
+                    batch[pixels] = torch.cat([f[pixels] for f in having])
         return batch
 
 

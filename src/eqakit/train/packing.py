@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from eqakit.data.encode import IGNORE_INDEX
+from eqakit.train.data import MEDIA
 
 
 class EpisodeBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -144,18 +145,20 @@ class PackedCollator:
             "packed_branches": [torch.tensor(r["branches"]) for r in rows],
             "packed_targets": [torch.tensor(r["targets"], dtype=torch.long).reshape(-1, 3) for r in rows],
             "image_counts": torch.tensor([r["images"] for r in rows]),
+            "video_counts": torch.tensor([r["videos"] for r in rows]),
         }
         for i, r in enumerate(rows):
             n = len(r["input_ids"])
             batch["input_ids"][i, :n] = r["input_ids"]
             batch["mm_token_type_ids"][i, :n] = r["mm_token_type_ids"]
             batch["attention_mask"][i, :n] = 1
-        if any("image_grid_thw" in r for r in rows):
-            batch["image_grid_thw"] = torch.cat([r["image_grid_thw"] for r in rows if "image_grid_thw" in r])
-        if any("image_keys" in r for r in rows):
-            batch["image_keys"] = [k for r in rows for k in r.get("image_keys", [])]
-        elif any("pixel_values" in r for r in rows):
-            batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows if "pixel_values" in r])
+        for grid, pixels, keys in MEDIA:
+            if any(grid in r for r in rows):
+                batch[grid] = torch.cat([r[grid] for r in rows if grid in r])
+            if any(keys in r for r in rows):
+                batch[keys] = [k for r in rows for k in r.get(keys, [])]
+            elif any(pixels in r for r in rows):
+                batch[pixels] = torch.cat([r[pixels] for r in rows if pixels in r])
         return batch
 
 
@@ -185,12 +188,14 @@ def _row(members: list[dict[str, Any]], prefix: int) -> dict[str, Any]:
         "branches": branches,
         "targets": targets,
         "images": len(first.get("image_keys", first.get("image_grid_thw", []))),
+        "videos": len(first.get("video_keys", first.get("video_grid_thw", []))),
     }
-    for key in ("image_grid_thw", "pixel_values"):
-        if key in first:
-            row[key] = first[key]
-    if "image_keys" in first:
-        row["image_keys"] = list(first["image_keys"])
+    for grid, pixels, keys in MEDIA:
+        for key in (grid, pixels):
+            if key in first:
+                row[key] = first[key]
+        if keys in first:
+            row[keys] = list(first[keys])
     return row
 
 
@@ -198,21 +203,25 @@ def packed_inputs(rope_index: Any, batch: dict[str, Any], dtype: torch.dtype) ->
     """Model inputs for a packed batch: 4D branch mask and M-RoPE positions from each separate sequence."""
     ids, types = batch["input_ids"], batch["mm_token_type_ids"]
     rows, n = ids.shape
-    grids = batch.get("image_grid_thw")
-    counts = batch["image_counts"].tolist()
+    grids, video_grids = batch.get("image_grid_thw"), batch.get("video_grid_thw")
+    counts, video_counts = batch["image_counts"].tolist(), batch["video_counts"].tolist()
     allowed = torch.zeros(rows, n, n, dtype=torch.bool, device=ids.device)
     positions = torch.zeros(3, rows, n, dtype=torch.long, device=ids.device)
-    image_start = 0
+    image_start = video_start = 0
     for r in range(rows):
         prefix = int(batch["packed_prefix"][r])
         grid = grids[image_start : image_start + counts[r]] if counts[r] else None
+        video_grid = video_grids[video_start : video_start + video_counts[r]] if video_counts[r] else None
         image_start += counts[r]
+        video_start += video_counts[r]
         allowed[r, :prefix, :prefix] = torch.ones(prefix, prefix, dtype=torch.bool, device=ids.device).tril()
         for start, length in batch["packed_branches"][r].tolist():
             seq = torch.cat([ids[r, :prefix], ids[r, start : start + length]])[None]
             seq_types = torch.cat([types[r, :prefix], types[r, start : start + length]])[None]
-            if grid is not None:
-                pos = rope_index(seq, mm_token_type_ids=seq_types, image_grid_thw=grid)[0][:, 0]
+            if grid is not None or video_grid is not None:
+                pos = rope_index(
+                    seq, mm_token_type_ids=seq_types, image_grid_thw=grid, video_grid_thw=video_grid
+                )[0][:, 0]
             else:
                 pos = torch.arange(seq.shape[1], device=ids.device).expand(3, -1)
             positions[:, r, :prefix] = pos[:, :prefix]

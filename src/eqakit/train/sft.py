@@ -29,7 +29,7 @@ import yaml
 
 from eqakit import __version__
 from eqakit.config import Config, load_config
-from eqakit.data.encode import ImageBudget
+from eqakit.data.encode import ImageBudget, PromptFormat
 from eqakit.errors import ConfigError, DataError, Stopped
 from eqakit.fsutil import write_text_atomic
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, StopOnSignal, newest_complete_checkpoint
@@ -186,14 +186,15 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
         )
 
     cache = VisionFeatureCache() if _uses_vision_cache(cfg) else None
-    keyed = KeyedImages(budget.min_pixels) if cache is not None else None
-    every = make_dataset(plans, samples, processor, budget, keyed)
+    fmt = PromptFormat.from_config(cfg)
+    keyed = KeyedImages(budget.min_pixels, fmt.video.min_pixels) if cache is not None else None
+    every = make_dataset(plans, samples, processor, fmt, keyed)
     train_rows, val_rows = split_train_val(len(plans), cfg.data.val_size, cfg.training.seed)
     train_set = every.subset(train_rows)
     if val_rows:
         eval_set = every.subset(val_rows)
     else:
-        eval_set = make_dataset(*extra_eval, processor, budget, keyed) if extra_eval else None
+        eval_set = make_dataset(*extra_eval, processor, fmt, keyed) if extra_eval else None
     if cfg.training.process_index == 0:
         _print_data_report(report, len(train_set), len(eval_set) if eval_set else 0)
 
@@ -203,8 +204,8 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
         cache.build(
             model,
             processor,
-            budget,
-            keyed.wanted,
+            fmt,
+            keyed,
             cfg.training.device,
             show_progress=cfg.training.local_process_index == 0,
         )
@@ -221,7 +222,7 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     if cfg.training.local_process_index == 0:
         print(trainable_summary(model))
         print(
-            f"speed-ups: vision feature cache {'on, ' + str(len(cache)) + ' images' if cache else 'off'}; "
+            f"speed-ups: vision feature cache {'on, ' + str(len(cache)) + ' images/videos' if cache else 'off'}; "
             f"shared-prefix packing {'on, ' + str(len(groups)) + ' groups' if groups else 'off'}; "
             f"gradient checkpointing {'off' if cfg.finetuning.disable_gradient_checkpointing else 'on'}"
         )
@@ -313,6 +314,12 @@ def _print_data_report(report: Any, n_train: int, n_eval: int) -> None:
     tokens = s["image_tokens_per_sample"]
     print(
         f"data: {s['kept']}/{s['samples']} samples kept ({n_train} train, {n_eval} eval); "
-        f"{s['scaled_down_to_fit']} had images scaled down to fit cutoff_len, {s['dropped_too_long']} dropped as too long; "
+        f"{s['scaled_down_to_fit']} had images or frames scaled down to fit cutoff_len, {s['dropped_too_long']} dropped as too long; "
         f"image tokens per sample min {tokens['min']} mean {tokens['mean']} max {tokens['max']}"
     )
+    if "videos_sampled_to_video_maxlen" in s:
+        print(
+            f"videos: {s['videos_sampled_to_video_maxlen']} video(s) sampled down to video_maxlen; "
+            f"{s['samples_with_frames_dropped_to_fit']} sample(s) lost {s['frames_dropped_to_fit']} frame(s) "
+            "to fit cutoff_len (their frames at the smallest size did not fit)"
+        )

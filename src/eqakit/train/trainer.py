@@ -263,10 +263,10 @@ class EqakitTrainer(Trainer):
             super()._track_num_input_tokens(inputs)
 
     def _encoder_outputs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
-        keys = inputs.pop("image_keys", None)
-        if not keys:
+        keys, video_keys = inputs.pop("image_keys", None), inputs.pop("video_keys", None)
+        if not keys and not video_keys:
             return None
-        return self.vision_cache.encoder_outputs(keys)
+        return self.vision_cache.encoder_outputs(keys or [], video_keys or [])
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -309,10 +309,12 @@ class EqakitTrainer(Trainer):
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         dtype = next(base.parameters()).dtype
         model_inputs = packed_inputs(base.model.get_rope_index, inputs, dtype)
-        extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+        media = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+        extra = {k: inputs[k] for k in media if k in inputs}
         if encoder_outputs is not None:
             extra["mm_encoder_outputs"] = encoder_outputs
             extra.pop("pixel_values", None)
+            extra.pop("pixel_values_videos", None)
 
         def logits_for(positions: torch.Tensor) -> torch.Tensor:
             return model(**model_inputs, **extra, logits_to_keep=positions).logits

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqakit.data.encode import Plan, PromptFormat
 from eqakit.data.template import Message
+from eqakit.data.video import VideoInfo
 from eqakit.engine.base import TextStream
 from eqakit.engine.hf.caches import LRUCache, PrefixState, VisualFeatures
 from eqakit.engine.hf.model import HFModel
@@ -127,13 +128,20 @@ class Engine:
         return self.defaults.replace(**overrides)
 
     def plan(
-        self, messages: list[Message], image_sizes: list[tuple[int, int]], system: str | None = None
+        self,
+        messages: list[Message],
+        image_sizes: list[tuple[int, int]],
+        system: str | None = None,
+        videos: Sequence[VideoInfo] = (),
     ) -> Plan:
-        """Check that a prompt fits cutoff_len from its image sizes alone (raises PromptTooLong / RequestError).
+        """Check that a prompt fits cutoff_len from its image sizes and probed videos alone (raises
+        PromptTooLong / RequestError).
 
         What `prepare` will do, minus the pixels: a dataset can be checked before its images are decoded.
         """
-        return plan_prompt(messages, image_sizes, system, self.tokenizer, self.model.geometry, self.format)
+        return plan_prompt(
+            messages, image_sizes, system, self.tokenizer, self.model.geometry, self.format, list(videos)
+        )
 
     def prepare(self, request: Request) -> Prepared:
         """Render and tokenize a request (raises RequestError / PromptTooLong); cheap, no model work."""

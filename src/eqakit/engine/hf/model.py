@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
-from eqakit.data.encode import Geometry, pixel_values
+from eqakit.data.encode import Geometry, PadIds, VideoPlan, mm_token_types, pixel_values, video_pixel_values
 from eqakit.engine.hf.attention import SharedPrefix
 from eqakit.engine.hf.attention import install as install_shared_prefix_attention
 from eqakit.engine.hf.caches import VisualFeatures
@@ -39,9 +39,11 @@ class HFModel:
         self.model = model
         self.core = unwrap(model)
         self.image_processor = processor.image_processor
+        self.video_processor = getattr(processor, "video_processor", None)
         self.device = next(self.core.parameters()).device
         self.dtype = self.core.lm_head.weight.dtype
         self.image_token_id = int(self.core.config.image_token_id)
+        self.pads = PadIds(self.image_token_id, int(self.core.config.video_token_id))
         self.geometry = Geometry.of(self.core.config)
         # transformers renamed the KV-cache argument (past_key_values -> cache) within 5.x; a cache
         # passed under the other name is swallowed by **kwargs and every decode step silently
@@ -68,11 +70,29 @@ class HFModel:
                 out.append(VisualFeatures(embeds, tuple(level[i] for level in result.deepstack_features)))
         return out
 
-    def rope_positions(self, ids: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
-        """M-RoPE positions (3, length) of a prompt whose image pads are already expanded."""
-        mm = (ids == self.image_token_id).to(torch.int)
+    def video_features(self, frames: tuple[Any, ...], video: VideoPlan, min_pixels: int) -> VisualFeatures:
+        """Features of one planned video's frames (`eqakit.data.encode.video_pixel_values`: training's)."""
+        if self.video_processor is None:
+            raise TypeError("the checkpoint's processor has no video processor")
+        pixels, grid = video_pixel_values(list(frames), self.video_processor, video, min_pixels)
+        result = self.core.model.get_video_features(
+            pixels.to(self.device), grid.to(self.device), return_dict=True
+        )
+        return VisualFeatures(result.pooler_output[0], tuple(level[0] for level in result.deepstack_features))
+
+    def rope_positions(
+        self,
+        ids: torch.Tensor,
+        grids: list[tuple[int, int, int]],
+        video_grids: list[tuple[int, int, int]] | tuple[()] = (),
+    ) -> torch.Tensor:
+        """M-RoPE positions (3, length) of a prompt whose image and video pads are already expanded."""
+        mm = mm_token_types(ids, self.pads)
         grid = torch.tensor(grids, dtype=torch.long) if grids else None
-        positions, _ = self.core.model.get_rope_index(ids[None], mm[None], image_grid_thw=grid)
+        video_grid = torch.tensor(video_grids, dtype=torch.long) if video_grids else None
+        positions, _ = self.core.model.get_rope_index(
+            ids[None], mm[None], image_grid_thw=grid, video_grid_thw=video_grid
+        )
         return positions[:, 0]
 
     def forward(
@@ -85,27 +105,25 @@ class HFModel:
         *,
         logits: bool = True,
         shared: SharedPrefix | None = None,
+        video_features: list[VisualFeatures] | tuple[()] = (),
     ) -> torch.Tensor | None:
         """Run new tokens (B, T) at ``positions`` (3, B, T) over ``cache``; ``mask`` (B, cached + T) marks
-        real tokens. ``features`` fill the image pads of ``ids`` in row-major order; ``shared`` names
-        the prefixes rows continue, attended to in place of cached columns. Returns the float32
-        logits (B, vocab) of each row's last position."""
-        encoder_outputs = None
-        if features:
-            levels = len(features[0].deepstack)
-            encoder_outputs = {
-                "image": BaseModelOutputWithDeepstackFeatures(
-                    pooler_output=tuple(f.embeds for f in features),
-                    deepstack_features=[
-                        tuple(f.deepstack[level] for f in features) for level in range(levels)
-                    ],
+        real tokens. ``features`` fill the image pads of ``ids`` in row-major order, ``video_features``
+        its video pads; ``shared`` names the prefixes rows continue, attended to in place of cached
+        columns. Returns the float32 logits (B, vocab) of each row's last position."""
+        encoder_outputs = {}
+        for medium, feats in (("image", features), ("video", video_features)):
+            if feats:
+                levels = len(feats[0].deepstack)
+                encoder_outputs[medium] = BaseModelOutputWithDeepstackFeatures(
+                    pooler_output=tuple(f.embeds for f in feats),
+                    deepstack_features=[tuple(f.deepstack[level] for f in feats) for level in range(levels)],
                 )
-            }
         out = self.core.model(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             position_ids=positions.to(self.device),
-            mm_encoder_outputs=encoder_outputs,
+            mm_encoder_outputs=encoder_outputs or None,
             use_cache=True,
             **{self._cache_arg: cache},
             **({"shared_prefix": shared} if shared is not None else {}),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from eqakit.data.encode import PromptFormat, expand_pads, image_digest, image_key
+from eqakit.data.encode import PromptFormat, VideoPlan, expand_pads, image_digest, image_key, video_digest
 from eqakit.engine.hf.model import HFModel
 from eqakit.engine.params import Request, RequestError
 from eqakit.engine.prompt import plan_request
@@ -26,15 +26,23 @@ from eqakit.engine.prompt import plan_request
 
 @dataclass(frozen=True)
 class ImageSlot:
-    """One image of a prompt: where its tokens are, and the key of its features at this size."""
+    """One image or video of a prompt: where its tokens are (a video's: from its first visual token
+    to its last), and the key of its features at this size. A video slot has ``video`` (its plan)
+    and ``frames``; an image slot has ``image``."""
 
-    image: Image.Image
+    image: Image.Image | None
     key: bytes
     start: int
     length: int
     min_pixels: int
     max_pixels: int
     grid: tuple[int, int, int]  # (t, h, w) in patches, as planned
+    video: VideoPlan | None = None
+    frames: tuple[Image.Image, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.video is None else "video"
 
 
 @dataclass
@@ -59,19 +67,29 @@ class Prepared:
 
 def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: PromptFormat) -> Prepared:
     """Render, tokenize and position a request; raises RequestError (PromptTooLong when it cannot fit)."""
-    planned, images = plan_request(request, tokenizer, model.geometry, fmt)
+    planned, images, videos = plan_request(request, tokenizer, model.geometry, fmt)
 
     low, high = fmt.budget.min_pixels, planned.max_pixels
+    video_grids = [v.grid for v in planned.videos]
     try:
-        ids, spans = expand_pads(planned.input_ids, planned.grids, model.image_token_id, model.geometry.merge)
-    except ValueError as exc:  # cannot happen (message text never yields image pads); never a hang
+        ids, spans, video_spans = expand_pads(
+            planned.input_ids, planned.grids, model.pads, model.geometry.merge, video_grids
+        )
+    except ValueError as exc:  # cannot happen (message text never yields pads); never a hang
         raise RequestError(str(exc), param="messages") from None
     slots = [
         ImageSlot(image, image_key(image_digest(image), low, high), start, length, low, high, grid)
         for image, (start, length), grid in zip(images, spans, planned.grids, strict=True)
     ]
+    vlow = fmt.video.min_pixels
+    for video, plan, (start, length) in zip(videos, planned.videos, video_spans, strict=True):
+        key = image_key(video_digest(video.frames), vlow, plan.max_pixels)
+        slots.append(
+            ImageSlot(None, key, start, length, vlow, plan.max_pixels, plan.grid, plan, video.frames)
+        )
+    slots.sort(key=lambda slot: slot.start)
     ids_tensor = torch.tensor(ids, dtype=torch.long)
-    positions = model.rope_positions(ids_tensor, planned.grids)
+    positions = model.rope_positions(ids_tensor, planned.grids, video_grids)
     return Prepared(request, ids_tensor, positions, slots, _cuts(ids, slots, tokenizer), planned.scaled_down)
 
 
@@ -80,7 +98,9 @@ def _cuts(ids: list[int], slots: list[ImageSlot], tokenizer: Any) -> list[tuple[
     vision_end, im_start = tokenizer.convert_tokens_to_ids(["<|vision_end|>", "<|im_start|>"])
     turns = [i for i, t in enumerate(ids) if t == im_start][:-1]  # the last one opens the reply
     points = sorted({i + 1 for i, t in enumerate(ids) if t == vision_end} | {i for i in turns if i})
-    points = [p for p in points if p < len(ids)]  # a prefix leaves at least one token to prefill
+    inside = [(s.start, s.start + s.length) for s in slots if s.video is not None]
+    # a prefix leaves at least one token to prefill, and never ends inside a video (its features are whole)
+    points = [p for p in points if p < len(ids) and not any(a < p <= b for a, b in inside)]
     hasher = hashlib.blake2b(digest_size=16)
     cuts: list[tuple[int, bytes]] = []
     previous = 0

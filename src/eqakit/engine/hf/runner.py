@@ -269,18 +269,32 @@ class Runner:
         return [[found[s.key] for s in job.prepared.images] for job in jobs]
 
     def _compute_list(self, slots: list[ImageSlot]) -> list[VisualFeatures]:
-        if not slots:
-            return []
-        return self.model.image_features(
-            [s.image for s in slots], slots[0].min_pixels, slots[0].max_pixels, [s.grid for s in slots]
+        """A job's own features, slot by slot (its images in one vision call, each video in one)."""
+        images = [s for s in slots if s.video is None]
+        computed = iter(
+            self.model.image_features(
+                [s.image for s in images],
+                images[0].min_pixels,
+                images[0].max_pixels,
+                [s.grid for s in images],
+            )
+            if images
+            else []
         )
+        return [
+            next(computed) if s.video is None else self.model.video_features(s.frames, s.video, s.min_pixels)
+            for s in slots
+        ]
 
     def _compute(self, items: list[tuple[bytes, ImageSlot]]) -> dict[bytes, VisualFeatures]:
-        """Features of the given (key, slot) pairs, one vision call per image size cap."""
+        """Features of the given (key, slot) pairs, one vision call per image size cap and per video."""
         by_size: dict[tuple[int, int], list[tuple[bytes, ImageSlot]]] = {}
-        for key, slot in items:
-            by_size.setdefault((slot.min_pixels, slot.max_pixels), []).append((key, slot))
         out: dict[bytes, VisualFeatures] = {}
+        for key, slot in items:
+            if slot.video is not None:
+                out[key] = self.model.video_features(slot.frames, slot.video, slot.min_pixels)
+            else:
+                by_size.setdefault((slot.min_pixels, slot.max_pixels), []).append((key, slot))
         for (low, high), group in by_size.items():
             slots = [slot for _, slot in group]
             features = self.model.image_features([s.image for s in slots], low, high, [s.grid for s in slots])
@@ -317,14 +331,18 @@ class Runner:
         begin = start.length if start is not None else 0
         kv = KVBatch.from_states([start], self.num_layers, self.model.device, room=0)
         kv.extend_mask(torch.ones((1, end - begin), dtype=torch.long))
-        feats = [f for slot, f in zip(prepared.images, features, strict=True) if begin <= slot.start < end]
+        pairs = [
+            (slot, f) for slot, f in zip(prepared.images, features, strict=True) if begin <= slot.start < end
+        ]
+        images, videos = _by_kind(pairs)
         self.model.forward(
             prepared.ids[begin:end][None],
             prepared.positions[:, begin:end][:, None],
             kv.mask,
             kv.cache(),
-            feats,
+            images,
             logits=False,
+            video_features=videos,
         )
         return kv.state(0)
 
@@ -337,20 +355,25 @@ class Runner:
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         positions = torch.ones((3, len(jobs), width), dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        feats: list[VisualFeatures] = []
+        pairs: list[tuple[ImageSlot, VisualFeatures]] = []
         for row, (job, start) in enumerate(zip(jobs, starts, strict=True)):
             p = job.prepared
             size = p.length - start
             ids[row, width - size :] = p.ids[start:]
             positions[:, row, width - size :] = p.positions[:, start:]
             mask[row, width - size :] = 1
-            feats += [f for slot, f in zip(p.images, features[row], strict=True) if slot.start >= start]
+            pairs += [
+                (slot, f) for slot, f in zip(p.images, features[row], strict=True) if slot.start >= start
+            ]
         if self.share_prefixes:
             kv = KVBatch.empty(bases, self.num_layers, self.model.device)
         else:
             kv = KVBatch.from_states(bases, self.num_layers, self.model.device)
         kv.extend_mask(mask)
-        logits = self.model.forward(ids, positions, kv.mask, kv.cache(), feats, shared=kv.shared())
+        images, videos = _by_kind(pairs)
+        logits = self.model.forward(
+            ids, positions, kv.mask, kv.cache(), images, shared=kv.shared(), video_features=videos
+        )
         assert logits is not None
         return logits, kv
 
@@ -394,3 +417,10 @@ class Runner:
         rows, self.rows, self.kv = self.rows, [], None
         for row in rows:
             _fail(row.job, error)
+
+
+def _by_kind(
+    pairs: list[tuple[ImageSlot, VisualFeatures]],
+) -> tuple[list[VisualFeatures], list[VisualFeatures]]:
+    """Features of images and of videos, each in prompt order (the model fills each kind's pads in order)."""
+    return [f for s, f in pairs if s.video is None], [f for s, f in pairs if s.video is not None]

@@ -38,7 +38,7 @@ import queue
 import threading
 import uuid
 import weakref
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ from PIL import Image
 
 from eqakit.data.encode import Geometry, Plan, PromptFormat
 from eqakit.data.template import Message
+from eqakit.data.video import VideoInfo
 from eqakit.engine.base import EngineUnavailable, Submission, TextStream
 from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
 from eqakit.engine.prompt import plan_prompt, plan_request
@@ -200,13 +201,28 @@ class VllmEngine:
 
     def prepare(self, request: Request) -> VllmPrepared:
         """Render, tokenize and fit a request (raises RequestError / PromptTooLong); no model work."""
-        plan, images = plan_request(request, self.tokenizer, self.geometry, self.format)
+        plan, images, videos = plan_request(request, self.tokenizer, self.geometry, self.format)
+        if videos:  # refused by name, never served as text: vLLM's Qwen3-VL video layout differs (see docs)
+            raise RequestError(
+                "the vLLM backend does not take videos yet; serve video with infer_backend: huggingface",
+                param="messages",
+            )
         return VllmPrepared(request, plan, images, self.format.budget.min_pixels)
 
     def plan(
-        self, messages: list[Message], image_sizes: list[tuple[int, int]], system: str | None = None
+        self,
+        messages: list[Message],
+        image_sizes: list[tuple[int, int]],
+        system: str | None = None,
+        videos: Sequence[VideoInfo] = (),
     ) -> Plan:
-        """Check that a prompt fits cutoff_len from its image sizes alone (raises PromptTooLong / RequestError)."""
+        """Check that a prompt fits cutoff_len from its image sizes and probed videos alone (raises
+        PromptTooLong / RequestError)."""
+        if videos:
+            raise RequestError(
+                "the vLLM backend does not take videos yet; serve video with infer_backend: huggingface",
+                param="messages",
+            )
         return plan_prompt(messages, image_sizes, system, self.tokenizer, self.geometry, self.format)
 
     def generate_iter(self, requests: Iterable[Request | VllmPrepared]) -> Iterator[tuple[int, Completion]]:
