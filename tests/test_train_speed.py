@@ -337,3 +337,12 @@ def test_packing_spans_the_optimizer_step_and_keeps_its_gradient(setup, tmp_path
     for name, grad in grads["unpacked"].items():
         assert grad.abs().sum() > 0, name
         assert_close_to_scale(grads["packed"][name], grad, rel=1e-5)
+
+
+@pytest.mark.parametrize("medium", ["images", "video"])
+def test_episode_groups_follow_the_shared_images_or_video(request, medium) -> None:
+    """An episode's questions form one group whether its frames are images or one video."""
+    from eqakit.train.sft import _episode_groups
+
+    _, _, plain, _, _, _ = request.getfixturevalue("setup" if medium == "images" else "video_setup")
+    assert _episode_groups(plain) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]

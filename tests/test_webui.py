@@ -286,6 +286,57 @@ def test_chat_streams_images_system_prompt_history_and_clear(site: dict, page, r
     page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')")
 
 
+def test_chat_takes_a_video_file_and_images_as_one_video(site: dict, page, reference: Engine) -> None:
+    """An mp4 attached is a video; with the switch on, attached images are the frames of one video;
+    each answer is the engine's for the same video; an unreadable video is one error line."""
+    import av
+
+    from eqakit.serve.webui_model import open_video
+
+    files = site["shots"].parent / "files"
+    video = files / "walk.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for k in range(20):
+            frame = Image.new("RGB", (96, 64), (200, 200, 200))
+            ImageDraw.Draw(frame).ellipse([4 * k, 16, 4 * k + 30, 46], fill=(220, 30, 30))
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    budget = reference.format.video
+    watch(page, "#chatbot")
+    notice = send(page, "Where does the ball go?", [video])
+    part = {"type": "video", "video": open_video(str(video), budget)}
+    expected = reference.chat(
+        [{"role": "user", "content": [part, {"type": "text", "text": "Where does the ball go?"}]}]
+    )
+    expect_answer(page, notice, expected)
+    assert page.locator('#chatbot [data-testid="user"] video').count() == 1
+    page.screenshot(path=site["shots"] / "chat-video.png", full_page=True)
+    page.locator("#clear-btn").click()
+    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')")
+
+    page.locator("#frames-as-video input").check()
+    frames = [site["red"], site["blue"].with_name("red-too.png")]
+    Image.open(site["red"]).save(frames[1])
+    notice = send(page, "Is the ball moving?", frames)
+    part = {"type": "video", "video": open_video([str(f) for f in frames], budget)}
+    expected = reference.chat(
+        [{"role": "user", "content": [part, {"type": "text", "text": "Is the ball moving?"}]}]
+    )
+    expect_answer(page, notice, expected)
+    page.locator("#frames-as-video input").uncheck()
+    page.locator("#clear-btn").click()
+    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')")
+
+    junk = files / "junk.mp4"
+    junk.write_bytes(b"not a video" * 50)
+    notice = send(page, "What is this?", [junk], expect="junk.mp4")
+    assert "cannot be read" in notice and "Traceback" not in notice
+
+
 def test_errors_show_a_message_and_the_app_keeps_working(site: dict, page, reference: Engine) -> None:
     shots = site["shots"]
     bubbles = page.locator('#chatbot [data-testid="bot"]')

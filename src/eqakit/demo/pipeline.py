@@ -154,7 +154,7 @@ def blind_baseline(data: Path) -> dict[str, Any]:
     from eqakit.evaluate.metrics import score_predictions
 
     def question(row: dict[str, Any]) -> str:
-        return row["instruction"].replace("<image>", "").strip()
+        return row["instruction"].replace("<image>", "").replace("<video>", "").strip()
 
     answers: dict[str, Counter] = defaultdict(Counter)
     overall: Counter = Counter()  # for a test question never asked in training

@@ -6,8 +6,8 @@
     eqakit webui configs/training_args.yaml       # a training config fills the Train tab instead
 
 Step 3.5 of the tutorial, on eqakit's engine: a model path (base or merged) and an optional adapter
-path with Load and Unload buttons and a status line; a system prompt; several images per turn
-(upload, drag and drop, paste) with text; sliders for max new tokens, temperature and top-p; an
+path with Load and Unload buttons and a status line; a system prompt; several images or videos per
+turn (upload, drag and drop, paste; a switch sends the images as the frames of one video) with text; sliders for max new tokens, temperature and top-p; an
 enable-thinking switch (qwen3_vl template); answers stream token by token; Clear starts over. Every
 turn's images stay in the conversation the model sees. The OpenEQA tab shows a prepared dataset's
 question: its frames, the reference answer and the model's answer side by side. The Train tab runs
@@ -37,18 +37,21 @@ import gradio as gr
 from eqakit.config import Config, load_config, parse_overrides, read_yaml
 from eqakit.config.args import GeneratingArguments
 from eqakit.config.load import infer_kind
+from eqakit.data.encode import VideoBudget
 from eqakit.data.template import NOTHINK, TEMPLATES, THINK, strip_thinking
 from eqakit.errors import EqakitError
 from eqakit.serve.webui_evaluate import build_evaluate_tab
 from eqakit.serve.webui_export import build_export_tab
 from eqakit.serve.webui_model import (
     QUANTIZATION,
+    VIDEO_SUFFIXES,
     LoadOptions,
     ModelSlot,
     UIError,
     backends,
     error_line,
     open_image,
+    open_video,
     stats_line,
     throttled,
 )
@@ -56,16 +59,21 @@ from eqakit.serve.webui_openeqa import build_openeqa_tab
 from eqakit.serve.webui_results import build_results_tab
 from eqakit.serve.webui_train import build_train_tab
 
-Turn = dict[str, Any]  # {"role": "user", "text": str, "images": [path]} or {"role": "assistant", "text": str}
+# {"role": "user", "text": str, "images": [path], "videos": [path | [frame path]]} or
+# {"role": "assistant", "text": str}
+Turn = dict[str, Any]
 THINK_TAGS = [("<think>", "</think>")]
 
 
-def chat_messages(history: list[Turn]) -> list[dict[str, Any]]:
-    """The conversation as engine messages: every user turn with its images, answers without reasoning."""
+def chat_messages(history: list[Turn], budget: VideoBudget | None = None) -> list[dict[str, Any]]:
+    """The conversation as engine messages: every user turn with its images and videos (``budget``:
+    how videos are sampled and sized), answers without reasoning."""
+    budget = budget or VideoBudget()
     messages = []
     for turn in history:
         if turn["role"] == "user":
             parts: list[dict[str, Any]] = [{"type": "image", "image": open_image(p)} for p in turn["images"]]
+            parts += [{"type": "video", "video": open_video(v, budget)} for v in turn.get("videos", [])]
             if turn["text"]:
                 parts.append({"type": "text", "text": turn["text"]})
             messages.append({"role": "user", "content": parts})
@@ -75,13 +83,15 @@ def chat_messages(history: list[Turn]) -> list[dict[str, Any]]:
 
 
 def chatbot_view(history: list[Turn]) -> list[dict[str, Any]]:
-    """What gr.Chatbot shows: images as files, text as markdown, <think> blocks folded by the Chatbot."""
+    """What gr.Chatbot shows: images and videos as files (a video sent as frames: its frames), text as
+    markdown, <think> blocks folded by the Chatbot."""
     view: list[dict[str, Any]] = []
     for turn in history:
         if turn["role"] == "user":
-            view += [
-                {"role": "user", "content": {"path": p, "alt_text": Path(p).name}} for p in turn["images"]
-            ]
+            files = [*turn["images"]]
+            for video in turn.get("videos", []):
+                files += video if isinstance(video, list) else [video]
+            view += [{"role": "user", "content": {"path": p, "alt_text": Path(p).name}} for p in files]
             if turn["text"]:
                 view.append({"role": "user", "content": turn["text"]})
         else:
@@ -98,11 +108,14 @@ def respond(
     temperature: float,
     top_p: float,
     thinking: bool,
+    frames_as_video: bool = False,
 ) -> Iterator[tuple[Any, ...]]:
     """Stream one answer; yields (chatbot, history, textbox, notice).
 
-    A message that cannot be sent (no model, a non-image file, a prompt too long) stays in the
-    textbox (minus any file that is not an image) and the conversation is unchanged.
+    Video files attached are videos; with ``frames_as_video`` the images attached are the frames
+    of one video. A message that cannot be sent (no model, a file that is neither an image nor a
+    video, a prompt too long) stays in the textbox (minus any file that cannot be read) and the
+    conversation is unchanged.
     """
     message = message or {}
     text = (message.get("text") or "").strip()
@@ -111,19 +124,28 @@ def respond(
     if not text and not files:
         yield *keep, gr.skip(), error_line("type a question or attach an image first")
         return
+    budget = slot.video_budget()
     good, problems = [], []
     for path in files:
         try:
-            good.append((path, open_image(path)))
+            if str(path).lower().endswith(VIDEO_SUFFIXES):
+                open_video(str(path), budget)
+            else:
+                open_image(path)
+            good.append(path)
         except UIError as exc:
             problems.append(exc)
     if problems:
-        yield *keep, {"text": text, "files": [p for p, _ in good]}, error_line(problems)
+        yield *keep, {"text": text, "files": good}, error_line(problems)
         return
-    user: Turn = {"role": "user", "text": text, "images": [p for p, _ in good]}
+    videos: list[Any] = [p for p in good if str(p).lower().endswith(VIDEO_SUFFIXES)]
+    images = [p for p in good if p not in videos]
+    if frames_as_video and images:
+        videos, images = [*videos, images], []
+    user: Turn = {"role": "user", "text": text, "images": images, "videos": videos}
     try:
         stream = slot.stream(
-            chat_messages([*history, user]),
+            chat_messages([*history, user], budget),
             system=system,
             enable_thinking=thinking,
             max_new_tokens=int(max_new_tokens),
@@ -252,12 +274,18 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
                 buttons=["copy"],
             )
             textbox = gr.MultimodalTextbox(
-                placeholder="Ask about the images; attach them with the clip, by drag and drop, or paste",
+                placeholder="Ask about images or videos; attach them with the clip, by drag and drop, or paste",
                 file_count="multiple",
                 sources=["upload"],
                 max_plain_text_length=1_000_000,  # long pasted text stays text instead of becoming a .txt file
                 show_label=False,
                 elem_id="chat-input",
+            )
+            frames_as_video = gr.Checkbox(
+                False,
+                label="Send the attached images as the frames of one video",
+                info="video files (mp4, webm, mov, mkv, avi) are always videos",
+                elem_id="frames-as-video",
             )
             notice = gr.Markdown(elem_id="chat-notice")
             clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
@@ -277,7 +305,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
         app.load(slot.status, None, status)  # a page opened later shows the model loaded now
         sent = textbox.submit(
             partial(respond, slot),
-            [textbox, history, system, *settings],
+            [textbox, history, system, *settings, frames_as_video],
             [chatbot, history, textbox, notice],
             concurrency_limit=8,  # several tabs at once: the engine worker batches their answers
         )

@@ -9,6 +9,7 @@ traceback on the server console and shown on the page as one line, and the app k
 
 from __future__ import annotations
 
+import functools
 import gc
 import importlib.util
 import logging
@@ -23,6 +24,8 @@ from PIL import Image
 
 from eqakit.config import Config, load_config
 from eqakit.config.args import ApiArguments
+from eqakit.data.encode import VideoBudget
+from eqakit.data.video import Video, VideoError, VideoSource, decode, from_frames, probe, reduced
 from eqakit.engine import (
     Completion,
     EngineUnavailable,
@@ -57,6 +60,37 @@ def open_image(path: str | Path) -> Image.Image:
         return decode_image(data, MAX_IMAGE_PIXELS, where=name)
     except RequestError as exc:
         raise UIError(str(exc)) from None
+
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v", ".mpg", ".mpeg")
+
+
+def open_video(video: str | list[str], budget: VideoBudget) -> Video:
+    """A video file (PyAV), or image files as the frames of one video, chosen and decoded as in
+    training (video_fps, video_maxlen); frames much larger than video_max_pixels are shrunk while
+    decoded. Raises UIError naming the file. The last few are kept decoded: every turn sends the
+    whole conversation again."""
+    return _open_video(video if isinstance(video, str) else tuple(video), budget)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_video(video: str | tuple[str, ...], budget: VideoBudget) -> Video:
+    if isinstance(video, tuple):
+        try:
+            return from_frames([open_image(p) for p in video], budget.fps, budget.maxlen)
+        except VideoError as exc:
+            raise UIError(f"the images sent as one video: {exc}") from None
+    name = Path(video).name
+    source = VideoSource(file=Path(video).expanduser())
+    try:
+        info = probe(source, budget.fps, budget.maxlen)
+        width, height = info.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise UIError(f"{name}: its frames are {width}x{height}, over {MAX_IMAGE_PIXELS} pixels")
+        info = reduced(info, budget.max_pixels)
+        return Video(info, tuple(decode(source, info)))
+    except VideoError as exc:
+        raise UIError(f"{name}: {exc}") from None
 
 
 @dataclass
@@ -221,6 +255,10 @@ class ModelSlot:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def video_budget(self) -> VideoBudget:
+        """How the loaded model's config samples and sizes videos (the defaults while none is loaded)."""
+        return self.loaded.engine.format.video if self.loaded else VideoBudget()
 
     def status(self) -> str:
         if self.loaded:

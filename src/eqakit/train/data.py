@@ -287,11 +287,17 @@ class PlannedDataset(torch.utils.data.Dataset):
                     images.append(image.convert("RGB"))
             videos = [decode(source, v.info) for source, v in zip(sample.videos, plan.videos, strict=True)]
             out = materialize(plan, images, self.processor, self.fmt.budget, videos, self.fmt.video)
-        out["image_refs"] = tuple(str(p) for p in sample.images) + tuple(
+        out["image_refs"] = self.media_ref(index)
+        return out
+
+    def media_ref(self, index: int) -> tuple[Any, ...]:
+        """What a sample's images and videos are, as planned: samples with equal refs share them
+        (an OpenEQA episode's questions), which packing and episode batches go by."""
+        plan, sample = self.plans[index], self.samples[index]
+        return tuple(str(p) for p in sample.images) + tuple(
             (source, v.info.indices, v.max_pixels)
             for source, v in zip(sample.videos, plan.videos, strict=True)
         )
-        return out
 
 
 @dataclass

@@ -289,10 +289,10 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
 
 
 def _episode_groups(dataset: PlannedDataset) -> list[list[int]]:
-    """Rows of the training set grouped by their images (an OpenEQA episode's questions)."""
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for i, sample in enumerate(dataset.samples):
-        groups.setdefault(tuple(str(p) for p in sample.images), []).append(i)
+    """Rows of the training set grouped by their images or videos (an OpenEQA episode's questions)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i in range(len(dataset)):
+        groups.setdefault(dataset.media_ref(i), []).append(i)
     return list(groups.values())
 
 
