@@ -98,7 +98,7 @@ def _arm(name: str, work: Path, model: Path, synth: Path, seed: int, epochs: flo
 
 
 # Run in LLaMA-Factory's venv: its own loader (dataset_info.json, the qwen3_vl_nothink template, its
-# Qwen3-VL plugin) on a dataset dir; prints the token ids of the first N rows, one JSON list a line.
+# Qwen3-VL plugin) on a dataset dir; prints the token ids of the first N rows, one "IDS [...]" line each.
 LF_LOADER = r"""
 import json, sys, tempfile
 from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
@@ -114,7 +114,7 @@ tokenizer_module = load_tokenizer(model_args)
 template = get_template_and_fix_tokenizer(tokenizer_module["tokenizer"], data_args)
 rows = get_dataset(template, model_args, data_args, training_args, "sft", **tokenizer_module)["train_dataset"]
 for row in rows:
-    print(json.dumps(row["input_ids"]))
+    print("IDS", json.dumps(row["input_ids"]))
 """
 
 
@@ -144,7 +144,7 @@ def versus_llamafactory(work: Path, model: Path, rows: int = 8) -> None:
             [str(LF_VENV / "bin" / "python"), "-c", LF_LOADER, str(model), str(data), "open_eqa_train_val", str(rows), str(pixels)],
             capture_output=True, text=True, check=True,
         ).stdout.splitlines()  # fmt: skip
-        theirs = [json.loads(line) for line in lf if line.startswith("[")]
+        theirs = [json.loads(line[4:]) for line in lf if line.startswith("IDS ")]
         budget = VideoBudget(max_pixels=pixels)
         fmt = PromptFormat(cutoff_len=4096, video=budget)
         same = wrapper = 0

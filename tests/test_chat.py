@@ -107,6 +107,31 @@ def test_chat_streams_images_clear_and_bad_input(chatty_model_dir: Path, tmp_pat
     chat.expect("Conversation cleared.")
     chat.type("Tell me more.")
     chat.expect(f"Assistant: {fresh}\n")
+
+    # a folder of frames is one video; a missing video file is one error line
+    from eqakit.serve.webui_model import open_video
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k, color in enumerate(((220, 30, 30), (30, 30, 220), (30, 180, 30))):
+        Image.new("RGB", (64, 48), color).save(frames / f"{k:03d}.png")
+    chat.type("/clear")
+    chat.expect("Conversation cleared.")
+    chat.type(f"/video {tmp_path / 'missing.mp4'}")
+    assert "missing.mp4: video file not found" in chat.expect("not attached.")
+    chat.type(f"/video {frames}")
+    chat.expect("Attached frames (1 video for your next message).")
+    video = open_video(sorted(str(p) for p in frames.iterdir()), reference.format.video)
+    seen = reference.chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": video}, {"type": "text", "text": "What happens?"}],
+            }
+        ]
+    )
+    chat.type("What happens?")
+    chat.expect(f"Assistant: {seen.text}\n")
     chat.type("/exit")
     assert chat.process.wait(timeout=30) == 0
     assert "Traceback" not in chat.output + chat.process.stderr.read().decode()

@@ -1,4 +1,4 @@
-"""`eqakit chat`: talk to a Qwen3-VL model in the terminal, images included.
+"""`eqakit chat`: talk to a Qwen3-VL model in the terminal, images and videos included.
 
     eqakit chat configs/infer_openeqa.yaml
     eqakit chat configs/infer_openeqa.yaml temperature=0 max_new_tokens=256
@@ -6,6 +6,7 @@
 Type a message and press Enter; the answer is printed as it is generated. Commands:
 
     /image PATH   attach an image to your next message (repeat for several images)
+    /video PATH   attach a video file, or a folder of frame images as one video
     /clear        start a new conversation (drops attached images too)
     /exit         quit (Ctrl-D too; Ctrl-C stops an answer in progress)
 
@@ -22,16 +23,15 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from PIL import Image
-
 from eqakit.config import load_config
 from eqakit.data.template import strip_thinking
 from eqakit.engine import InferenceEngine, Request, load_engine
 from eqakit.errors import EqakitError
-from eqakit.serve.webui_model import open_image
+from eqakit.serve.webui_model import open_image, open_video
 
 COMMANDS = """Commands:
   /image PATH   attach an image to your next message (repeat for several)
+  /video PATH   attach a video file, or a folder of frame images as one video
   /clear        start a new conversation
   /exit         quit"""
 
@@ -43,7 +43,7 @@ class ChatSession:
         self.engine = engine
         self.out = out
         self.messages: list[dict[str, Any]] = []
-        self.attached: list[Image.Image] = []
+        self.attached: list[dict[str, Any]] = []  # image and video parts for the next message
 
     def say(self, text: str = "", end: str = "\n") -> None:
         print(text, end=end, file=self.out, flush=True)
@@ -59,8 +59,8 @@ class ChatSession:
         if command == "/clear":
             self.messages, self.attached = [], []
             self.say("Conversation cleared.")
-        elif command == "/image":
-            self.attach(argument.strip())
+        elif command in ("/image", "/video"):
+            self.attach(argument.strip(), command[1:])
         elif command == "/help":
             self.say(COMMANDS)
         elif re.fullmatch(r"/[a-z]+", command):
@@ -69,26 +69,32 @@ class ChatSession:
             self.ask(text)
         return True
 
-    def attach(self, argument: str) -> None:
+    def attach(self, argument: str, kind: str = "image") -> None:
         path = argument.strip("'\"")  # terminals quote dragged-in paths
         if not path:
-            self.say("Usage: /image PATH")
+            self.say(f"Usage: /{kind} PATH")
             return
         try:
-            self.attached.append(open_image(Path(path).expanduser()))
+            if kind == "image":
+                self.attached.append({"type": "image", "image": open_image(Path(path).expanduser())})
+            else:
+                folder = Path(path).expanduser()
+                video = sorted(str(p) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else path
+                self.attached.append({"type": "video", "video": open_video(video, self.engine.format.video)})
         except EqakitError as exc:
-            self.say(f"Error: {exc}. The image was not attached.")
+            self.say(f"Error: {exc}. The {kind} was not attached.")
             return
-        count = len(self.attached)
-        self.say(
-            f"Attached {Path(path).name} ({count} image{'s' if count > 1 else ''} for your next message)."
-        )
+        counts = [
+            f"{n} {kind}{'s' if n > 1 else ''}"
+            for kind in ("image", "video")
+            if (n := sum(part["type"] == kind for part in self.attached))
+        ]
+        self.say(f"Attached {Path(path).name} ({' and '.join(counts)} for your next message).")
 
     def request(self, text: str) -> Request:
         """The engine request for the next turn: the conversation so far, then ``text`` with the
         attached images (the config's default_system applies; decoding settings are the config's)."""
-        parts: list[dict[str, Any]] = [{"type": "image", "image": image} for image in self.attached]
-        user = {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+        user = {"role": "user", "content": [*self.attached, {"type": "text", "text": text}]}
         return Request([*self.messages, user], self.engine.params())
 
     def ask(self, text: str) -> None:
