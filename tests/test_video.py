@@ -97,8 +97,8 @@ def test_tokens_and_pixels_equal_the_processors(processor, tmp_path: Path, kind:
     text = "".join(s.text for s in render(messages, add_generation_prompt=False, video_times=[[0.0]]))
     text = text.replace("<0.0 seconds><|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
     # the times the processor computes from the metadata: our chosen indices over their frame rate
-    fps = video_budget.fps if kind == "frames" else 8.0
-    metadata = VideoMetadata(total_num_frames=len(frames), fps=fps, frames_indices=list(info.indices))
+    assert info.fps == (video_budget.fps if kind == "frames" else 8.0)
+    metadata = VideoMetadata(total_num_frames=len(frames), fps=info.fps, frames_indices=list(info.indices))
     ref = processor(
         text=[text],
         images=[image],
@@ -157,7 +157,7 @@ def test_the_token_budget_scales_frames_then_drops_them(processor) -> None:
 def probe_frames(n: int, size: tuple[int, int]):
     from eqakit.data.video import VideoInfo
 
-    return VideoInfo(size, tuple(range(n)), tuple(i / 2 for i in range(n)), n)
+    return VideoInfo(size, tuple(range(n)), 2.0, n)
 
 
 def test_bad_videos_are_named(tmp_path: Path) -> None:
@@ -270,7 +270,7 @@ def _reference(model, processor, request, budget=VIDEO_BUDGET) -> list[int]:
             "videos": [list(v.frames) for v in request.videos],
             "video_metadata": [
                 VideoMetadata(
-                    total_num_frames=len(v.frames), fps=budget.fps, frames_indices=list(v.info.indices)
+                    total_num_frames=len(v.frames), fps=v.info.fps, frames_indices=list(v.info.indices)
                 )
                 for v in request.videos
             ],
@@ -394,11 +394,7 @@ def test_predict_answers_video_rows_as_generate_does(lively, lively_dir: Path, t
             SamplingParams(max_new_tokens=8, do_sample=False),
             videos=[load(source, budget.fps, budget.maxlen)],
         )
-        if source.file is not None:  # the processor times a file's frames by its own frame rate
-            budget_file = VideoBudget(budget.min_pixels, budget.max_pixels, 10.0, budget.maxlen)
-            expected = _reference(model, processor, request, budget_file)
-        else:
-            expected = _reference(model, processor, request, budget)
+        expected = _reference(model, processor, request, budget)
         assert row["predict"] == processor.tokenizer.decode(expected, skip_special_tokens=True)
 
 
@@ -497,3 +493,30 @@ def test_the_api_answers_video_files_and_frame_lists_as_the_engine_does(video_se
     refused({"type": "text", "text": "<video>"}, "must not contain '<video>'")
     big = write_mp4(tmp_path / "big.mp4", frames_of(12, (640, 480)), fps=2).read_bytes()
     refused(_video_part("data:video/mp4;base64," + base64.b64encode(big).decode()), "api_max_request_pixels")
+
+
+def test_vllm_gets_the_chat_templates_video_markup(processor) -> None:
+    """What the vLLM backend sends: the prompt with each video collapsed to the checkpoint's own chat
+    template markup (vLLM expands the pad into the same patches), images untouched."""
+    from eqakit.data.encode import PadIds
+    from eqakit.engine.vllm.engine import collapse_videos
+
+    videos = [probe_frames(6, (96, 64)), probe_frames(4, (64, 64))]
+    messages = [{"role": "user", "content": "<video>then<image><video>: what changed?"}]
+    plan = plan_sample(
+        messages,
+        [(32, 32)],
+        processor.tokenizer,
+        PromptFormat(cutoff_len=4096),
+        videos=videos,
+        add_generation_prompt=True,
+    )
+    template = [{"type": "video"}, {"type": "text", "text": "then"}, {"type": "image"}, {"type": "video"}]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [*template, {"type": "text", "text": ": what changed?"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    collapsed = collapse_videos(plan.input_ids, PadIds.of(processor.tokenizer), start, [3, 2])
+    assert collapsed == processor.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -57,16 +57,18 @@ class VideoSource:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """A probed video: its frame size, the frames chosen (indices into the source) and their times.
+    """A probed video: its frame size, the frames chosen (indices into the source) and the rate
+    that times them (frame ``i`` is at ``i / fps`` seconds: a file's average frame rate, a frame
+    list's video_fps).
 
-    ``indices`` and ``times`` always have an even length (the last frame repeated when needed);
-    ``available`` is how many frames the source has; ``sampled_down`` marks a frame list longer
-    than ``video_maxlen``, sampled down to it (reported).
+    ``indices`` always has an even length (the last frame repeated when needed); ``available`` is
+    how many frames the source has; ``sampled_down`` marks a frame list longer than
+    ``video_maxlen``, sampled down to it (reported).
     """
 
     size: tuple[int, int]  # (width, height)
     indices: tuple[int, ...]
-    times: tuple[float, ...]  # seconds, one per chosen frame
+    fps: float
     available: int
     sampled_down: bool = False
 
@@ -74,19 +76,18 @@ class VideoInfo:
     def clips(self) -> int:
         return len(self.indices) // TEMPORAL_PATCH
 
+    @property
+    def times(self) -> tuple[float, ...]:
+        """Each chosen frame's time, in seconds."""
+        return tuple(i / self.fps for i in self.indices)
+
     def keep(self, clips: int) -> VideoInfo:
         """The same video with only ``clips`` temporal patches, spread evenly over the chosen frames."""
         if clips >= self.clips:
             return self
         pick = np.linspace(0, self.clips - 1, clips).round().astype(int)
         rows = [c * TEMPORAL_PATCH + i for c in pick for i in range(TEMPORAL_PATCH)]
-        return VideoInfo(
-            self.size,
-            tuple(self.indices[r] for r in rows),
-            tuple(self.times[r] for r in rows),
-            self.available,
-            self.sampled_down,
-        )
+        return replace(self, indices=tuple(self.indices[r] for r in rows))
 
     def clip_times(self) -> list[float]:
         """Each temporal patch's time: the mean of its first and last frame's (Qwen3VLProcessor's rule)."""
@@ -134,11 +135,11 @@ def reduced(info: VideoInfo, target_pixels: int) -> VideoInfo:
     return replace(info, size=(max(1, width // factor), max(1, height // factor)))
 
 
-def _even(indices: list[int], times: list[float]) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def _even(indices: list[int]) -> tuple[int, ...]:
+    """The indices with the last repeated up to a whole number of temporal patches (the processor's pad)."""
     while len(indices) % TEMPORAL_PATCH:
         indices.append(indices[-1])
-        times.append(times[-1])
-    return tuple(indices), tuple(times)
+    return tuple(indices)
 
 
 def probe(source: VideoSource, fps: float, maxlen: int) -> VideoInfo:
@@ -170,8 +171,7 @@ def listed(count: int, size: tuple[int, int], fps: float, maxlen: int) -> VideoI
     chosen = list(range(count))
     if count > maxlen:
         chosen = [int(i) for i in np.linspace(0, count - 1, maxlen).round().astype(int)]
-    indices, times = _even(chosen, [i / fps for i in chosen])
-    return VideoInfo(size, indices, times, count, count > maxlen)
+    return VideoInfo(size, _even(chosen), fps, count, count > maxlen)
 
 
 def _open(source: VideoSource):  # noqa: ANN202 - av's container type
@@ -213,8 +213,7 @@ def _probe_file(source: VideoSource, fps: float, maxlen: int) -> VideoInfo:
         raise VideoError(f"{name} has no frames")
     count = min(total, maxlen, max(1, math.floor(duration * fps)))
     chosen = [int(i) for i in np.linspace(0, total - 1, count).astype(np.int32)]
-    indices, times = _even(chosen, [i / rate for i in chosen])
-    return VideoInfo(size, indices, times, total)
+    return VideoInfo(size, _even(chosen), rate, total)
 
 
 def decode(source: VideoSource, info: VideoInfo) -> list[Image.Image]:

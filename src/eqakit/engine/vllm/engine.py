@@ -3,8 +3,10 @@
 What stays eqakit's is the prompt. Requests are rendered with the same chat template, tokenized and
 fitted into cutoff_len by the same image budget as in training and in the transformers engine
 (`eqakit.engine.hf.prepare.plan_prompt`), so a fine-tuned model is served the token layout it was
-trained on. vLLM receives those token ids (one image pad per image), the images, and the pixel caps
-the plan chose; it expands the pads, runs the vision tower and the language model, and schedules
+trained on. vLLM receives those token ids (one image pad per image; a video as the chat template
+writes it, one video pad in its outer vision pair, which vLLM expands into the same timestamped
+patches as Qwen3VLProcessor), the images and the videos' chosen frames and times, and the pixel
+caps the plan chose; it expands the pads, runs the vision tower and the language model, and schedules
 requests with continuous batching, paged attention and prefix caching. An adapter is served
 unmerged through vLLM's LoRA support (one adapter: merge several first with `eqakit export`).
 
@@ -44,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from eqakit.data.encode import Geometry, Plan, PromptFormat
+from eqakit.data.encode import Geometry, PadIds, Plan, PromptFormat, video_size
 from eqakit.data.template import Message
-from eqakit.data.video import VideoInfo
+from eqakit.data.video import Video, VideoInfo
 from eqakit.engine.base import EngineUnavailable, Submission, TextStream
 from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
 from eqakit.engine.prompt import plan_prompt, plan_request
@@ -70,17 +72,64 @@ class VllmPrepared:
     plan: Plan
     images: list[Image.Image]
     min_pixels: int
+    videos: list[Video] = dataclasses.field(default_factory=list)  # cut to the plan's frames
+    video_ids: list[int] | None = None  # the prompt ids with each video collapsed (`collapse_videos`)
+    video_min_pixels: int = 0
 
     @property
     def prompt(self) -> dict[str, Any]:
-        """vLLM's token prompt: ids with one pad per image, the images and the plan's pixel caps."""
-        prompt: dict[str, Any] = {"prompt_token_ids": list(self.plan.input_ids)}
+        """vLLM's token prompt: ids with one pad per image and per video, the images, the videos'
+        frames with the indices and rate that time them, and the plan's pixel caps."""
+        ids = self.video_ids if self.videos else self.plan.input_ids
+        prompt: dict[str, Any] = {"prompt_token_ids": list(ids)}
+        # the pixel ranges, in the form transformers' image and video processors take them
+        size = {"shortest_edge": self.min_pixels, "longest_edge": self.plan.max_pixels}
         if self.images:
             prompt["multi_modal_data"] = {"image": [im.convert("RGB") for im in self.images]}
-            # the pixel range, in the form transformers' image processor takes it
-            size = {"shortest_edge": self.min_pixels, "longest_edge": self.plan.max_pixels}
             prompt["mm_processor_kwargs"] = {"size": size}
+        if self.videos:
+            import numpy as np
+
+            frames = len(self.videos[0].info.indices)  # one size for all: prepare checks they agree
+            prompt.setdefault("multi_modal_data", {})["video"] = [
+                (
+                    np.stack([np.asarray(im.convert("RGB")) for im in v.frames]),
+                    {
+                        "fps": v.info.fps,
+                        "frames_indices": list(v.info.indices),
+                        "total_num_frames": len(v.frames),
+                        "do_sample_frames": False,
+                    },
+                )
+                for v in self.videos
+            ]
+            prompt["mm_processor_kwargs"] = {
+                "images_kwargs": {"size": size},
+                "videos_kwargs": {
+                    "size": video_size(frames, self.video_min_pixels, self.plan.videos[0].max_pixels),
+                    "do_sample_frames": False,
+                    "cap_pixels_per_frame": False,
+                },
+            }
         return prompt
+
+
+def collapse_videos(input_ids: list[int], pads: PadIds, vision_start: int, clips: list[int]) -> list[int]:
+    """Prompt ids with each video's timestamped patches (`eqakit.data.template.video_tokens`: a
+    ``<|vision_start|>``, then ``clips`` times ``<t seconds><|vision_start|><|video_pad|><|vision_end|>``,
+    then ``<|vision_end|>``) cut back to the chat template's ``<|vision_start|><|video_pad|><|vision_end|>``:
+    vLLM expands that pad itself, into the same patches."""
+    out: list[int] = []
+    i = 0
+    for count in clips:
+        first = input_ids.index(pads.video, i)
+        outer = max(k for k in range(i, first - 1) if input_ids[k] == vision_start)
+        last = first
+        for _ in range(count - 1):
+            last = input_ids.index(pads.video, last + 1)
+        out += [*input_ids[i:outer], vision_start, pads.video, input_ids[last + 2]]
+        i = last + 3
+    return out + input_ids[i:]
 
 
 class VllmEngine:
@@ -104,6 +153,8 @@ class VllmEngine:
         self.loop = loop
         self.tokenizer = tokenizer
         self.geometry = geometry
+        self.pads = PadIds.of(tokenizer)
+        self.vision_start = int(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
         self.format = format
         self.defaults = defaults
         self.skip_special_tokens = skip_special_tokens
@@ -202,12 +253,18 @@ class VllmEngine:
     def prepare(self, request: Request) -> VllmPrepared:
         """Render, tokenize and fit a request (raises RequestError / PromptTooLong); no model work."""
         plan, images, videos = plan_request(request, self.tokenizer, self.geometry, self.format)
-        if videos:  # refused by name, never served as text: vLLM's Qwen3-VL video layout differs (see docs)
-            raise RequestError(
-                "the vLLM backend does not take videos yet; serve video with infer_backend: huggingface",
+        if not videos:
+            return VllmPrepared(request, plan, images, self.format.budget.min_pixels)
+        if len({(len(v.info.indices), v.max_pixels) for v in plan.videos}) > 1:
+            raise RequestError(  # vLLM takes one video size setting per request
+                "on the vLLM backend the videos of one request must keep the same number of frames at "
+                "the same size; send them in separate requests or use infer_backend: huggingface",
                 param="messages",
             )
-        return VllmPrepared(request, plan, images, self.format.budget.min_pixels)
+        ids = collapse_videos(plan.input_ids, self.pads, self.vision_start, [v.grid[0] for v in plan.videos])
+        return VllmPrepared(
+            request, plan, images, self.format.budget.min_pixels, videos, ids, self.format.video.min_pixels
+        )
 
     def plan(
         self,
@@ -218,12 +275,9 @@ class VllmEngine:
     ) -> Plan:
         """Check that a prompt fits cutoff_len from its image sizes and probed videos alone (raises
         PromptTooLong / RequestError)."""
-        if videos:
-            raise RequestError(
-                "the vLLM backend does not take videos yet; serve video with infer_backend: huggingface",
-                param="messages",
-            )
-        return plan_prompt(messages, image_sizes, system, self.tokenizer, self.geometry, self.format)
+        return plan_prompt(
+            messages, image_sizes, system, self.tokenizer, self.geometry, self.format, list(videos)
+        )
 
     def generate_iter(self, requests: Iterable[Request | VllmPrepared]) -> Iterator[tuple[int, Completion]]:
         """(index, completion) pairs as requests finish (for predict), reading ``requests`` lazily.
@@ -381,7 +435,7 @@ def _engine_args(args_class: type, cfg: Config, max_batch_size: int | None, lora
         "max_model_len": model_args.vllm_maxlen,
         "gpu_memory_utilization": model_args.vllm_gpu_util,
         "enforce_eager": model_args.vllm_enforce_eager,
-        "limit_mm_per_prompt": {"image": cfg.api.api_max_images, "video": 0},
+        "limit_mm_per_prompt": {"image": cfg.api.api_max_images, "video": cfg.api.api_max_images},
         "disable_log_stats": True,
     }
     if max_batch_size is not None:
