@@ -117,3 +117,17 @@ def make_lively(source: Path, out: Path) -> Path:
 def lively_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model, scaled by `make_lively`."""
     return make_lively(tiny_model_dir, tmp_path_factory.mktemp("lively") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen3-VL-MoE (seed 0: `eqakit tiny-model --arch qwen3_vl_moe`); do not modify."""
+    from eqakit.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-moe") / "qwen3-vl-moe-tiny", arch="qwen3_vl_moe")
+
+
+@pytest.fixture(scope="session")
+def lively_moe_dir(tiny_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny MoE model, scaled by `make_lively`."""
+    return make_lively(tiny_moe_dir, tmp_path_factory.mktemp("lively-moe") / "model")

@@ -45,14 +45,20 @@ QUESTIONS = (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model(lively_dir: Path):
-    return AutoModelForImageTextToText.from_pretrained(lively_dir, dtype=torch.float32).eval()
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
+def model_dir(request: pytest.FixtureRequest) -> Path:
+    """Every test here runs on the dense model and on the mixture-of-experts one."""
+    return request.getfixturevalue("lively_dir" if request.param == "qwen3_vl" else "lively_moe_dir")
 
 
 @pytest.fixture(scope="module")
-def processor(lively_dir: Path):
-    return AutoProcessor.from_pretrained(lively_dir)
+def model(model_dir: Path):
+    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(model_dir: Path):
+    return AutoProcessor.from_pretrained(model_dir)
 
 
 def frames(seed: int, count: int = 4, size: tuple[int, int] = (160, 128)) -> list[Image.Image]:

@@ -335,6 +335,8 @@ def test_chat_takes_a_video_file_and_images_as_one_video(site: dict, page, refer
     junk.write_bytes(b"not a video" * 50)
     notice = send(page, "What is this?", [junk], expect="junk.mp4")
     assert "cannot be read" in notice and "Traceback" not in notice
+    page.goto(site["url"])  # the next test starts from a fresh page: no text, files or notice left
+    page.wait_for_selector("#chat-input textarea")
 
 
 def test_errors_show_a_message_and_the_app_keeps_working(site: dict, page, reference: Engine) -> None:

@@ -19,7 +19,10 @@ from eqakit.errors import EqakitError
 from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
 
 ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
-SUPPORTED = {"qwen3_vl": "Qwen3-VL, dense"}  # config.json model_type -> what it is
+SUPPORTED = {  # config.json model_type -> what it is
+    "qwen3_vl": "Qwen3-VL, dense",
+    "qwen3_vl_moe": "Qwen3-VL, mixture of experts",
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -80,7 +83,7 @@ def check_supported(name: str, model_args: ModelArguments) -> None:
         supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
         raise EqakitError(
             f"model_name_or_path {name!r} is a {model_type!r} model; eqakit supports {supported} only "
-            "(Qwen2.5-VL and Qwen3-VL-MoE are not supported yet)"
+            "(Qwen2.5-VL is not supported yet)"
         )
 
 

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from eqakit import __version__
 from eqakit.errors import EqakitError
@@ -113,6 +113,13 @@ class TinySizes:
     embedding_std: float = 0.5
     # Std of every other language-model weight (Qwen's 0.02 suits width 2048, about 1/sqrt(width)).
     initializer_range: float = 0.02
+    # --arch qwen3_vl_moe only (Qwen3-VL-30B-A3B-Instruct's in the comments): every layer's MLP is
+    # num_experts experts of moe_intermediate_size, num_experts_per_tok of them per token.
+    num_experts: int = 4  # 128
+    num_experts_per_tok: int = 2  # 8
+    moe_intermediate_size: int = (
+        128  # 768 (a tiny expert narrower than the dense MLP barely reacts to its input)
+    )
 
     def check(self) -> None:
         """Reject sizes the real classes would accept but then fail on deep inside a forward pass."""
@@ -129,22 +136,32 @@ class TinySizes:
             problems.append("deepstack_visual_indexes must lie in [0, vision_depth)")
         if len(self.deepstack_visual_indexes) > self.num_hidden_layers:
             problems.append("deepstack needs at least one language layer per deepstack index")
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            problems.append("num_experts_per_tok must lie in [1, num_experts]")
         if min(self.embedding_std, self.initializer_range) <= 0:
             problems.append("embedding_std and initializer_range must be positive")
         if problems:
             raise ValueError(f"invalid tiny-model sizes {self}: " + "; ".join(problems))
 
 
-def build_tiny_model(output_dir: Path, seed: int = 0, *, overwrite: bool = False, **sizes: object) -> Path:
-    """Build the tiny Qwen3-VL and save it to ``output_dir``; return that path.
+ARCHS = ("qwen3_vl", "qwen3_vl_moe")  # config.json model_type of each architecture built here
+
+
+def build_tiny_model(
+    output_dir: Path, seed: int = 0, *, overwrite: bool = False, arch: str = "qwen3_vl", **sizes: object
+) -> Path:
+    """Build the tiny Qwen3-VL (``arch``: dense, or ``qwen3_vl_moe`` with mixture-of-experts MLPs)
+    and save it to ``output_dir``; return that path.
 
     ``sizes`` override fields of :class:`TinySizes` (a demo may want a slightly bigger model). The
     same seed and sizes give byte-identical weights. The directory appears whole or not at all: the
     model is saved into a temporary directory beside it and renamed into place.
     """
     import torch
-    from transformers import Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
+    if arch not in ARCHS:
+        raise EqakitError(f"--arch {arch!r} is not built here; choose one of {', '.join(ARCHS)}")
     dims = TinySizes(**sizes)  # an unknown size name raises TypeError
     dims.check()
     output_dir = Path(output_dir)
@@ -152,9 +169,12 @@ def build_tiny_model(output_dir: Path, seed: int = 0, *, overwrite: bool = False
 
     processor = _build_processor()
     config = _build_config(dims, processor.tokenizer)
+    model_class = Qwen3VLForConditionalGeneration
+    if arch == "qwen3_vl_moe":
+        config, model_class = _moe_config(config, dims), Qwen3VLMoeForConditionalGeneration
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)  # the weights are drawn from N(0, initializer_range) as the model is built
-        model = Qwen3VLForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
         with torch.no_grad():
             model.get_input_embeddings().weight.normal_(0.0, dims.embedding_std)
     model.generation_config = _build_generation_config(processor.tokenizer)
@@ -164,7 +184,7 @@ def build_tiny_model(output_dir: Path, seed: int = 0, *, overwrite: bool = False
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
-        _write_provenance(staging, seed, dims)
+        _write_provenance(staging, seed, dims, arch)
         move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -322,6 +342,35 @@ def _build_config(dims: TinySizes, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
     )
 
 
+def _moe_config(dense: Qwen3VLConfig, dims: TinySizes) -> Any:
+    """The dense config with Qwen3-VL-MoE's text model: every layer's MLP a sparse block of experts."""
+    from transformers import Qwen3VLMoeConfig
+
+    values = dense.to_dict()
+    text, vision = values["text_config"], values["vision_config"]
+    for part in (text, vision):
+        part.pop("model_type", None)
+    text.update(
+        num_experts=dims.num_experts,
+        num_experts_per_tok=dims.num_experts_per_tok,
+        moe_intermediate_size=dims.moe_intermediate_size,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        norm_topk_prob=True,  # Qwen3-VL-30B-A3B's (transformers' class always normalizes; vLLM reads it)
+    )
+    ids = {
+        k: values[k]
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    }
+    return Qwen3VLMoeConfig(
+        architectures=["Qwen3VLMoeForConditionalGeneration"],
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=True,
+        **ids,
+    )
+
+
 def _build_generation_config(tokenizer: Qwen2Tokenizer) -> GenerationConfig:
     """Qwen3-VL-Instruct's sampling defaults; generation stops at <|im_end|> or <|endoftext|>."""
     from transformers import GenerationConfig
@@ -342,7 +391,7 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _write_provenance(directory: Path, seed: int, dims: TinySizes) -> None:
+def _write_provenance(directory: Path, seed: int, dims: TinySizes, arch: str) -> None:
     """Record how the model was made, so a directory found later explains itself."""
     import tokenizers
     import torch
@@ -350,6 +399,7 @@ def _write_provenance(directory: Path, seed: int, dims: TinySizes) -> None:
 
     info = {
         "what": "tiny random-weight Qwen3-VL built by `eqakit tiny-model` (its answers are noise)",
+        "arch": arch,
         "seed": seed,
         "sizes": asdict(dims),
         "versions": {
@@ -495,8 +545,14 @@ def cli(argv: list[str]) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace --output-dir if it exists and is not empty"
     )
+    parser.add_argument(
+        "--arch",
+        choices=ARCHS,
+        default="qwen3_vl",
+        help="qwen3_vl (dense, as Qwen3-VL-2B) or qwen3_vl_moe (experts, as Qwen3-VL-30B-A3B)",
+    )
     args = parser.parse_args(argv)
-    path = build_tiny_model(args.output_dir, seed=args.seed, overwrite=args.overwrite)
+    path = build_tiny_model(args.output_dir, seed=args.seed, overwrite=args.overwrite, arch=args.arch)
     size_mb = sum(f.stat().st_size for f in path.iterdir()) / 1e6
-    print(f"wrote tiny Qwen3-VL (seed {args.seed}, {size_mb:.1f} MB) to {path}")
+    print(f"wrote tiny {args.arch} (seed {args.seed}, {size_mb:.1f} MB) to {path}")
     return 0

@@ -1,7 +1,10 @@
 """Wrap Qwen3-VL in LoRA adapters the way LLaMA-Factory's ``finetuning_type: lora`` does.
 
-``lora_target: all`` adapts the language model's q/k/v/o/gate/up/down projections: never lm_head
-(tied to the embedding) nor the embeddings. ``freeze_vision_tower: false`` adds the vision blocks'
+``lora_target: all`` adapts every linear layer of the language model, as LLaMA-Factory's
+``find_all_linear_modules`` does: the q/k/v/o/gate/up/down projections of the dense model; the
+attention projections of Qwen3-VL-MoE, whose experts are fused parameters and whose router is not
+a linear layer (neither is adapted there, by LLaMA-Factory either); never lm_head (tied to the
+embedding) nor the embeddings. ``freeze_vision_tower: false`` adds the vision blocks'
 linear layers to the LoRA targets; ``freeze_multi_modal_projector: false`` trains the mergers in
 full; ``freeze_language_model: true`` takes the language model out of the targets, as
 LLaMA-Factory's forbidden modules do. Earlier adapters in ``adapter_name_or_path`` are merged; the
@@ -19,21 +22,29 @@ from eqakit.config import Config
 from eqakit.errors import ConfigError
 from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
 
-LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")  # an MLP's, fused in MoE experts
 LM_PREFIX = r"model\.language_model\.layers\.\d+\."
 VISION_TARGET = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))"
 
 
 def target_pattern(cfg: Config, module_names: list[str]) -> str:
-    """A regex over full module names for peft's ``target_modules``; unknown names are a ConfigError."""
+    """A regex over full module names (``module_names``: the model's linear layers) for peft's
+    ``target_modules``; unknown names are a ConfigError."""
     wanted = cfg.finetuning.lora_target.strip()
-    names = LM_PROJECTIONS if wanted == "all" else tuple(n.strip() for n in wanted.split(",") if n.strip())
-    lm_names = {n.rsplit(".", 1)[-1] for n in module_names if re.match(LM_PREFIX, n)}
+    lm_names = sorted({n.rsplit(".", 1)[-1] for n in module_names if re.match(LM_PREFIX, n)})
+    names = tuple(lm_names) if wanted == "all" else tuple(n.strip() for n in wanted.split(",") if n.strip())
     missing = [n for n in names if n not in lm_names]
     if missing:
+        fused = [n for n in missing if n in EXPERT_PROJECTIONS]
+        why = (
+            f" ({', '.join(fused)}: this model's experts are fused parameters, not linear layers, which "
+            "LoRA as LLaMA-Factory applies it does not adapt)"
+            if fused and "gate_proj" not in lm_names
+            else ""
+        )
         raise ConfigError(
-            f"key 'lora_target': {', '.join(missing)} match no linear layer of the language model; "
-            f"use 'all' or a comma list of: {', '.join(sorted(lm_names))}"
+            f"key 'lora_target': {', '.join(missing)} match no linear layer of the language model{why}; "
+            f"use 'all' or a comma list of: {', '.join(lm_names)}"
         )
     parts = (
         []
