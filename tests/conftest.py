@@ -103,12 +103,15 @@ def make_lively(source: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from eqakit.model.merge import publish_expert_layout
+
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if weight.ndim >= 2 and "embed_tokens" not in name:
                 weight.mul_(6)
     model.save_pretrained(out)
+    publish_expert_layout(sorted(out.glob("model*.safetensors")), model.config)  # MoE: as Qwen publishes it
     AutoProcessor.from_pretrained(source).save_pretrained(out)
     return out
 

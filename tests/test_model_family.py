@@ -77,6 +77,10 @@ def test_moe_trains_predicts_exports_and_serves(lively_moe_dir: Path, tmp_path: 
         f"template: qwen3_vl_nothink\nfinetuning_type: lora\nexport_dir: {tmp_path / 'merged'}\n"
     )
     assert main(["export", str(merge)]) == 0
+    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as weights:  # Qwen's published layout
+        names = [k for k in weights.keys() if ".layers.0.mlp.experts." in k]  # noqa: SIM118
+        shapes = {k.rsplit(".", 1)[-1]: weights.get_slice(k).get_shape() for k in names}
+    assert shapes == {"gate_up_proj": [4, 64, 256], "down_proj": [4, 128, 64]}  # (experts, in, out): vLLM's
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert type(merged).__name__ == "Qwen3VLMoeForConditionalGeneration"
     run_predict(load_config("train", extra={**predict, "adapter_name_or_path": None, "model_name_or_path": str(tmp_path / "merged"), "output_dir": str(tmp_path / "eval-merged")}))  # fmt: skip

@@ -459,3 +459,58 @@ def test_the_web_uis_model_and_chat_run_on_vllm(model_dir: Path, adapter_dir: Pa
     chat.expect(f"Assistant: {two}\n")
     chat.type("/exit")
     assert chat.process.wait(timeout=60) == 0
+
+
+@needs_vllm
+def test_an_exported_moe_model_answers_on_vllm_as_on_transformers(tmp_path: Path) -> None:
+    """Qwen3-VL-MoE: an adapter merged by `eqakit export` writes the experts in Qwen's published
+    layout, which vLLM loads; its greedy answers there are the transformers engine's with the
+    adapter unmerged."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from eqakit.cli import main
+    from eqakit.engine import load_engine
+    from eqakit.model.tiny import build_tiny_model
+
+    model = make_lively(
+        build_tiny_model(tmp_path / "tiny", arch="qwen3_vl_moe", head_dim=32), tmp_path / "lively"
+    )
+    base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=8, lora_alpha=16, target_modules=r".*language_model.*\.(q|k|v|o)_proj")
+    )
+    with torch.no_grad():  # a fresh adapter's B is zero and would change nothing
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.05)
+    peft_model.save_pretrained(tmp_path / "lora")
+    merge = tmp_path / "merge.yaml"
+    merge.write_text(
+        f"model_name_or_path: {model}\nadapter_name_or_path: {tmp_path / 'lora'}\ntemplate: qwen3_vl_nothink\n"
+        f"finetuning_type: lora\nexport_dir: {tmp_path / 'merged'}\n"
+    )
+    assert main(["export", str(merge)]) == 0
+    keys = ["template=qwen3_vl_nothink", "infer_dtype=float32", "max_new_tokens=12", "cutoff_len=1024"]
+    hf = Engine.from_config(
+        load_config(
+            "infer", None, [f"model_name_or_path={model}", f"adapter_name_or_path={tmp_path / 'lora'}", *keys]
+        )
+    )
+    requests = [
+        Request(engine_messages(q, EPISODES[e]), hf.params(temperature=0, max_new_tokens=12))
+        for q, e in CASES
+    ]
+    expected = [c.text for c in hf.generate(requests)]
+    assert len(set(expected)) > 1
+    vllm_keys = ["infer_backend=vllm", "vllm_maxlen=2048", "vllm_enforce_eager=true", "vllm_gpu_util=0.08"]
+    engine = load_engine(
+        load_config("infer", None, [f"model_name_or_path={tmp_path / 'merged'}", *keys, *vllm_keys])
+    )
+    try:
+        got = [c.text for _, c in sorted(engine.generate_iter(requests))]
+    finally:
+        engine.shutdown()
+    assert got == expected

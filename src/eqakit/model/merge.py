@@ -77,9 +77,51 @@ def write_weights(model: Any, directory: Path, shard_gb: float) -> list[Path]:
     """
     model.save_pretrained(directory, max_shard_size=int(shard_gb * 10**9))
     shards = sorted(directory.glob("model*.safetensors"))
+    publish_expert_layout(shards, model.config)
     for shard in shards:  # safetensors creates files 0600: let the server's user read the model too
         os.chmod(shard, 0o666 & ~_umask())
     return shards
+
+
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def publish_expert_layout(shards: list[Path], config: Any) -> None:
+    """Qwen3-VL-MoE's fused experts in the layout Qwen publishes them in: gate_up_proj (experts,
+    hidden, 2 x intermediate), down_proj (experts, intermediate, hidden).
+
+    transformers 5 transposes a published checkpoint's experts on load and keeps them so in memory;
+    its save_pretrained does not transpose them back for this model (its reverse mapping fails), and
+    vLLM reads only the published layout. Each tensor found in the in-memory layout (told apart by
+    the config's sizes) is transposed, so whatever transformers writes, the shards hold the
+    published layout, which transformers and vLLM both load. Other models are left as written.
+    """
+    if getattr(config, "model_type", None) != "qwen3_vl_moe":
+        return
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    text = config.text_config
+    hidden, inner = text.hidden_size, text.moe_intermediate_size
+    in_memory = {EXPERTS[0]: (2 * inner, hidden), EXPERTS[1]: (hidden, inner)}
+    for shard in shards:
+        with safe_open(shard, "pt") as handle:
+            names = list(handle.keys())
+            wrong = [
+                n
+                for n in names
+                if n.endswith(EXPERTS)
+                and handle.get_slice(n).get_shape()[1:] == list(in_memory[n[n.index("mlp.") :]])
+            ]
+            if not wrong or hidden == 2 * inner or hidden == inner:
+                continue
+            tensors = {n: handle.get_tensor(n) for n in names}
+            metadata = handle.metadata()
+        for name in wrong:
+            tensors[name] = tensors[name].transpose(1, 2).contiguous()
+        partial = shard.with_name(shard.name + ".partial")
+        save_file(tensors, partial, metadata=metadata or {"format": "pt"})
+        os.replace(partial, shard)
 
 
 def _umask() -> int:

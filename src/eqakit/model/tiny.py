@@ -160,6 +160,8 @@ def build_tiny_model(
     import torch
     from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
 
+    from eqakit.model.merge import publish_expert_layout
+
     if arch not in ARCHS:
         raise EqakitError(f"--arch {arch!r} is not built here; choose one of {', '.join(ARCHS)}")
     dims = TinySizes(**sizes)  # an unknown size name raises TypeError
@@ -183,6 +185,7 @@ def build_tiny_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     try:
         model.save_pretrained(staging)
+        publish_expert_layout(sorted(staging.glob("model*.safetensors")), config)  # as Qwen publishes MoE
         processor.save_pretrained(staging)
         _write_provenance(staging, seed, dims, arch)
         move_into_place(staging, output_dir)
