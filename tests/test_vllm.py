@@ -213,7 +213,7 @@ def test_greedy_answers_equal_the_transformers_engine_with_the_adapter(process, 
 
 @needs_vllm
 def test_video_answers_equal_the_transformers_engine(process, model_dir: Path, adapter_dir: Path) -> None:
-    """Videos sent as frame lists (with an image beside one): vLLM expands them into the same
+    """Videos sent as frame lists (some with an image beside): vLLM expands them into the same
     timestamped patches as eqakit's engine, so the greedy answers and prompt sizes agree."""
     from eqakit.data.video import from_frames
 
@@ -224,9 +224,10 @@ def test_video_answers_equal_the_transformers_engine(process, model_dir: Path, a
     videos = [[frame(10 + 4 * v + k).resize((160, 128)) for k in range(4 + 2 * v)] for v in range(2)]
     cases = [(q, v) for v in range(2) for q in QUESTIONS[:2]]
     expected = []
-    for question, v in cases:
+    for question, v in cases:  # the second question about each video has an image before it
         video = from_frames(videos[v], budget.fps, budget.maxlen)
-        parts = [{"type": "video", "video": video}, {"type": "text", "text": question}]
+        image = [{"type": "image", "image": EPISODES[0][0]}] if question == QUESTIONS[1] else []
+        parts = [*image, {"type": "video", "video": video}, {"type": "text", "text": question}]
         done = engine.generate(
             [Request([{"role": "user", "content": parts}], engine.params(temperature=0, max_new_tokens=12))]
         )[0]
@@ -234,9 +235,14 @@ def test_video_answers_equal_the_transformers_engine(process, model_dir: Path, a
     assert expected[0][0] != expected[2][0]  # the answers depend on the video
     for (question, v), (text, prompt_tokens) in zip(cases, expected, strict=True):
         part = {"type": "video_url", "video_url": {"url": [data_uri(f) for f in videos[v]]}}
+        image = (
+            [{"type": "image_url", "image_url": {"url": data_uri(EPISODES[0][0])}}]
+            if question == QUESTIONS[1]
+            else []
+        )
         body = {
             "model": "any",
-            "messages": [{"role": "user", "content": [part, {"type": "text", "text": question}]}],
+            "messages": [{"role": "user", "content": [*image, part, {"type": "text", "text": question}]}],
         }
         reply = requests.post(
             f"{url}/v1/chat/completions", json={**body, "max_tokens": 12, "temperature": 0}, timeout=120
