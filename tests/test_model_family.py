@@ -123,3 +123,33 @@ def test_moe_experts_are_refused_as_lora_targets_with_the_reason(tiny_moe_dir: P
     model = AutoModelForImageTextToText.from_pretrained(tiny_moe_dir, dtype=torch.float32)
     with pytest.raises(ConfigError, match="gate_proj: this model's experts are fused parameters"):
         apply_lora(model, cfg)
+
+
+def test_an_adapter_of_the_dense_model_is_refused_on_the_moe_model(
+    tiny_model_dir: Path, tiny_moe_dir: Path, tmp_path: Path
+) -> None:
+    """Checked before any weight loads into PEFT: the tensor that does not fit, and both architectures."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from eqakit.errors import EqakitError
+    from eqakit.model.load import load_inference_model
+
+    dense = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|gate_proj)")
+    get_peft_model(dense, config).save_pretrained(tmp_path / "dense-lora")
+    args = load_config(
+        "infer",
+        None,
+        [
+            f"model_name_or_path={tiny_moe_dir}",
+            f"adapter_name_or_path={tmp_path / 'dense-lora'}",
+            "template=qwen3_vl_nothink",
+        ],
+    ).model
+    with pytest.raises(EqakitError) as caught:
+        load_inference_model(args)
+    message = str(caught.value)
+    assert (
+        "mlp.gate_proj" in message and "(a 'qwen3_vl' model; this base is a 'qwen3_vl_moe' model)" in message
+    )

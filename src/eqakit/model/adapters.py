@@ -125,15 +125,30 @@ def check_adapters_fit(model: torch.nn.Module, adapters: list[Path], base_name: 
             reason = _mismatch(key, tuple(weights[key].shape), modules, tensors)
             if reason:
                 trained_on = adapter_config(adapter).get("base_model_name_or_path") or "an unrecorded model"
+                theirs, ours = _model_type(trained_on), getattr(model.config, "model_type", None)
+                architectures = (
+                    f" (a {theirs!r} model; this base is a {ours!r} model)"
+                    if theirs and theirs != ours
+                    else ""
+                )
                 hint = (
                     "its adapter_config.json names this path as its base: was the model there replaced?"
                     if trained_on == base_name
-                    else f"the adapter was trained on {trained_on}; use that base model (same architecture "
-                    "and size) as model_name_or_path"
+                    else f"the adapter was trained on {trained_on}{architectures}; use that base model (same "
+                    "architecture and size) as model_name_or_path"
                 )
                 raise EqakitError(
                     f"adapter {str(adapter)!r} does not fit base model {base_name!r}: tensor {key} {reason}; {hint}"
                 )
+
+
+def _model_type(path: str) -> str | None:
+    """The model_type in a local checkpoint's config.json, if there is one to read."""
+    config = Path(path).expanduser() / "config.json"
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def apply_adapter(model: Any, adapter: Path | str, base_name: str | None, *, trainable: bool = False) -> Any:
