@@ -345,3 +345,31 @@ def test_llama_factory_training_keys_with_effect_are_accepted(tmp_path: Path) ->
     assert (d.preprocessing_num_workers, d.preprocessing_batch_size) == (4, 100)
     off = load_config("train", path, ["use_reentrant_gc=false", "freeze_multi_modal_projector=false"])
     assert not off.finetuning.use_reentrant_gc
+
+
+def test_an_absent_template_is_the_checkpoints_own(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Without `template`, a local checkpoint's chat template chooses it: Qwen3-VL-Instruct's generation
+    prompt gives qwen3_vl_nothink, a Thinking model's (which opens <think>) qwen3_vl; a set one wins."""
+    import shutil
+
+    keys = [
+        f"model_name_or_path={tiny_model_dir}",
+        "do_train=true",
+        "dataset=d",
+        f"output_dir={tmp_path / 'o'}",
+    ]
+    assert load_config("train", None, keys).data.template == "qwen3_vl_nothink"
+    thinking = tmp_path / "thinking"
+    shutil.copytree(tiny_model_dir, thinking)
+    jinja = (thinking / "chat_template.jinja").read_text()
+    (thinking / "chat_template.jinja").write_text(
+        jinja.replace("'<|im_start|>assistant\\n' }}", "'<|im_start|>assistant\\n<think>\\n' }}")
+    )
+    keys[0] = f"model_name_or_path={thinking}"
+    assert load_config("train", None, keys).data.template == "qwen3_vl"
+    assert (
+        load_config("train", None, [*keys, "template=qwen3_vl_nothink"]).data.template == "qwen3_vl_nothink"
+    )
+    (thinking / "chat_template.jinja").unlink()
+    with pytest.raises(ConfigError, match="template is required"):
+        load_config("train", None, keys)

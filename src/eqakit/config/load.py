@@ -31,6 +31,7 @@ from eqakit.config.args import (
     ModelArguments,
 )
 from eqakit.config.lf_unsupported import LLAMA_FACTORY_UNSUPPORTED, REASONS
+from eqakit.data.template import checkpoint_template
 from eqakit.errors import ConfigError
 
 Kind = Literal["train", "infer", "export"]
@@ -274,7 +275,10 @@ def _cross_checks(kind: Kind, values: dict[str, Any], given: set[str]) -> list[s
             "model_name_or_path is required (a local model directory or a hub id such as Qwen/Qwen3-VL-2B-Instruct)"
         )
     if get("template") is None:
-        problems.append("template is required: set template: qwen3_vl_nothink (or qwen3_vl for thinking)")
+        problems.append(
+            "template is required: set template: qwen3_vl_nothink (or qwen3_vl for thinking); it is chosen "
+            "from the checkpoint's chat template only when model_name_or_path is a local directory with one"
+        )
     if get("packing"):
         problems.append("packing: true is not supported by eqakit; set packing: false or remove the key")
     if (get("image_min_pixels") or 0) > (get("image_max_pixels") or 0):
@@ -424,6 +428,11 @@ def load_config(
                 continue
             values[name] = coerced
 
+    if values.get("template") is None and values.get("model_name_or_path"):
+        # as LLaMA-Factory falls back to the tokenizer's chat template: the checkpoint's own decides
+        chosen = checkpoint_template(values["model_name_or_path"])
+        if chosen is not None:
+            values["template"] = chosen
     problems += _cross_checks(kind, {**key_defaults(kind), **values}, set(values))
     where = f" in {path}" if path is not None else ""
     if problems:

@@ -19,8 +19,10 @@ Templates (LLaMA-Factory names):
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 NOTHINK = "qwen3_vl_nothink"
@@ -217,6 +219,29 @@ def render(
 def render_prompt(messages: list[Message], template: str = NOTHINK, **kwargs: Any) -> str:
     """The full prompt text for generation (what the model sees before it answers)."""
     return "".join(s.text for s in render(messages, template, add_generation_prompt=True, **kwargs))
+
+
+def checkpoint_template(model_dir: str | Path) -> str | None:
+    """The template a local checkpoint's own chat template calls for: ``qwen3_vl`` when its generation
+    prompt opens a ``<think>`` block (Qwen3-VL-Thinking), else ``qwen3_vl_nothink``; None when the
+    directory holds no chat template (a hub id, a model without one)."""
+    root = Path(model_dir).expanduser()
+    text = None
+    try:
+        if (root / "chat_template.jinja").is_file():
+            text = (root / "chat_template.jinja").read_text(encoding="utf-8")
+        else:
+            for name in ("chat_template.json", "tokenizer_config.json"):
+                if (root / name).is_file():
+                    text = json.loads((root / name).read_text(encoding="utf-8")).get("chat_template")
+                    if text:
+                        break
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(text, str) or "<|im_start|>" not in text:
+        return None
+    generation = text[text.rfind("add_generation_prompt") :]
+    return THINK if "<think>" in generation else NOTHINK
 
 
 def strip_thinking(text: str) -> str:
