@@ -167,8 +167,14 @@ def process(model_dir: Path, adapter_dir: Path, tmp_path_factory: pytest.TempPat
             time.sleep(0.5)
     assert proc.poll() is None, (tmp / "server.log").read_text()[-5000:]
     yield url, proc, tmp / "server.log"
-    if proc.poll() is None:
-        proc.kill()
+    if (
+        proc.poll() is None
+    ):  # SIGTERM: the server stops vLLM's engine processes too (SIGKILL would orphan them)
+        proc.terminate()
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     proc.wait(30)
     log.close()
 
