@@ -108,6 +108,23 @@ class Video:
         return Video(kept, tuple(by_index[i] for i in kept.indices))
 
 
+def probe_bounded(
+    source: VideoSource, fps: float, maxlen: int, max_pixels: int, target_pixels: int, limit: str = ""
+) -> VideoInfo:
+    """`probe`, refusing frames over ``max_pixels`` (the setting named ``limit``) before any is
+    decoded and shrinking (`reduced`) those much larger than ``target_pixels``: what a video sent to
+    a server is decoded at."""
+    info = probe(source, fps, maxlen)
+    width, height = info.size
+    if width * height > max_pixels:
+        named = f" ({limit})" if limit else ""
+        raise VideoError(
+            f"the video's frames are {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels}{named}; send a smaller video"
+        )
+    return reduced(info, target_pixels)
+
+
 def load(source: VideoSource, fps: float, maxlen: int) -> Video:
     """Probe and decode a video (what predict sends the engine)."""
     info = probe(source, fps, maxlen)

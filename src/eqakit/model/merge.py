@@ -103,19 +103,21 @@ def publish_expert_layout(shards: list[Path], config: Any) -> None:
 
     text = config.text_config
     hidden, inner = text.hidden_size, text.moe_intermediate_size
-    in_memory = {EXPERTS[0]: (2 * inner, hidden), EXPERTS[1]: (hidden, inner)}
+    if hidden in (inner, 2 * inner):  # both layouts have the same shape: nothing to tell apart
+        return
+    in_memory = {EXPERTS[0]: [2 * inner, hidden], EXPERTS[1]: [hidden, inner]}
     for shard in shards:
         with safe_open(shard, "pt") as handle:
             names = list(handle.keys())
             wrong = [
-                n
-                for n in names
-                if n.endswith(EXPERTS)
-                and handle.get_slice(n).get_shape()[1:] == list(in_memory[n[n.index("mlp.") :]])
+                name
+                for name in names
+                for suffix in EXPERTS
+                if name.endswith(suffix) and handle.get_slice(name).get_shape()[1:] == in_memory[suffix]
             ]
-            if not wrong or hidden == 2 * inner or hidden == inner:
+            if not wrong:
                 continue
-            tensors = {n: handle.get_tensor(n) for n in names}
+            tensors = {name: handle.get_tensor(name) for name in names}
             metadata = handle.metadata()
         for name in wrong:
             tensors[name] = tensors[name].transpose(1, 2).contiguous()

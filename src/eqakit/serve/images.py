@@ -55,7 +55,7 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from eqakit.data.video import Video, VideoError, VideoSource, decode, from_frames, probe, reduced
+from eqakit.data.video import Video, VideoError, VideoSource, decode, from_frames, probe_bounded
 from eqakit.engine.params import RequestError
 from eqakit.errors import ConfigError
 
@@ -286,17 +286,11 @@ def load_video(
     )
     source = VideoSource(data=data)
     try:
-        info = probe(source, budget.fps, budget.maxlen)
+        info = probe_bounded(
+            source, budget.fps, budget.maxlen, policy.max_pixels, budget.max_pixels, "api_max_image_pixels"
+        )
     except VideoError as exc:
         raise _refuse(where, str(exc).replace(source.describe(), "the video")) from None
-    width, height = info.size
-    if width * height > policy.max_pixels:
-        raise _refuse(
-            where,
-            f"the video's frames are {width}x{height} = {width * height} pixels, over the limit of "
-            f"{policy.max_pixels} (api_max_image_pixels); send a smaller video",
-        )
-    info = reduced(info, budget.max_pixels)
     if allowance is not None:
         allowance.charge(info.size[0] * len(set(info.indices)), info.size[1], where)
     try:

@@ -25,7 +25,7 @@ from PIL import Image
 from eqakit.config import Config, load_config
 from eqakit.config.args import ApiArguments
 from eqakit.data.encode import VideoBudget
-from eqakit.data.video import Video, VideoError, VideoSource, decode, from_frames, probe, reduced
+from eqakit.data.video import Video, VideoError, VideoSource, decode, from_frames, probe_bounded
 from eqakit.engine import (
     Completion,
     EngineUnavailable,
@@ -83,11 +83,7 @@ def _open_video(video: str | tuple[str, ...], budget: VideoBudget) -> Video:
     name = Path(video).name
     source = VideoSource(file=Path(video).expanduser())
     try:
-        info = probe(source, budget.fps, budget.maxlen)
-        width, height = info.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise UIError(f"{name}: its frames are {width}x{height}, over {MAX_IMAGE_PIXELS} pixels")
-        info = reduced(info, budget.max_pixels)
+        info = probe_bounded(source, budget.fps, budget.maxlen, MAX_IMAGE_PIXELS, budget.max_pixels)
         return Video(info, tuple(decode(source, info)))
     except VideoError as exc:
         raise UIError(f"{name}: {exc}") from None
