@@ -94,8 +94,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_lively(source: Path, out: Path) -> Path:
-    """A copy of a tiny model with its matrices scaled x6: greedy answers then depend on the input.
+def make_lively(source: Path, out: Path, scale: float = 6) -> Path:
+    """A copy of a tiny model with its matrices scaled (x6): greedy answers then depend on the input.
 
     The random tiny model at its initial scale echoes newlines whatever it is shown, so two decoders
     would agree even if one ignored the images; engine, predict, API and vLLM tests compare on these.
@@ -109,7 +109,7 @@ def make_lively(source: Path, out: Path) -> Path:
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if weight.ndim >= 2 and "embed_tokens" not in name:
-                weight.mul_(6)
+                weight.mul_(scale)
     model.save_pretrained(out)
     publish_expert_layout(sorted(out.glob("model*.safetensors")), model.config)  # MoE: as Qwen publishes it
     AutoProcessor.from_pretrained(source).save_pretrained(out)
@@ -134,3 +134,20 @@ def tiny_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def lively_moe_dir(tiny_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny MoE model, scaled by `make_lively`."""
     return make_lively(tiny_moe_dir, tmp_path_factory.mktemp("lively-moe") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Qwen2.5-VL (seed 0: `eqakit tiny-model --arch qwen2_5_vl`); do not modify."""
+    from eqakit.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-5") / "qwen2-5-vl-tiny", arch="qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def lively_qwen2_5_dir(tiny_qwen2_5_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2.5-VL, scaled by `make_lively` x10 (at x6 it still echoes newlines, as the others at x1)."""
+    return make_lively(tiny_qwen2_5_dir, tmp_path_factory.mktemp("lively-qwen2-5") / "model", scale=10)
+
+
+LIVELY = {"qwen3_vl": "lively_dir", "qwen3_vl_moe": "lively_moe_dir", "qwen2_5_vl": "lively_qwen2_5_dir"}

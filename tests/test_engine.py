@@ -18,7 +18,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from eqakit.data.encode import ImageBudget, PromptFormat, materialize, plan_sample
+from conftest import LIVELY
+from eqakit.data.encode import Geometry, ImageBudget, PromptFormat, materialize, plan_sample
 from eqakit.data.template import render_prompt
 from eqakit.engine import (
     Engine,
@@ -32,6 +33,7 @@ from eqakit.engine.hf.caches import PrefixState
 from eqakit.engine.hf.kv import GrowingLayer, KVBatch
 from eqakit.engine.hf.runner import Runner
 from eqakit.engine.hf.worker import EngineWorker
+from eqakit.model.arch import of_model
 
 BUDGET = ImageBudget(32 * 32, 768 * 768)
 QUESTIONS = (
@@ -45,10 +47,10 @@ QUESTIONS = (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=list(LIVELY))
 def model_dir(request: pytest.FixtureRequest) -> Path:
-    """Every test here runs on the dense model and on the mixture-of-experts one."""
-    return request.getfixturevalue("lively_dir" if request.param == "qwen3_vl" else "lively_moe_dir")
+    """Every test here runs on each architecture: Qwen3-VL dense and MoE, Qwen2.5-VL."""
+    return request.getfixturevalue(LIVELY[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,7 @@ def episode_requests(max_new_tokens: int = 10) -> list[Request]:
 
 def reference(model, processor, request: Request, **generate_kw) -> list[int]:
     """model.generate on the processor's inputs: what LLaMA-Factory's predict does per sample."""
-    text = render_prompt(request.messages, system=request.system)
+    text = render_prompt(request.messages, template_of(model), system=request.system)
     size = {"shortest_edge": BUDGET.min_pixels, "longest_edge": BUDGET.max_pixels}
     inputs = processor(
         text=[text], images=request.images or None, images_kwargs={"size": size}, return_tensors="pt"
@@ -105,26 +107,38 @@ def expected(model, processor) -> list[list[int]]:
     return [reference(model, processor, r) for r in episode_requests()]
 
 
+def template_of(model) -> str:
+    """The model's architecture's default template (qwen3_vl_nothink, or qwen2_vl for Qwen2.5-VL)."""
+    return of_model(model).templates[0]
+
+
+def make_format(model, cutoff_len: int = 2048) -> PromptFormat:
+    return PromptFormat(template_of(model), cutoff_len=cutoff_len, budget=BUDGET)
+
+
 def make_engine(model, processor, cutoff_len: int = 2048, **kw) -> Engine:
-    return Engine(model, processor, format=PromptFormat(cutoff_len=cutoff_len, budget=BUDGET), **kw)
+    return Engine(model, processor, format=make_format(model, cutoff_len), **kw)
 
 
 def test_prompt_tokens_are_the_processors_and_the_training_encoders(model, processor) -> None:
     request = episode_requests()[0]
     prepared = make_engine(model, processor).prepare(request)
-    text = render_prompt(request.messages)
+    text = render_prompt(request.messages, template_of(model))
     size = {"shortest_edge": BUDGET.min_pixels, "longest_edge": BUDGET.max_pixels}
     hf = processor(text=[text], images=request.images, images_kwargs={"size": size}, return_tensors="pt")
     plan = plan_sample(
         request.messages,
         [im.size for im in request.images],
         processor.tokenizer,
-        PromptFormat(cutoff_len=2048, budget=BUDGET),
+        make_format(model),
         add_generation_prompt=True,
+        geometry=Geometry.of(model.config),
     )
     train = materialize(plan, request.images, processor, BUDGET)
     assert prepared.ids.tolist() == hf["input_ids"][0].tolist() == train["input_ids"].tolist()
-    assert [s.length for s in prepared.images] == [20, 20, 20, 20]
+    # 160x128 frames: 5x4 tokens of 32x32 pixels (Qwen3-VL), 6x5 of 28x28 (Qwen2.5-VL)
+    want = 20 if model.config.vision_config.patch_size == 16 else 30
+    assert [s.length for s in prepared.images] == [want] * 4
 
 
 @pytest.mark.parametrize(

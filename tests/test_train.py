@@ -302,15 +302,16 @@ def test_unknown_dataset_and_model_without_processor(tmp_path, tiny_model_dir, t
 def test_a_model_of_another_architecture_is_refused_by_model_type(
     tmp_path, tiny_model_dir, toy_dataset, capsys
 ) -> None:
-    """A Qwen2.5-VL (or any other) checkpoint is named with its model_type before weights load."""
-    other = tmp_path / "qwen2_5_vl"
+    """A checkpoint of another architecture is named with its model_type before weights load."""
+    other = tmp_path / "llava"
     shutil.copytree(tiny_model_dir, other)
     config_file = other / "config.json"
-    config_file.write_text(config_file.read_text().replace('"qwen3_vl"', '"qwen2_5_vl"'))
+    config_file.write_text(config_file.read_text().replace('"qwen3_vl"', '"llava_onevision"'))
     cfg = config(tmp_path, other, toy_dataset)
     assert main(["train", str(cfg)]) == 1
     err = capsys.readouterr().err
-    assert f"model_name_or_path '{other}' is a 'qwen2_5_vl' model; eqakit supports qwen3_vl" in err, err
+    supported = "qwen3_vl (Qwen3-VL, dense), qwen3_vl_moe (Qwen3-VL, mixture of experts), qwen2_5_vl (Qwen2.5-VL)"
+    assert f"model_name_or_path '{other}' is a 'llava_onevision' model; eqakit supports {supported}" in err, err
     assert not (tmp_path / "out").exists()
 
 

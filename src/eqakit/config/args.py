@@ -101,7 +101,11 @@ class ModelArguments:
 class DataArguments:
     """Which datasets, how they are rendered into prompts, and how long a sample may be."""
 
-    template: str | None = _f(None, "Chat template: qwen3_vl_nothink or qwen3_vl.", choices=TEMPLATES)
+    template: str | None = _f(
+        None,
+        "Chat template: qwen3_vl_nothink or qwen3_vl (Qwen3-VL), qwen2_vl (Qwen2.5-VL).",
+        choices=TEMPLATES,
+    )
     dataset: str | None = _f(
         None, "Training dataset name(s) from dataset_dir/dataset_info.json, comma-separated."
     )

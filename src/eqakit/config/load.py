@@ -31,8 +31,8 @@ from eqakit.config.args import (
     ModelArguments,
 )
 from eqakit.config.lf_unsupported import LLAMA_FACTORY_UNSUPPORTED, REASONS
-from eqakit.data.template import checkpoint_template
 from eqakit.errors import ConfigError
+from eqakit.model.arch import checkpoint_template, local_model_type, template_problem
 
 Kind = Literal["train", "infer", "export"]
 
@@ -276,9 +276,15 @@ def _cross_checks(kind: Kind, values: dict[str, Any], given: set[str]) -> list[s
         )
     if get("template") is None:
         problems.append(
-            "template is required: set template: qwen3_vl_nothink (or qwen3_vl for thinking); it is chosen "
-            "from the checkpoint's chat template only when model_name_or_path is a local directory with one"
+            "template is required: set template: qwen3_vl_nothink (or qwen3_vl for thinking) for Qwen3-VL, "
+            "qwen2_vl for Qwen2.5-VL; it is chosen from the checkpoint only when model_name_or_path is a "
+            "local directory"
         )
+    elif get("model_name_or_path"):
+        name = get("model_name_or_path")
+        misfit = template_problem(get("template"), local_model_type(name), name)
+        if misfit:
+            problems.append(misfit)
     if get("packing"):
         problems.append("packing: true is not supported by eqakit; set packing: false or remove the key")
     if (get("image_min_pixels") or 0) > (get("image_max_pixels") or 0):

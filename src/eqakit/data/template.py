@@ -1,4 +1,4 @@
-"""The one place that turns chat messages into Qwen3-VL prompt text.
+"""The one place that turns chat messages into Qwen-VL prompt text.
 
 Training, prediction, the API, the web UI and terminal chat all render through here, so a model
 is served with exactly the format it was trained on (train/serve template mismatch is the most
@@ -12,6 +12,9 @@ Templates (LLaMA-Factory names):
   patch (two frames) ``<{t:.1f} seconds><|vision_start|><|video_pad|><|vision_end|>``, then
   ``<|vision_end|>`` (what Qwen3VLProcessor makes of the chat template's video markup); the reply
   follows ``<|im_start|>assistant\\n``.
+- ``qwen2_vl``: Qwen2-VL / Qwen2.5-VL's format: the same turns, the default system prompt "You are a
+  helpful assistant." (``default_system`` replaces it), images as above, each video one
+  ``<|vision_start|><|video_pad|><|vision_end|>`` (its frames' times enter the positions instead).
 - ``qwen3_vl``: the same turns for thinking models. With ``enable_thinking: false`` an empty
   ``<think>\\n\\n</think>\\n\\n`` block is put in the prompt (not learned); with thinking enabled an answer
   without a think block gets the empty block in front of it and learns it, as LLaMA-Factory does.
@@ -27,7 +30,10 @@ from typing import Any
 
 NOTHINK = "qwen3_vl_nothink"
 THINK = "qwen3_vl"
-TEMPLATES = (NOTHINK, THINK)  # LLaMA-Factory's names; the first is the default
+QWEN2_VL = "qwen2_vl"
+TEMPLATES = (NOTHINK, THINK, QWEN2_VL)  # LLaMA-Factory's names; the first is the default
+# LLaMA-Factory's template default_system, used when the config's default_system is not set
+TEMPLATE_SYSTEM = {QWEN2_VL: "You are a helpful assistant."}
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
 IMAGE_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -53,8 +59,11 @@ class Segment:
     literal: tuple[tuple[int, int], ...] = ()
 
 
-def video_tokens(clip_times: list[float]) -> str:
-    """A video's prompt markup, one pad per temporal patch (expanded per visual token later)."""
+def video_tokens(clip_times: list[float] | None) -> str:
+    """A video's prompt markup: one pad per temporal patch after its time (Qwen3-VL), or with no
+    times (``None``, Qwen2.5-VL) one pad for the whole video; pads are expanded per visual token later."""
+    if clip_times is None:
+        return f"{VISION_START}{VIDEO_PAD}{VISION_END}"
     clips = "".join(f"<{t:.1f} seconds>{VISION_START}{VIDEO_PAD}{VISION_END}" for t in clip_times)
     return f"{VISION_START}{clips}{VISION_END}"
 
@@ -62,13 +71,14 @@ def video_tokens(clip_times: list[float]) -> str:
 class _Builder:
     """Accumulates a segment's text, recording which spans are message text (see `Segment.literal`).
 
-    ``video_times`` holds each video's temporal-patch times, in prompt order (its markup needs them).
+    ``video_times`` holds each video's temporal-patch times, in prompt order (its markup needs them),
+    or None for a template whose video markup has no times.
     """
 
     def __init__(self, video_times: list[list[float]] | None = None) -> None:
         self.text = ""
         self.spans: list[tuple[int, int]] = []
-        self.videos = iter(video_times or [])
+        self.videos = iter(video_times) if video_times is not None else None
 
     def markup(self, text: str) -> None:
         self.text += text
@@ -84,8 +94,8 @@ class _Builder:
             if part["type"] == "image":
                 self.markup(IMAGE_TOKENS)
             elif part["type"] == "video":
-                times = next(self.videos, None)
-                if times is None:
+                times = next(self.videos, None) if self.videos is not None else None
+                if times is None and self.videos is not None:
                     raise ValueError("the text has more video placeholders than the sample has videos")
                 self.markup(video_tokens(times))
             else:
@@ -159,7 +169,8 @@ def render(
     default_system: str | None = None,
     video_times: list[list[float]] | None = None,
 ) -> list[Segment]:
-    """Render a conversation as prompt segments (``video_times``: each video's temporal-patch times).
+    """Render a conversation as prompt segments (``video_times``: each video's temporal-patch times,
+    for the templates whose video markup has them; ignored by ``qwen2_vl``).
 
     With ``add_generation_prompt`` (inference) the messages end with a user turn and the result ends
     with the assistant header. Without it (training) every assistant turn is a learned segment:
@@ -171,9 +182,11 @@ def render(
         raise ValueError(f"unknown template {template!r}; eqakit renders {' and '.join(TEMPLATES)}")
     thinking_template = template == THINK
     segments: list[Segment] = []
-    prompt = _Builder(video_times)
+    prompt = _Builder(None if template == QWEN2_VL else (video_times or []))
     if messages and messages[0].get("role") == "system":
         system, messages = _text(messages[0].get("content")), messages[1:]
+    if default_system is None:
+        default_system = TEMPLATE_SYSTEM.get(template)
     system = system_prompt(system, default_system)
     if system:
         prompt.markup("<|im_start|>system\n")
@@ -221,10 +234,9 @@ def render_prompt(messages: list[Message], template: str = NOTHINK, **kwargs: An
     return "".join(s.text for s in render(messages, template, add_generation_prompt=True, **kwargs))
 
 
-def checkpoint_template(model_dir: str | Path) -> str | None:
-    """The template a local checkpoint's own chat template calls for: ``qwen3_vl`` when its generation
-    prompt opens a ``<think>`` block (Qwen3-VL-Thinking), else ``qwen3_vl_nothink``; None when the
-    directory holds no chat template (a hub id, a model without one)."""
+def thinking_template(model_dir: str | Path) -> bool | None:
+    """Whether a local checkpoint's own chat template opens a ``<think>`` block in its generation
+    prompt (Qwen3-VL-Thinking); None when the directory holds no Qwen chat template (a hub id)."""
     root = Path(model_dir).expanduser()
     text = None
     try:
@@ -241,7 +253,7 @@ def checkpoint_template(model_dir: str | Path) -> str | None:
     if not isinstance(text, str) or "<|im_start|>" not in text:
         return None
     generation = text[text.rfind("add_generation_prompt") :]
-    return THINK if "<think>" in generation else NOTHINK
+    return "<think>" in generation
 
 
 def strip_thinking(text: str) -> str:

@@ -1,4 +1,4 @@
-"""Load Qwen3-VL checkpoints, processors and LoRA adapters the same way for every verb.
+"""Load Qwen-VL checkpoints, processors and LoRA adapters the same way for every verb.
 
 A model is named by a local directory or a hub id (``Qwen/Qwen3-VL-2B-Instruct``); adapters by
 PEFT directories. Inference merges the adapters in order into the base weights (LLaMA-Factory's
@@ -17,12 +17,9 @@ from safetensors import SafetensorError
 from eqakit.config.args import ModelArguments
 from eqakit.errors import EqakitError
 from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
+from eqakit.model.arch import architecture, local_model_type
 
 ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "disabled": "eager", "fa2": "flash_attention_2"}
-SUPPORTED = {  # config.json model_type -> what it is
-    "qwen3_vl": "Qwen3-VL, dense",
-    "qwen3_vl_moe": "Qwen3-VL, mixture of experts",
-}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -62,29 +59,21 @@ def check_supported(name: str, model_args: ModelArguments) -> None:
     cache, the template or the LoRA setup; its model_type is known from config.json at once. A hub
     id not in the local cache is left to the loader, whose error says so.
     """
-    import json
+    if (Path(name).expanduser() / "config.json").is_file():
+        architecture(local_model_type(name), name)
+        return
+    from transformers import AutoConfig
 
-    path = Path(name).expanduser()
     try:
-        if (path / "config.json").is_file():
-            model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-        else:
-            from transformers import AutoConfig
-
-            model_type = AutoConfig.from_pretrained(
-                name,
-                trust_remote_code=model_args.trust_remote_code,
-                cache_dir=model_args.cache_dir,
-                revision=model_args.model_revision,
-            ).model_type
+        config = AutoConfig.from_pretrained(
+            name,
+            trust_remote_code=model_args.trust_remote_code,
+            cache_dir=model_args.cache_dir,
+            revision=model_args.model_revision,
+        )
     except (OSError, ValueError, AttributeError):
         return
-    if model_type not in SUPPORTED:
-        supported = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
-        raise EqakitError(
-            f"model_name_or_path {name!r} is a {model_type!r} model; eqakit supports {supported} only "
-            "(Qwen2.5-VL is not supported yet)"
-        )
+    architecture(config.model_type, name)
 
 
 def load_processor(model_args: ModelArguments, path: str | None = None) -> Any:

@@ -1,4 +1,4 @@
-"""A tiny random-weight Qwen3-VL for tests and the demo.
+"""A tiny random-weight Qwen-VL (Qwen3-VL by default) for tests and the demo.
 
 Nothing can be downloaded where eqakit's tests run, yet every code path (processor, chat template,
 vision tower, deepstack, M-RoPE, generation, LoRA, export) must run against the real transformers
@@ -7,8 +7,12 @@ Qwen3VLForConditionalGeneration, Qwen3VLProcessor (Qwen2-VL image processor, Qwe
 processor, patch 16, merge 2, one visual token per 32x32 pixels), a byte-level BPE tokenizer trained
 here on a small built-in corpus with Qwen's special tokens, and Qwen3-VL-Instruct's chat template.
 The weights are random, so the model's answers are noise; the shapes, token ids and formats are real.
+``--arch qwen3_vl_moe`` builds Qwen3-VL-MoE (Qwen3VLMoeForConditionalGeneration, as Qwen3-VL-30B-A3B);
+``--arch qwen2_5_vl`` builds Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor: patch
+14, window attention, no deepstack, as Qwen2.5-VL-3B-Instruct) with its chat template.
 
     eqakit tiny-model --output-dir models/tiny-qwen3-vl
+    eqakit tiny-model --output-dir models/tiny-qwen2-5-vl --arch qwen2_5_vl
     eqakit tiny-model --output-dir models/tiny-qwen3-vl --seed 1 --overwrite
 
 Raises EqakitError when the output directory exists and is not empty (unless overwrite is asked for).
@@ -31,7 +35,7 @@ from eqakit.errors import EqakitError
 from eqakit.fsutil import move_into_place
 
 if TYPE_CHECKING:
-    from transformers import GenerationConfig, Qwen2Tokenizer, Qwen3VLConfig, Qwen3VLProcessor
+    from transformers import GenerationConfig, Qwen2Tokenizer, Qwen3VLConfig
 
 # Qwen2/Qwen3's added tokens, in Qwen's id order (they follow the BPE vocabulary there as here).
 # The first 14 are special tokens; the rest are ordinary added tokens, as in Qwen's tokenizer.
@@ -79,6 +83,14 @@ IMAGE_MAX_PIXELS = 16777216
 VIDEO_MIN_PIXELS = 4096
 VIDEO_MAX_PIXELS = 25165824
 PIXEL_MEAN_STD = [0.5, 0.5, 0.5]
+# Qwen2.5-VL-3B-Instruct's preprocessor_config.json: patch 14 (one token per 28x28 pixels), OpenAI
+# CLIP's normalization, pixels in [3136, 12845056] for images and video frames alike.
+QWEN2_5_PATCH = 14
+QWEN2_5_MIN_PIXELS = 3136
+QWEN2_5_MAX_PIXELS = 12845056
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+QWEN2_5_WINDOW = 112  # vision window attention over 112x112-pixel windows (8x8 patches)
 
 # Generation defaults of Qwen3-VL-2B-Instruct's generation_config.json.
 SAMPLING_DEFAULTS = {
@@ -144,21 +156,26 @@ class TinySizes:
             raise ValueError(f"invalid tiny-model sizes {self}: " + "; ".join(problems))
 
 
-ARCHS = ("qwen3_vl", "qwen3_vl_moe")  # config.json model_type of each architecture built here
+ARCHS = ("qwen3_vl", "qwen3_vl_moe", "qwen2_5_vl")  # config.json model_type of each architecture built here
+TEMPLATE_FILES = {"qwen2_5_vl": "qwen2_5_vl_chat_template.jinja"}  # else Qwen3-VL-Instruct's
 
 
 def build_tiny_model(
     output_dir: Path, seed: int = 0, *, overwrite: bool = False, arch: str = "qwen3_vl", **sizes: object
 ) -> Path:
-    """Build the tiny Qwen3-VL (``arch``: dense, or ``qwen3_vl_moe`` with mixture-of-experts MLPs)
-    and save it to ``output_dir``; return that path.
+    """Build the tiny model of ``arch`` (`ARCHS`: Qwen3-VL dense, Qwen3-VL-MoE or Qwen2.5-VL) and save
+    it to ``output_dir``; return that path.
 
     ``sizes`` override fields of :class:`TinySizes` (a demo may want a slightly bigger model). The
     same seed and sizes give byte-identical weights. The directory appears whole or not at all: the
     model is saved into a temporary directory beside it and renamed into place.
     """
     import torch
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLMoeForConditionalGeneration,
+    )
 
     from eqakit.model.merge import publish_expert_layout
 
@@ -169,9 +186,11 @@ def build_tiny_model(
     output_dir = Path(output_dir)
     _check_output_dir(output_dir, overwrite)
 
-    processor = _build_processor()
-    config = _build_config(dims, processor.tokenizer)
-    model_class = Qwen3VLForConditionalGeneration
+    processor = _build_processor(arch)
+    if arch == "qwen2_5_vl":
+        config, model_class = _qwen2_5_config(dims, processor.tokenizer), Qwen2_5_VLForConditionalGeneration
+    else:
+        config, model_class = _build_config(dims, processor.tokenizer), Qwen3VLForConditionalGeneration
     if arch == "qwen3_vl_moe":
         config, model_class = _moe_config(config, dims), Qwen3VLMoeForConditionalGeneration
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
@@ -195,14 +214,19 @@ def build_tiny_model(
     return output_dir
 
 
-def chat_template() -> str:
-    """Qwen3-VL-Instruct's chat template, shipped as package data."""
-    return resources.files("eqakit.model").joinpath("chat_template.jinja").read_text(encoding="utf-8")
+def chat_template(arch: str = "qwen3_vl") -> str:
+    """The chat template of ``arch``'s Instruct models (Qwen3-VL's, Qwen2.5-VL's), shipped as package data."""
+    name = TEMPLATE_FILES.get(arch, "chat_template.jinja")
+    return resources.files("eqakit.model").joinpath(name).read_text(encoding="utf-8")
 
 
-def _build_processor() -> Qwen3VLProcessor:
-    """Qwen3VLProcessor with Qwen3-VL-2B-Instruct's image/video settings and the tiny tokenizer."""
+def _build_processor(arch: str) -> Any:
+    """The processor of ``arch`` with its 2B/3B Instruct model's image/video settings and the tiny
+    tokenizer: Qwen3VLProcessor, or for Qwen2.5-VL Qwen2_5_VLProcessor."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    if arch == "qwen2_5_vl":
+        return _qwen2_5_processor()
 
     shared = {
         "patch_size": 16,
@@ -223,13 +247,34 @@ def _build_processor() -> Qwen3VLProcessor:
     )
     return Qwen3VLProcessor(
         image_processor=image_processor,
-        tokenizer=_build_tokenizer(),
+        tokenizer=_build_tokenizer(chat_template()),
         video_processor=video_processor,
         chat_template=chat_template(),
     )
 
 
-def _build_tokenizer() -> Qwen2Tokenizer:
+def _qwen2_5_processor() -> Any:
+    """Qwen2_5_VLProcessor as Qwen2.5-VL-3B-Instruct's: Qwen2-VL image and video processors."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    shared = {
+        "patch_size": QWEN2_5_PATCH,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "size": {"shortest_edge": QWEN2_5_MIN_PIXELS, "longest_edge": QWEN2_5_MAX_PIXELS},
+    }
+    template = chat_template("qwen2_5_vl")
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**shared),
+        tokenizer=_build_tokenizer(template),
+        video_processor=Qwen2VLVideoProcessor(fps=2, **shared),
+        chat_template=template,
+    )
+
+
+def _build_tokenizer(template: str) -> Qwen2Tokenizer:
     """A Qwen2Tokenizer whose byte-level BPE is trained here, with Qwen's added tokens after it.
 
     The pipeline (NFC, Qwen's pre-tokenizer regex, byte-level) is Qwen2Tokenizer's own; only the
@@ -277,7 +322,7 @@ def _build_tokenizer() -> Qwen2Tokenizer:
         clean_up_tokenization_spaces=False,
         split_special_tokens=False,
     )
-    tokenizer.chat_template = chat_template()
+    tokenizer.chat_template = template
     expected = {t: len(vocab) + i for i, t in enumerate(SPECIAL_TOKENS + REGULAR_ADDED_TOKENS)}
     actual = {t: tokenizer.convert_tokens_to_ids(t) for t in expected}
     if actual != expected:  # a transformers change in how added tokens are numbered; fail loudly
@@ -374,6 +419,65 @@ def _moe_config(dense: Qwen3VLConfig, dims: TinySizes) -> Any:
     )
 
 
+def _qwen2_5_config(dims: TinySizes, tokenizer: Qwen2Tokenizer) -> Any:
+    """Qwen2_5_VLConfig shaped like Qwen2.5-VL-3B-Instruct's at ``dims``' sizes (no deepstack: the
+    deepstack size is not used; the vision tower's last block attends in full, the others in windows)."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    # Real: head_dim 128 -> mrope_section [16, 24, 24] over 64 rotary frequencies (not interleaved).
+    height_width = dims.head_dim // 2 * 24 // 64
+    mrope_section = [dims.head_dim // 2 - 2 * height_width, height_width, height_width]
+    return Qwen2_5_VLConfig(
+        architectures=["Qwen2_5_VLForConditionalGeneration"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+        text_config={
+            "attention_dropout": 0.0,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "dtype": "float32",
+            "hidden_act": "silu",
+            "hidden_size": dims.hidden_size,
+            "initializer_range": dims.initializer_range,
+            "intermediate_size": dims.intermediate_size,
+            "max_position_embeddings": 128000,
+            "num_attention_heads": dims.num_attention_heads,
+            "num_hidden_layers": dims.num_hidden_layers,
+            "num_key_value_heads": dims.num_key_value_heads,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": mrope_section,
+            },
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": vocab_size,
+        },
+        vision_config={
+            "depth": dims.vision_depth,
+            "fullatt_block_indexes": [dims.vision_depth - 1],  # real: every 8th block, the last included
+            "hidden_act": "silu",
+            "hidden_size": dims.vision_hidden_size,
+            "in_channels": 3,
+            "intermediate_size": dims.vision_intermediate_size,
+            "num_heads": dims.vision_num_heads,
+            "out_hidden_size": dims.hidden_size,
+            "patch_size": QWEN2_5_PATCH,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "tokens_per_second": 2,
+            "window_size": QWEN2_5_WINDOW,
+        },
+    )
+
+
 def _build_generation_config(tokenizer: Qwen2Tokenizer) -> GenerationConfig:
     """Qwen3-VL-Instruct's sampling defaults; generation stops at <|im_end|> or <|endoftext|>."""
     from transformers import GenerationConfig
@@ -401,7 +505,7 @@ def _write_provenance(directory: Path, seed: int, dims: TinySizes, arch: str) ->
     import transformers
 
     info = {
-        "what": "tiny random-weight Qwen3-VL built by `eqakit tiny-model` (its answers are noise)",
+        "what": f"tiny random-weight {arch} model built by `eqakit tiny-model` (its answers are noise)",
         "arch": arch,
         "seed": seed,
         "sizes": asdict(dims),
@@ -540,8 +644,8 @@ def _corpus() -> list[str]:
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="eqakit tiny-model",
-        description="Build a tiny random-weight Qwen3-VL (real transformers classes, Qwen3-VL's tokens and "
-        "chat format) for tests and the demo.",
+        description="Build a tiny random-weight Qwen-VL model (real transformers classes, the family's "
+        "tokens and chat format) for tests and the demo.",
     )
     parser.add_argument("--output-dir", type=Path, required=True, help="directory to save the model into")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random weights (default: 0)")
@@ -552,7 +656,8 @@ def cli(argv: list[str]) -> int:
         "--arch",
         choices=ARCHS,
         default="qwen3_vl",
-        help="qwen3_vl (dense, as Qwen3-VL-2B) or qwen3_vl_moe (experts, as Qwen3-VL-30B-A3B)",
+        help="qwen3_vl (dense, as Qwen3-VL-2B), qwen3_vl_moe (experts, as Qwen3-VL-30B-A3B) or "
+        "qwen2_5_vl (as Qwen2.5-VL-3B)",
     )
     args = parser.parse_args(argv)
     path = build_tiny_model(args.output_dir, seed=args.seed, overwrite=args.overwrite, arch=args.arch)

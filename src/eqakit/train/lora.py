@@ -1,11 +1,11 @@
-"""Wrap Qwen3-VL in LoRA adapters the way LLaMA-Factory's ``finetuning_type: lora`` does.
+"""Wrap a Qwen-VL model in LoRA adapters the way LLaMA-Factory's ``finetuning_type: lora`` does.
 
 ``lora_target: all`` adapts every linear layer of the language model, as LLaMA-Factory's
 ``find_all_linear_modules`` does: the q/k/v/o/gate/up/down projections of the dense model; the
 attention projections of Qwen3-VL-MoE, whose experts are fused parameters and whose router is not
 a linear layer (neither is adapted there, by LLaMA-Factory either); never lm_head (tied to the
 embedding) nor the embeddings. ``freeze_vision_tower: false`` adds the vision blocks'
-linear layers to the LoRA targets; ``freeze_multi_modal_projector: false`` trains the mergers in
+linear layers to the LoRA targets (read from the module tree: `eqakit.model.arch`); ``freeze_multi_modal_projector: false`` trains the mergers in
 full; ``freeze_language_model: true`` takes the language model out of the targets, as
 LLaMA-Factory's forbidden modules do. Earlier adapters in ``adapter_name_or_path`` are merged; the
 last is trained further unless ``create_new_adapter``.
@@ -21,10 +21,10 @@ import torch
 from eqakit.config import Config
 from eqakit.errors import ConfigError
 from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
+from eqakit.model.arch import projector_names, vision_linear_names
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")  # an MLP's, fused in MoE experts
 LM_PREFIX = r"model\.language_model\.layers\.\d+\."
-VISION_TARGET = r"model\.visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2))"
 
 
 def target_pattern(cfg: Config, module_names: list[str]) -> str:
@@ -51,8 +51,9 @@ def target_pattern(cfg: Config, module_names: list[str]) -> str:
         if cfg.finetuning.freeze_language_model
         else [LM_PREFIX + r".*\b(" + "|".join(map(re.escape, names)) + r")"]
     )
-    if not cfg.finetuning.freeze_vision_tower:
-        parts.append(VISION_TARGET)
+    vision = vision_linear_names(module_names)
+    if not cfg.finetuning.freeze_vision_tower and vision:
+        parts.append("|".join(map(re.escape, vision)))
     return "^(" + "|".join(f"({p})" for p in parts) + ")$"
 
 
@@ -80,9 +81,7 @@ def apply_lora(model: Any, cfg: Config) -> Any:
             lora_alpha=cfg.finetuning.lora_alpha or 2 * cfg.finetuning.lora_rank,
             lora_dropout=cfg.finetuning.lora_dropout,
             target_modules=target_pattern(cfg, linear),
-            modules_to_save=None
-            if cfg.finetuning.freeze_multi_modal_projector
-            else _projector_modules(model),
+            modules_to_save=None if cfg.finetuning.freeze_multi_modal_projector else projector_names(model),
             use_rslora=cfg.finetuning.use_rslora,
             task_type="CAUSAL_LM",
         )
@@ -106,12 +105,6 @@ def _refuse_language_model_training(model: Any, adapter: str | None) -> None:
             f"freeze_language_model: true, but adapter {adapter!r} trains the language model ({inside[0]}, "
             f"{len(inside)} tensors): set create_new_adapter: true to merge it and train a new adapter"
         )
-
-
-def _projector_modules(model: Any) -> list[str]:
-    """The vision-to-language mergers, trained in full; peft needs each deepstack merger by its own name."""
-    visual = model.model.visual
-    return ["merger"] + [f"deepstack_merger_list.{i}" for i in range(len(visual.deepstack_merger_list))]
 
 
 def trainable_summary(model: Any) -> str:

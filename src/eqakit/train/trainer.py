@@ -20,6 +20,7 @@ from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from eqakit.data.encode import IGNORE_INDEX
+from eqakit.model.arch import vision_tower
 from eqakit.train.packing import (
     EpisodeBatchSampler,
     PackedCollator,
@@ -97,7 +98,7 @@ def checkpoint_trainable_layers(model: Any, use_reentrant: bool) -> None:
     for module in base.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.gradient_checkpointing = any(p.requires_grad for p in module.parameters())
-    visual = base.model.visual
+    visual = vision_tower(base)
     if use_reentrant and any(p.requires_grad for p in visual.blocks.parameters()):
         visual.patch_embed.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
 

@@ -19,15 +19,17 @@ from tqdm.auto import tqdm
 
 from eqakit.data.encode import PromptFormat, pixel_values, video_pixel_values
 from eqakit.data.video import decode
+from eqakit.model.arch import deepstack_of, encoder_output
 
 if TYPE_CHECKING:
     from eqakit.train.data import KeyedImages
 
-Features = tuple[torch.Tensor, list[torch.Tensor]]  # merged tokens, one tensor per deepstack layer
+Features = tuple[torch.Tensor, list[torch.Tensor]]  # merged tokens, one tensor per deepstack layer (if any)
 
 
 class VisionFeatureCache:
-    """Image or video key -> (merged visual tokens, deepstack features), on the model's device."""
+    """Image or video key -> (merged visual tokens, deepstack features if the model has them), on
+    the model's device."""
 
     def __init__(self) -> None:
         self.features: dict[bytes, Features] = {}
@@ -68,35 +70,26 @@ class VisionFeatureCache:
                         pil.append(image.convert("RGB"))
                 pixels, grid = pixel_values(pil, processor.image_processor, budget.min_pixels, cap)
                 out = visual.get_image_features(pixels.to(device), grid.to(device))
+                levels = deepstack_of(out)
                 for i, (key, _) in enumerate(chunk):
-                    self.features[key] = (
-                        out.pooler_output[i].detach(),
-                        [f[i].detach() for f in out.deepstack_features],
-                    )
+                    self.features[key] = (out.pooler_output[i].detach(), [f[i].detach() for f in levels])
                 bar.update(len(chunk))
         for key, source, video in videos:  # one video per call: its frames are many images already
             pixels, grid = video_pixel_values(
                 decode(source, video.info), processor.video_processor, video, fmt.video.min_pixels
             )
             out = visual.get_video_features(pixels.to(device), grid.to(device))
-            self.features[key] = (
-                out.pooler_output[0].detach(),
-                [f[0].detach() for f in out.deepstack_features],
-            )
+            self.features[key] = (out.pooler_output[0].detach(), [f[0].detach() for f in deepstack_of(out)])
             bar.update(1)
         bar.close()
 
     def encoder_outputs(self, image_keys: list[bytes], video_keys: list[bytes] = ()) -> dict[str, Any]:
-        """What Qwen3-VL's forward accepts as ``mm_encoder_outputs`` for images and videos in these orders."""
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
-
+        """What the model's forward accepts as ``mm_encoder_outputs`` for images and videos in these orders."""
         out = {}
         for medium, keys in (("image", image_keys), ("video", video_keys)):
             if keys:
                 pooled = tuple(self.features[k][0] for k in keys)
                 layers = len(self.features[keys[0]][1])
                 deepstack = [tuple(self.features[k][1][layer] for k in keys) for layer in range(layers)]
-                out[medium] = BaseModelOutputWithDeepstackFeatures(
-                    pooler_output=pooled, deepstack_features=deepstack
-                )
+                out[medium] = encoder_output(pooled, deepstack)
         return out

@@ -1,6 +1,6 @@
-"""The transformers backend: the three things the engine asks of a Qwen3-VL model.
+"""The transformers backend: the three things the engine asks of a Qwen-VL model.
 
-(1) visual features of images (vision tower + merger + deepstack mergers), (2) M-RoPE positions of
+(1) visual features of images (vision tower + merger, and Qwen3-VL's deepstack mergers), (2) M-RoPE positions of
 a prompt, (3) a forward pass of the language model over new tokens with a KV cache, explicit
 positions and a padding mask, returning the last position's logits. Working at this level, rather
 than through ``model.generate``, is what lets the engine reuse features and prefix caches and mix
@@ -14,26 +14,26 @@ import inspect
 from typing import Any
 
 import torch
-from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 from eqakit.data.encode import Geometry, PadIds, VideoPlan, mm_token_types, pixel_values, video_pixel_values
 from eqakit.engine.hf.attention import SharedPrefix
 from eqakit.engine.hf.attention import install as install_shared_prefix_attention
 from eqakit.engine.hf.caches import VisualFeatures
+from eqakit.model.arch import deepstack_of, encoder_output
 
 VISION_CHUNK = 16  # images per vision-tower call: bounds activation memory on large batches
 
 
 def unwrap(model: Any) -> Any:
-    """The Qwen3-VL model inside a PEFT wrapper (adapters stay active: PEFT injects them in place)."""
+    """The Qwen-VL model inside a PEFT wrapper (adapters stay active: PEFT injects them in place)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not (hasattr(base, "model") and hasattr(base.model, "language_model") and hasattr(base, "lm_head")):
-        raise TypeError(f"the engine runs Qwen3-VL models; got {type(base).__name__}")
+        raise TypeError(f"the engine runs Qwen-VL models; got {type(base).__name__}")
     return base
 
 
 class HFModel:
-    """A loaded Qwen3-VL (possibly with unmerged adapters) and its image processor."""
+    """A loaded Qwen-VL (possibly with unmerged adapters) and its image processor."""
 
     def __init__(self, model: Any, processor: Any) -> None:
         self.model = model
@@ -66,8 +66,9 @@ class HFModel:
             result = self.core.model.get_image_features(
                 pixels.to(self.device), grid.to(self.device), return_dict=True
             )
+            levels = deepstack_of(result)
             for i, embeds in enumerate(result.pooler_output):
-                out.append(VisualFeatures(embeds, tuple(level[i] for level in result.deepstack_features)))
+                out.append(VisualFeatures(embeds, tuple(level[i] for level in levels)))
         return out
 
     def video_features(self, frames: tuple[Any, ...], video: VideoPlan, min_pixels: int) -> VisualFeatures:
@@ -78,7 +79,7 @@ class HFModel:
         result = self.core.model.get_video_features(
             pixels.to(self.device), grid.to(self.device), return_dict=True
         )
-        return VisualFeatures(result.pooler_output[0], tuple(level[0] for level in result.deepstack_features))
+        return VisualFeatures(result.pooler_output[0], tuple(level[0] for level in deepstack_of(result)))
 
     def rope_positions(
         self,
@@ -115,9 +116,9 @@ class HFModel:
         for medium, feats in (("image", features), ("video", video_features)):
             if feats:
                 levels = len(feats[0].deepstack)
-                encoder_outputs[medium] = BaseModelOutputWithDeepstackFeatures(
-                    pooler_output=tuple(f.embeds for f in feats),
-                    deepstack_features=[tuple(f.deepstack[level] for f in feats) for level in range(levels)],
+                encoder_outputs[medium] = encoder_output(
+                    tuple(f.embeds for f in feats),
+                    [tuple(f.deepstack[level] for f in feats) for level in range(levels)],
                 )
         out = self.core.model(
             input_ids=ids.to(self.device),
