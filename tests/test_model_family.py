@@ -1,13 +1,18 @@
-"""Qwen3-VL-MoE through the whole workflow: tiny-model, train, predict, export, serve; LoRA's targets
-as LLaMA-Factory chooses them there, and the fused experts refused by name."""
+"""Qwen3-VL-MoE and Qwen2.5-VL through the whole workflow: tiny-model, train, predict, export, serve;
+LoRA's targets as LLaMA-Factory chooses them there, the fused experts refused by name, and a
+template that does not fit the checkpoint refused before anything loads."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from PIL import Image
 from safetensors import safe_open
 
 from conftest import write_toy_dataset
@@ -41,76 +46,123 @@ def test_tiny_moe_is_the_real_class_with_experts(tiny_moe_dir: Path) -> None:
     assert json.loads((tiny_moe_dir / "eqakit_tiny_model.json").read_text())["arch"] == "qwen3_vl_moe"
 
 
-@pytest.mark.slow
-def test_moe_trains_predicts_exports_and_serves(lively_moe_dir: Path, tmp_path: Path) -> None:
-    """`lora_target: all` adapts the attention projections only (the experts are fused parameters and
-    the router is no linear layer: LLaMA-Factory adapts neither); the adapter predicts; the merged
-    export loads in transformers and answers as the adapter did; the API serves it."""
+def _workflow(model_dir: Path, tmp_path: Path, template: str, **train: object) -> tuple[Path, Path]:
+    """train -> predict -> export -> predict on the export (the same answers) -> serve the export
+    (the openai SDK's answer to an image question is the engine's); returns (adapter, export)."""
+    from openai import OpenAI
     from transformers import AutoModelForImageTextToText
 
     from eqakit.engine import Engine, Request
+    from eqakit.evaluate.predict import run_predict
+    from eqakit.serve.api import create_app
+    from test_api import data_uri, encoded, jpeg, serving
 
     data = write_toy_dataset(tmp_path / "data", episodes=3, questions=2, frames=2)
-    assert main(["train", str(_train_config(tmp_path, lively_moe_dir, data))]) == 0
-    with safe_open(tmp_path / "lora" / "adapter_model.safetensors", "pt") as weights:
-        targets = {key.split(".lora_")[0].rsplit(".", 1)[-1] for key in weights.keys()}  # noqa: SIM118
-    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}
-
+    assert main(["train", str(_train_config(tmp_path, model_dir, data, template=template, **train))]) == 0
     predict = {
-        "model_name_or_path": str(lively_moe_dir), "adapter_name_or_path": str(tmp_path / "lora"),
-        "template": "qwen3_vl_nothink", "do_predict": True, "predict_with_generate": True, "eval_dataset": "toy",
+        "model_name_or_path": str(model_dir), "adapter_name_or_path": str(tmp_path / "lora"),
+        "template": template, "do_predict": True, "predict_with_generate": True, "eval_dataset": "toy",
         "dataset_dir": str(data), "output_dir": str(tmp_path / "eval"), "max_new_tokens": 6, "do_sample": False,
         "report_to": "none",
     }  # fmt: skip
-    from eqakit.evaluate.predict import run_predict
-
     run_predict(load_config("train", extra=predict))
-    rows = [
-        json.loads(line)
-        for line in (tmp_path / "eval" / "generated_predictions.jsonl").read_text().splitlines()
-    ]
+    rows = (tmp_path / "eval" / "generated_predictions.jsonl").read_text().splitlines()
     assert len(rows) == 6
 
     merge = tmp_path / "merge.yaml"
     merge.write_text(
-        f"model_name_or_path: {lively_moe_dir}\nadapter_name_or_path: {tmp_path / 'lora'}\n"
-        f"template: qwen3_vl_nothink\nfinetuning_type: lora\nexport_dir: {tmp_path / 'merged'}\n"
+        f"model_name_or_path: {model_dir}\nadapter_name_or_path: {tmp_path / 'lora'}\n"
+        f"template: {template}\nfinetuning_type: lora\nexport_dir: {tmp_path / 'merged'}\n"
     )
     assert main(["export", str(merge)]) == 0
-    with safe_open(tmp_path / "merged" / "model.safetensors", "pt") as weights:  # Qwen's published layout
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    assert type(merged) is type(base)
+    run_predict(load_config("train", extra={**predict, "adapter_name_or_path": None, "model_name_or_path": str(tmp_path / "merged"), "output_dir": str(tmp_path / "eval-merged")}))  # fmt: skip
+    again = (tmp_path / "eval-merged" / "generated_predictions.jsonl").read_text().splitlines()
+    assert [json.loads(r)["predict"] for r in again] == [json.loads(r)["predict"] for r in rows]
+
+    cfg = load_config("infer", None, [f"model_name_or_path={tmp_path / 'merged'}", f"template={template}"])
+    engine = Engine.from_config(cfg)
+    image = encoded(jpeg(seed=3))
+    content = [
+        {"type": "image_url", "image_url": {"url": data_uri(image)}},
+        {"type": "text", "text": "Where?"},
+    ]
+    with serving(create_app(engine, model_name="m", settings=cfg.api)) as (url, _):
+        reply = OpenAI(base_url=f"{url}/v1", api_key="x").chat.completions.create(
+            model="m", messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0
+        )
+    with Image.open(io.BytesIO(image)) as decoded:
+        pil = decoded.convert("RGB")
+    expected = engine.generate(
+        [Request([{"role": "user", "content": "<image>Where?"}], engine.params(max_new_tokens=6, temperature=0), images=[pil])]
+    )  # fmt: skip
+    assert reply.choices[0].message.content == expected[0].text
+    return tmp_path / "lora", tmp_path / "merged"
+
+
+def _adapted(adapter: Path) -> set[str]:
+    """The module names an adapter's LoRA weights sit on, without the layer numbers."""
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as weights:
+        keys = list(weights.keys())  # noqa: SIM118
+    return {re.sub(r"\.\d+\.", ".N.", k.split(".lora_")[0]).removeprefix("base_model.model.") for k in keys}
+
+
+@pytest.mark.slow
+def test_moe_trains_predicts_exports_and_serves(lively_moe_dir: Path, tmp_path: Path) -> None:
+    """`lora_target: all` adapts the attention projections only (the experts are fused parameters and
+    the router is no linear layer: LLaMA-Factory adapts neither); the export has Qwen's expert layout."""
+    adapter, merged = _workflow(lively_moe_dir, tmp_path, "qwen3_vl_nothink")
+    assert {name.rsplit(".", 1)[-1] for name in _adapted(adapter)} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    with safe_open(merged / "model.safetensors", "pt") as weights:  # Qwen's published layout
         names = [k for k in weights.keys() if ".layers.0.mlp.experts." in k]  # noqa: SIM118
         shapes = {k.rsplit(".", 1)[-1]: weights.get_slice(k).get_shape() for k in names}
     assert shapes == {"gate_up_proj": [4, 64, 256], "down_proj": [4, 128, 64]}  # (experts, in, out): vLLM's
-    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    assert type(merged).__name__ == "Qwen3VLMoeForConditionalGeneration"
-    run_predict(load_config("train", extra={**predict, "adapter_name_or_path": None, "model_name_or_path": str(tmp_path / "merged"), "output_dir": str(tmp_path / "eval-merged")}))  # fmt: skip
-    again = [
-        json.loads(line)
-        for line in (tmp_path / "eval-merged" / "generated_predictions.jsonl").read_text().splitlines()
-    ]
-    assert [r["predict"] for r in again] == [r["predict"] for r in rows]
 
-    from openai import OpenAI
 
-    from eqakit.serve.api import create_app
-    from test_api import serving
-
-    cfg = load_config(
-        "infer", None, [f"model_name_or_path={tmp_path / 'merged'}", "template=qwen3_vl_nothink"]
+@pytest.mark.slow
+def test_qwen2_5_vl_trains_predicts_exports_and_serves(lively_qwen2_5_dir: Path, tmp_path: Path) -> None:
+    """Qwen2.5-VL with the tutorial's LoRA and its vision tower and merger trained too: the vision
+    blocks' own linear layers (gate/up/down, not Qwen3-VL's linear_fc1/fc2) take LoRA, the merger
+    trains in full, and there is no deepstack merger to look for."""
+    adapter, _ = _workflow(
+        lively_qwen2_5_dir,
+        tmp_path,
+        "qwen2_vl",
+        freeze_vision_tower=False,
+        freeze_multi_modal_projector=False,
     )
-    engine = Engine.from_config(cfg)
-    with serving(create_app(engine, model_name="moe", settings=cfg.api)) as (url, _):
-        reply = OpenAI(base_url=f"{url}/v1", api_key="x").chat.completions.create(
-            model="moe", messages=[{"role": "user", "content": "Where am I?"}], max_tokens=6, temperature=0
-        )
-    expected = engine.generate(
-        [
-            Request(
-                [{"role": "user", "content": "Where am I?"}], engine.params(max_new_tokens=6, temperature=0)
-            )
-        ]
-    )
-    assert reply.choices[0].message.content == expected[0].text
+    adapted = _adapted(adapter)
+    assert {n for n in adapted if ".language_model." in n} == {
+        f"model.language_model.layers.N.{kind}.{p}"
+        for kind, names in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+        for p in (f"{n}_proj" for n in names)
+    }
+    assert {n for n in adapted if ".visual.blocks." in n} == {
+        f"model.visual.blocks.N.{p}"
+        for p in ("attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    }
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as weights:
+        assert any(".visual.merger." in k for k in weights.keys())  # noqa: SIM118
+
+
+def test_template_must_fit_the_checkpoint(
+    tiny_qwen2_5_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """qwen3_vl_nothink on a Qwen2.5-VL checkpoint (or qwen2_vl on Qwen3-VL) is refused by name before
+    anything loads; without the key, each checkpoint gets its own."""
+    data = write_toy_dataset(tmp_path / "data", episodes=1, questions=1, frames=1)
+    for model, template, fits in ((tiny_qwen2_5_dir, "qwen3_vl_nothink", "qwen2_vl"), (tiny_model_dir, "qwen2_vl", "qwen3_vl_nothink or qwen3_vl")):  # fmt: skip
+        with pytest.raises(ConfigError) as caught:
+            load_config("train", _train_config(tmp_path, model, data, template=template))
+        assert f"key 'template': {template!r} does not fit" in str(caught.value)
+        assert f"; use {fits}" in str(caught.value)
+    for model, chosen in ((tiny_qwen2_5_dir, "qwen2_vl"), (tiny_model_dir, "qwen3_vl_nothink")):
+        path = _train_config(tmp_path, model, data)
+        keys = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "template"}
+        path.write_text(yaml.safe_dump(keys))
+        assert load_config("train", path).data.template == chosen
 
 
 def test_moe_experts_are_refused_as_lora_targets_with_the_reason(tiny_moe_dir: Path, tmp_path: Path) -> None:

@@ -310,8 +310,12 @@ def test_a_model_of_another_architecture_is_refused_by_model_type(
     cfg = config(tmp_path, other, toy_dataset)
     assert main(["train", str(cfg)]) == 1
     err = capsys.readouterr().err
-    supported = "qwen3_vl (Qwen3-VL, dense), qwen3_vl_moe (Qwen3-VL, mixture of experts), qwen2_5_vl (Qwen2.5-VL)"
-    assert f"model_name_or_path '{other}' is a 'llava_onevision' model; eqakit supports {supported}" in err, err
+    supported = (
+        "qwen3_vl (Qwen3-VL, dense), qwen3_vl_moe (Qwen3-VL, mixture of experts), qwen2_5_vl (Qwen2.5-VL)"
+    )
+    assert f"model_name_or_path '{other}' is a 'llava_onevision' model; eqakit supports {supported}" in err, (
+        err
+    )
     assert not (tmp_path / "out").exists()
 
 
