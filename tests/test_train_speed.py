@@ -33,7 +33,22 @@ def video_setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     return _setup(tiny_model_dir, tmp_path_factory, as_video=True)
 
 
-def _setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, as_video: bool):
+@pytest.fixture(scope="module")
+def qwen2_5_setup(tiny_qwen2_5_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The image episodes on Qwen2.5-VL (patch 14, window attention, no deepstack; template qwen2_vl)."""
+    return _setup(tiny_qwen2_5_dir, tmp_path_factory, as_video=False, template="qwen2_vl")
+
+
+# each equivalence test's data and model: images or videos on Qwen3-VL, images on Qwen2.5-VL
+SETUPS = {"images": "setup", "video": "video_setup", "qwen2_5_vl": "qwen2_5_setup"}
+
+
+def _setup(
+    tiny_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    as_video: bool,
+    template: str = "qwen3_vl_nothink",
+):
     from conftest import write_toy_dataset
 
     data = write_toy_dataset(
@@ -57,7 +72,7 @@ def _setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, as_vi
         None,
         [
             f"model_name_or_path={tiny_model_dir}",
-            "template=qwen3_vl_nothink",
+            f"template={template}",
             "do_train=true",
             "dataset=toy",
             f"dataset_dir={data}",
@@ -92,19 +107,17 @@ def _loss(trainer, batch) -> float:
         return float(trainer.compute_loss(trainer.model, dict(batch)))
 
 
-@pytest.mark.parametrize("medium", ["images", "video"])
+@pytest.mark.parametrize("medium", list(SETUPS))
 def test_vision_cache_gives_the_plain_loss(request, medium) -> None:
-    trainer, model, plain, cached, processor, cache = request.getfixturevalue(
-        "setup" if medium == "images" else "video_setup"
-    )
+    trainer, model, plain, cached, processor, cache = request.getfixturevalue(SETUPS[medium])
     # 3 episodes x 2 frames, or 3 videos, each through the tower once
-    assert len(cache) == (6 if medium == "images" else 3)
+    assert len(cache) == (3 if medium == "video" else 6)
     collate = Collator(processor.tokenizer.pad_token_id)
     for rows in ([0, 1], [3, 4, 8], [11]):
         a = _loss(trainer, collate([plain[i] for i in rows]))
         b_batch = collate([cached[i] for i in rows])
         assert "pixel_values" not in b_batch and "pixel_values_videos" not in b_batch
-        if medium == "images":
+        if medium != "video":
             assert len(b_batch["image_keys"]) == 2 * len(rows)
         else:
             assert len(b_batch["video_keys"]) == len(rows) and b_batch["video_grid_thw"][0, 0] == 2
@@ -113,12 +126,10 @@ def test_vision_cache_gives_the_plain_loss(request, medium) -> None:
         )  # float32 sums in another order: relative
 
 
-@pytest.mark.parametrize("medium", ["images", "video"])
+@pytest.mark.parametrize("medium", list(SETUPS))
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_shared_prefix_packing_gives_the_plain_loss(request, use_cache, medium) -> None:
-    trainer, model, plain, cached, processor, cache = request.getfixturevalue(
-        "setup" if medium == "images" else "video_setup"
-    )
+    trainer, model, plain, cached, processor, cache = request.getfixturevalue(SETUPS[medium])
     dataset = cached if use_cache else plain
     pad = processor.tokenizer.pad_token_id
     for rows in ([0, 1, 2, 3], [4, 5, 8], [0, 5, 9, 10]):  # one episode; two episodes; three
@@ -147,20 +158,23 @@ def _gradients(model, trainer, batch) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("vision_trains", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(
-    setup, tiny_model_dir, tmp_path, vision_trains
-) -> None:
+def test_gradient_checkpointing_gives_the_same_gradients(request, tmp_path, vision_trains, arch) -> None:
     """Reentrant (LLaMA-Factory's default) and non-reentrant checkpointing: the gradients of a plain
     batch without it, on cached and packed batches; with the vision tower's LoRA too."""
-    trainer, model, plain, cached, processor, cache = setup
+    qwen2_5 = arch == "qwen2_5_vl"
+    trainer, model, plain, cached, processor, cache = request.getfixturevalue(
+        SETUPS["qwen2_5_vl" if qwen2_5 else "images"]
+    )
+    tiny_model_dir = request.getfixturevalue("tiny_qwen2_5_dir" if qwen2_5 else "tiny_model_dir")
     if vision_trains:  # a model of its own: the vision tower runs (no cache) and its blocks train
         cfg = load_config(
             "train",
             None,
             [
                 f"model_name_or_path={tiny_model_dir}",
-                "template=qwen3_vl_nothink",
+                f"template={'qwen2_vl' if qwen2_5 else 'qwen3_vl_nothink'}",
                 "do_train=true",
                 "dataset=toy",
                 f"output_dir={tmp_path}",
