@@ -474,10 +474,19 @@ def test_the_web_uis_model_and_chat_run_on_vllm(model_dir: Path, adapter_dir: Pa
 
 
 @needs_vllm
-def test_an_exported_moe_model_answers_on_vllm_as_on_transformers(tmp_path: Path) -> None:
-    """Qwen3-VL-MoE: an adapter merged by `eqakit export` writes the experts in Qwen's published
-    layout, which vLLM loads; its greedy answers there are the transformers engine's with the
-    adapter unmerged."""
+@pytest.mark.parametrize(
+    ("arch", "sizes", "template"),
+    [
+        ("qwen3_vl_moe", {"head_dim": 32}, "qwen3_vl_nothink"),
+        ("qwen2_5_vl", {"hidden_size": 128}, "qwen2_vl"),  # head_dim 128 / 4 heads = 32, as vLLM's CPU needs
+    ],
+)
+def test_an_exported_model_of_each_architecture_answers_on_vllm_as_on_transformers(
+    tmp_path: Path, arch: str, sizes: dict, template: str
+) -> None:
+    """Qwen3-VL-MoE and Qwen2.5-VL: an adapter merged by `eqakit export` (MoE: the experts written in
+    Qwen's published layout, which vLLM loads) gives on vLLM the greedy answers of the transformers
+    engine with the adapter unmerged."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
@@ -486,9 +495,8 @@ def test_an_exported_moe_model_answers_on_vllm_as_on_transformers(tmp_path: Path
     from eqakit.engine import load_engine
     from eqakit.model.tiny import build_tiny_model
 
-    model = make_lively(
-        build_tiny_model(tmp_path / "tiny", arch="qwen3_vl_moe", head_dim=32), tmp_path / "lively"
-    )
+    scale = 10 if arch == "qwen2_5_vl" else 6  # see conftest's lively_qwen2_5_dir
+    model = make_lively(build_tiny_model(tmp_path / "tiny", arch=arch, **sizes), tmp_path / "lively", scale)
     base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32)
     torch.manual_seed(0)
     peft_model = get_peft_model(
@@ -501,11 +509,11 @@ def test_an_exported_moe_model_answers_on_vllm_as_on_transformers(tmp_path: Path
     peft_model.save_pretrained(tmp_path / "lora")
     merge = tmp_path / "merge.yaml"
     merge.write_text(
-        f"model_name_or_path: {model}\nadapter_name_or_path: {tmp_path / 'lora'}\ntemplate: qwen3_vl_nothink\n"
+        f"model_name_or_path: {model}\nadapter_name_or_path: {tmp_path / 'lora'}\ntemplate: {template}\n"
         f"finetuning_type: lora\nexport_dir: {tmp_path / 'merged'}\n"
     )
     assert main(["export", str(merge)]) == 0
-    keys = ["template=qwen3_vl_nothink", "infer_dtype=float32", "max_new_tokens=12", "cutoff_len=1024"]
+    keys = [f"template={template}", "infer_dtype=float32", "max_new_tokens=12", "cutoff_len=1024"]
     hf = Engine.from_config(
         load_config(
             "infer", None, [f"model_name_or_path={model}", f"adapter_name_or_path={tmp_path / 'lora'}", *keys]

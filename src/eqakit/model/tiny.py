@@ -420,15 +420,19 @@ def _moe_config(dense: Qwen3VLConfig, dims: TinySizes) -> Any:
 
 
 def _qwen2_5_config(dims: TinySizes, tokenizer: Qwen2Tokenizer) -> Any:
-    """Qwen2_5_VLConfig shaped like Qwen2.5-VL-3B-Instruct's at ``dims``' sizes (no deepstack: the
-    deepstack size is not used; the vision tower's last block attends in full, the others in windows)."""
+    """Qwen2_5_VLConfig shaped like Qwen2.5-VL-3B-Instruct's at ``dims``' sizes. Not used here:
+    ``head_dim`` (hidden_size / num_attention_heads instead), the deepstack indexes and the MoE sizes.
+    The vision tower's last block attends in full, the others within windows, as in the real model."""
     from transformers import Qwen2_5_VLConfig
 
+    if dims.hidden_size % dims.num_attention_heads:
+        raise ValueError("qwen2_5_vl: hidden_size must be a multiple of num_attention_heads")
+    head_dim = dims.hidden_size // dims.num_attention_heads  # Qwen2.5-VL's text config has no head_dim
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     # Real: head_dim 128 -> mrope_section [16, 24, 24] over 64 rotary frequencies (not interleaved).
-    height_width = dims.head_dim // 2 * 24 // 64
-    mrope_section = [dims.head_dim // 2 - 2 * height_width, height_width, height_width]
+    height_width = head_dim // 2 * 24 // 64
+    mrope_section = [head_dim // 2 - 2 * height_width, height_width, height_width]
     return Qwen2_5_VLConfig(
         architectures=["Qwen2_5_VLForConditionalGeneration"],
         image_token_id=ids["<|image_pad|>"],
