@@ -39,8 +39,20 @@ def qwen2_5_setup(tiny_qwen2_5_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return _setup(tiny_qwen2_5_dir, tmp_path_factory, as_video=False, template="qwen2_vl")
 
 
-# each equivalence test's data and model: images or videos on Qwen3-VL, images on Qwen2.5-VL
-SETUPS = {"images": "setup", "video": "video_setup", "qwen2_5_vl": "qwen2_5_setup"}
+@pytest.fixture(scope="module")
+def qwen2_5_video_setup(tiny_qwen2_5_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The video episodes on Qwen2.5-VL (one pad per video, positions spaced by second_per_grid_ts:
+    2 s per temporal patch at video_fps 1, so a path that lost it, taking its default of 1, would differ)."""
+    return _setup(tiny_qwen2_5_dir, tmp_path_factory, as_video=True, template="qwen2_vl", video_fps=1)
+
+
+# each equivalence test's data and model: images or videos, on Qwen3-VL and on Qwen2.5-VL
+SETUPS = {
+    "images": "setup",
+    "video": "video_setup",
+    "qwen2_5_vl": "qwen2_5_setup",
+    "qwen2_5_vl-video": "qwen2_5_video_setup",
+}
 
 
 def _setup(
@@ -48,6 +60,7 @@ def _setup(
     tmp_path_factory: pytest.TempPathFactory,
     as_video: bool,
     template: str = "qwen3_vl_nothink",
+    video_fps: float = 2.0,
 ):
     from conftest import write_toy_dataset
 
@@ -73,6 +86,7 @@ def _setup(
         [
             f"model_name_or_path={tiny_model_dir}",
             f"template={template}",
+            f"video_fps={video_fps}",
             "do_train=true",
             "dataset=toy",
             f"dataset_dir={data}",
@@ -111,13 +125,13 @@ def _loss(trainer, batch) -> float:
 def test_vision_cache_gives_the_plain_loss(request, medium) -> None:
     trainer, model, plain, cached, processor, cache = request.getfixturevalue(SETUPS[medium])
     # 3 episodes x 2 frames, or 3 videos, each through the tower once
-    assert len(cache) == (3 if medium == "video" else 6)
+    assert len(cache) == (3 if medium.endswith("video") else 6)
     collate = Collator(processor.tokenizer.pad_token_id)
     for rows in ([0, 1], [3, 4, 8], [11]):
         a = _loss(trainer, collate([plain[i] for i in rows]))
         b_batch = collate([cached[i] for i in rows])
         assert "pixel_values" not in b_batch and "pixel_values_videos" not in b_batch
-        if medium != "video":
+        if not medium.endswith("video"):
             assert len(b_batch["image_keys"]) == 2 * len(rows)
         else:
             assert len(b_batch["video_keys"]) == len(rows) and b_batch["video_grid_thw"][0, 0] == 2

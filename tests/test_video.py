@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoProcessor
 from transformers.video_utils import VideoMetadata
 
-from eqakit.data.encode import PromptFormat, SampleTooLong, VideoBudget, materialize, plan_sample
+from eqakit.data.encode import Geometry, PromptFormat, SampleTooLong, VideoBudget, materialize, plan_sample
 from eqakit.data.template import render
 from eqakit.data.video import VideoError, VideoSource, decode, probe
 
@@ -74,31 +74,44 @@ def test_frames_are_chosen_as_llamafactory_chooses_them(tmp_path: Path) -> None:
     assert len(decoded) == 6 and decoded[5].tobytes() == decoded[4].tobytes()
 
 
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("kind", ["frames", "file"])
-def test_tokens_and_pixels_equal_the_processors(processor, tmp_path: Path, kind: str) -> None:
+def test_tokens_and_pixels_equal_the_processors(request, tmp_path: Path, kind: str, arch: str) -> None:
     """A conversation with an image and a video: our ids, modality types, pixel values and grids are
-    Qwen3VLProcessor's for the same frames, times and sizes."""
+    Qwen3VLProcessor's (or Qwen2_5_VLProcessor's, with its second_per_grid_ts) for the same frames,
+    times and sizes."""
+    qwen2_5 = arch == "qwen2_5_vl"
+    processor = AutoProcessor.from_pretrained(
+        request.getfixturevalue("tiny_qwen2_5_dir" if qwen2_5 else "tiny_model_dir")
+    )
     if kind == "frames":
         source = VideoSource(frames=tuple(write_frames(tmp_path / "f", frames_of(5, (128, 96)))))
     else:
         source = VideoSource(file=write_mp4(tmp_path / "v.mp4", frames_of(24, (128, 96)), fps=8))
     video_budget = VideoBudget(min_pixels=16 * 16, max_pixels=64 * 64, fps=2.0, maxlen=16)
-    fmt = PromptFormat(cutoff_len=4096, video=video_budget)
+    fmt = PromptFormat("qwen2_vl" if qwen2_5 else "qwen3_vl_nothink", cutoff_len=4096, video=video_budget)
     info = probe(source, video_budget.fps, video_budget.maxlen)
     image = Image.new("RGB", (96, 64), (255, 0, 0))
     messages = [
         {"role": "user", "content": "<image>Here is the room: <video> Where is the ball?"},
         {"role": "assistant", "content": "On the sofa"},
     ]
-    plan = plan_sample(messages, [image.size], processor.tokenizer, fmt, videos=[info])
+    geometry = Geometry.of_processor(processor)
+    plan = plan_sample(messages, [image.size], processor.tokenizer, fmt, videos=[info], geometry=geometry)
     frames = decode(source, info)
     ours = materialize(plan, [image], processor, fmt.budget, [frames], video_budget)
 
-    text = "".join(s.text for s in render(messages, add_generation_prompt=False, video_times=[[0.0]]))
+    text = "".join(
+        s.text for s in render(messages, fmt.template, add_generation_prompt=False, video_times=[[0.0]])
+    )
     text = text.replace("<0.0 seconds><|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
     # the times the processor computes from the metadata: our chosen indices over their frame rate
     assert info.fps == (video_budget.fps if kind == "frames" else 8.0)
     metadata = VideoMetadata(total_num_frames=len(frames), fps=info.fps, frames_indices=list(info.indices))
+    per_frame = 1 if qwen2_5 else len(frames)  # Qwen2-VL's video processor bounds each frame's pixels
+    if qwen2_5:  # its positions follow the chosen frames' rate: their count over the source's length
+        unique = sorted(set(info.indices))
+        metadata = VideoMetadata(total_num_frames=info.available, fps=info.fps, frames_indices=unique)
     ref = processor(
         text=[text],
         images=[image],
@@ -111,10 +124,12 @@ def test_tokens_and_pixels_equal_the_processors(processor, tmp_path: Path, kind:
             "do_sample_frames": False,
             "return_metadata": True,
             "cap_pixels_per_frame": False,
-            "size": {"shortest_edge": len(frames) * 16 * 16, "longest_edge": len(frames) * 64 * 64},
+            "size": {"shortest_edge": per_frame * 16 * 16, "longest_edge": per_frame * 64 * 64},
         },
         return_tensors="pt",
     )
+    if qwen2_5:
+        assert ours["second_per_grid_ts"].tolist() == pytest.approx(ref["second_per_grid_ts"].tolist())
     assert processor.tokenizer.decode(ref["input_ids"][0]) == processor.tokenizer.decode(ours["input_ids"])
     assert torch.equal(ref["input_ids"][0], ours["input_ids"])
     assert torch.equal(ref["mm_token_type_ids"][0], ours["mm_token_type_ids"])
@@ -249,41 +264,47 @@ def test_train_on_videos_and_refuse_bad_rows_by_name(tiny_model_dir: Path, tmp_p
 
 # ---- the engine: video requests decode exactly what model.generate decodes --------------------------
 
-VIDEO_BUDGET = VideoBudget(min_pixels=16 * 16, max_pixels=768 * 768, fps=2.0, maxlen=16)
+VIDEO_BUDGET = VideoBudget(
+    min_pixels=16 * 16, max_pixels=768 * 768, fps=1.0, maxlen=16
+)  # 1 fps: Qwen2.5-VL's second_per_grid_ts is 2, not its default of 1
 
 
-def _chat_template_text(messages: list[dict], videos: list) -> str:
+def _chat_template_text(messages: list[dict], videos: list, template: str = "qwen3_vl_nothink") -> str:
     """The prompt as the checkpoint's chat template writes it (one video pad per video), for the processor."""
     from eqakit.data.template import IMAGE_TOKENS, render_prompt, video_tokens
 
-    text = render_prompt(messages, video_times=[v.info.clip_times() for v in videos])
+    text = render_prompt(messages, template, video_times=[v.info.clip_times() for v in videos])
     for v in videos:
         text = text.replace(video_tokens(v.info.clip_times()), IMAGE_TOKENS.replace("image", "video"), 1)
     return text
 
 
 def _reference(model, processor, request, budget=VIDEO_BUDGET) -> list[int]:
-    text = _chat_template_text(request.messages, request.videos)
+    """model.generate on the processor's inputs. Qwen2.5-VL: its processor times the video from the
+    metadata (chosen frames over all frames at the source's rate) and bounds each frame's pixels."""
+    qwen2_5 = model.config.model_type == "qwen2_5_vl"
+    text = _chat_template_text(
+        request.messages, request.videos, "qwen2_vl" if qwen2_5 else "qwen3_vl_nothink"
+    )
     kwargs = {}
     if request.videos:
+        frames = len(request.videos[0].frames)
+        per = 1 if qwen2_5 else frames
         kwargs = {
             "videos": [list(v.frames) for v in request.videos],
             "video_metadata": [
-                VideoMetadata(
-                    total_num_frames=len(v.frames), fps=v.info.fps, frames_indices=list(v.info.indices)
-                )
+                VideoMetadata(total_num_frames=v.info.available, fps=v.info.fps, frames_indices=sorted(set(v.info.indices)))
+                if qwen2_5
+                else VideoMetadata(total_num_frames=len(v.frames), fps=v.info.fps, frames_indices=list(v.info.indices))
                 for v in request.videos
             ],
             "videos_kwargs": {
                 "do_sample_frames": False,
                 "return_metadata": True,
                 "cap_pixels_per_frame": False,
-                "size": {
-                    "shortest_edge": len(request.videos[0].frames) * budget.min_pixels,
-                    "longest_edge": len(request.videos[0].frames) * budget.max_pixels,
-                },
+                "size": {"shortest_edge": per * budget.min_pixels, "longest_edge": per * budget.max_pixels},
             },
-        }
+        }  # fmt: skip
     size = {"shortest_edge": 32 * 32, "longest_edge": 768 * 768}
     inputs = processor(
         text=[text],
@@ -292,6 +313,10 @@ def _reference(model, processor, request, budget=VIDEO_BUDGET) -> list[int]:
         return_tensors="pt",
         **kwargs,
     )
+    if qwen2_5 and request.videos:
+        assert inputs["second_per_grid_ts"].tolist() == pytest.approx(
+            [2 / v.info.sampled_fps for v in request.videos]
+        )
     out = model.generate(**inputs, do_sample=False, max_new_tokens=request.params.max_new_tokens)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
@@ -302,6 +327,18 @@ def lively(lively_dir: Path):
 
     model = AutoModelForImageTextToText.from_pretrained(lively_dir, dtype=torch.float32).eval()
     return model, AutoProcessor.from_pretrained(lively_dir)
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen2_5_vl"])
+def lively_any(request: pytest.FixtureRequest):
+    """The lively model of each video style: Qwen3-VL's timestamps, Qwen2.5-VL's second_per_grid_ts."""
+    from transformers import AutoModelForImageTextToText
+
+    from conftest import LIVELY
+
+    path = request.getfixturevalue(LIVELY[request.param])
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(path)
 
 
 def _video_requests(tmp_path: Path):
@@ -338,17 +375,20 @@ def _video_requests(tmp_path: Path):
         pytest.param({"max_batch_size": 3, "min_prefix_tokens": 8}, id="all-together"),
     ],
 )
-def test_engine_video_answers_equal_plain_generate(lively, tmp_path: Path, options) -> None:
-    """Frames, timestamps, M-RoPE positions and features of videos through the engine (batched,
-    feature cache, shared prefixes): the greedy tokens of model.generate on the processor's inputs."""
+def test_engine_video_answers_equal_plain_generate(lively_any, tmp_path: Path, options) -> None:
+    """Frames, timestamps (Qwen3-VL) or temporal positions (Qwen2.5-VL), M-RoPE positions and features
+    of videos through the engine (batched, feature cache, shared prefixes): the greedy tokens of
+    model.generate on the processor's inputs."""
     from eqakit.data.encode import ImageBudget
     from eqakit.engine import Engine
 
-    model, processor = lively
+    model, processor = lively_any
     requests = _video_requests(tmp_path)
     expected = [_reference(model, processor, r) for r in requests]
     assert expected[0] != expected[2]  # the answers depend on the video (else this test could not fail)
-    fmt = PromptFormat(cutoff_len=2048, budget=ImageBudget(32 * 32, 768 * 768), video=VIDEO_BUDGET)
+    template = "qwen2_vl" if model.config.model_type == "qwen2_5_vl" else "qwen3_vl_nothink"
+    budget = ImageBudget(32 * 32, 768 * 768)
+    fmt = PromptFormat(template, cutoff_len=2048, budget=budget, video=VIDEO_BUDGET)
     engine = Engine(model, processor, format=fmt, **options)
     assert [c.token_ids for c in engine.generate(requests)] == expected
     if (

@@ -25,7 +25,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
 from eqakit.config.args import DataArguments, ModelArguments
-from eqakit.data.template import NOTHINK, VIDEO_PAD, Message, Segment, count_parts, render
+from eqakit.data.template import NOTHINK, VIDEO_PAD, Message, Segment, count_parts, render, video_pads
 from eqakit.data.video import TEMPORAL_PATCH, VideoInfo
 
 if TYPE_CHECKING:
@@ -66,22 +66,32 @@ class VideoBudget:
 @dataclass(frozen=True)
 class Geometry:
     """What planning needs of a model: its vision patch size and spatial merge (image tokens per
-    image follow from them). Defaults: Qwen3-VL's."""
+    image follow from them), and how it times videos. Defaults: Qwen3-VL's.
+
+    ``timestamps``: Qwen3-VL writes each temporal patch's time in the text and its video processor
+    bounds all frames' pixels together; Qwen2.5-VL (False) spaces the patches' M-RoPE positions by
+    ``second_per_grid_ts`` and bounds each frame's pixels alone."""
 
     patch: int = 16
     merge: int = 2
+    timestamps: bool = True
 
     @classmethod
     def of(cls, model_config: Any) -> Geometry:
         """A model's geometry, read from its (transformers) config."""
+        from eqakit.model.arch import ARCHITECTURES
+
         vision = model_config.vision_config
-        return cls(int(vision.patch_size), int(vision.spatial_merge_size))
+        arch = ARCHITECTURES.get(getattr(model_config, "model_type", ""))
+        timestamps = arch.timestamped_video if arch is not None else True
+        return cls(int(vision.patch_size), int(vision.spatial_merge_size), timestamps)
 
     @classmethod
     def of_processor(cls, processor: Any) -> Geometry:
         """The geometry a processor resizes and merges images with (the model's own, from its checkpoint)."""
         image_processor = processor.image_processor
-        return cls(int(image_processor.patch_size), int(image_processor.merge_size))
+        timestamps = "second_per_grid_ts" not in getattr(processor, "model_input_names", ())
+        return cls(int(image_processor.patch_size), int(image_processor.merge_size), timestamps)
 
 
 @dataclass(frozen=True)
@@ -112,17 +122,16 @@ class PromptFormat:
 
 @dataclass(frozen=True)
 class VideoPlan:
-    """A planned video: the frames kept (``info``), the frame-area cap they are resized under and the
-    resulting (temporal patches, h, w) grid in patches."""
+    """A planned video: the frames kept (``info``), the frame-area cap they are resized under, the
+    resulting (temporal patches, h, w) grid in patches and the pads its markup has (one per temporal
+    patch, or one). ``second_per_grid`` is None where the text carries the times (Qwen3-VL), else the
+    seconds one temporal patch spans (Qwen2.5-VL's ``second_per_grid_ts``)."""
 
     info: VideoInfo
     max_pixels: int
     grid: tuple[int, int, int]
-
-    @property
-    def clip_grid(self) -> tuple[int, int, int]:
-        """One temporal patch's grid: the unit Qwen3-VL positions and attends over."""
-        return 1, self.grid[1], self.grid[2]
+    pads: int = 1
+    second_per_grid: float | None = None
 
 
 @dataclass
@@ -146,7 +155,7 @@ class Plan:
 
     @property
     def length(self) -> int:
-        pads = len(self.grids) + sum(v.grid[0] for v in self.videos)
+        pads = len(self.grids) + sum(v.pads for v in self.videos)
         return len(self.input_ids) - pads + self.num_image_tokens
 
 
@@ -227,26 +236,39 @@ def image_grid(
 
 
 def video_grid(
-    frames: int, width: int, height: int, min_pixels: int, max_pixels: int, patch: int = 16, merge: int = 2
+    frames: int,
+    width: int,
+    height: int,
+    min_pixels: int,
+    max_pixels: int,
+    patch: int = 16,
+    merge: int = 2,
+    timestamps: bool = True,
 ) -> tuple[int, int, int]:
-    """The (t, h, w) patch grid Qwen3-VL's video processor produces for ``frames`` frames of this size
-    with each frame's area within [min_pixels, max_pixels] (`video_size` is its size argument)."""
-    low, high = video_size(frames, min_pixels, max_pixels).values()
-    h, w = video_smart_resize(
-        frames,
-        height,
-        width,
-        temporal_factor=TEMPORAL_PATCH,
-        factor=patch * merge,
-        min_pixels=low,
-        max_pixels=high,
-    )
+    """The (t, h, w) patch grid the video processor produces for ``frames`` frames of this size with
+    each frame's area within [min_pixels, max_pixels] (`video_size` is its size argument): Qwen3-VL's
+    (``timestamps``) or Qwen2-VL's, which resizes each frame as an image."""
+    if timestamps:
+        low, high = video_size(frames, min_pixels, max_pixels).values()
+        h, w = video_smart_resize(
+            frames,
+            height,
+            width,
+            temporal_factor=TEMPORAL_PATCH,
+            factor=patch * merge,
+            min_pixels=low,
+            max_pixels=high,
+        )
+    else:
+        h, w = smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
     return frames // TEMPORAL_PATCH, h // patch, w // patch
 
 
-def video_size(frames: int, min_pixels: int, max_pixels: int) -> dict[str, int]:
-    """The video processor's ``size`` for a per-frame pixel range: its bounds are on all frames' pixels."""
-    return {"shortest_edge": frames * min_pixels, "longest_edge": frames * max_pixels}
+def video_size(frames: int, min_pixels: int, max_pixels: int, timestamps: bool = True) -> dict[str, int]:
+    """The video processor's ``size`` for a per-frame pixel range: Qwen3-VL's bounds all frames'
+    pixels together (``timestamps``), Qwen2-VL's each frame's."""
+    scale = frames if timestamps else 1
+    return {"shortest_edge": scale * min_pixels, "longest_edge": scale * max_pixels}
 
 
 def _tokens_for(grids: list[tuple[int, int, int]], merge: int) -> int:
@@ -298,7 +320,7 @@ def plan_sample(
         input_ids, labels = _tokenize(
             messages, encoder, fmt, infos, system, add_generation_prompt, train_on_prompt, mask_history
         )
-        text_len = len(input_ids) - len(image_sizes) - sum(v.clips for v in infos)
+        text_len = len(input_ids) - len(image_sizes) - sum(video_pads(fmt.template, v.clips) for v in infos)
         return _fit(input_ids, labels, text_len, image_sizes, infos, fmt, geometry)
 
     infos = list(videos)
@@ -344,7 +366,8 @@ def _tokenize(
         default_system=fmt.default_system,
         video_times=[v.clip_times() for v in videos],
     )
-    pads = count_parts(messages, "image") * len(IMAGE_PAD) + sum(v.clips for v in videos) * len(VIDEO_PAD)
+    video_pad_count = sum(video_pads(fmt.template, v.clips) for v in videos)
+    pads = count_parts(messages, "image") * len(IMAGE_PAD) + video_pad_count * len(VIDEO_PAD)
     characters = sum(len(s.text) for s in segments) - pads
     if characters > fmt.cutoff_len * encoder.max_chars:  # refused before tokenizing (a 60 MB body)
         raise SampleTooLong(
@@ -376,7 +399,7 @@ def _grids(
     patch, merge, low, vlow = geometry.patch, geometry.merge, fmt.budget.min_pixels, fmt.video.min_pixels
     return (
         [image_grid(w, h, low, cap, patch, merge) for w, h in image_sizes],
-        [video_grid(len(v.indices), *v.size, vlow, vcap, patch, merge) for v in videos],
+        [video_grid(len(v.indices), *v.size, vlow, vcap, patch, merge, geometry.timestamps) for v in videos],
     )
 
 
@@ -392,7 +415,8 @@ def _fit(
     """Scale images and video frames down (both by the same steps) until the sample fits cutoff_len."""
     cutoff_len, budget, vbudget = fmt.cutoff_len, fmt.budget, fmt.video
     patch, merge = geometry.patch, geometry.merge
-    pads = len(image_sizes) + sum(v.clips for v in videos)
+    video_pad_counts = [video_pads(fmt.template, v.clips) for v in videos]
+    pads = len(image_sizes) + sum(video_pad_counts)
     if text_len + pads > cutoff_len:
         what = "image or video" if videos else "image"
         raise SampleTooLong(f"{text_len} text tokens exceed cutoff_len {cutoff_len} before any {what}")
@@ -412,7 +436,10 @@ def _fit(
             )
         cap, vcap, scaled = new_cap or cap, new_vcap or vcap, True
         image_grids, video_grids = _grids(image_sizes, videos, cap, vcap, fmt, geometry)
-    planned = [VideoPlan(v, vcap, g) for v, g in zip(videos, video_grids, strict=True)]
+    planned = [
+        VideoPlan(v, vcap, g, n, None if geometry.timestamps else TEMPORAL_PATCH / v.sampled_fps)
+        for v, g, n in zip(videos, video_grids, video_pad_counts, strict=True)
+    ]
     return Plan(input_ids, labels, list(image_sizes), cap, image_grids, scaled, merge, planned)
 
 
@@ -462,16 +489,21 @@ def expand_pads(
     merge: int,
     video_grids: list[Grid] | tuple[Grid, ...] = (),
 ) -> tuple[list[int], list[Span], list[Span]]:
-    """Token ids with each image pad, and each video's pad per temporal patch, repeated once per
-    visual token; each image's (start, length) in them, and each video's (from its first visual token
-    to its last, timestamps between included). Raises ValueError when pads and grids disagree."""
+    """Token ids with each image pad repeated once per visual token, and each video's pads too: one
+    pad per temporal patch (Qwen3-VL's markup, timestamps between) or one for the whole video
+    (Qwen2.5-VL's); each image's (start, length) in them, and each video's (from its first visual
+    token to its last). Raises ValueError when pads and grids disagree."""
     clips = [t for t, _, _ in video_grids]
     n_image, n_video = input_ids.count(pads.image), input_ids.count(pads.video)
-    if n_image != len(grids) or n_video != sum(clips):
+    per_clip = n_video == sum(clips)
+    if n_image != len(grids) or not (per_clip or n_video == len(video_grids)):
         raise ValueError(
             f"the prompt has {n_image} image pads and {n_video} video pads for {len(grids)} images "
             f"and {len(video_grids)} videos of {sum(clips)} temporal patches"
         )
+    if not per_clip:  # one pad per video: it stands for all its temporal patches
+        clips = [1] * len(video_grids)
+        video_grids = [(1, h * t, w) for t, h, w in video_grids]
     image_counts = iter(t * h * w // (merge * merge) for t, h, w in grids)
     video_counts = iter(h * w // (merge * merge) for t, h, w in video_grids for _ in range(t))
     clip_left = iter(c for t in clips for c in range(t - 1, -1, -1))  # patches left in its video
@@ -556,7 +588,7 @@ def video_pixel_values(
         video_metadata=[metadata],
         do_sample_frames=False,
         cap_pixels_per_frame=False,
-        size=video_size(len(info.indices), min_pixels, video.max_pixels),
+        size=video_size(len(info.indices), min_pixels, video.max_pixels, video.second_per_grid is None),
         return_tensors="pt",
     )
     grid = out["video_grid_thw"]
@@ -590,4 +622,16 @@ def materialize(
         ]
         out["pixel_values_videos"] = torch.cat([v for v, _ in made])
         out["video_grid_thw"] = torch.cat([g for _, g in made])
+        out.update(video_times(plan.videos))
     return out
+
+
+VIDEO_TIMES = "second_per_grid_ts"  # Qwen2.5-VL's per-video input beside video_grid_thw
+
+
+def video_times(videos: list[VideoPlan]) -> dict[str, torch.Tensor]:
+    """``second_per_grid_ts`` for planned videos whose model takes it (Qwen2.5-VL), else nothing."""
+    times = [v.second_per_grid for v in videos]
+    if not times or times[0] is None:
+        return {}
+    return {VIDEO_TIMES: torch.tensor(times, dtype=torch.float32)}

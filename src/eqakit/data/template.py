@@ -68,6 +68,12 @@ def video_tokens(clip_times: list[float] | None) -> str:
     return f"{VISION_START}{clips}{VISION_END}"
 
 
+def video_pads(template: str, clips: int) -> int:
+    """How many video pads a video of ``clips`` temporal patches renders as: one per patch
+    (Qwen3-VL's timestamped markup) or one for the whole video (``qwen2_vl``)."""
+    return 1 if template == QWEN2_VL else clips
+
+
 class _Builder:
     """Accumulates a segment's text, recording which spans are message text (see `Segment.literal`).
 

@@ -89,6 +89,12 @@ class VideoInfo:
         rows = [c * TEMPORAL_PATCH + i for c in pick for i in range(TEMPORAL_PATCH)]
         return replace(self, indices=tuple(self.indices[r] for r in rows))
 
+    @property
+    def sampled_fps(self) -> float:
+        """The rate of the chosen frames (LLaMA-Factory's ``fps_per_video`` for Qwen2.5-VL): a frame
+        list's video_fps, or a file's chosen frames over its duration."""
+        return len(set(self.indices)) * self.fps / max(self.available, 1)
+
     def clip_times(self) -> list[float]:
         """Each temporal patch's time: the mean of its first and last frame's (Qwen3VLProcessor's rule)."""
         t = self.times

@@ -19,6 +19,7 @@ from eqakit.config import Config
 from eqakit.data.dataset import Sample, load_samples
 from eqakit.data.encode import (
     IGNORE_INDEX,
+    VIDEO_TIMES,
     Geometry,
     PadIds,
     Plan,
@@ -30,6 +31,7 @@ from eqakit.data.encode import (
     image_key,
     materialize,
     plan_sample,
+    video_times,
     video_digest,
 )
 from eqakit.data.video import VideoError, VideoInfo, VideoSource, decode, probe
@@ -279,6 +281,7 @@ class PlannedDataset(torch.utils.data.Dataset):
                 out["image_keys"] = image_keys
             if plan.videos:
                 out["video_grid_thw"] = torch.tensor([v.grid for v in plan.videos], dtype=torch.long)
+                out.update(video_times(plan.videos))
                 out["video_keys"] = video_keys
         else:
             images = []
@@ -347,6 +350,8 @@ MEDIA = (
     ("image_grid_thw", "pixel_values", "image_keys"),
     ("video_grid_thw", "pixel_values_videos", "video_keys"),
 )
+# Per-item tensors batches concatenate beside the grids: Qwen2.5-VL's seconds per temporal patch.
+PER_ITEM = (VIDEO_TIMES,)
 
 
 @dataclass
@@ -372,6 +377,9 @@ class Collator:
         }
         for i, f in enumerate(features):
             batch["attention_mask"][i, : len(f["input_ids"])] = 1
+        for key in PER_ITEM:
+            if any(key in f for f in features):
+                batch[key] = torch.cat([f[key] for f in features if key in f])
         for grid, pixels, keys in MEDIA:
             having = [f for f in features if grid in f]
             if having:

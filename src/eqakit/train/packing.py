@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from eqakit.data.encode import IGNORE_INDEX
-from eqakit.train.data import MEDIA
+from eqakit.data.encode import IGNORE_INDEX, VIDEO_TIMES
+from eqakit.train.data import MEDIA, PER_ITEM
 
 
 class EpisodeBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -152,6 +152,9 @@ class PackedCollator:
             batch["input_ids"][i, :n] = r["input_ids"]
             batch["mm_token_type_ids"][i, :n] = r["mm_token_type_ids"]
             batch["attention_mask"][i, :n] = 1
+        for key in PER_ITEM:
+            if any(key in r for r in rows):
+                batch[key] = torch.cat([r[key] for r in rows if key in r])
         for grid, pixels, keys in MEDIA:
             if any(grid in r for r in rows):
                 batch[grid] = torch.cat([r[grid] for r in rows if grid in r])
@@ -191,7 +194,7 @@ def _row(members: list[dict[str, Any]], prefix: int) -> dict[str, Any]:
         "videos": len(first.get("video_keys", first.get("video_grid_thw", []))),
     }
     for grid, pixels, keys in MEDIA:
-        for key in (grid, pixels):
+        for key in (grid, pixels, *PER_ITEM):
             if key in first:
                 row[key] = first[key]
         if keys in first:
@@ -204,6 +207,7 @@ def packed_inputs(rope_index: Any, batch: dict[str, Any], dtype: torch.dtype) ->
     ids, types = batch["input_ids"], batch["mm_token_type_ids"]
     rows, n = ids.shape
     grids, video_grids = batch.get("image_grid_thw"), batch.get("video_grid_thw")
+    seconds = batch.get(VIDEO_TIMES)  # Qwen2.5-VL's, per video
     counts, video_counts = batch["image_counts"].tolist(), batch["video_counts"].tolist()
     allowed = torch.zeros(rows, n, n, dtype=torch.bool, device=ids.device)
     positions = torch.zeros(3, rows, n, dtype=torch.long, device=ids.device)
@@ -212,6 +216,11 @@ def packed_inputs(rope_index: Any, batch: dict[str, Any], dtype: torch.dtype) ->
         prefix = int(batch["packed_prefix"][r])
         grid = grids[image_start : image_start + counts[r]] if counts[r] else None
         video_grid = video_grids[video_start : video_start + video_counts[r]] if video_counts[r] else None
+        times = (
+            {VIDEO_TIMES: seconds[video_start : video_start + video_counts[r]]}
+            if seconds is not None and video_counts[r]
+            else {}
+        )
         image_start += counts[r]
         video_start += video_counts[r]
         allowed[r, :prefix, :prefix] = torch.ones(prefix, prefix, dtype=torch.bool, device=ids.device).tril()
@@ -220,7 +229,7 @@ def packed_inputs(rope_index: Any, batch: dict[str, Any], dtype: torch.dtype) ->
             seq_types = torch.cat([types[r, :prefix], types[r, start : start + length]])[None]
             if grid is not None or video_grid is not None:
                 pos = rope_index(
-                    seq, mm_token_type_ids=seq_types, image_grid_thw=grid, video_grid_thw=video_grid
+                    seq, mm_token_type_ids=seq_types, image_grid_thw=grid, video_grid_thw=video_grid, **times
                 )[0][:, 0]
             else:
                 pos = torch.arange(seq.shape[1], device=ids.device).expand(3, -1)

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from eqakit.data.encode import Geometry, PadIds, VideoPlan, mm_token_types, pixel_values, video_pixel_values
+from eqakit.data.encode import (
+    Geometry,
+    PadIds,
+    VideoPlan,
+    mm_token_types,
+    pixel_values,
+    video_pixel_values,
+    video_times,
+)
 from eqakit.engine.hf.attention import SharedPrefix
 from eqakit.engine.hf.attention import install as install_shared_prefix_attention
 from eqakit.engine.hf.caches import VisualFeatures
@@ -82,17 +90,14 @@ class HFModel:
         return VisualFeatures(result.pooler_output[0], tuple(level[0] for level in deepstack_of(result)))
 
     def rope_positions(
-        self,
-        ids: torch.Tensor,
-        grids: list[tuple[int, int, int]],
-        video_grids: list[tuple[int, int, int]] | tuple[()] = (),
+        self, ids: torch.Tensor, grids: list[tuple[int, int, int]], videos: list[VideoPlan] | tuple[()] = ()
     ) -> torch.Tensor:
         """M-RoPE positions (3, length) of a prompt whose image and video pads are already expanded."""
         mm = mm_token_types(ids, self.pads)
         grid = torch.tensor(grids, dtype=torch.long) if grids else None
-        video_grid = torch.tensor(video_grids, dtype=torch.long) if video_grids else None
+        video_grid = torch.tensor([v.grid for v in videos], dtype=torch.long) if videos else None
         positions, _ = self.core.model.get_rope_index(
-            ids[None], mm[None], image_grid_thw=grid, video_grid_thw=video_grid
+            ids[None], mm[None], image_grid_thw=grid, video_grid_thw=video_grid, **video_times(list(videos))
         )
         return positions[:, 0]
 

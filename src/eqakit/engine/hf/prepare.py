@@ -89,7 +89,7 @@ def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: Promp
         )
     slots.sort(key=lambda slot: slot.start)
     ids_tensor = torch.tensor(ids, dtype=torch.long)
-    positions = model.rope_positions(ids_tensor, planned.grids, video_grids)
+    positions = model.rope_positions(ids_tensor, planned.grids, planned.videos)
     return Prepared(request, ids_tensor, positions, slots, _cuts(ids, slots, tokenizer), planned.scaled_down)
 
 
