@@ -31,8 +31,8 @@ from eqakit.data.encode import (
     image_key,
     materialize,
     plan_sample,
-    video_times,
     video_digest,
+    video_times,
 )
 from eqakit.data.video import VideoError, VideoInfo, VideoSource, decode, probe
 from eqakit.errors import DataError
