@@ -437,20 +437,26 @@ def test_split_by_question_is_seeded(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("max_pixels", "max_side"), [(200704, None), (589824, None), (50000, 128), (1024, None)]
 )
+@pytest.mark.parametrize("side", [32, 28], ids=["qwen3_vl", "qwen2_5_vl"])
 def test_target_size_needs_no_resampling_by_qwen(
-    width: int, height: int, max_pixels: int, max_side: int | None
+    width: int, height: int, max_pixels: int, max_side: int | None, side: int
 ) -> None:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-    w, h = target_size(width, height, max_pixels=max_pixels, max_side=max_side)
-    assert w % 32 == 0 and h % 32 == 0 and w * h <= max_pixels
+    w, h = target_size(width, height, max_pixels=max_pixels, max_side=max_side, side=side)
+    assert w % side == 0 and h % side == 0 and w * h <= max(max_pixels, side * side)
     assert max_side is None or max(w, h) <= max_side
-    assert w <= max(32, width) and h <= max(32, height)
-    # what the Qwen3-VL processor does with it (the seed's image_min/max_pixels): nothing
-    assert smart_resize(h, w, factor=32, min_pixels=1024, max_pixels=max(max_pixels, 589824)) == (h, w)
-    # aspect kept within one 32-pixel step of rounding, unless a side hit the 32-pixel floor
-    if w > 32 and h > 32:
-        assert abs(math.log((w / h) / (width / height))) <= math.log((w + 32) / w) + math.log((h + 32) / h)
+    assert w <= max(side, width) and h <= max(side, height)
+    # what the model's processor does with it (the seed's image_min/max_pixels): nothing
+    assert smart_resize(h, w, factor=side, min_pixels=side * side, max_pixels=max(max_pixels, 589824)) == (
+        h,
+        w,
+    )
+    # aspect kept within one token step of rounding, unless a side hit the one-token floor
+    if w > side and h > side:
+        assert abs(math.log((w / h) / (width / height))) <= math.log((w + side) / w) + math.log(
+            (h + side) / h
+        )
 
 
 def test_target_size_examples() -> None:
@@ -547,6 +553,29 @@ def test_cli_options_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
         run("--split-by", "scene", "--output-dir", out)
     assert exc.value.code == 2
     assert not os.path.exists(out)
+
+
+def test_frames_for_qwen2_5_vl_are_multiples_of_its_28_pixel_tokens(tmp_path: Path, capsys) -> None:
+    """--arch qwen2_5_vl: frames on Qwen2.5-VL's 28x28-pixel token grid, its 196-token default area,
+    and the summary counts its tokens."""
+    questions, frames = write_official(tmp_path / "src")
+    out = tmp_path / "data"
+    argv = [
+        "--questions",
+        str(questions),
+        "--frames",
+        str(frames),
+        "--workers",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
+    assert run(*argv, "--arch", "qwen2_5_vl") == 0
+    summary = json.loads((out / "prepare_summary.json").read_text())
+    assert summary["options"]["token_side"] == 28 and summary["options"]["max_pixels"] == 196 * 28 * 28
+    assert summary["frames"]["sizes"] == {"140x112": 29}  # the 160x120 sources, on the 28-pixel grid
+    assert summary["visual_tokens_per_sample"]["max"] == 8 * visual_tokens(140, 112, 28) == 160
+    assert "visual tokens per sample: min 100, mean" in capsys.readouterr().out
 
 
 def test_python_api_returns_summary(tmp_path: Path) -> None:

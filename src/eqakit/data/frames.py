@@ -1,11 +1,12 @@
 """Frames for `eqakit prepare`: which frames to keep, how big to make them, and writing an episode's set.
 
-The geometry is chosen so Qwen3-VL's processor never resamples again at training or inference time: it
-cuts images into 16-pixel patches merged 2x2, so one visual token covers 32x32 pixels and it resizes any
-image whose sides are not multiples of 32 or whose area exceeds its ``max_pixels``. Frames written here
-have sides that are multiples of 32 and an area within ``--max-pixels``, so they pass through untouched
-(as long as the training config's ``image_max_pixels`` is not below ours) and their token count is known
-now: ``(w / 32) * (h / 32)``.
+The geometry is chosen so the model's processor never resamples again at training or inference time:
+Qwen3-VL cuts images into 16-pixel patches merged 2x2, so one visual token covers 32x32 pixels (28x28
+for Qwen2.5-VL's 14-pixel patches: ``token_side``), and it resizes any image whose sides are not
+multiples of that or whose area exceeds its ``max_pixels``. Frames written here have sides that are
+multiples of ``token_side`` and an area within ``--max-pixels``, so they pass through untouched (as
+long as the training config's ``image_max_pixels`` is not below ours) and their token count is known
+now: ``(w / side) * (h / side)``.
 
 `write_episode` is the unit of work `eqakit prepare` spreads over processes. It writes an episode's
 frames into a temporary folder and renames it into place, so a kill at any moment leaves either a
@@ -26,8 +27,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PIXELS_PER_TOKEN_SIDE = 32  # 16-pixel patches, merged 2x2 into one visual token
-DEFAULT_MAX_PIXELS = 196 * PIXELS_PER_TOKEN_SIDE**2  # 200,704: 8 frames + a question fit cutoff_len 2048
+PIXELS_PER_TOKEN_SIDE = 32  # Qwen3-VL's 16-pixel patches, merged 2x2 into one visual token
+DEFAULT_TOKENS = 196  # visual tokens a frame at most: 8 frames + a question fit cutoff_len 2048
+DEFAULT_MAX_PIXELS = DEFAULT_TOKENS * PIXELS_PER_TOKEN_SIDE**2  # 200,704
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # Bicubic like the Qwen2-VL image processor; PIL's resize filters antialias when shrinking.
@@ -48,16 +50,17 @@ class FrameOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_side: int | None = None
     quality: int = 85
+    token_side: int = PIXELS_PER_TOKEN_SIDE  # pixels per visual token side: patch x merge of the model
 
     def problems(self) -> list[str]:
         """Every invalid value, described with what is allowed (empty when all are valid)."""
-        side = PIXELS_PER_TOKEN_SIDE
+        side = self.token_side
         found = []
         if self.num_frames < 1:
             found.append(f"--num-frames must be at least 1, got {self.num_frames}")
         if self.max_pixels < side * side:
             found.append(
-                f"--max-pixels must be at least {side * side} (one 32x32 token), got {self.max_pixels}"
+                f"--max-pixels must be at least {side * side} (one {side}x{side} token), got {self.max_pixels}"
             )
         if self.max_side is not None and self.max_side < side:
             found.append(f"--max-side must be at least {side}, got {self.max_side}")
@@ -73,14 +76,21 @@ def select_frames(available: int, wanted: int) -> list[int]:
     return [int(i) for i in np.round(np.linspace(0, available - 1, wanted)).astype(int)]
 
 
-def target_size(width: int, height: int, *, max_pixels: int, max_side: int | None = None) -> tuple[int, int]:
-    """Output (width, height): multiples of 32, area <= max_pixels, longest side <= max_side, no upscaling.
+def target_size(
+    width: int,
+    height: int,
+    *,
+    max_pixels: int,
+    max_side: int | None = None,
+    side: int = PIXELS_PER_TOKEN_SIDE,
+) -> tuple[int, int]:
+    """Output (width, height): multiples of ``side`` (one visual token's), area <= max_pixels, longest
+    side <= max_side, no upscaling.
 
     The ideal scale is the largest that meets every limit (capped at 1); each side is then rounded down
-    or up to a multiple of 32, and of the combinations that still meet the limits the one closest to the
-    source's aspect ratio wins (then the larger). Rounding down on both sides always qualifies.
+    or up to a multiple of ``side``, and of the combinations that still meet the limits the one closest
+    to the source's aspect ratio wins (then the larger). Rounding down on both sides always qualifies.
     """
-    side = PIXELS_PER_TOKEN_SIDE
     scale = min(1.0, math.sqrt(max_pixels / (width * height)))
     if max_side is not None:
         scale = min(scale, max_side / max(width, height))
@@ -98,15 +108,15 @@ def target_size(width: int, height: int, *, max_pixels: int, max_side: int | Non
     widths = {max(1, math.floor(ideal_w)), max(1, math.ceil(ideal_w))}
     heights = {max(1, math.floor(ideal_h)), max(1, math.ceil(ideal_h))}
     candidates = [(w * side, h * side) for w in widths for h in heights if fits(w * side, h * side)]
-    if not candidates:  # only when the source is smaller than 32 pixels on a side
+    if not candidates:  # only when the source is smaller than one token on a side
         return side, side
     aspect = math.log(width / height)
     return min(candidates, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
 
 
-def visual_tokens(width: int, height: int) -> int:
-    """Qwen3-VL visual tokens for a frame whose sides are multiples of 32."""
-    return (width // PIXELS_PER_TOKEN_SIDE) * (height // PIXELS_PER_TOKEN_SIDE)
+def visual_tokens(width: int, height: int, side: int = PIXELS_PER_TOKEN_SIDE) -> int:
+    """Visual tokens for a frame whose sides are multiples of ``side`` (32: Qwen3-VL, 28: Qwen2.5-VL)."""
+    return (width // side) * (height // side)
 
 
 def convert_frame(ref: FrameRef, options: FrameOptions) -> tuple[bytes, tuple[int, int]]:
@@ -119,7 +129,9 @@ def convert_frame(ref: FrameRef, options: FrameOptions) -> tuple[bytes, tuple[in
         raise FrameError("no image data (neither bytes nor a path)")
     try:
         with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
-            size = target_size(*image.size, max_pixels=options.max_pixels, max_side=options.max_side)
+            size = target_size(
+                *image.size, max_pixels=options.max_pixels, max_side=options.max_side, side=options.token_side
+            )
             if image.format == "JPEG":
                 image.draft("RGB", size)
             image.load()

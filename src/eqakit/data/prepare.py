@@ -44,6 +44,7 @@ from typing import Any
 from tqdm import tqdm
 
 from eqakit.data.frames import (
+    DEFAULT_TOKENS,
     MANIFEST,
     EpisodeJob,
     EpisodeResult,
@@ -58,6 +59,7 @@ from eqakit.data.openeqa_categories import OPENEQA_CATEGORIES
 from eqakit.data.split import choose_test_split
 from eqakit.errors import ConfigError, DataError
 from eqakit.fsutil import write_text_atomic
+from eqakit.model.arch import ARCHITECTURES
 
 TRAIN, TEST = "open_eqa_train_val", "open_eqa_test"
 FRAMES_DIR = "open_eqa_frames"
@@ -403,7 +405,9 @@ def _summary(
             "categories": {c: categories[c] for c in OPENEQA_CATEGORIES},
         }
     tokens = [
-        sum(visual_tokens(*s) for s in run.sizes[e.episode_history]) for e in episodes for _ in e.questions
+        sum(visual_tokens(*s, options.frames.token_side) for s in run.sizes[e.episode_history])
+        for e in episodes
+        for _ in e.questions
     ]
     sizes = Counter(f"{w}x{h}" for e in episodes for w, h in run.sizes[e.episode_history])
     questions_out = sum(len(split_rows) for split_rows in rows.values())
@@ -538,8 +542,16 @@ def cli(argv: list[str]) -> int:
         "--max-pixels",
         metavar="N",
         type=int,
-        default=frame_defaults.max_pixels,
-        help="max frame area; 32*32 pixels per visual token (default: %(default)s = 196 tokens)",
+        default=None,
+        help=f"max frame area (default: {DEFAULT_TOKENS} visual tokens: {frame_defaults.max_pixels} pixels for "
+        "Qwen3-VL's 32x32-pixel tokens, 153664 for Qwen2.5-VL's 28x28)",
+    )
+    frames.add_argument(
+        "--arch",
+        choices=list(ARCHITECTURES),
+        default="qwen3_vl",
+        help="the model the frames are for: their sides are multiples of its visual token's "
+        "(32 pixels for Qwen3-VL, 28 for Qwen2.5-VL) so its processor never resizes them (default: %(default)s)",
     )
     frames.add_argument(
         "--max-side",
@@ -593,10 +605,12 @@ def cli(argv: list[str]) -> int:
         help="fail: stop and list every problem (default); skip: leave bad questions/episodes out and report them",
     )
     args = parser.parse_args(argv)
+    side = ARCHITECTURES[args.arch].token_side
     options = PrepareOptions(
         frames=FrameOptions(
             num_frames=args.num_frames,
-            max_pixels=args.max_pixels,
+            max_pixels=args.max_pixels if args.max_pixels is not None else DEFAULT_TOKENS * side * side,
+            token_side=side,
             max_side=args.max_side,
             quality=args.quality,
         ),

@@ -29,26 +29,32 @@ from eqakit.errors import EqakitError
 @dataclass(frozen=True)
 class Architecture:
     """One supported ``model_type``: its name for people, the templates that fit it (the default
-    first) and whether its videos carry a timestamp per temporal patch (Qwen3-VL) or one
-    ``second_per_grid_ts`` per video (Qwen2.5-VL)."""
+    first), whether its videos carry a timestamp per temporal patch (Qwen3-VL) or one
+    ``second_per_grid_ts`` per video (Qwen2.5-VL), and the side in pixels of one visual token of its
+    published checkpoints (patch x merge: what `eqakit prepare` sizes frames for before any model is
+    at hand; a loaded model's own config is read through `eqakit.data.encode.Geometry`)."""
 
     model_type: str
     name: str
     templates: tuple[str, ...]
     timestamped_video: bool
+    token_side: int
 
 
 ARCHITECTURES = {
     a.model_type: a
     for a in (
-        Architecture("qwen3_vl", "Qwen3-VL, dense", (NOTHINK, THINK), timestamped_video=True),
+        Architecture("qwen3_vl", "Qwen3-VL, dense", (NOTHINK, THINK), timestamped_video=True, token_side=32),
         Architecture(
-            "qwen3_vl_moe", "Qwen3-VL, mixture of experts", (NOTHINK, THINK), timestamped_video=True
+            "qwen3_vl_moe",
+            "Qwen3-VL, mixture of experts",
+            (NOTHINK, THINK),
+            timestamped_video=True,
+            token_side=32,
         ),
-        Architecture("qwen2_5_vl", "Qwen2.5-VL", (QWEN2_VL,), timestamped_video=False),
+        Architecture("qwen2_5_vl", "Qwen2.5-VL", (QWEN2_VL,), timestamped_video=False, token_side=28),
     )
 }
-TEMPLATE_TIMESTAMPS = {t: a.timestamped_video for a in ARCHITECTURES.values() for t in a.templates}
 
 
 def supported_list() -> str:
