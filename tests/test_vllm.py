@@ -32,7 +32,7 @@ from PIL import Image
 
 from conftest import make_lively
 from eqakit.config import load_config
-from eqakit.engine import Engine, Request
+from eqakit.engine import Engine, Request, RequestError
 from eqakit.errors import ConfigError
 
 EQAKIT = [sys.executable, "-m", "eqakit"]
@@ -513,7 +513,13 @@ def test_an_exported_model_of_each_architecture_answers_on_vllm_as_on_transforme
         f"finetuning_type: lora\nexport_dir: {tmp_path / 'merged'}\n"
     )
     assert main(["export", str(merge)]) == 0
-    keys = [f"template={template}", "infer_dtype=float32", "max_new_tokens=12", "cutoff_len=1024"]
+    keys = [
+        f"template={template}",
+        "infer_dtype=float32",
+        "max_new_tokens=12",
+        "cutoff_len=1024",
+        "video_fps=1",
+    ]
     hf = Engine.from_config(
         load_config(
             "infer", None, [f"model_name_or_path={model}", f"adapter_name_or_path={tmp_path / 'lora'}", *keys]
@@ -523,14 +529,29 @@ def test_an_exported_model_of_each_architecture_answers_on_vllm_as_on_transforme
         Request(engine_messages(q, EPISODES[e]), hf.params(temperature=0, max_new_tokens=12))
         for q, e in CASES
     ]
+    from eqakit.data.video import from_frames
+
+    def ask_about(frames: list, question: str = QUESTIONS[0]) -> Request:
+        parts = [{"type": "video", "video": from_frames(frames, 1.0, 16)}, {"type": "text", "text": question}]
+        return Request([{"role": "user", "content": parts}], hf.params(temperature=0, max_new_tokens=12))
+
+    # videos too; at 1 fps Qwen2.5-VL's temporal patches are 2 s (4 positions) apart: 2 patches span
+    # 5 positions, fewer than the 10 tokens of a 280x224 frame's longer side (see the refusal below)
+    for v in range(2):
+        requests.append(ask_about([frame(20 + 4 * v + k).resize((280, 224)) for k in range(4)], QUESTIONS[v]))
     expected = [c.text for c in hf.generate(requests)]
-    assert len(set(expected)) > 1
+    assert len(set(expected)) > 1 and expected[-1] != expected[-2]
     vllm_keys = ["infer_backend=vllm", "vllm_maxlen=2048", "vllm_enforce_eager=true", "vllm_gpu_util=0.08"]
     engine = load_engine(
         load_config("infer", None, [f"model_name_or_path={tmp_path / 'merged'}", *keys, *vllm_keys])
     )
     try:
         got = [c.text for _, c in sorted(engine.generate_iter(requests))]
+        if arch == "qwen2_5_vl":  # 4 patches span 13 positions: vLLM would place the reply elsewhere
+            with pytest.raises(
+                RequestError, match="spans 13 temporal positions, not fewer than its frames' 10"
+            ):
+                engine.prepare(ask_about([frame(k).resize((280, 224)) for k in range(8)]))
     finally:
         engine.shutdown()
     assert got == expected

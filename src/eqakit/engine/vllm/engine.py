@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from eqakit.data.encode import Geometry, PadIds, Plan, PromptFormat, video_size
+from eqakit.data.encode import Geometry, PadIds, Plan, PromptFormat, VideoPlan, video_size
 from eqakit.data.template import Message
-from eqakit.data.video import Video, VideoInfo
+from eqakit.data.video import TEMPORAL_PATCH, Video, VideoInfo
 from eqakit.engine.base import EngineUnavailable, Submission, TextStream
 from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
 from eqakit.engine.prompt import plan_prompt, plan_request
@@ -91,27 +91,63 @@ class VllmPrepared:
             import numpy as np
 
             frames = len(self.videos[0].info.indices)  # one size for all: prepare checks they agree
+            timestamps = self.plan.videos[0].second_per_grid is None
             prompt.setdefault("multi_modal_data", {})["video"] = [
-                (
-                    np.stack([np.asarray(im.convert("RGB")) for im in v.frames]),
-                    {
-                        "fps": v.info.fps,
-                        "frames_indices": list(v.info.indices),
-                        "total_num_frames": len(v.frames),
-                        "do_sample_frames": False,
-                    },
-                )
-                for v in self.videos
+                (np.stack([np.asarray(im.convert("RGB")) for im in v.frames]), _video_metadata(v, plan))
+                for v, plan in zip(self.videos, self.plan.videos, strict=True)
             ]
             prompt["mm_processor_kwargs"] = {
                 "images_kwargs": {"size": size},
                 "videos_kwargs": {
-                    "size": video_size(frames, self.video_min_pixels, self.plan.videos[0].max_pixels),
+                    "size": video_size(
+                        frames, self.video_min_pixels, self.plan.videos[0].max_pixels, timestamps
+                    ),
                     "do_sample_frames": False,
                     "cap_pixels_per_frame": False,
                 },
             }
         return prompt
+
+
+def _video_metadata(video: Video, plan: VideoPlan) -> dict[str, Any]:
+    """What vLLM's processor times a video by: Qwen3-VL's timestamps come from the chosen frames'
+    indices at the source's rate; Qwen2.5-VL's ``second_per_grid_ts`` from the chosen frames' own
+    rate (the processor's ``sampled_fps``), given here as the rate of frames 0..n-1."""
+    if plan.second_per_grid is None:
+        fps, indices = video.info.fps, list(video.info.indices)
+    else:
+        fps, indices = TEMPORAL_PATCH / plan.second_per_grid, list(range(len(video.frames)))
+    return {
+        "fps": fps,
+        "frames_indices": indices,
+        "total_num_frames": len(video.frames),
+        "do_sample_frames": False,
+    }
+
+
+def _check_positions_agree(video: VideoPlan, tokens_per_second: float, merge: int) -> None:
+    """Refuse a Qwen2.5-VL video whose reply vLLM would place at other positions than transformers.
+
+    Both space the video's temporal patches ``tokens_per_second * second_per_grid_ts`` apart. After
+    the video, vLLM (as Qwen's original code and transformers 4.x) continues at the largest position
+    of the video plus one; transformers 5.x at the video's start plus its larger spatial side. They
+    agree while the temporal span is shorter than that side: past it the two backends would answer the
+    same request differently, so vLLM refuses it (the transformers engine is what eqakit trains with).
+    """
+    if video.second_per_grid is None:
+        return
+    t, h, w = video.grid
+    span = int((t - 1) * tokens_per_second * video.second_per_grid)
+    side = max(h, w) // merge
+    if span >= side:
+        raise RequestError(
+            f"on the vLLM backend a Qwen2.5-VL video of {t} temporal patches "
+            f"{video.second_per_grid:g} s apart spans {span + 1} temporal positions, not fewer than its "
+            f"frames' {side}-token side: vLLM would then place the text after it where transformers "
+            "(which eqakit trains with) does not; send fewer frames, larger frames or a higher "
+            "video_fps, or use infer_backend: huggingface",
+            param="messages",
+        )
 
 
 def collapse_videos(input_ids: list[int], pads: PadIds, vision_start: int, clips: list[int]) -> list[int]:
@@ -144,6 +180,7 @@ class VllmEngine:
         geometry: Geometry,
         *,
         format: PromptFormat,  # noqa: A002 - the same name as Engine.format
+        tokens_per_second: float = 1.0,
         defaults: SamplingParams,
         skip_special_tokens: bool,
         lora: Any = None,
@@ -153,6 +190,7 @@ class VllmEngine:
         self.loop = loop
         self.tokenizer = tokenizer
         self.geometry = geometry
+        self.tokens_per_second = tokens_per_second
         self.pads = PadIds.of(tokenizer)
         self.vision_start = int(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
         self.format = format
@@ -238,6 +276,7 @@ class VllmEngine:
                 processor.tokenizer,
                 geometry,
                 format=PromptFormat.from_config(cfg),
+                tokens_per_second=float(getattr(config.vision_config, "tokens_per_second", 1.0)),
                 defaults=SamplingParams.from_generating(cfg.generating),
                 skip_special_tokens=cfg.generating.skip_special_tokens,
                 lora=lora,
@@ -261,7 +300,11 @@ class VllmEngine:
                 "the same size; send them in separate requests or use infer_backend: huggingface",
                 param="messages",
             )
-        ids = collapse_videos(plan.input_ids, self.pads, self.vision_start, [v.grid[0] for v in plan.videos])
+        for video in plan.videos:
+            _check_positions_agree(video, self.tokens_per_second, self.geometry.merge)
+        ids = plan.input_ids  # Qwen2.5-VL's markup has one pad per video already
+        if self.geometry.timestamps:
+            ids = collapse_videos(ids, self.pads, self.vision_start, [v.grid[0] for v in plan.videos])
         return VllmPrepared(
             request, plan, images, self.format.budget.min_pixels, videos, ids, self.format.video.min_pixels
         )
