@@ -72,10 +72,16 @@ def user(text: str, *images: Image.Image) -> dict:
     }
 
 
-def test_chat_streams_images_clear_and_bad_input(chatty_model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize(
+    ("model", "template"),
+    [("chatty_model_dir", "qwen3_vl_nothink"), ("lively_qwen2_5_dir", "qwen2_vl")],
+    ids=["qwen3_vl", "qwen2_5_vl"],
+)
+def test_chat_streams_images_clear_and_bad_input(request, model: str, template: str, tmp_path: Path) -> None:
+    model_dir = request.getfixturevalue(model)
     config = tmp_path / "chat.yaml"
     config.write_text(
-        f"model_name_or_path: {chatty_model_dir}\ntemplate: qwen3_vl_nothink\nmax_new_tokens: 12\ntemperature: 0\n"
+        f"model_name_or_path: {model_dir}\ntemplate: {template}\nmax_new_tokens: 12\ntemperature: 0\n"
     )
     red = Image.new("RGB", (96, 72), (200, 200, 200))
     ImageDraw.Draw(red).ellipse([20, 12, 68, 60], fill=(220, 30, 30))

@@ -49,6 +49,32 @@ def test_render_equals_the_checkpoints_chat_template(processor, messages) -> Non
     assert prompt == processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
 
 
+QWEN2_5_CONVERSATIONS = [
+    *CONVERSATIONS,
+    [
+        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What did I pass?"}]},
+        {"role": "assistant", "content": "A sofa"},
+    ],
+]
+
+
+@pytest.mark.parametrize("messages", QWEN2_5_CONVERSATIONS)
+def test_qwen2_vl_renders_qwen2_5_vls_chat_template(tiny_qwen2_5_dir: Path, messages) -> None:
+    """``qwen2_vl``: Qwen2.5-VL's own template, its default system prompt when a conversation has
+    none, one pad per video (no timestamps); ``default_system`` replaces that prompt, as in LLaMA-Factory."""
+    qwen2_5 = AutoProcessor.from_pretrained(tiny_qwen2_5_dir)
+    ours = "".join(s.text for s in render(messages, "qwen2_vl", add_generation_prompt=False))
+    assert ours == qwen2_5.apply_chat_template(messages, tokenize=False)
+    prompt = render_prompt(messages[:-1], "qwen2_vl")
+    assert prompt == qwen2_5.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    own = render_prompt(messages[:-1], "qwen2_vl", default_system="Answer briefly.")
+    assert own.startswith(
+        "<|im_start|>system\n"
+        + ("You are a robot." if messages[0]["role"] == "system" else "Answer briefly.")
+    )
+    assert not render_prompt(messages[-2:-1], "qwen2_vl", default_system="").startswith("<|im_start|>system")
+
+
 def test_labels_token_by_token(processor) -> None:
     """Only each answer, its <|im_end|> and the newline after it are learned; everything else is -100."""
     tok = processor.tokenizer

@@ -46,10 +46,17 @@ def qwen2_5_video_setup(tiny_qwen2_5_dir: Path, tmp_path_factory: pytest.TempPat
     return _setup(tiny_qwen2_5_dir, tmp_path_factory, as_video=True, template="qwen2_vl", video_fps=1)
 
 
-# each equivalence test's data and model: images or videos, on Qwen3-VL and on Qwen2.5-VL
+@pytest.fixture(scope="module")
+def moe_setup(tiny_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The image episodes on Qwen3-VL-MoE (LoRA on the attention projections only)."""
+    return _setup(tiny_moe_dir, tmp_path_factory, as_video=False)
+
+
+# each equivalence test's data and model: images or videos, on each architecture
 SETUPS = {
     "images": "setup",
     "video": "video_setup",
+    "qwen3_vl_moe": "moe_setup",
     "qwen2_5_vl": "qwen2_5_setup",
     "qwen2_5_vl-video": "qwen2_5_video_setup",
 }

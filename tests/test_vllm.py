@@ -97,7 +97,7 @@ def adapter_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    from eqakit.train.lora import LM_PREFIX
+    from eqakit.model.arch import LM_PREFIX
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(0)

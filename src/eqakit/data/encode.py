@@ -82,6 +82,11 @@ class Geometry:
         from eqakit.model.arch import ARCHITECTURES
 
         vision = model_config.vision_config
+        if int(getattr(vision, "temporal_patch_size", TEMPORAL_PATCH)) != TEMPORAL_PATCH:
+            raise ValueError(
+                f"the model's vision_config.temporal_patch_size is {vision.temporal_patch_size}; eqakit "
+                f"plans videos in temporal patches of {TEMPORAL_PATCH} frames, as every Qwen-VL model has"
+            )
         arch = ARCHITECTURES.get(getattr(model_config, "model_type", ""))
         timestamps = arch.timestamped_video if arch is not None else True
         return cls(int(vision.patch_size), int(vision.spatial_merge_size), timestamps)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-TEMPORAL_PATCH = 2  # Qwen3-VL's video processor: frames per temporal patch
+TEMPORAL_PATCH = 2  # frames per temporal patch: every supported model's (Geometry.of checks it)
 
 
 class VideoError(ValueError):

@@ -113,6 +113,11 @@ def of_model(model: Any) -> Architecture:
     return architecture(getattr(base.config, "model_type", None), type(base).__name__)
 
 
+# The language model's decoder layers, as every supported architecture names them (peft's regexes
+# and adapter checks anchor on it).
+LM_PREFIX = r"model\.language_model\.layers\.\d+\."
+
+
 def vision_tower(model: Any) -> Any:
     """The vision tower (patch embedding, blocks, mergers) of a loaded model or its PEFT wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

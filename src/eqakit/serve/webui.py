@@ -1,4 +1,4 @@
-"""`eqakit webui`: chat with a Qwen3-VL model in the browser, and watch it answer OpenEQA questions.
+"""`eqakit webui`: chat with a Qwen-VL model in the browser, and watch it answer OpenEQA questions.
 
     eqakit webui                                  # enter a model path on the page, press Load
     eqakit webui configs/infer_openeqa.yaml       # the config's model is loaded at start
@@ -38,7 +38,7 @@ from eqakit.config import Config, load_config, parse_overrides, read_yaml
 from eqakit.config.args import GeneratingArguments
 from eqakit.config.load import infer_kind
 from eqakit.data.encode import VideoBudget
-from eqakit.data.template import NOTHINK, TEMPLATES, THINK, strip_thinking
+from eqakit.data.template import NOTHINK, QWEN2_VL, TEMPLATE_SYSTEM, TEMPLATES, THINK, strip_thinking
 from eqakit.errors import EqakitError
 from eqakit.serve.webui_evaluate import build_evaluate_tab
 from eqakit.serve.webui_export import build_export_tab
@@ -213,7 +213,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
         dataset_dir, allow_outside_media = cfg.data.dataset_dir, cfg.data.allow_outside_media
 
     with gr.Blocks(title="eqakit", analytics_enabled=False) as app:
-        gr.Markdown("## eqakit: train, evaluate, export and chat with Qwen3-VL")
+        gr.Markdown("## eqakit: train, evaluate, export and chat with Qwen-VL models")
         with gr.Row(equal_height=True):
             model_box = gr.Textbox(
                 model_path, label="Model path (base or merged)", scale=4, elem_id="model-path"
@@ -260,7 +260,8 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
             empty = (
                 f"(empty: the config's default_system is used: {system_default})"
                 if system_default
-                else "(none)"
+                else "(empty: the template's own default, if it has one: qwen2_vl's "
+                f'"{TEMPLATE_SYSTEM[QWEN2_VL]}")'
             )
             system = gr.Textbox(
                 system_default, label="System prompt", lines=2, placeholder=empty, elem_id="system-prompt"
@@ -317,7 +318,7 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="eqakit webui", description="Chat with a Qwen3-VL model in the browser (Gradio)."
+        prog="eqakit webui", description="Chat with a Qwen-VL model in the browser (Gradio)."
     )
     parser.add_argument("config", nargs="?", help="YAML config whose model is loaded at start (optional)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that override the config")

@@ -21,10 +21,9 @@ import torch
 from eqakit.config import Config
 from eqakit.errors import ConfigError
 from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
-from eqakit.model.arch import projector_names, vision_linear_names
+from eqakit.model.arch import LM_PREFIX, projector_names, vision_linear_names
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")  # an MLP's, fused in MoE experts
-LM_PREFIX = r"model\.language_model\.layers\.\d+\."
 
 
 def target_pattern(cfg: Config, module_names: list[str]) -> str:
