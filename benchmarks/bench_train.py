@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_train.py [--episodes 3] [--scale 4] [--epochs 1] [--bf16]
     .venv/bin/python benchmarks/bench_train.py --llamafactory   # + LLaMA-Factory 0.9.5 itself, seed's YAML
+    .venv/bin/python benchmarks/bench_train.py --only-llamafactory --arch qwen2_5_vl   # on Qwen2.5-VL-3B's shapes
 
 Model: random weights with Qwen3-VL-2B-Instruct's widths (benchmarks/configs/qwen3-vl-2b-instruct.config.json:
 hidden 2048, 16 heads, vision width 1024, vocabulary 151,936) and its depth divided by ``--scale`` in
@@ -36,53 +37,63 @@ import torch
 import yaml
 
 from eqakit.config import load_config
+from eqakit.data.frames import DEFAULT_TOKENS, FrameOptions
 from eqakit.data.prepare import PrepareOptions, prepare_openeqa
 from eqakit.demo.synth import generate
+from eqakit.model.arch import ARCHITECTURES
 from eqakit.model.tiny import build_tiny_model
 from eqakit.train.sft import run_train
 
 REAL_CONFIG = Path(__file__).resolve().parent / "configs" / "qwen3-vl-2b-instruct.config.json"
+QWEN2_5_CONFIG = Path(__file__).resolve().parent / "configs" / "qwen2.5-vl-3b-instruct.config.json"
+TEMPLATES = {"qwen3_vl": "qwen3_vl_nothink", "qwen2_5_vl": "qwen2_vl"}
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_model(workdir: Path, scale: int) -> Path:
-    """Random weights at the 2B's widths, depth / scale, saved with the tiny model's processor."""
-    from transformers import AutoConfig, AutoProcessor, Qwen3VLForConditionalGeneration
+def build_model(workdir: Path, scale: int, arch: str = "qwen3_vl") -> Path:
+    """Random weights at the 2B's (or Qwen2.5-VL-3B's) widths, depth / scale, saved with the tiny
+    model's processor."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    tiny = build_tiny_model(workdir / "tiny")
-    real = json.loads(REAL_CONFIG.read_text())
+    qwen2_5 = arch == "qwen2_5_vl"
+    tiny = build_tiny_model(workdir / "tiny", arch=arch)
+    real = json.loads((QWEN2_5_CONFIG if qwen2_5 else REAL_CONFIG).read_text())
     config = AutoConfig.from_pretrained(tiny)
     text, vision = real["text_config"], real["vision_config"]
-    for key in (
+    text_keys = [
         "hidden_size",
         "intermediate_size",
         "num_attention_heads",
         "num_key_value_heads",
-        "head_dim",
         "vocab_size",
-    ):
+    ]
+    for key in text_keys + ([] if qwen2_5 else ["head_dim"]):
         setattr(config.text_config, key, text[key])
     config.text_config.num_hidden_layers = text["num_hidden_layers"] // scale
-    config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [24, 20, 20]}
-    for key in (
-        "hidden_size",
-        "intermediate_size",
-        "num_heads",
-        "out_hidden_size",
-        "num_position_embeddings",
-    ):
+    if getattr(config.text_config, "layer_types", None):  # one per layer (Qwen2.5-VL's: all full attention)
+        config.text_config.layer_types = ["full_attention"] * config.text_config.num_hidden_layers
+    section = text["rope_scaling"]["mrope_section"] if qwen2_5 else [24, 20, 20]
+    config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": section}
+    vision_keys = ["hidden_size", "intermediate_size", "num_heads", "out_hidden_size"]
+    for key in vision_keys + (["window_size"] if qwen2_5 else ["num_position_embeddings"]):
         setattr(config.vision_config, key, vision[key])
     config.vision_config.depth = vision["depth"] // scale
-    config.vision_config.deepstack_visual_indexes = [i // scale for i in vision["deepstack_visual_indexes"]]
+    if qwen2_5:  # every 8th block attends in full (the last included), the others within windows
+        config.vision_config.fullatt_block_indexes = [i // scale for i in vision["fullatt_block_indexes"]]
+    else:
+        config.vision_config.deepstack_visual_indexes = [
+            i // scale for i in vision["deepstack_visual_indexes"]
+        ]
     torch.manual_seed(0)
-    model = Qwen3VLForConditionalGeneration(config)
+    model = AutoModelForImageTextToText.from_config(config)
     out = workdir / "model"
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(tiny).save_pretrained(out)
     params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {params / 1e6:.0f} M parameters (vision depth {config.vision_config.depth}, "
-        f"LM layers {config.text_config.num_hidden_layers}, widths of Qwen3-VL-2B)"
+        f"LM layers {config.text_config.num_hidden_layers}, widths of "
+        f"{'Qwen2.5-VL-3B' if qwen2_5 else 'Qwen3-VL-2B'})"
     )
     return out
 
@@ -90,7 +101,7 @@ def build_model(workdir: Path, scale: int) -> Path:
 def run(name: str, model: Path, data: Path, out: Path, args: argparse.Namespace, fast: bool) -> dict:
     overrides = [
         f"model_name_or_path={model}",
-        "template=qwen3_vl_nothink",
+        f"template={TEMPLATES[args.arch]}",
         "do_train=true",
         "stage=sft",
         "finetuning_type=lora",
@@ -140,6 +151,7 @@ def versus_llamafactory(model: Path, data: Path, workdir: Path, args: argparse.N
     config = yaml.safe_load((REPO / "configs" / "training_args.yaml").read_text(encoding="utf-8"))
     config.update(
         model_name_or_path=str(model),
+        template=TEMPLATES[args.arch],
         dataset_dir=str(data),
         num_train_epochs=float(args.epochs),
         eval_strategy="no",  # training time only; evaluation is predict's benchmark
@@ -174,6 +186,12 @@ def versus_llamafactory(model: Path, data: Path, workdir: Path, args: argparse.N
     )
 
 
+def frames_for(arch: str) -> FrameOptions:
+    """`eqakit prepare`'s frames for the model: on its visual-token grid (`prepare --arch`)."""
+    side = ARCHITECTURES[arch].token_side
+    return FrameOptions(token_side=side, max_pixels=DEFAULT_TOKENS * side * side)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", type=int, default=3)
@@ -188,6 +206,13 @@ def main() -> None:
         help="also run LLaMA-Factory 0.9.5 itself and `eqakit train` on the seed's training YAML",
     )
     parser.add_argument("--only-llamafactory", action="store_true", help="skip the in-process comparison")
+    parser.add_argument(
+        "--arch",
+        choices=list(TEMPLATES),
+        default="qwen3_vl",
+        help="qwen3_vl: Qwen3-VL-2B's widths; qwen2_5_vl: Qwen2.5-VL-3B's (frames on its 28-pixel grid, "
+        "template qwen2_vl)",
+    )
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="eqakit-bench-train-"))
     generate(workdir / "synth", episodes=args.episodes, seed=0)
@@ -196,9 +221,9 @@ def main() -> None:
         data,
         questions=workdir / "synth" / "open-eqa-v0.json",
         frames=workdir / "synth" / "frames",
-        options=PrepareOptions(test_size=0.0 if args.episodes < 3 else 0.15),
+        options=PrepareOptions(frames=frames_for(args.arch), test_size=0.0 if args.episodes < 3 else 0.15),
     )
-    model = build_model(workdir, args.scale)
+    model = build_model(workdir, args.scale, args.arch)
     if args.llamafactory or args.only_llamafactory:
         versus_llamafactory(model, data, workdir, args)
         if args.only_llamafactory:

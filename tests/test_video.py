@@ -231,8 +231,10 @@ def _train(tiny_model_dir: Path, data: Path, out: Path, *extra: str) -> subproce
 
 
 @pytest.mark.slow
-def test_train_on_videos_and_refuse_bad_rows_by_name(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """`eqakit train` on frame-list and video-file rows; a placeholder count that differs from the
+def test_train_on_videos_and_refuse_bad_rows_by_name(
+    tiny_model_dir: Path, tiny_qwen2_5_dir: Path, tmp_path: Path
+) -> None:
+    """`eqakit train` on frame-list and video-file rows (Qwen3-VL, then Qwen2.5-VL); a placeholder count that differs from the
     videos, and an unreadable video, stop the run naming the row, with nothing written."""
     data = tmp_path / "data"
     rows, frames = _two_videos(data, (64, 64), 6, 20)
@@ -242,6 +244,9 @@ def test_train_on_videos_and_refuse_bad_rows_by_name(tiny_model_dir: Path, tmp_p
     record = json.loads((tmp_path / "out" / "eqakit_run.json").read_text())
     assert record["data"]["videos_sampled_to_video_maxlen"] == 1  # the 6-frame list, to 4
     assert "1 video(s) sampled down to video_maxlen" in done.stdout
+    qwen2_5 = _train(tiny_qwen2_5_dir, data, tmp_path / "out-qwen2-5", "video_maxlen=4", "template=qwen2_vl")
+    assert qwen2_5.returncode == 0, qwen2_5.stderr[-3000:]
+    assert (tmp_path / "out-qwen2-5" / "adapter_model.safetensors").exists()
 
     bad = _video_dataset(
         tmp_path / "bad", [{**rows[0], "instruction": "<video><video>Where?", "videos": [frames]}]
@@ -400,19 +405,21 @@ def test_engine_video_answers_equal_plain_generate(lively_any, tmp_path: Path, o
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_predict_answers_video_rows_as_generate_does(lively, lively_dir: Path, tmp_path: Path) -> None:
+def test_predict_answers_video_rows_as_generate_does(lively_any, tmp_path: Path) -> None:
     """`do_predict` on frame-list and video-file rows: each prediction is model.generate's answer on
-    the processor's inputs for the same frames; the predictions file shows the timestamped prompt."""
+    the processor's inputs for the same frames; the predictions file shows the timestamped prompt
+    (Qwen3-VL) or one video pad (Qwen2.5-VL)."""
     from eqakit.config import load_config
     from eqakit.data.video import load
     from eqakit.engine import Request, SamplingParams
     from eqakit.evaluate.predict import run_predict
 
-    model, processor = lively
+    model, processor = lively_any
+    qwen2_5 = model.config.model_type == "qwen2_5_vl"
     data = tmp_path / "data"
     rows, frames = _two_videos(data, (160, 128), 8, 40)
     keys = {
-        "model_name_or_path": str(lively_dir), "template": "qwen3_vl_nothink", "do_predict": True,
+        "model_name_or_path": str(model.name_or_path), "template": "qwen2_vl" if qwen2_5 else "qwen3_vl_nothink", "do_predict": True,
         "predict_with_generate": True, "eval_dataset": "v", "dataset_dir": str(data), "output_dir": str(tmp_path / "eval"),
         "max_new_tokens": 8, "do_sample": False, "report_to": "none", "video_max_pixels": 768 * 768,
     }  # fmt: skip
@@ -421,7 +428,11 @@ def test_predict_answers_video_rows_as_generate_does(lively, lively_dir: Path, t
         json.loads(line)
         for line in (tmp_path / "eval" / "generated_predictions.jsonl").read_text().splitlines()
     ]
-    assert len(written) == 2 and all("seconds><|vision_start|><|video_pad|>" in r["prompt"] for r in written)
+    markup = (
+        "<|vision_start|><|video_pad|><|vision_end|>" if qwen2_5 else "seconds><|vision_start|><|video_pad|>"
+    )
+    assert len(written) == 2 and all(markup in r["prompt"] for r in written)
+    assert qwen2_5 == ("seconds>" not in written[0]["prompt"])
     assert written[0]["predict"] != written[1]["predict"]  # the answers depend on the video
     budget = VideoBudget(min_pixels=16 * 16, max_pixels=768 * 768, fps=2.0, maxlen=128)
     for row, source in zip(

@@ -330,21 +330,51 @@ def _build_tokenizer(template: str) -> Qwen2Tokenizer:
     return tokenizer
 
 
+def _token_ids(tokenizer: Qwen2Tokenizer) -> tuple[dict[str, int], int]:
+    """The special tokens' ids, and the vocabulary size padded as Qwen pads its embedding matrix."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return ids, -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def _vision_token_ids(ids: dict[str, int]) -> dict[str, int]:
+    """The image, video and vision start/end ids every Qwen-VL config names."""
+    return {
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+    }
+
+
+def _text_sizes(dims: TinySizes) -> dict[str, Any]:
+    """The language model's sizes, as both families' text configs name them."""
+    return {
+        "hidden_size": dims.hidden_size,
+        "initializer_range": dims.initializer_range,
+        "intermediate_size": dims.intermediate_size,
+        "num_attention_heads": dims.num_attention_heads,
+        "num_hidden_layers": dims.num_hidden_layers,
+        "num_key_value_heads": dims.num_key_value_heads,
+    }
+
+
+def _mrope_section(head_dim: int, height_width_of_64: int) -> list[int]:
+    """M-RoPE's (t, h, w) split of head_dim / 2 rotary frequencies, in the real model's proportions
+    (h and w take ``height_width_of_64`` of every 64)."""
+    height_width = head_dim // 2 * height_width_of_64 // 64
+    return [head_dim // 2 - 2 * height_width, height_width, height_width]
+
+
 def _build_config(dims: TinySizes, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
     """Qwen3VLConfig shaped like Qwen3-VL-2B-Instruct's, at ``dims``' sizes, with this tokenizer's ids."""
     from transformers import Qwen3VLConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    ids, vocab_size = _token_ids(tokenizer)
     # Real: head_dim 128 -> mrope_section [24, 20, 20] over head_dim/2 = 64 rotary frequencies.
-    height_width = dims.head_dim // 2 * 20 // 64
-    mrope_section = [dims.head_dim // 2 - 2 * height_width, height_width, height_width]
+    mrope_section = _mrope_section(dims.head_dim, 20)
     return Qwen3VLConfig(
         architectures=["Qwen3VLForConditionalGeneration"],
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **_vision_token_ids(ids),
         tie_word_embeddings=True,
         text_config={
             "attention_bias": False,
@@ -354,13 +384,8 @@ def _build_config(dims: TinySizes, tokenizer: Qwen2Tokenizer) -> Qwen3VLConfig:
             "dtype": "float32",
             "head_dim": dims.head_dim,
             "hidden_act": "silu",
-            "hidden_size": dims.hidden_size,
-            "initializer_range": dims.initializer_range,
-            "intermediate_size": dims.intermediate_size,
+            **_text_sizes(dims),
             "max_position_embeddings": 262144,
-            "num_attention_heads": dims.num_attention_heads,
-            "num_hidden_layers": dims.num_hidden_layers,
-            "num_key_value_heads": dims.num_key_value_heads,
             "rms_norm_eps": 1e-6,
             "rope_parameters": {
                 "rope_type": "default",
@@ -428,17 +453,12 @@ def _qwen2_5_config(dims: TinySizes, tokenizer: Qwen2Tokenizer) -> Any:
     if dims.hidden_size % dims.num_attention_heads:
         raise ValueError("qwen2_5_vl: hidden_size must be a multiple of num_attention_heads")
     head_dim = dims.hidden_size // dims.num_attention_heads  # Qwen2.5-VL's text config has no head_dim
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    ids, vocab_size = _token_ids(tokenizer)
     # Real: head_dim 128 -> mrope_section [16, 24, 24] over 64 rotary frequencies (not interleaved).
-    height_width = head_dim // 2 * 24 // 64
-    mrope_section = [head_dim // 2 - 2 * height_width, height_width, height_width]
+    mrope_section = _mrope_section(head_dim, 24)
     return Qwen2_5_VLConfig(
         architectures=["Qwen2_5_VLForConditionalGeneration"],
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
+        **_vision_token_ids(ids),
         tie_word_embeddings=True,
         text_config={
             "attention_dropout": 0.0,
@@ -446,13 +466,8 @@ def _qwen2_5_config(dims: TinySizes, tokenizer: Qwen2Tokenizer) -> Any:
             "eos_token_id": ids["<|im_end|>"],
             "dtype": "float32",
             "hidden_act": "silu",
-            "hidden_size": dims.hidden_size,
-            "initializer_range": dims.initializer_range,
-            "intermediate_size": dims.intermediate_size,
+            **_text_sizes(dims),
             "max_position_embeddings": 128000,
-            "num_attention_heads": dims.num_attention_heads,
-            "num_hidden_layers": dims.num_hidden_layers,
-            "num_key_value_heads": dims.num_key_value_heads,
             "rms_norm_eps": 1e-6,
             "rope_parameters": {
                 "rope_type": "default",
