@@ -202,6 +202,52 @@ def test_an_adapter_of_the_dense_model_is_refused_on_the_moe_model(
     with pytest.raises(EqakitError) as caught:
         load_inference_model(args)
     message = str(caught.value)
-    assert (
-        "mlp.gate_proj" in message and "(a 'qwen3_vl' model; this base is a 'qwen3_vl_moe' model)" in message
-    )
+    assert f"was trained on {tiny_model_dir}, a 'qwen3_vl' model" in message
+    assert f"base model {str(tiny_moe_dir)!r} is a 'qwen3_vl_moe' model" in message
+
+
+def test_an_adapter_of_qwen2_5_vl_is_refused_on_qwen3_vl_even_where_its_shapes_fit(
+    tiny_model_dir: Path, tiny_qwen2_5_dir: Path, tmp_path: Path
+) -> None:
+    """The tiny models' attention projections have the same shapes in both families; the adapter's
+    recorded base says which family it learned on, and that is checked first."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from eqakit.errors import EqakitError
+    from eqakit.model.load import load_inference_model
+
+    qwen2_5 = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_5_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)")
+    get_peft_model(qwen2_5, config).save_pretrained(tmp_path / "qwen2-5-lora")
+    keys = [f"model_name_or_path={tiny_model_dir}", f"adapter_name_or_path={tmp_path / 'qwen2-5-lora'}"]
+    with pytest.raises(EqakitError, match="a 'qwen2_5_vl' model; base model .* is a 'qwen3_vl' model"):
+        load_inference_model(load_config("infer", None, [*keys, "template=qwen3_vl_nothink"]).model)
+
+
+def test_a_cached_hub_id_chooses_and_checks_its_template(
+    tiny_qwen2_5_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id whose checkpoint is in the local Hugging Face cache is read there (nothing is
+    downloaded): its template is chosen when absent and a misfit is refused, as for a directory."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-VL-3B-Instruct"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    for name in ("config.json", "chat_template.jinja"):
+        shutil.copy(tiny_qwen2_5_dir / name, snapshot / name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub = ["model_name_or_path=Qwen/Qwen2.5-VL-3B-Instruct"]
+    assert load_config("infer", None, hub).data.template == "qwen2_vl"
+    with pytest.raises(
+        ConfigError, match="'qwen3_vl' does not fit 'Qwen/Qwen2.5-VL-3B-Instruct', a Qwen2.5-VL"
+    ):
+        load_config("infer", None, [*hub, "template=qwen3_vl"])
+    other = ["model_name_or_path=Qwen/Qwen3-VL-2B-Instruct"]  # not cached: the key stays required
+    with pytest.raises(ConfigError, match="template is required"):
+        load_config("infer", None, other)

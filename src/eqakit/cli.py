@@ -28,7 +28,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "chat": ("eqakit.serve.chat", "terminal chat"),
     "judge": ("eqakit.evaluate.llm_match", "OpenEQA LLM-Match scoring with an OpenAI-compatible judge"),
     "config": ("eqakit.config.check", "validate a YAML config and print the resolved settings"),
-    "tiny-model": ("eqakit.model.tiny", "build a tiny random Qwen3-VL for tests and the demo"),
+    "tiny-model": (
+        "eqakit.model.tiny",
+        "build a tiny random Qwen-VL model (Qwen3-VL, its MoE, Qwen2.5-VL) for tests and the demo",
+    ),
     "demo": ("eqakit.demo.pipeline", "run the whole pipeline on the tiny model and synthetic data"),
     "synth": ("eqakit.demo.synth", "generate synthetic data in OpenEQA's official layout"),
 }
@@ -37,7 +40,7 @@ VERBS: dict[str, tuple[str, str]] = {
 def _usage() -> str:
     width = max(len(v) for v in VERBS)
     lines = [
-        f"eqakit {__version__}: fine-tune, evaluate and serve Qwen3-VL on embodied QA",
+        f"eqakit {__version__}: fine-tune, evaluate and serve Qwen-VL models on embodied QA",
         "",
         "usage: eqakit VERB ...",
         "",

@@ -29,7 +29,7 @@ class ModelArguments:
     cache_dir: str | None = _f(None, "Where downloaded models are cached (hub ids only).")
     model_revision: str = _f("main", "Hub revision (branch, tag or commit) of model_name_or_path.")
     trust_remote_code: bool = _f(
-        False, "Allow model code from the checkpoint. Qwen3-VL needs none; accepted."
+        False, "Allow model code from the checkpoint. Qwen-VL models need none; accepted."
     )
     flash_attn: str = _f(
         "auto",

@@ -8,7 +8,7 @@ What it does, in order:
    episode's frames folder. Problems are collected, not raised one by one.
 2. ``--on-error fail`` (default): any problem stops here with all of them listed and nothing
    registered. ``skip``: bad questions and episodes are left out and listed in the summary.
-3. Write each episode's frames once (``--num-frames`` evenly spaced, resized for Qwen3-VL, JPEG) over
+3. Write each episode's frames once (``--num-frames`` evenly spaced, resized for the model's token grid (`--arch`), JPEG) over
    ``--workers`` processes; finished episodes from an earlier run with the same options are reused.
    Unreadable frames found here are handled like step 2's problems.
 4. Split by episode (default: no scene in both splits, categories balanced) or by question (the seed

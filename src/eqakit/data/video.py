@@ -1,4 +1,4 @@
-"""Videos as Qwen3-VL sees them: which frames, at what times, of what size.
+"""Videos as Qwen-VL models see them: which frames, at what times, of what size.
 
 A video is either a list of frame images (already sampled, as LLaMA-Factory takes them) or a video
 file (on disk, or its bytes from an API request), decoded with PyAV (the backend transformers' video loader uses by default). Frames are
@@ -9,7 +9,7 @@ chosen the way LLaMA-Factory 0.9.5 chooses them:
 - a frame list: every frame, at ``1 / video_fps`` seconds apart; a list longer than ``video_maxlen`` is
   sampled down evenly (LLaMA-Factory would feed all of them) and the caller reports it.
 
-Qwen3-VL encodes a video two frames at a time (its temporal patch); an odd number of frames gets
+Qwen-VL models encode a video two frames at a time (its temporal patch); an odd number of frames gets
 its last frame repeated, as the video processor does. Probing reads sizes and frame counts only;
 `decode` produces the pixels when a batch needs them.
 """

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from eqakit.errors import EqakitError
+from eqakit.model.arch import local_model_type
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
@@ -114,7 +115,15 @@ def check_adapters_fit(model: torch.nn.Module, adapters: list[Path], base_name: 
     order = {name: i for i, name in enumerate(modules)}
     tensors = dict(model.state_dict())
     mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
+    ours = getattr(model.config, "model_type", None)
     for adapter in adapters:
+        trained_on = adapter_config(adapter).get("base_model_name_or_path") or "an unrecorded model"
+        theirs = local_model_type(trained_on)
+        if theirs and ours and theirs != ours:  # shapes may agree (same widths) where meanings do not
+            raise EqakitError(
+                f"adapter {str(adapter)!r} was trained on {trained_on}, a {theirs!r} model; base model "
+                f"{base_name!r} is a {ours!r} model: use a base of the adapter's architecture as model_name_or_path"
+            )
         weights = load_peft_weights(str(adapter), device="cpu", key_mapping=mapping)
 
         def position(key: str) -> tuple[int, str]:
@@ -124,31 +133,15 @@ def check_adapters_fit(model: torch.nn.Module, adapters: list[Path], base_name: 
         for key in sorted(weights, key=position):
             reason = _mismatch(key, tuple(weights[key].shape), modules, tensors)
             if reason:
-                trained_on = adapter_config(adapter).get("base_model_name_or_path") or "an unrecorded model"
-                theirs, ours = _model_type(trained_on), getattr(model.config, "model_type", None)
-                architectures = (
-                    f" (a {theirs!r} model; this base is a {ours!r} model)"
-                    if theirs and theirs != ours
-                    else ""
-                )
                 hint = (
                     "its adapter_config.json names this path as its base: was the model there replaced?"
                     if trained_on == base_name
-                    else f"the adapter was trained on {trained_on}{architectures}; use that base model (same "
-                    "architecture and size) as model_name_or_path"
+                    else f"the adapter was trained on {trained_on}; use that base model (same architecture "
+                    "and size) as model_name_or_path"
                 )
                 raise EqakitError(
                     f"adapter {str(adapter)!r} does not fit base model {base_name!r}: tensor {key} {reason}; {hint}"
                 )
-
-
-def _model_type(path: str) -> str | None:
-    """The model_type in a local checkpoint's config.json, if there is one to read."""
-    config = Path(path).expanduser() / "config.json"
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def apply_adapter(model: Any, adapter: Path | str, base_name: str | None, *, trainable: bool = False) -> Any:

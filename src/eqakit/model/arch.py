@@ -71,11 +71,32 @@ def architecture(model_type: str | None, name: str = "the model") -> Architectur
     return arch
 
 
-def local_model_type(model_dir: str | Path) -> str | None:
-    """The ``model_type`` of a local checkpoint's config.json; None for a hub id or an unreadable file."""
-    path = Path(model_dir).expanduser() / "config.json"
+def checkpoint_dir(name: str | Path) -> Path | None:
+    """Where a checkpoint's files are on this machine: a local directory, or a hub id's snapshot in
+    the local Hugging Face cache (nothing is downloaded); None when neither holds a config.json."""
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    text = str(name)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return None
     try:
-        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(text, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def local_model_type(name: str | Path) -> str | None:
+    """The ``model_type`` of a checkpoint's config.json on this machine (`checkpoint_dir`); None when
+    there is none to read."""
+    root = checkpoint_dir(name)
+    if root is None:
+        return None
+    try:
+        model_type = json.loads((root / "config.json").read_text(encoding="utf-8")).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
     return model_type if isinstance(model_type, str) else None
@@ -85,11 +106,13 @@ def checkpoint_template(model_dir: str | Path) -> str | None:
     """The template a local checkpoint calls for when the config names none (LLaMA-Factory falls back
     to the tokenizer's template): its architecture's only one, or for Qwen3-VL ``qwen3_vl`` when its
     chat template's generation prompt opens a ``<think>`` block (Thinking models), else
-    ``qwen3_vl_nothink``. None when neither the config nor the chat template says (a hub id)."""
+    ``qwen3_vl_nothink``. None when neither the config nor the chat template says (a hub id that is
+    not in the local cache)."""
     arch = ARCHITECTURES.get(local_model_type(model_dir) or "")
     if arch is not None and len(arch.templates) == 1:
         return arch.templates[0]
-    thinking = thinking_template(model_dir)
+    root = checkpoint_dir(model_dir)
+    thinking = thinking_template(root) if root is not None else None
     if thinking is None:
         return None
     return THINK if thinking else NOTHINK

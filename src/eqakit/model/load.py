@@ -114,7 +114,7 @@ def _quantization(model_args: ModelArguments, dtype: torch.dtype, device: torch.
 
 
 def load_base_model(model_args: ModelArguments, *, device: torch.device, dtype: torch.dtype) -> Any:
-    """The base (or merged) Qwen3-VL model on ``device`` in ``dtype``, without adapters."""
+    """The base (or merged) Qwen-VL model on ``device`` in ``dtype``, without adapters."""
     from transformers import AutoModelForImageTextToText
 
     name = model_args.model_name_or_path

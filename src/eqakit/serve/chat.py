@@ -1,4 +1,4 @@
-"""`eqakit chat`: talk to a Qwen3-VL model in the terminal, images and videos included.
+"""`eqakit chat`: talk to a Qwen-VL model in the terminal, images and videos included.
 
     eqakit chat configs/infer_openeqa.yaml
     eqakit chat configs/infer_openeqa.yaml temperature=0 max_new_tokens=256
@@ -135,7 +135,8 @@ def run(session: ChatSession) -> None:
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="eqakit chat", description="Chat with a Qwen3-VL model in the terminal (streaming, images)."
+        prog="eqakit chat",
+        description="Chat with a Qwen-VL model in the terminal (streaming, images, videos).",
     )
     parser.add_argument("config", help="YAML config naming the model (LLaMA-Factory keys)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that override the config")

@@ -1,1 +1,1 @@
-"""LoRA supervised fine-tuning of Qwen3-VL (`eqakit train`)."""
+"""LoRA supervised fine-tuning of Qwen-VL models (`eqakit train`)."""

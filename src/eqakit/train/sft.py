@@ -1,4 +1,4 @@
-"""`eqakit train CONFIG.yaml [key=value ...]`: LoRA fine-tuning of Qwen3-VL, or prediction.
+"""`eqakit train CONFIG.yaml [key=value ...]`: LoRA fine-tuning of a Qwen-VL model, or prediction.
 
 Like `llamafactory-cli train`: ``do_train: true`` fine-tunes, ``do_predict: true`` generates
 answers for ``eval_dataset`` and scores them (see `eqakit.evaluate.predict`).

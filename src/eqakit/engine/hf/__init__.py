@@ -1,1 +1,1 @@
-"""eqakit's transformers backend: batched, cached Qwen3-VL generation (see eqakit.engine.hf.engine)."""
+"""eqakit's transformers backend: batched, cached Qwen-VL generation (see eqakit.engine.hf.engine)."""

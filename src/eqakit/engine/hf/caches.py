@@ -21,7 +21,7 @@ V = TypeVar("V")
 class VisualFeatures:
     """The vision tower + merger output of one image: what fills its image-pad tokens.
 
-    ``deepstack`` holds the features Qwen3-VL adds to the first language layers' hidden states at
+    ``deepstack`` holds the features Qwen3-VL adds (none for Qwen2.5-VL) to the first language layers' hidden states at
     the image's positions (one tensor per deepstack level).
     """
 

@@ -48,7 +48,7 @@ MiB = 1 << 20
 
 
 class Engine:
-    """Batched, cached Qwen3-VL generation over a transformers model (see the module docstring)."""
+    """Batched, cached Qwen-VL generation over a transformers model (see the module docstring)."""
 
     def __init__(
         self,

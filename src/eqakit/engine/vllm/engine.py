@@ -5,8 +5,8 @@ fitted into cutoff_len by the same image budget as in training and in the transf
 (`eqakit.engine.hf.prepare.plan_prompt`), so a fine-tuned model is served the token layout it was
 trained on. vLLM receives those token ids (one image pad per image; a video as the chat template
 writes it, one video pad in its outer vision pair, which vLLM expands into the same timestamped
-patches as Qwen3VLProcessor), the images and the videos' chosen frames and times, and the pixel
-caps the plan chose; it expands the pads, runs the vision tower and the language model, and schedules
+patches as Qwen3VLProcessor, or for Qwen2.5-VL into the video's patches timed by its frames' rate),
+the images and the videos' chosen frames and times, and the pixel caps the plan chose; it expands the pads, runs the vision tower and the language model, and schedules
 requests with continuous batching, paged attention and prefix caching. An adapter is served
 unmerged through vLLM's LoRA support (one adapter: merge several first with `eqakit export`).
 
