@@ -219,8 +219,11 @@ def test_one_model_inputs_step_expands_pads_and_checks_grids(processor) -> None:
         [vpad, 3, vpad, pad], [(1, 2, 2)], pads, merge=2, video_grids=[(2, 4, 2)]
     )
     assert ids == [*[vpad] * 2, 3, *[vpad] * 2, pad] and spans == [(5, 1)] and videos == [(0, 5)]
-    with pytest.raises(ValueError, match="1 video pads for 0 images and 1 videos of 2 temporal patches"):
-        expand_pads([vpad], [], pads, merge=2, video_grids=[(2, 2, 2)])
+    # Qwen2.5-VL's markup: one pad for the whole video, all its temporal patches' tokens in one run
+    ids, spans, videos = expand_pads([1, vpad, 2], [], pads, merge=2, video_grids=[(2, 4, 2)])
+    assert ids == [1, *[vpad] * 4, 2] and spans == [] and videos == [(1, 4)]
+    with pytest.raises(ValueError, match="3 video pads for 0 images and 1 videos of 2 temporal patches"):
+        expand_pads([vpad] * 3, [], pads, merge=2, video_grids=[(2, 2, 2)])
 
     image = Image.new("RGB", (64, 48), (10, 20, 30))
     values, grid = pixel_values([image], processor.image_processor, 32 * 32, 64 * 64, [(1, 4, 4)])
