@@ -4,10 +4,10 @@
 ``find_all_linear_modules`` does: the q/k/v/o/gate/up/down projections of the dense model; the
 attention projections of Qwen3-VL-MoE, whose experts are fused parameters and whose router is not
 a linear layer (neither is adapted there, by LLaMA-Factory either); never lm_head (tied to the
-embedding) nor the embeddings. ``freeze_vision_tower: false`` adds the vision blocks'
-linear layers to the LoRA targets (read from the module tree: `eqakit.model.arch`); ``freeze_multi_modal_projector: false`` trains the mergers in
-full; ``freeze_language_model: true`` takes the language model out of the targets, as
-LLaMA-Factory's forbidden modules do. Earlier adapters in ``adapter_name_or_path`` are merged; the
+embedding) nor the embeddings. ``freeze_vision_tower: false`` adds the vision blocks' linear
+layers to the LoRA targets and ``freeze_multi_modal_projector: false`` trains the mergers in full
+(both read from the module tree: `eqakit.model.arch`); ``freeze_language_model: true`` takes the
+language model out of the targets, as LLaMA-Factory's forbidden modules do. Earlier adapters in ``adapter_name_or_path`` are merged; the
 last is trained further unless ``create_new_adapter``.
 """
 

@@ -194,11 +194,14 @@ def _row(members: list[dict[str, Any]], prefix: int) -> dict[str, Any]:
         "videos": len(first.get("video_keys", first.get("video_grid_thw", []))),
     }
     for grid, pixels, keys in MEDIA:
-        for key in (grid, pixels, *PER_ITEM):
+        for key in (grid, pixels):
             if key in first:
                 row[key] = first[key]
         if keys in first:
             row[keys] = list(first[keys])
+    for key in PER_ITEM:  # the row's media are its first member's (all members share them)
+        if key in first:
+            row[key] = first[key]
     return row
 
 
