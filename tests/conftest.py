@@ -15,6 +15,21 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "qwen3-vl-tiny")
 
 
+def geometry_of(model_dir: Path):
+    """The `eqakit.data.encode.Geometry` of a saved model (read from its config.json)."""
+    from transformers import AutoConfig
+
+    from eqakit.data.encode import Geometry
+
+    return Geometry.of(AutoConfig.from_pretrained(model_dir))
+
+
+@pytest.fixture(scope="session")
+def geometry(tiny_model_dir: Path):
+    """The tiny Qwen3-VL's geometry (what `plan_sample` plans images and videos with)."""
+    return geometry_of(tiny_model_dir)
+
+
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 
 

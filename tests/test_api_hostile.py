@@ -218,7 +218,7 @@ def test_special_tokens_in_user_text_are_text(
     assert reply.status_code == 200, reply.text
 
 
-def test_dataset_text_with_special_tokens_trains_as_text(tiny_model_dir: Path) -> None:
+def test_dataset_text_with_special_tokens_trains_as_text(tiny_model_dir: Path, geometry) -> None:
     from transformers import AutoTokenizer
 
     from eqakit.data.encode import ImageBudget, PromptFormat, plan_sample
@@ -233,6 +233,7 @@ def test_dataset_text_with_special_tokens_trains_as_text(tiny_model_dir: Path) -
         [(64, 48)],
         tokenizer,
         PromptFormat(cutoff_len=512, budget=ImageBudget()),
+        geometry=geometry,
     )
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

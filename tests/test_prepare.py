@@ -586,7 +586,7 @@ def test_python_api_returns_summary(tmp_path: Path) -> None:
     assert summary["splits"]["open_eqa_test"]["episodes"] >= 1 and summary["options"]["workers"] == 1
 
 
-def test_as_video_writes_each_episodes_frames_once_as_a_video(tmp_path: Path, capsys) -> None:
+def test_as_video_writes_each_episodes_frames_once_as_a_video(tmp_path: Path, capsys, geometry) -> None:
     """--as-video: the same frames, each row one <video> whose videos entry lists them; registered with
     a videos column, read back as frame-list videos that plan within cutoff_len."""
     from transformers import AutoProcessor
@@ -620,7 +620,12 @@ def test_as_video_writes_each_episodes_frames_once_as_a_video(tmp_path: Path, ca
     processor = AutoProcessor.from_pretrained(build_tiny())
     video = probe(samples[0].videos[0], fps=2.0, maxlen=128)
     plan = plan_sample(
-        samples[0].messages, [], processor.tokenizer, PromptFormat(cutoff_len=4096), videos=[video]
+        samples[0].messages,
+        [],
+        processor.tokenizer,
+        PromptFormat(cutoff_len=4096),
+        videos=[video],
+        geometry=geometry,
     )
     assert plan.videos[0].grid[0] == len(video.indices) // 2 and plan.length <= 4096
 

@@ -19,6 +19,7 @@ from eqakit.config import load_config
 from eqakit.data.encode import IGNORE_INDEX
 from eqakit.data.template import render_prompt
 from eqakit.engine import Engine, Request
+from eqakit.model.load import load_geometry
 from eqakit.serve.api import _engine_messages
 from eqakit.serve.chat import ChatSession
 from eqakit.serve.images import ImagePolicy
@@ -77,7 +78,7 @@ def test_every_stage_gives_the_same_prompt_ids(setup, variant: str) -> None:
     want = expected_ids(processor, OWN if variant == "own" else DEFAULT)  # "" falls back, as in LLaMA-Factory
 
     samples = load_training_samples(train_cfg)
-    plans, kept, _ = plan_samples(samples, processor, train_cfg)
+    plans, kept, _ = plan_samples(samples, processor.tokenizer, load_geometry(train_cfg.model), train_cfg)
     plan = plans[list(VARIANTS).index(variant)]
     first_label = next(i for i, label in enumerate(plan.labels) if label != IGNORE_INDEX)
     training = plan.input_ids[:first_label]

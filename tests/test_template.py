@@ -17,7 +17,7 @@ from eqakit.data.encode import (
     materialize,
     plan_sample,
 )
-from eqakit.data.template import render, render_prompt, strip_thinking
+from eqakit.data.template import count_parts, render, render_prompt, strip_thinking
 
 
 @pytest.fixture(scope="module")
@@ -40,42 +40,46 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_render_equals_the_checkpoints_chat_template(processor, messages) -> None:
-    """eqakit's renderer and the model's own Jinja template agree, for training and for generation."""
-    ours = "".join(s.text for s in render(messages, add_generation_prompt=False))
-    assert ours == processor.apply_chat_template(messages, tokenize=False)
-    prompt = render_prompt(messages[:-1])
-    assert prompt == processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-
-
-QWEN2_5_CONVERSATIONS = [
-    *CONVERSATIONS,
-    [
-        {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What did I pass?"}]},
-        {"role": "assistant", "content": "A sofa"},
-    ],
+VIDEO_CONVERSATION = [
+    {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What did I pass?"}]},
+    {"role": "assistant", "content": "A sofa"},
 ]
 
 
-@pytest.mark.parametrize("messages", QWEN2_5_CONVERSATIONS)
+@pytest.mark.parametrize("messages", [*CONVERSATIONS, VIDEO_CONVERSATION])
+def test_render_equals_the_checkpoints_chat_template(processor, messages) -> None:
+    """eqakit's renderer and the model's own Jinja template agree, for training and for generation;
+    a video without times (``None``) is the template's one-pad markup, which processors expand."""
+    videos = [None] * count_parts(messages, "video")
+    ours = "".join(s.text for s in render(messages, add_generation_prompt=False, video_times=videos))
+    assert ours == processor.apply_chat_template(messages, tokenize=False)
+    prompt = render_prompt(messages[:-1], video_times=videos)
+    assert prompt == processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("messages", [*CONVERSATIONS, VIDEO_CONVERSATION])
 def test_qwen2_vl_renders_qwen2_5_vls_chat_template(tiny_qwen2_5_dir: Path, messages) -> None:
     """``qwen2_vl``: Qwen2.5-VL's own template, its default system prompt when a conversation has
     none, one pad per video (no timestamps); ``default_system`` replaces that prompt, as in LLaMA-Factory."""
     qwen2_5 = AutoProcessor.from_pretrained(tiny_qwen2_5_dir)
-    ours = "".join(s.text for s in render(messages, "qwen2_vl", add_generation_prompt=False))
+    videos = [None] * count_parts(messages, "video")
+    ours = "".join(
+        s.text for s in render(messages, "qwen2_vl", add_generation_prompt=False, video_times=videos)
+    )
     assert ours == qwen2_5.apply_chat_template(messages, tokenize=False)
-    prompt = render_prompt(messages[:-1], "qwen2_vl")
+    prompt = render_prompt(messages[:-1], "qwen2_vl", video_times=videos)
     assert prompt == qwen2_5.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    own = render_prompt(messages[:-1], "qwen2_vl", default_system="Answer briefly.")
+    own = render_prompt(messages[:-1], "qwen2_vl", default_system="Answer briefly.", video_times=videos)
     assert own.startswith(
         "<|im_start|>system\n"
         + ("You are a robot." if messages[0]["role"] == "system" else "Answer briefly.")
     )
-    assert not render_prompt(messages[-2:-1], "qwen2_vl", default_system="").startswith("<|im_start|>system")
+    assert not render_prompt(messages[-2:-1], "qwen2_vl", default_system="", video_times=videos).startswith(
+        "<|im_start|>system"
+    )
 
 
-def test_labels_token_by_token(processor) -> None:
+def test_labels_token_by_token(processor, geometry) -> None:
     """Only each answer, its <|im_end|> and the newline after it are learned; everything else is -100."""
     tok = processor.tokenizer
     messages = [
@@ -92,6 +96,7 @@ def test_labels_token_by_token(processor) -> None:
         [image.size],
         tok,
         PromptFormat(cutoff_len=512, budget=budget),
+        geometry=geometry,
     )
     enc = materialize(plan, [image], processor, budget)
     ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
@@ -115,20 +120,27 @@ def test_labels_token_by_token(processor) -> None:
     assert int(enc["mm_token_type_ids"].sum()) == 4 and enc["image_grid_thw"].tolist() == [[1, 4, 4]]
 
 
-def test_mask_history_and_train_on_prompt(processor) -> None:
+def test_mask_history_and_train_on_prompt(processor, geometry) -> None:
     tok = processor.tokenizer
     messages = CONVERSATIONS[0] + [
         {"role": "user", "content": "Again"},
         {"role": "assistant", "content": "Hey"},
     ]
     budget = ImageBudget()
-    last_only = plan_sample(messages, [], tok, PromptFormat(cutoff_len=128, budget=budget), mask_history=True)
+    last_only = plan_sample(
+        messages, [], tok, PromptFormat(cutoff_len=128, budget=budget), mask_history=True, geometry=geometry
+    )
     learned = tok.decode(
         [t for t, lab in zip(last_only.input_ids, last_only.labels, strict=True) if lab != IGNORE_INDEX]
     )
     assert learned == "Hey<|im_end|>\n"
     everything = plan_sample(
-        messages, [], tok, PromptFormat(cutoff_len=128, budget=budget), train_on_prompt=True
+        messages,
+        [],
+        tok,
+        PromptFormat(cutoff_len=128, budget=budget),
+        train_on_prompt=True,
+        geometry=geometry,
     )
     assert everything.labels == everything.input_ids
 
@@ -146,7 +158,7 @@ def test_thinking_template() -> None:
     assert strip_thinking("<think>\nhmm\n</think>\n\nRed") == "Red"
 
 
-def test_images_scaled_down_to_fit_cutoff_and_never_truncated(processor) -> None:
+def test_images_scaled_down_to_fit_cutoff_and_never_truncated(processor, geometry) -> None:
     tok = processor.tokenizer
     messages = [
         {"role": "user", "content": "<image><image>What color?"},
@@ -154,18 +166,18 @@ def test_images_scaled_down_to_fit_cutoff_and_never_truncated(processor) -> None
     ]
     budget = ImageBudget(32 * 32, 768 * 768)
     big = [(1920, 1080), (1920, 1080)]
-    full = plan_sample(messages, big, tok, PromptFormat(cutoff_len=4096, budget=budget))
+    full = plan_sample(messages, big, tok, PromptFormat(cutoff_len=4096, budget=budget), geometry=geometry)
     assert not full.scaled_down and full.length > 1000
-    fitted = plan_sample(messages, big, tok, PromptFormat(cutoff_len=300, budget=budget))
+    fitted = plan_sample(messages, big, tok, PromptFormat(cutoff_len=300, budget=budget), geometry=geometry)
     assert fitted.scaled_down and fitted.length <= 300
     images = [Image.new("RGB", size, (0, 0, 255)) for size in big]
     enc = materialize(fitted, images, processor, budget)
     assert len(enc["input_ids"]) == fitted.length  # every image token present, within cutoff_len
     with pytest.raises(SampleTooLong):
-        plan_sample(messages, big, tok, PromptFormat(cutoff_len=12, budget=budget))
+        plan_sample(messages, big, tok, PromptFormat(cutoff_len=12, budget=budget), geometry=geometry)
 
 
-def test_placeholder_count_must_match_images(processor) -> None:
+def test_placeholder_count_must_match_images(processor, geometry) -> None:
     messages = [{"role": "user", "content": "<image><image>Q?"}, {"role": "assistant", "content": "A"}]
     with pytest.raises(ValueError, match="2 image placeholder"):
         plan_sample(
@@ -173,10 +185,11 @@ def test_placeholder_count_must_match_images(processor) -> None:
             [(64, 64)],
             processor.tokenizer,
             PromptFormat(cutoff_len=128, budget=ImageBudget()),
+            geometry=geometry,
         )
 
 
-def test_encoding_matches_the_processor(processor) -> None:
+def test_encoding_matches_the_processor(processor, geometry) -> None:
     """Our ids and pixels equal what Qwen3VLProcessor makes of the same conversation."""
     images = [Image.new("RGB", (96, 64), (255, 0, 0)), Image.new("RGB", (320, 240), (0, 0, 255))]
     messages = [
@@ -189,6 +202,7 @@ def test_encoding_matches_the_processor(processor) -> None:
         [im.size for im in images],
         processor.tokenizer,
         PromptFormat(cutoff_len=2048, budget=budget),
+        geometry=geometry,
     )
     enc = materialize(plan, images, processor, budget)
     text = "".join(s.text for s in render(messages, add_generation_prompt=False))

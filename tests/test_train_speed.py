@@ -15,6 +15,7 @@ from conftest import assert_close_to_scale
 from eqakit.config import load_config
 from eqakit.data.encode import PromptFormat
 from eqakit.errors import DataError
+from eqakit.model.load import load_geometry
 from eqakit.train.data import Collator, KeyedImages, PlannedDataset, load_training_samples, plan_samples
 from eqakit.train.lora import apply_lora
 from eqakit.train.packing import EpisodeBatchSampler, PackedCollator
@@ -104,7 +105,9 @@ def _setup(
     )
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     fmt = PromptFormat.from_config(cfg)
-    plans, samples, _ = plan_samples(load_training_samples(cfg), processor, cfg)
+    plans, samples, _ = plan_samples(
+        load_training_samples(cfg), processor.tokenizer, load_geometry(cfg.model), cfg
+    )
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
     cache = VisionFeatureCache()
@@ -171,6 +174,43 @@ def test_episode_batches_cover_every_sample_once_and_reshuffle(setup) -> None:
     assert list(sampler) != first
     sampler.set_epoch(0)
     assert list(sampler) == first  # deterministic per epoch, so resumed runs see the same batches
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_process_takes_whole_episodes_of_the_same_steps(world: int) -> None:
+    """At any world size with the same global batch the steps hold the same samples; each process
+    takes whole episodes of a step, yields ``accumulation`` micro-batches for every step (so every
+    process joins every collective), and one without samples in a step gets a `StandIn`."""
+    from eqakit.train.packing import StandIn
+
+    groups = [
+        list(range(start, start + n)) for start, n in ((0, 5), (5, 1), (6, 7), (13, 3), (16, 2), (18, 6))
+    ]
+    one = EpisodeBatchSampler(groups, batch_size=2, seed=4, accumulation=2 * world)
+    shards = [
+        EpisodeBatchSampler(groups, 2, 4, accumulation=2, world_size=world, rank=r) for r in range(world)
+    ]
+    for epoch in (0, 1):
+        for sampler in (one, *shards):
+            sampler.set_epoch(epoch)
+        steps = one.steps()
+        per_rank = [list(s) for s in shards]
+        assert all(
+            len(batches) == len(s) == 2 * len(steps) for batches, s in zip(per_rank, shards, strict=True)
+        )
+        for k, step in enumerate(steps):
+            shares = [[i for b in batches[2 * k : 2 * k + 2] for i in b] for batches in per_rank]
+            own = [[i for i in share if isinstance(i, int)] for share in shares]
+            assert sorted(i for share in own for i in share) == sorted(step)
+            for share in own:  # whole episodes: every sample of the step from an episode is here or absent
+                for g in {one.group_of[i] for i in share}:
+                    assert {i for i in step if one.group_of[i] == g} <= set(share)
+            for share, mine in zip(shares, own, strict=True):
+                assert share == mine if mine else share == [StandIn(step[0])]
+    lone = [EpisodeBatchSampler([[0, 1, 2, 3]], 1, 4, accumulation=2, world_size=2, rank=r) for r in (0, 1)]
+    (step,) = lone[0].steps()  # one episode, the whole step: the second process stands in
+    assert sorted(i for b in lone[0] for i in b) == [0, 1, 2, 3]
+    assert list(lone[1]) == [[], [StandIn(step[0])]]
 
 
 def _gradients(model, trainer, batch) -> dict[str, torch.Tensor]:
@@ -295,15 +335,15 @@ def test_parallel_planning_gives_the_serial_plans(setup, tiny_model_dir, tmp_pat
         "train", None, [*base, "preprocessing_num_workers=2", "preprocessing_batch_size=5"]
     )
     samples = load_training_samples(serial_cfg)
-    serial = plan_samples(samples, processor, serial_cfg)
-    parallel = plan_samples(samples, processor, parallel_cfg)
+    serial = plan_samples(samples, processor.tokenizer, load_geometry(serial_cfg.model), serial_cfg)
+    parallel = plan_samples(samples, processor.tokenizer, load_geometry(parallel_cfg.model), parallel_cfg)
     assert serial[0] == parallel[0] and serial[1] == parallel[1]
     assert serial[2].summary() == parallel[2].summary() and serial[2].kept == len(samples)
     broken = [*samples[:7], replace(samples[7], images=[data / "missing.jpg"]), *samples[8:]]
     errors = []
     for cfg in (serial_cfg, parallel_cfg):
         with pytest.raises(DataError) as err:
-            plan_samples(broken, processor, cfg)
+            plan_samples(broken, processor.tokenizer, load_geometry(cfg.model), cfg)
         errors.append(str(err.value))
     assert errors[0] == errors[1] and "missing.jpg" in errors[0]
 

@@ -12,11 +12,14 @@ import av
 import numpy as np
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from PIL import Image
 from transformers import AutoProcessor
 from transformers.video_utils import VideoMetadata
 
-from eqakit.data.encode import Geometry, PromptFormat, SampleTooLong, VideoBudget, materialize, plan_sample
+from conftest import geometry_of
+from eqakit.data.encode import PromptFormat, SampleTooLong, VideoBudget, materialize, plan_sample
 from eqakit.data.template import render
 from eqakit.data.video import VideoError, VideoSource, decode, probe
 
@@ -24,6 +27,48 @@ from eqakit.data.video import VideoError, VideoSource, decode, probe
 @pytest.fixture(scope="module")
 def processor(tiny_model_dir: Path):
     return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+# transformers 5.19-5.24's Qwen3VLProcessor wraps each video's timestamped patches in one more
+# <|vision_start|>...<|vision_end|> pair; Qwen's layout (transformers 4.57 and >= 5.25, LLaMA-Factory)
+# and eqakit's have none. These releases are within eqakit's range (vLLM 0.32 needs < 5.20).
+OUTER_VIDEO_PAIR = Version("5.19") <= Version(transformers.__version__) < Version("5.25")
+
+
+def qwen_layout(inputs, tokenizer):
+    """The processor's inputs in Qwen's video layout: on the releases that add the outer pair, the
+    same inputs without it, after checking that the pair is the whole difference (one per video)."""
+    if not OUTER_VIDEO_PAIR or "video_grid_thw" not in inputs or "second_per_grid_ts" in inputs:
+        return inputs
+    start, end, image_pad, video_pad = tokenizer.convert_tokens_to_ids(
+        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    )
+    ids = inputs["input_ids"][0].tolist()
+    outer = {i for i, t in enumerate(ids) if t == start and ids[i + 1] not in (image_pad, video_pad)}
+    outer |= {i for i, t in enumerate(ids) if t == end and ids[i - 1] == end}
+    assert len(outer) == 2 * len(inputs["video_grid_thw"]), (
+        f"transformers {transformers.__version__}'s processor differs from Qwen's video layout by more "
+        f"than one outer vision pair per video: {tokenizer.decode(ids)}"
+    )
+    keep = torch.tensor([i not in outer for i in range(len(ids))])
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in inputs:
+            inputs[key] = inputs[key][:, keep]
+    return inputs
+
+
+def name_difference(tokenizer, theirs: list[int], ours: list[int]) -> str:
+    """Where two token sequences first part, each side decoded around it (what a test reports when a
+    new transformers release changes what its processor makes)."""
+    at = next(
+        (i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b), min(len(theirs), len(ours))
+    )
+    window = slice(max(at - 8, 0), at + 12)
+    return (
+        f"transformers {transformers.__version__}'s processor and eqakit part at token {at} "
+        f"({len(theirs)} vs {len(ours)} tokens):\n  processor: ...{tokenizer.decode(theirs[window])!r}\n"
+        f"  eqakit:    ...{tokenizer.decode(ours[window])!r}"
+    )
 
 
 def frames_of(n: int, size: tuple[int, int] = (96, 64)) -> list[Image.Image]:
@@ -96,15 +141,15 @@ def test_tokens_and_pixels_equal_the_processors(request, tmp_path: Path, kind: s
         {"role": "user", "content": "<image>Here is the room: <video> Where is the ball?"},
         {"role": "assistant", "content": "On the sofa"},
     ]
-    geometry = Geometry.of_processor(processor)
+    geometry = geometry_of(request.getfixturevalue("tiny_qwen2_5_dir" if qwen2_5 else "tiny_model_dir"))
     plan = plan_sample(messages, [image.size], processor.tokenizer, fmt, videos=[info], geometry=geometry)
     frames = decode(source, info)
     ours = materialize(plan, [image], processor, fmt.budget, [frames], video_budget)
 
+    # the chat template's markup: one video pad in a vision pair, which the processor expands
     text = "".join(
-        s.text for s in render(messages, fmt.template, add_generation_prompt=False, video_times=[[0.0]])
+        s.text for s in render(messages, fmt.template, add_generation_prompt=False, video_times=[None])
     )
-    text = text.replace("<0.0 seconds><|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
     # the times the processor computes from the metadata: our chosen indices over their frame rate
     assert info.fps == (video_budget.fps if kind == "frames" else 8.0)
     metadata = VideoMetadata(total_num_frames=len(frames), fps=info.fps, frames_indices=list(info.indices))
@@ -128,10 +173,13 @@ def test_tokens_and_pixels_equal_the_processors(request, tmp_path: Path, kind: s
         },
         return_tensors="pt",
     )
+    ref = qwen_layout(ref, processor.tokenizer)
     if qwen2_5:
         assert ours["second_per_grid_ts"].tolist() == pytest.approx(ref["second_per_grid_ts"].tolist())
-    assert processor.tokenizer.decode(ref["input_ids"][0]) == processor.tokenizer.decode(ours["input_ids"])
-    assert torch.equal(ref["input_ids"][0], ours["input_ids"])
+    theirs = ref["input_ids"][0].tolist()
+    assert theirs == ours["input_ids"].tolist(), name_difference(
+        processor.tokenizer, theirs, ours["input_ids"].tolist()
+    )
     assert torch.equal(ref["mm_token_type_ids"][0], ours["mm_token_type_ids"])
     assert torch.equal(ref["pixel_values"], ours["pixel_values"])
     assert torch.equal(ref["pixel_values_videos"], ours["pixel_values_videos"])
@@ -139,7 +187,7 @@ def test_tokens_and_pixels_equal_the_processors(request, tmp_path: Path, kind: s
     assert (ours["labels"][ours["mm_token_type_ids"] > 0] == -100).all()
 
 
-def test_the_token_budget_scales_frames_then_drops_them(processor) -> None:
+def test_the_token_budget_scales_frames_then_drops_them(processor, geometry) -> None:
     """Frames shrink first; below the smallest size whole temporal patches go, evenly; counted."""
     info = probe_frames(16, (512, 384))
     messages = [
@@ -148,15 +196,30 @@ def test_the_token_budget_scales_frames_then_drops_them(processor) -> None:
     ]
     budget = VideoBudget(min_pixels=64 * 64, max_pixels=256 * 256)
     full = plan_sample(
-        messages, [], processor.tokenizer, PromptFormat(cutoff_len=8192, video=budget), videos=[info]
+        messages,
+        [],
+        processor.tokenizer,
+        PromptFormat(cutoff_len=8192, video=budget),
+        videos=[info],
+        geometry=geometry,
     )
     assert not full.scaled_down and full.frames_dropped == 0 and full.videos[0].grid[0] == 8
     scaled = plan_sample(
-        messages, [], processor.tokenizer, PromptFormat(cutoff_len=400, video=budget), videos=[info]
+        messages,
+        [],
+        processor.tokenizer,
+        PromptFormat(cutoff_len=400, video=budget),
+        videos=[info],
+        geometry=geometry,
     )
     assert scaled.scaled_down and scaled.frames_dropped == 0 and scaled.length <= 400
     dropped = plan_sample(
-        messages, [], processor.tokenizer, PromptFormat(cutoff_len=90, video=budget), videos=[info]
+        messages,
+        [],
+        processor.tokenizer,
+        PromptFormat(cutoff_len=90, video=budget),
+        videos=[info],
+        geometry=geometry,
     )
     assert dropped.frames_dropped > 0 and dropped.length <= 90
     kept = dropped.videos[0].info
@@ -165,7 +228,12 @@ def test_the_token_budget_scales_frames_then_drops_them(processor) -> None:
     )
     with pytest.raises(SampleTooLong):
         plan_sample(
-            messages, [], processor.tokenizer, PromptFormat(cutoff_len=20, video=budget), videos=[info]
+            messages,
+            [],
+            processor.tokenizer,
+            PromptFormat(cutoff_len=20, video=budget),
+            videos=[info],
+            geometry=geometry,
         )
 
 
@@ -276,12 +344,9 @@ VIDEO_BUDGET = VideoBudget(
 
 def _chat_template_text(messages: list[dict], videos: list, template: str = "qwen3_vl_nothink") -> str:
     """The prompt as the checkpoint's chat template writes it (one video pad per video), for the processor."""
-    from eqakit.data.template import IMAGE_TOKENS, render_prompt, video_tokens
+    from eqakit.data.template import render_prompt
 
-    text = render_prompt(messages, template, video_times=[v.info.clip_times() for v in videos])
-    for v in videos:
-        text = text.replace(video_tokens(v.info.clip_times()), IMAGE_TOKENS.replace("image", "video"), 1)
-    return text
+    return render_prompt(messages, template, video_times=[None] * len(videos))
 
 
 def _reference(model, processor, request, budget=VIDEO_BUDGET) -> list[int]:
@@ -318,6 +383,7 @@ def _reference(model, processor, request, budget=VIDEO_BUDGET) -> list[int]:
         return_tensors="pt",
         **kwargs,
     )
+    inputs = qwen_layout(inputs, processor.tokenizer)
     if qwen2_5 and request.videos:
         assert inputs["second_per_grid_ts"].tolist() == pytest.approx(
             [2 / v.info.sampled_fps for v in request.videos]
@@ -546,28 +612,32 @@ def test_the_api_answers_video_files_and_frame_lists_as_the_engine_does(video_se
     refused(_video_part("data:video/mp4;base64," + base64.b64encode(big).decode()), "api_max_request_pixels")
 
 
-def test_vllm_gets_the_chat_templates_video_markup(processor) -> None:
-    """What the vLLM backend sends: the prompt with each video collapsed to the checkpoint's own chat
-    template markup (vLLM expands the pad into the same patches), images untouched."""
+def test_vllm_gets_one_bare_pad_per_video_and_expands_it_to_ours(processor, geometry) -> None:
+    """What the vLLM backend sends for a Qwen3-VL video: one bare ``<|video_pad|>`` (vLLM 0.32 on
+    transformers >= 5.10 expands only that token, keeping what surrounds it); expanded as vLLM does
+    (each patch's timestamp tokenized alone, then its vision pair), it is the prompt eqakit plans,
+    with no outer vision pair. Images stay as they are."""
     from eqakit.data.encode import PadIds
-    from eqakit.engine.vllm.engine import collapse_videos
+    from eqakit.engine import Request, SamplingParams
+    from eqakit.engine.vllm.engine import bare_video_prompt
 
+    tok = processor.tokenizer
     videos = [probe_frames(6, (96, 64)), probe_frames(4, (64, 64))]
     messages = [{"role": "user", "content": "<video>then<image><video>: what changed?"}]
+    fmt = PromptFormat(cutoff_len=4096)
     plan = plan_sample(
-        messages,
-        [(32, 32)],
-        processor.tokenizer,
-        PromptFormat(cutoff_len=4096),
-        videos=videos,
-        add_generation_prompt=True,
+        messages, [(32, 32)], tok, fmt, videos=videos, add_generation_prompt=True, geometry=geometry
     )
-    template = [{"type": "video"}, {"type": "text", "text": "then"}, {"type": "image"}, {"type": "video"}]
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [*template, {"type": "text", "text": ": what changed?"}]}],
-        add_generation_prompt=True,
-        tokenize=False,
-    )
-    start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    collapsed = collapse_videos(plan.input_ids, PadIds.of(processor.tokenizer), start, [3, 2])
-    assert collapsed == processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pads = PadIds.of(tok)
+    start, end = tok.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>"])
+    sent = bare_video_prompt(Request(messages, SamplingParams()), tok, fmt, pads.video)
+    assert sent.count(pads.video) == 2 and sent.count(pads.image) == 1
+    expanded: list[int] = []
+    times = iter([v.clip_times() for v in videos])
+    for token in sent:
+        if token != pads.video:
+            expanded.append(token)
+            continue
+        for t in next(times):
+            expanded += [*tok.encode(f"<{t:.1f} seconds>", add_special_tokens=False), start, pads.video, end]
+    assert expanded == plan.input_ids

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
 from eqakit.config.args import DataArguments, ModelArguments
-from eqakit.data.template import NOTHINK, VIDEO_PAD, Message, Segment, count_parts, render, video_pads
+from eqakit.data.template import NOTHINK, VIDEO_PAD, Message, Segment, count_parts, render
 from eqakit.data.video import TEMPORAL_PATCH, VideoInfo
 
 if TYPE_CHECKING:
@@ -66,37 +67,41 @@ class VideoBudget:
 @dataclass(frozen=True)
 class Geometry:
     """What planning needs of a model: its vision patch size and spatial merge (image tokens per
-    image follow from them), and how it times videos. Defaults: Qwen3-VL's.
+    image follow from them), and how it times videos. Always read from the model's own config
+    (`of`), so no stage can plan one architecture's layout for another.
 
     ``timestamps``: Qwen3-VL writes each temporal patch's time in the text and its video processor
     bounds all frames' pixels together; Qwen2.5-VL (False) spaces the patches' M-RoPE positions by
     ``second_per_grid_ts`` and bounds each frame's pixels alone."""
 
-    patch: int = 16
-    merge: int = 2
-    timestamps: bool = True
+    patch: int
+    merge: int
+    timestamps: bool
 
     @classmethod
     def of(cls, model_config: Any) -> Geometry:
-        """A model's geometry, read from its (transformers) config."""
-        from eqakit.model.arch import ARCHITECTURES
+        """A model's geometry, read from its (transformers) config; an unsupported ``model_type`` is
+        refused by name (`eqakit.model.arch.architecture`)."""
+        from eqakit.model.arch import architecture
 
+        arch = architecture(getattr(model_config, "model_type", None))
         vision = model_config.vision_config
         if int(getattr(vision, "temporal_patch_size", TEMPORAL_PATCH)) != TEMPORAL_PATCH:
             raise ValueError(
                 f"the model's vision_config.temporal_patch_size is {vision.temporal_patch_size}; eqakit "
                 f"plans videos in temporal patches of {TEMPORAL_PATCH} frames, as every Qwen-VL model has"
             )
-        arch = ARCHITECTURES.get(getattr(model_config, "model_type", ""))
-        timestamps = arch.timestamped_video if arch is not None else True
-        return cls(int(vision.patch_size), int(vision.spatial_merge_size), timestamps)
+        return cls(int(vision.patch_size), int(vision.spatial_merge_size), arch.timestamped_video)
 
-    @classmethod
-    def of_processor(cls, processor: Any) -> Geometry:
-        """The geometry a processor resizes and merges images with (the model's own, from its checkpoint)."""
-        image_processor = processor.image_processor
-        timestamps = "second_per_grid_ts" not in getattr(processor, "model_input_names", ())
-        return cls(int(image_processor.patch_size), int(image_processor.merge_size), timestamps)
+    def video_pads(self, clips: int) -> int:
+        """How many video pads a video of ``clips`` temporal patches renders as: one per patch
+        (timestamped markup) or one for the whole video."""
+        return clips if self.timestamps else 1
+
+    def video_times(self, videos: Sequence[VideoInfo]) -> list[list[float] | None]:
+        """What `eqakit.data.template.render` marks each video up with: its temporal-patch times,
+        or None (one pad) for a model without timestamps."""
+        return [v.clip_times() if self.timestamps else None for v in videos]
 
 
 @dataclass(frozen=True)
@@ -147,9 +152,9 @@ class Plan:
     labels: list[int]
     image_sizes: list[tuple[int, int]]  # (width, height) of the source images
     max_pixels: int  # cap used for every image of this sample (<= the budget's; lower when scaled down)
-    grids: list[tuple[int, int, int]] = field(default_factory=list)  # (t, h, w) in patches per image
-    scaled_down: bool = False
-    merge: int = Geometry.merge  # the model's spatial merge: merge x merge patches make one token
+    grids: list[tuple[int, int, int]]  # (t, h, w) in patches per image
+    scaled_down: bool
+    merge: int  # the model's spatial merge: merge x merge patches make one token
     videos: list[VideoPlan] = field(default_factory=list)
     frames_dropped: int = 0  # video frames left out to fit cutoff_len
 
@@ -300,7 +305,7 @@ def plan_sample(
     add_generation_prompt: bool = False,
     train_on_prompt: bool = False,
     mask_history: bool = False,
-    geometry: Geometry = Geometry(),  # noqa: B008 - frozen, so a shared default is safe
+    geometry: Geometry,
 ) -> Plan:
     """Tokenize a rendered conversation and fit its images and videos into ``fmt.cutoff_len``.
 
@@ -323,9 +328,16 @@ def plan_sample(
 
     def attempt(infos: list[VideoInfo]) -> Plan:
         input_ids, labels = _tokenize(
-            messages, encoder, fmt, infos, system, add_generation_prompt, train_on_prompt, mask_history
+            messages,
+            encoder,
+            fmt,
+            geometry.video_times(infos),
+            system,
+            add_generation_prompt,
+            train_on_prompt,
+            mask_history,
         )
-        text_len = len(input_ids) - len(image_sizes) - sum(video_pads(fmt.template, v.clips) for v in infos)
+        text_len = len(input_ids) - len(image_sizes) - sum(geometry.video_pads(v.clips) for v in infos)
         return _fit(input_ids, labels, text_len, image_sizes, infos, fmt, geometry)
 
     infos = list(videos)
@@ -355,13 +367,14 @@ def _tokenize(
     messages: list[Message],
     encoder: TextEncoder,
     fmt: PromptFormat,
-    videos: list[VideoInfo],
+    video_times: list[list[float] | None],
     system: str | None,
     add_generation_prompt: bool,
     train_on_prompt: bool,
     mask_history: bool,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels of the rendered conversation (one pad per image and per temporal patch)."""
+    """Token ids and labels of the rendered conversation (one pad per image and per temporal patch,
+    or per video where ``video_times`` holds None: `eqakit.data.template.render`)."""
     segments = render(
         messages,
         fmt.template,
@@ -369,9 +382,9 @@ def _tokenize(
         add_generation_prompt=add_generation_prompt,
         system=system,
         default_system=fmt.default_system,
-        video_times=[v.clip_times() for v in videos],
+        video_times=video_times,
     )
-    video_pad_count = sum(video_pads(fmt.template, v.clips) for v in videos)
+    video_pad_count = sum(1 if times is None else len(times) for times in video_times)
     pads = count_parts(messages, "image") * len(IMAGE_PAD) + video_pad_count * len(VIDEO_PAD)
     characters = sum(len(s.text) for s in segments) - pads
     if characters > fmt.cutoff_len * encoder.max_chars:  # refused before tokenizing (a 60 MB body)
@@ -387,6 +400,20 @@ def _tokenize(
         input_ids += ids
         labels += ids if learn else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
+
+
+def prompt_ids(
+    messages: list[Message],
+    tokenizer: Any,
+    fmt: PromptFormat,
+    video_times: list[list[float] | None],
+    system: str | None = None,
+) -> list[int]:
+    """A generation prompt's token ids with each video marked up as ``video_times`` says (no budget:
+    the vLLM backend plans with `plan_sample`, then sends the chat template's one-pad video markup,
+    which vLLM expands itself)."""
+    ids, _ = _tokenize(messages, text_encoder(tokenizer), fmt, video_times, system, True, False, False)
+    return ids
 
 
 Grid = tuple[int, int, int]
@@ -420,7 +447,7 @@ def _fit(
     """Scale images and video frames down (both by the same steps) until the sample fits cutoff_len."""
     cutoff_len, budget, vbudget = fmt.cutoff_len, fmt.budget, fmt.video
     patch, merge = geometry.patch, geometry.merge
-    video_pad_counts = [video_pads(fmt.template, v.clips) for v in videos]
+    video_pad_counts = [geometry.video_pads(v.clips) for v in videos]
     pads = len(image_sizes) + sum(video_pad_counts)
     if text_len + pads > cutoff_len:
         what = "image or video" if videos else "image"

@@ -8,16 +8,21 @@ token ids, labels and pixel values.
 Templates (LLaMA-Factory names):
 - ``qwen3_vl_nothink``: Qwen3-VL-Instruct's format. No default system prompt;
   ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn; each image is
-  ``<|vision_start|><|image_pad|><|vision_end|>``; each video is ``<|vision_start|>``, then per temporal
-  patch (two frames) ``<{t:.1f} seconds><|vision_start|><|video_pad|><|vision_end|>``, then
-  ``<|vision_end|>`` (what Qwen3VLProcessor makes of the chat template's video markup); the reply
-  follows ``<|im_start|>assistant\\n``.
+  ``<|vision_start|><|image_pad|><|vision_end|>``; the reply follows ``<|im_start|>assistant\\n``.
 - ``qwen2_vl``: Qwen2-VL / Qwen2.5-VL's format: the same turns, the default system prompt "You are a
-  helpful assistant." (``default_system`` replaces it), images as above, each video one
-  ``<|vision_start|><|video_pad|><|vision_end|>`` (its frames' times enter the positions instead).
+  helpful assistant." (``default_system`` replaces it), images as above.
 - ``qwen3_vl``: the same turns for thinking models. With ``enable_thinking: false`` an empty
   ``<think>\\n\\n</think>\\n\\n`` block is put in the prompt (not learned); with thinking enabled an answer
   without a think block gets the empty block in front of it and learns it, as LLaMA-Factory does.
+
+Videos are marked up as the model's architecture times them (`eqakit.data.encode.Geometry`, from
+the model's config; never from the template's name): a video of a model with timestamps (Qwen3-VL)
+is, per temporal patch of two frames, ``<{t:.1f} seconds><|vision_start|><|video_pad|><|vision_end|>``
+(what Qwen's own processor makes of the chat template's ``<|vision_start|><|video_pad|><|vision_end|>``:
+transformers 4.57 and >= 5.25, LLaMA-Factory and vLLM; transformers 5.19-5.24 added an outer vision
+pair around the patches, which the model never saw in training); a video of a model without them
+(Qwen2.5-VL) is the chat template's one ``<|vision_start|><|video_pad|><|vision_end|>``, its frames'
+times entering the positions instead.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 _PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 Message = dict[str, Any]  # {"role": "system"|"user"|"assistant", "content": str | list[part]}
+_MISSING: Any = object()
 
 
 @dataclass(frozen=True)
@@ -60,31 +66,25 @@ class Segment:
 
 
 def video_tokens(clip_times: list[float] | None) -> str:
-    """A video's prompt markup: one pad per temporal patch after its time (Qwen3-VL), or with no
-    times (``None``, Qwen2.5-VL) one pad for the whole video; pads are expanded per visual token later."""
+    """A video's prompt markup: one pad per temporal patch after its time (a timestamped model,
+    Qwen3-VL), or with no times (``None``) the chat template's one pad for the whole video
+    (Qwen2.5-VL, and what vLLM expands itself); pads are expanded per visual token later."""
     if clip_times is None:
         return f"{VISION_START}{VIDEO_PAD}{VISION_END}"
-    clips = "".join(f"<{t:.1f} seconds>{VISION_START}{VIDEO_PAD}{VISION_END}" for t in clip_times)
-    return f"{VISION_START}{clips}{VISION_END}"
-
-
-def video_pads(template: str, clips: int) -> int:
-    """How many video pads a video of ``clips`` temporal patches renders as: one per patch
-    (Qwen3-VL's timestamped markup) or one for the whole video (``qwen2_vl``)."""
-    return 1 if template == QWEN2_VL else clips
+    return "".join(f"<{t:.1f} seconds>{VISION_START}{VIDEO_PAD}{VISION_END}" for t in clip_times)
 
 
 class _Builder:
     """Accumulates a segment's text, recording which spans are message text (see `Segment.literal`).
 
-    ``video_times`` holds each video's temporal-patch times, in prompt order (its markup needs them),
-    or None for a template whose video markup has no times.
+    ``video_times`` holds, for each video in prompt order, its temporal-patch times, or None for
+    the chat template's one-pad markup (`video_tokens`).
     """
 
-    def __init__(self, video_times: list[list[float]] | None = None) -> None:
+    def __init__(self, video_times: list[list[float] | None]) -> None:
         self.text = ""
         self.spans: list[tuple[int, int]] = []
-        self.videos = iter(video_times) if video_times is not None else None
+        self.videos = iter(video_times)
 
     def markup(self, text: str) -> None:
         self.text += text
@@ -100,8 +100,8 @@ class _Builder:
             if part["type"] == "image":
                 self.markup(IMAGE_TOKENS)
             elif part["type"] == "video":
-                times = next(self.videos, None) if self.videos is not None else None
-                if times is None and self.videos is not None:
+                times = next(self.videos, _MISSING)
+                if times is _MISSING:
                     raise ValueError("the text has more video placeholders than the sample has videos")
                 self.markup(video_tokens(times))
             else:
@@ -173,10 +173,11 @@ def render(
     add_generation_prompt: bool = True,
     system: str | None = None,
     default_system: str | None = None,
-    video_times: list[list[float]] | None = None,
+    video_times: list[list[float] | None] | None = None,
 ) -> list[Segment]:
-    """Render a conversation as prompt segments (``video_times``: each video's temporal-patch times,
-    for the templates whose video markup has them; ignored by ``qwen2_vl``).
+    """Render a conversation as prompt segments. ``video_times`` has an entry per video, in prompt
+    order: its temporal-patch times for a timestamped model, or None for the one-pad markup
+    (`video_tokens`; the model's `eqakit.data.encode.Geometry` says which). None: no videos.
 
     With ``add_generation_prompt`` (inference) the messages end with a user turn and the result ends
     with the assistant header. Without it (training) every assistant turn is a learned segment:
@@ -188,7 +189,7 @@ def render(
         raise ValueError(f"unknown template {template!r}; eqakit renders {' and '.join(TEMPLATES)}")
     thinking_template = template == THINK
     segments: list[Segment] = []
-    prompt = _Builder(None if template == QWEN2_VL else (video_times or []))
+    prompt = _Builder(video_times or [])
     if messages and messages[0].get("role") == "system":
         system, messages = _text(messages[0].get("content")), messages[1:]
     if default_system is None:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from eqakit.config.load import Config
 from eqakit.data.dataset import Sample, load_samples
-from eqakit.data.encode import PromptFormat, VideoBudget
+from eqakit.data.encode import Geometry, PromptFormat, VideoBudget
 from eqakit.data.template import THINK, count_images, count_parts, render_prompt, strip_thinking
 from eqakit.data.video import Video, VideoError, VideoInfo, VideoSource, decode, probe
 from eqakit.engine import InferenceEngine, PromptTooLong, Request, RequestError, SamplingParams, load_engine
@@ -49,6 +49,7 @@ from eqakit.errors import DataError, EqakitError
 from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
 from eqakit.evaluate.report import write_report
 from eqakit.fsutil import write_text_atomic
+from eqakit.model.load import load_geometry
 
 PREDICTIONS = "generated_predictions.jsonl"
 META_FIELDS = ("question_id", "category", "extra_answers")
@@ -89,7 +90,8 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
         raise DataError(f"eval_dataset {cfg.data.eval_dataset!r} has no samples")
     sizes, videos = _check_samples(samples, VideoBudget.from_config(cfg))
     fmt = PromptFormat.from_config(cfg)
-    prompts = [_prompt(fmt, s, v) for s, v in zip(samples, videos, strict=True)]
+    geometry = load_geometry(cfg.model)  # the model's config alone: prompts are known before it loads
+    prompts = [_prompt(fmt, geometry, s, v) for s, v in zip(samples, videos, strict=True)]
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / PREDICTIONS
@@ -235,16 +237,17 @@ def _check_samples(
     return sizes, videos
 
 
-def _prompt(fmt: PromptFormat, sample: Sample, videos: list[VideoInfo]) -> str:
+def _prompt(fmt: PromptFormat, geometry: Geometry, sample: Sample, videos: list[VideoInfo]) -> str:
     """The prompt as rendered for the model (one <|image_pad|> per image, one <|video_pad|> per
-    temporal patch of each video's probed frames), for the predictions file."""
+    temporal patch of each video's probed frames, or per video for a model without timestamps),
+    for the predictions file."""
     return render_prompt(
         sample.prompt_messages,
         fmt.template,
         enable_thinking=fmt.enable_thinking,
         system=sample.system,
         default_system=fmt.default_system,
-        video_times=[v.clip_times() for v in videos],
+        video_times=geometry.video_times(videos),
     )
 
 

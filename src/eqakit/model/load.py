@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from eqakit.config.args import ModelArguments
+from eqakit.data.encode import Geometry
 from eqakit.errors import EqakitError
 from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
 from eqakit.model.arch import architecture, local_model_type
@@ -76,22 +77,36 @@ def check_supported(name: str, model_args: ModelArguments) -> None:
     architecture(config.model_type, name)
 
 
-def load_processor(model_args: ModelArguments, path: str | None = None) -> Any:
-    """The checkpoint's processor (tokenizer + image processor + chat template)."""
-    from transformers import AutoProcessor
-
+def _from_checkpoint(auto_class: Any, what: str, model_args: ModelArguments, path: str | None) -> Any:
+    """One of the checkpoint's parts (``auto_class.from_pretrained``), after the source and its
+    architecture are checked; a part that cannot be read is one error naming it."""
     name = path or model_args.model_name_or_path
     _check_model_source(name)
     check_supported(name, model_args)
     try:
-        return AutoProcessor.from_pretrained(
+        return auto_class.from_pretrained(
             name,
             trust_remote_code=model_args.trust_remote_code,
             cache_dir=model_args.cache_dir,
             revision=model_args.model_revision,
         )
     except OSError as exc:
-        raise EqakitError(f"could not load the processor of {name!r}: {exc}") from None
+        raise EqakitError(f"could not load the {what} of {name!r}: {exc}") from None
+
+
+def load_geometry(model_args: ModelArguments, path: str | None = None) -> Geometry:
+    """What planning needs of the checkpoint (`eqakit.data.encode.Geometry`), read from its
+    config.json alone, so samples are planned before any weight loads."""
+    from transformers import AutoConfig
+
+    return Geometry.of(_from_checkpoint(AutoConfig, "config", model_args, path))
+
+
+def load_processor(model_args: ModelArguments, path: str | None = None) -> Any:
+    """The checkpoint's processor (tokenizer + image processor + chat template)."""
+    from transformers import AutoProcessor
+
+    return _from_checkpoint(AutoProcessor, "processor", model_args, path)
 
 
 def _quantization(model_args: ModelArguments, dtype: torch.dtype, device: torch.device) -> Any:

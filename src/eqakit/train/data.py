@@ -202,7 +202,7 @@ def _first_20(problems: list[str]) -> str:
 
 
 def plan_samples(
-    samples: list[Sample], processor: Any, cfg: Config
+    samples: list[Sample], tokenizer: Any, geometry: Geometry, cfg: Config
 ) -> tuple[list[Plan], list[Sample], PlanReport]:
     """Decode, tokenize and budget every sample; drop (and count) those that cannot fit cutoff_len.
 
@@ -211,8 +211,7 @@ def plan_samples(
     planned in that many processes (LLaMA-Factory's ``num_proc`` / ``batch_size``), so decoding a
     large dataset's images is not bound to one core; the result is the same as in one process.
     """
-    tokenizer = processor.tokenizer
-    settings = PlanSettings.from_config(cfg, Geometry.of_processor(processor))
+    settings = PlanSettings.from_config(cfg, geometry)
     workers, batch = cfg.data.preprocessing_num_workers or 1, cfg.data.preprocessing_batch_size
     if workers >= 2 and len(samples) > batch:
         outcomes = _plan_parallel(samples, tokenizer, settings, workers, batch)

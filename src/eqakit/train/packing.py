@@ -8,7 +8,8 @@ exactly what it would see alone, so the logits, and the loss over the batch's an
 the separate samples' (tests check within 1e-5 in fp32) at a fraction of the tokens.
 
 Packing spans the optimizer step, not the micro-batch. `EpisodeBatchSampler` draws a step's
-``per_device_train_batch_size x gradient_accumulation_steps`` samples episode by episode; the
+``per_device_train_batch_size x gradient_accumulation_steps x world_size`` samples episode by
+episode and gives each process whole episodes of it (the same steps at any world size); the
 trainer (`eqakit.train.trainer.EqakitTrainer.get_batch_samples`) packs all of them (`pack_rows`: one
 row per episode, split where a row would outgrow the budget) and regroups the rows into micro-batches
 (`micro_batches`) no larger, padded, than the largest micro-batch the step had unpacked, so the peak
@@ -30,33 +31,74 @@ from eqakit.data.encode import IGNORE_INDEX, VIDEO_TIMES
 from eqakit.train.data import MEDIA, PER_ITEM
 
 
-class EpisodeBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Micro-batches of ``batch_size`` samples; each run of ``accumulation`` of them (an optimizer
-    step) is taken episode by episode, and the steps are reshuffled every epoch."""
+@dataclass(frozen=True)
+class StandIn:
+    """A sample index fed to a process that has no sample of its own in an optimizer step: its
+    loss is multiplied by zero (`eqakit.train.trainer.EqakitTrainer`), but its forward and backward
+    take part in every collective DDP runs, so no process waits for another forever."""
 
-    def __init__(self, groups: list[list[int]], batch_size: int, seed: int, accumulation: int = 1) -> None:
+    index: int
+
+
+class EpisodeBatchSampler(torch.utils.data.Sampler[list[Any]]):
+    """One process's micro-batches: ``accumulation`` per optimizer step, the step's samples taken
+    episode by episode, the steps reshuffled every epoch.
+
+    A step holds ``batch_size x accumulation x world_size`` samples (the global batch), chosen by the
+    seed and epoch alone, so a run trains the same steps at any world size with the same global
+    batch. Each process takes whole episodes of the step (the largest first, each to the process
+    with the fewest samples so far) and splits its share over its micro-batches (some may be empty:
+    the trainer repacks the step as a whole); a process left without any gets one `StandIn`.
+    """
+
+    def __init__(
+        self,
+        groups: list[list[int]],
+        batch_size: int,
+        seed: int,
+        accumulation: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+    ) -> None:
         self.groups, self.batch_size, self.seed, self.epoch = groups, batch_size, seed, 0
-        self.accumulation = accumulation
+        self.accumulation, self.world_size, self.rank = accumulation, world_size, rank
+        self.group_of = {i: g for g, members in enumerate(groups) for i in members}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _batches(self) -> list[list[int]]:
+    def steps(self) -> list[list[int]]:
+        """This epoch's optimizer steps, each the global batch's sample indices (every process's)."""
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
         groups = [rng.sample(g, len(g)) for g in self.groups]
         rng.shuffle(groups)
         flat = [i for g in groups for i in g]
-        per_step = self.batch_size * self.accumulation
+        per_step = self.batch_size * self.accumulation * self.world_size
         steps = [flat[i : i + per_step] for i in range(0, len(flat), per_step)]
         rng.shuffle(steps)
-        order = [i for step in steps for i in step]
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return steps
 
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
+    def share(self, step: list[int]) -> list[int]:
+        """This process's samples of a step: whole episodes, balanced by count over the processes."""
+        episodes: dict[int, list[int]] = {}
+        for i in step:
+            episodes.setdefault(self.group_of[i], []).append(i)
+        shares: list[list[int]] = [[] for _ in range(self.world_size)]
+        for members in sorted(episodes.values(), key=len, reverse=True):
+            min(shares, key=len).extend(members)
+        return shares[self.rank]
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for step in self.steps():
+            mine: list[Any] = self.share(step) or [StandIn(step[0])]
+            size, extra = divmod(len(mine), self.accumulation)
+            cuts = [k * size + min(k, extra) for k in range(self.accumulation + 1)]
+            # the fuller micro-batches last: an empty one is a slot packing skips anyway
+            yield from reversed([mine[cuts[k] : cuts[k + 1]] for k in range(self.accumulation)])
 
     def __len__(self) -> int:
-        return -(-sum(len(g) for g in self.groups) // self.batch_size)
+        samples = sum(len(g) for g in self.groups)
+        return -(-samples // (self.batch_size * self.accumulation * self.world_size)) * self.accumulation
 
 
 def _shared_prefix(features: list[dict[str, torch.Tensor]]) -> int:

@@ -29,7 +29,7 @@ import yaml
 
 from eqakit import __version__
 from eqakit.config import Config, load_config
-from eqakit.data.encode import ImageBudget, PromptFormat
+from eqakit.data.encode import Geometry, ImageBudget, PromptFormat
 from eqakit.errors import ConfigError, DataError, Stopped
 from eqakit.fsutil import write_text_atomic
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, StopOnSignal, newest_complete_checkpoint
@@ -134,12 +134,14 @@ def _compute_dtype(cfg: Config) -> Any:
     return torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
 
 
-def _eval_samples(cfg: Config, processor: Any, budget: ImageBudget) -> tuple[list[Any], list[Any]] | None:
+def _eval_samples(
+    cfg: Config, processor: Any, geometry: Geometry, budget: ImageBudget
+) -> tuple[list[Any], list[Any]] | None:
     """eval_dataset's planned samples, when training evaluates on a dataset of its own."""
     if not cfg.data.eval_dataset:
         return None
     samples = load_training_samples(cfg, cfg.data.eval_dataset)
-    plans, samples, _ = plan_samples(samples, processor, cfg)
+    plans, samples, _ = plan_samples(samples, processor.tokenizer, geometry, cfg)
     return plans, samples
 
 
@@ -161,24 +163,25 @@ def run_train(cfg: Config) -> dict[str, float]:
 def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     import transformers
 
-    from eqakit.model.load import load_base_model, load_processor
+    from eqakit.model.load import load_base_model, load_geometry, load_processor
     from eqakit.train.lora import apply_lora, trainable_summary
     from eqakit.train.plots import plot_loss
 
     out = Path(cfg.training.output_dir)
     resume = resolve_resume(cfg)
     processor = load_processor(cfg.model)
+    geometry = load_geometry(cfg.model)
     budget = ImageBudget.from_config(cfg)
 
     samples = load_training_samples(cfg)
     if not samples:
         raise DataError(f"dataset {cfg.data.dataset!r} has no rows")
-    plans, samples, report = plan_samples(samples, processor, cfg)
+    plans, samples, report = plan_samples(samples, processor.tokenizer, geometry, cfg)
     if not plans:
         raise DataError(
             f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}"
         )
-    extra_eval = _eval_samples(cfg, processor, budget)
+    extra_eval = _eval_samples(cfg, processor, geometry, budget)
     if cfg.training.eval_strategy.value != "no" and not cfg.data.val_size and extra_eval is None:
         raise ConfigError(
             f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "

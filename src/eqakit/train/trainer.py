@@ -24,6 +24,7 @@ from eqakit.model.arch import vision_tower
 from eqakit.train.packing import (
     EpisodeBatchSampler,
     PackedCollator,
+    StandIn,
     micro_batches,
     pack_rows,
     packed_inputs,
@@ -34,6 +35,29 @@ from eqakit.train.vision_cache import VisionFeatureCache
 
 LOSS_TOTAL_FILE = "eqakit_loss_total.json"  # in each checkpoint: the run's summed per-step losses
 SKIP = "eqakit_skip"  # marks a micro-batch slot that step packing left empty (see get_batch_samples)
+STAND_IN = "eqakit_stand_in"  # marks a micro-batch whose loss counts zero (`StandIn`)
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """The training set as `EpisodeBatchSampler` indexes it: an index, or a `StandIn` for one."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | StandIn) -> dict[str, Any]:
+        if isinstance(key, StandIn):
+            return {**self.dataset[key.index], STAND_IN: True}
+        return self.dataset[key]
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader whose ``set_epoch`` reaches its batch sampler (the Trainer calls it each epoch)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
 
 
 def _as_list(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -197,13 +221,21 @@ class EqakitTrainer(Trainer):
         return data_collator
 
     def get_train_dataloader(self) -> DataLoader:
+        """With step packing, each process's own share of every optimizer step (`EpisodeBatchSampler`):
+        not accelerate's sharding, which deals micro-batches to processes in turn and so splits
+        steps and episodes across them."""
         if self.episode_groups is None:
             return super().get_train_dataloader()
         sampler = EpisodeBatchSampler(
-            self.episode_groups, self._train_batch_size, self.args.seed, self.args.gradient_accumulation_steps
+            self.episode_groups,
+            self._train_batch_size,
+            self.args.seed,
+            self.args.gradient_accumulation_steps,
+            self.args.world_size,
+            self.args.process_index,
         )
-        loader = DataLoader(
-            self.train_dataset,
+        return EpochDataLoader(
+            StepDataset(self.train_dataset),
             batch_sampler=sampler,
             collate_fn=_as_list,
             num_workers=self.args.dataloader_num_workers,
@@ -211,19 +243,19 @@ class EqakitTrainer(Trainer):
             persistent_workers=self.args.dataloader_persistent_workers
             and self.args.dataloader_num_workers > 0,
         )
-        return self.accelerator.prepare(loader)
 
     def get_batch_samples(
         self, epoch_iterator: Any, num_batches: int, device: torch.device
     ) -> tuple[list, Any]:
         """One optimizer step's micro-batches, packed across the whole step (shared-prefix packing).
 
-        The step's samples are packed into rows (an episode's questions in one) and the rows regrouped
-        into micro-batches no larger, padded, than the step's largest unpacked one. The Trainer still
-        runs ``num_batches`` micro-batches per step (its accumulation and sync logic count them), so
-        the slots packing freed come first and are skipped (`training_step`): the last micro-batch,
-        the one that synchronizes gradients across processes, is always a real one. The loss is
-        divided by the step's count of answer tokens, as transformers does unpacked.
+        The process's samples of the step are packed into rows (an episode's questions in one) and the
+        rows regrouped into micro-batches no larger, padded, than the step's largest unpacked one. The
+        Trainer still runs ``num_batches`` micro-batches per step (its accumulation and sync logic
+        count them), so the slots packing freed come first and are skipped (`training_step`): the
+        last micro-batch, the one that synchronizes gradients across processes, is always a real one
+        (a process without samples in the step feeds its `StandIn` there). The loss is divided by the
+        step's count of answer tokens over all processes, as transformers does unpacked.
         """
         if self.episode_groups is None:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -236,13 +268,21 @@ class EqakitTrainer(Trainer):
         if not unpacked:
             return [], None
         collate = PackedCollator(self.processing_class.tokenizer.pad_token_id)
-        budget = max(padded_size(features) for features in unpacked)
-        rows = pack_rows([f for features in unpacked for f in features], budget)
-        batches = [collate.collate_rows(group) for group in micro_batches(rows, budget)]
-        if len(batches) > len(unpacked):  # rows packed worse than the unpacked grouping: keep that grouping
-            batches = [collate(features) for features in unpacked]
+        features = [f for part in unpacked for f in part]
+        if any(STAND_IN in f for f in features):  # nothing of this process's own in the step
+            stand_in = {k: v for k, v in features[0].items() if k != STAND_IN}
+            batches = [{**collate([stand_in]), STAND_IN: True}]
+            features = []
+        else:
+            real = [part for part in unpacked if part]
+            budget = max(padded_size(part) for part in real)
+            batches = [
+                collate.collate_rows(group) for group in micro_batches(pack_rows(features, budget), budget)
+            ]
+            if len(batches) > len(real):  # rows packed worse than the unpacked grouping: keep that grouping
+                batches = [collate(part) for part in real]
         batches = [{SKIP: True}] * (len(unpacked) - len(batches)) + batches
-        items = torch.tensor(learned_tokens([f for features in unpacked for f in features]), device=device)
+        items = torch.tensor(learned_tokens(features), device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             items = self.accelerator.gather(items).sum()
         return batches, items
@@ -259,9 +299,13 @@ class EqakitTrainer(Trainer):
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         """include_num_input_tokens_seen counts the tokens fed to the model (packed rows hold an
-        episode's frames once); an empty slot feeds none."""
-        if SKIP not in inputs:
+        episode's frames once); an empty slot or a stand-in counts none, but still joins the gather
+        that sums the count over processes (a process skipping it would leave the others waiting)."""
+        if SKIP not in inputs and STAND_IN not in inputs:
             super()._track_num_input_tokens(inputs)
+        elif self.args.include_num_input_tokens_seen != "no":
+            none = torch.zeros((), dtype=torch.int64, device=self.args.device)
+            self.state.num_input_tokens_seen += self.accelerator.gather(none).sum().item()
 
     def _encoder_outputs(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
         keys, video_keys = inputs.pop("image_keys", None), inputs.pop("video_keys", None)
@@ -277,6 +321,7 @@ class EqakitTrainer(Trainer):
         divided by that count, so an accumulated step's loss is its token mean whatever the
         micro-batches hold, packed or not; transformers would average per-micro-batch means here, as
         Qwen3-VL declares ``accepts_loss_kwargs = False``."""
+        stand_in = inputs.pop(STAND_IN, False)
         encoder_outputs = self._encoder_outputs(inputs)
         outputs = None
         if "packed_targets" in inputs:
@@ -301,6 +346,8 @@ class EqakitTrainer(Trainer):
             )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        if stand_in:
+            loss = loss * 0.0  # every weight's gradient is zero, and every collective still runs
         return (loss, outputs) if return_outputs else loss
 
     def _packed_loss(

@@ -3,10 +3,11 @@
 What stays eqakit's is the prompt. Requests are rendered with the same chat template, tokenized and
 fitted into cutoff_len by the same image budget as in training and in the transformers engine
 (`eqakit.engine.hf.prepare.plan_prompt`), so a fine-tuned model is served the token layout it was
-trained on. vLLM receives those token ids (one image pad per image; a video as the chat template
-writes it, one video pad in its outer vision pair, which vLLM expands into the same timestamped
-patches as Qwen3VLProcessor, or for Qwen2.5-VL into the video's patches timed by its frames' rate),
-the images and the videos' chosen frames and times, and the pixel caps the plan chose; it expands the pads, runs the vision tower and the language model, and schedules
+trained on. vLLM receives those token ids (one image pad per image; a Qwen3-VL video as one bare
+video pad, which vLLM expands into the same timestamped patches as Qwen's processor, a Qwen2.5-VL
+video as the chat template writes it, which vLLM expands into its patches timed by its frames' rate),
+the images and the videos' chosen frames and times, and the pixel caps the plan chose; it expands
+the pads, runs the vision tower and the language model, and schedules
 requests with continuous batching, paged attention and prefix caching. An adapter is served
 unmerged through vLLM's LoRA support (one adapter: merge several first with `eqakit export`).
 
@@ -46,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from eqakit.data.encode import Geometry, PadIds, Plan, PromptFormat, VideoPlan, video_size
-from eqakit.data.template import Message
+from eqakit.data.encode import Geometry, PadIds, Plan, PromptFormat, VideoPlan, prompt_ids, video_size
+from eqakit.data.template import Message, count_parts
 from eqakit.data.video import TEMPORAL_PATCH, Video, VideoInfo
 from eqakit.engine.base import EngineUnavailable, Submission, TextStream
 from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
@@ -73,7 +74,7 @@ class VllmPrepared:
     images: list[Image.Image]
     min_pixels: int
     videos: list[Video] = dataclasses.field(default_factory=list)  # cut to the plan's frames
-    video_ids: list[int] | None = None  # the prompt ids with each video collapsed (`collapse_videos`)
+    video_ids: list[int] | None = None  # the prompt ids with vLLM's video markup (`bare_video_prompt`)
     video_min_pixels: int = 0
 
     @property
@@ -150,22 +151,19 @@ def _check_positions_agree(video: VideoPlan, tokens_per_second: float, merge: in
         )
 
 
-def collapse_videos(input_ids: list[int], pads: PadIds, vision_start: int, clips: list[int]) -> list[int]:
-    """Prompt ids with each video's timestamped patches (`eqakit.data.template.video_tokens`: a
-    ``<|vision_start|>``, then ``clips`` times ``<t seconds><|vision_start|><|video_pad|><|vision_end|>``,
-    then ``<|vision_end|>``) cut back to the chat template's ``<|vision_start|><|video_pad|><|vision_end|>``:
-    vLLM expands that pad itself, into the same patches."""
-    out: list[int] = []
-    i = 0
-    for count in clips:
-        first = input_ids.index(pads.video, i)
-        outer = max(k for k in range(i, first - 1) if input_ids[k] == vision_start)
-        last = first
-        for _ in range(count - 1):
-            last = input_ids.index(pads.video, last + 1)
-        out += [*input_ids[i:outer], vision_start, pads.video, input_ids[last + 2]]
-        i = last + 3
-    return out + input_ids[i:]
+def bare_video_prompt(request: Request, tokenizer: Any, fmt: PromptFormat, video_pad: int) -> list[int]:
+    """A Qwen3-VL request's prompt ids as vLLM takes them: each video one bare ``<|video_pad|>``.
+
+    vLLM 0.32 (on transformers >= 5.10) replaces that one token with the video's timestamped patches,
+    ``<t seconds><|vision_start|><|video_pad|>...<|vision_end|>`` each, and keeps whatever is around
+    it; sent the chat template's ``<|vision_start|><|video_pad|><|vision_end|>`` it would wrap the
+    patches in an outer vision pair, which Qwen's layout (and eqakit's, `eqakit.data.template`) has not."""
+    if request.enable_thinking is not None:
+        fmt = dataclasses.replace(fmt, enable_thinking=request.enable_thinking)
+    videos = count_parts(request.messages, "video")
+    ids = prompt_ids(request.messages, tokenizer, fmt, [None] * videos, request.system)
+    wrapper = {i + d for i, token in enumerate(ids) if token == video_pad for d in (-1, 1)}
+    return [token for i, token in enumerate(ids) if i not in wrapper]
 
 
 class VllmEngine:
@@ -192,7 +190,6 @@ class VllmEngine:
         self.geometry = geometry
         self.tokens_per_second = tokens_per_second
         self.pads = PadIds.of(tokenizer)
-        self.vision_start = int(tokenizer.convert_tokens_to_ids("<|vision_start|>"))
         self.format = format
         self.defaults = defaults
         self.skip_special_tokens = skip_special_tokens
@@ -304,7 +301,7 @@ class VllmEngine:
             _check_positions_agree(video, self.tokens_per_second, self.geometry.merge)
         ids = plan.input_ids  # Qwen2.5-VL's markup has one pad per video already
         if self.geometry.timestamps:
-            ids = collapse_videos(ids, self.pads, self.vision_start, [v.grid[0] for v in plan.videos])
+            ids = bare_video_prompt(request, self.tokenizer, self.format, self.pads.video)
         return VllmPrepared(
             request, plan, images, self.format.budget.min_pixels, videos, ids, self.format.video.min_pixels
         )
