@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import write_toy_dataset
 from eqakit.cli import main
 from eqakit.train.callbacks import COMPLETE_MARKER, newest_complete_checkpoint
 from eqakit.train.trainer import LOSS_TOTAL_FILE
@@ -458,6 +459,62 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_model_dir, toy_dataset) -> None:
     assert records[0]["total_steps"] == 6  # 24 samples / (2 per device x 2 processes)
     assert len({r["current_steps"] for r in records}) == len(records)  # one process writes the log
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def run_torchrun(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun ARGS`` in a process group of its own, killed whole when it outlives ``timeout``
+    (a hang fails the test, it does not stall the suite)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    process = subprocess.Popen(
+        [str(torchrun), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"torchrun {' '.join(args)} hung for {timeout} s; its log ends:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def step_log(out: Path) -> list[dict]:
+    """Each logged training step's loss, gradient norm and tokens fed so far."""
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return [h for h in history if "loss" in h and "train_loss" not in h]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation", [1, 4, 8])
+def test_two_processes_train_the_one_process_steps(tmp_path, tiny_model_dir, accumulation: int) -> None:
+    """torchrun with 2 gloo processes at accumulation 1, 4 and 8 trains the steps one process trains
+    at twice the accumulation (the same global batch): per step the same loss and gradient norm
+    within 1e-5 and the same tokens fed (each process takes whole episodes of a step; at 1 a
+    step is one episode and the second process stands in). Episodes of 1 to 4 questions, so the
+    processes pack different numbers of rows."""
+    data = write_toy_dataset(tmp_path / "data")
+    rows = (data / "toy.jsonl").read_text().splitlines()
+    (data / "toy.jsonl").write_text("\n".join(rows[3:9] + rows[10:]) + "\n")  # episodes of 1, 3, 4, 4, 4, 4
+    common = {"per_device_train_batch_size": 2, "num_train_epochs": 2, "save_strategy": "no"}
+    common |= {"include_num_input_tokens_seen": True, "preprocessing_num_workers": 1}
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    one = config(tmp_path / "one", tiny_model_dir, data, output_dir=str(tmp_path / "one" / "out"),
+                 gradient_accumulation_steps=2 * accumulation, **common)  # fmt: skip
+    two = config(tmp_path / "two", tiny_model_dir, data, output_dir=str(tmp_path / "two" / "out"),
+                 gradient_accumulation_steps=accumulation, **common)  # fmt: skip
+    result = run_torchrun(["--nproc_per_node", "2", "-m", "eqakit", "train", str(two)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["train", str(one)]) == 0
+    alone, together = step_log(tmp_path / "one" / "out"), step_log(tmp_path / "two" / "out")
+    assert len(alone) == len(together) == 2 * -(-20 // (4 * accumulation))
+    for a, b in zip(alone, together, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
+        assert b["num_input_tokens_seen"] == a["num_input_tokens_seen"], (a, b)
 
 
 @pytest.mark.parametrize(

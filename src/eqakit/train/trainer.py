@@ -118,7 +118,9 @@ def checkpoint_trainable_layers(model: Any, use_reentrant: bool) -> None:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.activation_checkpointing_enable({"use_reentrant": use_reentrant})
+    # transformers 5.25 renamed gradient_checkpointing_enable (5.19-5.24) activation_checkpointing_enable
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable({"use_reentrant": use_reentrant})
     for module in base.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.gradient_checkpointing = any(p.requires_grad for p in module.parameters())
@@ -253,9 +255,10 @@ class EqakitTrainer(Trainer):
         rows regrouped into micro-batches no larger, padded, than the step's largest unpacked one. The
         Trainer still runs ``num_batches`` micro-batches per step (its accumulation and sync logic
         count them), so the slots packing freed come first and are skipped (`training_step`): the
-        last micro-batch, the one that synchronizes gradients across processes, is always a real one
-        (a process without samples in the step feeds its `StandIn` there). The loss is divided by the
-        step's count of answer tokens over all processes, as transformers does unpacked.
+        last micro-batch, the one that synchronizes gradients across processes, is always a real one.
+        Under DDP every process feeds as many real micro-batches (those with fewer rows repeat one
+        with zero loss, a process without samples in the step its `StandIn`). The loss is divided by
+        the step's count of answer tokens over all processes, as transformers does unpacked.
         """
         if self.episode_groups is None:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -269,20 +272,24 @@ class EqakitTrainer(Trainer):
             return [], None
         collate = PackedCollator(self.processing_class.tokenizer.pad_token_id)
         features = [f for part in unpacked for f in part]
-        if any(STAND_IN in f for f in features):  # nothing of this process's own in the step
-            stand_in = {k: v for k, v in features[0].items() if k != STAND_IN}
-            batches = [{**collate([stand_in]), STAND_IN: True}]
-            features = []
-        else:
+        own = [f for f in features if STAND_IN not in f]
+        if own:
             real = [part for part in unpacked if part]
             budget = max(padded_size(part) for part in real)
-            batches = [
-                collate.collate_rows(group) for group in micro_batches(pack_rows(features, budget), budget)
-            ]
+            batches = [collate.collate_rows(group) for group in micro_batches(pack_rows(own, budget), budget)]
             if len(batches) > len(real):  # rows packed worse than the unpacked grouping: keep that grouping
                 batches = [collate(part) for part in real]
+        else:  # nothing of this process's own in the step: its StandIn
+            stand_in = {k: v for k, v in features[0].items() if k != STAND_IN}
+            batches = [{**collate([stand_in]), STAND_IN: True}]
+        if self.args.world_size > 1:
+            # DDP's forward runs collectives (buffer broadcast, bucket rebuild), so every process feeds
+            # as many micro-batches, in the same slots: the fewer packed rows, the more stand-ins
+            counts = self.accelerator.gather(torch.tensor([len(batches)], device=device))
+            spare = min(batches, key=lambda b: b["input_ids"].numel())
+            batches = [{**spare, STAND_IN: True} for _ in range(int(counts.max()) - len(batches))] + batches
         batches = [{SKIP: True}] * (len(unpacked) - len(batches)) + batches
-        items = torch.tensor(learned_tokens(features), device=device)
+        items = torch.tensor(learned_tokens(own), device=device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             items = self.accelerator.gather(items).sum()
         return batches, items
