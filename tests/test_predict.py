@@ -257,3 +257,34 @@ def test_bad_settings_and_a_foreign_adapter_stop_before_any_work(
     err = capsys.readouterr().err
     assert "does not fit base model" in err and "lora_A" in err and "Traceback" not in err
     assert not (out / "generated_predictions.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_predict_the_one_process_file(lively_dir: Path, dataset: Path, tmp_path: Path) -> None:
+    """torchrun: each process answers whole episodes; process 0 merges the answers into one
+    generated_predictions.jsonl in dataset order, the one process's file, and leaves no part file.
+    Parts an interrupted run left are read as done by the next run, at any world size."""
+    from test_train import run_torchrun
+
+    alone = run_predict(config(lively_dir, dataset, tmp_path / "one"))
+    keys = {
+        "model_name_or_path": str(lively_dir), "template": "qwen3_vl_nothink", "do_predict": True,
+        "predict_with_generate": True, "eval_dataset": "open_eqa_test", "dataset_dir": str(dataset),
+        "output_dir": str(tmp_path / "two"), "per_device_eval_batch_size": 2, "max_new_tokens": 8,
+        "do_sample": False, "report_to": "none",
+    }  # fmt: skip
+    (tmp_path / "predict.yaml").write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
+    result = run_torchrun(["--nproc_per_node", "2", "-m", "eqakit", "train", str(tmp_path / "predict.yaml")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert rows(tmp_path / "two") == rows(tmp_path / "one")
+    assert not list((tmp_path / "two").glob("*.rank*"))
+    together = json.loads((tmp_path / "two" / "predict_results.json").read_text())
+    assert together["predict_bleu-4"] == alone["predict_bleu-4"] and together["predict_samples"] == 10
+
+    interrupted = tmp_path / "three"
+    interrupted.mkdir()
+    done = (tmp_path / "one" / "generated_predictions.jsonl").read_text().splitlines()
+    (interrupted / "generated_predictions.rank1.jsonl").write_text("\n".join(done[:4]) + "\n" + done[4][:20])
+    resumed = run_predict(config(lively_dir, dataset, interrupted))
+    assert resumed["predict_resumed"] == 4
+    assert rows(interrupted) == rows(tmp_path / "one") and not list(interrupted.glob("*.rank*"))

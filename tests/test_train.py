@@ -517,6 +517,36 @@ def test_two_processes_train_the_one_process_steps(tmp_path, tiny_model_dir, acc
         assert b["num_input_tokens_seen"] == a["num_input_tokens_seen"], (a, b)
 
 
+@pytest.mark.slow
+def test_two_processes_train_the_vision_tower_beside_text_only_rows(tmp_path, tiny_model_dir) -> None:
+    """LoRA on the vision tower (``freeze_vision_tower: false``) with text-only rows mixed in, as in
+    LLaMA-Factory's demo data: a process whose micro-batch has no image still gives the tower's
+    weights a (zero) gradient, so DDP neither fails nor waits; the steps equal one process's."""
+    data = write_toy_dataset(tmp_path / "data")
+    text_rows = [
+        {"instruction": f"What is {k} plus {k}?", "input": "", "output": str(2 * k), "images": []}
+        for k in range(8)
+    ]
+    with (data / "toy.jsonl").open("a") as rows:
+        rows.writelines(json.dumps(r) + "\n" for r in text_rows)
+    common = {"per_device_train_batch_size": 2, "num_train_epochs": 2, "save_strategy": "no"}
+    common |= {"freeze_vision_tower": False, "preprocessing_num_workers": 1}
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    one = config(tmp_path / "one", tiny_model_dir, data, output_dir=str(tmp_path / "one" / "out"),
+                 gradient_accumulation_steps=4, **common)  # fmt: skip
+    two = config(tmp_path / "two", tiny_model_dir, data, output_dir=str(tmp_path / "two" / "out"),
+                 gradient_accumulation_steps=2, **common)  # fmt: skip
+    result = run_torchrun(["--nproc_per_node", "2", "-m", "eqakit", "train", str(two)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["train", str(one)]) == 0
+    alone, together = step_log(tmp_path / "one" / "out"), step_log(tmp_path / "two" / "out")
+    assert len(alone) == len(together) == 2 * -(-32 // 8)
+    for a, b in zip(alone, together, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
+
+
 @pytest.mark.parametrize(
     ("settings", "printed"),
     [

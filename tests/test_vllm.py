@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,7 +34,7 @@ from PIL import Image
 from conftest import make_lively
 from eqakit.config import load_config
 from eqakit.engine import Engine, Request, RequestError
-from eqakit.errors import ConfigError
+from eqakit.errors import ConfigError, EqakitError
 
 EQAKIT = [sys.executable, "-m", "eqakit"]
 try:
@@ -555,3 +556,63 @@ def test_an_exported_model_of_each_architecture_answers_on_vllm_as_on_transforme
     finally:
         engine.shutdown()
     assert got == expected
+
+
+def _vision_adapter(model_dir: Path, out: Path, merger: bool) -> Path:
+    """An adapter as `eqakit train` makes with ``freeze_vision_tower: false`` (LoRA on the vision
+    blocks' linear layers and the language model's projections, random B), and with ``merger`` the
+    mergers' full weights too (``freeze_multi_modal_projector: false``)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from eqakit.model.arch import LM_PREFIX, projector_names, vision_linear_names
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    language = [n for n in names if re.match(LM_PREFIX + r".*\b(q|k|v|o)_proj$", n)]
+    torch.manual_seed(0)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        target_modules=language + vision_linear_names(names),
+        modules_to_save=projector_names(model) if merger else None,
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@needs_vllm
+def test_an_adapter_on_the_vision_tower_is_served_whole_or_refused(model_dir: Path, tmp_path: Path) -> None:
+    """LoRA on the vision tower switches on vLLM's tower LoRA: the greedy answers are the transformers
+    engine's (without it vLLM drops those weights and answers as the adapter less its vision part).
+    An adapter that replaces the mergers' weights is refused by name: merge it first."""
+    from eqakit.engine import load_engine
+
+    adapter = _vision_adapter(model_dir, tmp_path / "lora", merger=False)
+    keys = [*settings(model_dir, adapter)]
+    hf = Engine.from_config(load_config("infer", None, keys))
+    requests = [
+        Request(engine_messages(q, EPISODES[e]), hf.params(temperature=0, max_new_tokens=12))
+        for q, e in CASES
+    ]
+    expected = [c.text for c in hf.generate(requests)]
+    vllm_keys = [*keys, *(f"{k}={v}" for k, v in VLLM_KEYS.items())]
+    engine = load_engine(load_config("infer", None, vllm_keys))
+    try:
+        got = [c.text for _, c in sorted(engine.generate_iter(requests), key=lambda pair: pair[0])]
+    finally:
+        engine.shutdown()
+    assert got == expected
+
+    merger = _vision_adapter(model_dir, tmp_path / "merger", merger=True)
+    with pytest.raises(
+        EqakitError, match=r"replaces whole vision weights .*merge it first \(`eqakit export`\)"
+    ):
+        load_engine(load_config("infer", None, [*vllm_keys, f"adapter_name_or_path={merger}"]))

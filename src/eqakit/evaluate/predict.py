@@ -47,6 +47,7 @@ from eqakit.data.video import Video, VideoError, VideoInfo, VideoSource, decode,
 from eqakit.engine import InferenceEngine, PromptTooLong, Request, RequestError, SamplingParams, load_engine
 from eqakit.errors import DataError, EqakitError
 from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
+from eqakit.evaluate.ranks import Ranks, parts
 from eqakit.evaluate.report import write_report
 from eqakit.fsutil import write_text_atomic
 from eqakit.model.load import load_geometry
@@ -95,10 +96,16 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / PREDICTIONS
-    if cfg.model.overwrite_output_dir:
+    ranks = Ranks.from_env()
+    if cfg.model.overwrite_output_dir and ranks.rank == 0:
         path.unlink(missing_ok=True)
-    done = _resume(path, samples, prompts)
+        for part in parts(path):
+            part.unlink()
+    ranks.wait_for_all()  # no process reads what process 0 is still removing
+    done = _resume(path, samples, prompts, merge=ranks.world == 1)
     resumed = len(done)
+    if resumed and ranks.rank == 0:
+        print(f"eqakit predict: resuming: {resumed} of {len(samples)} samples already predicted in {path}")
 
     owned = engine is None
     if engine is None:  # vLLM schedules its own batch; the eval batch size is the transformers engine's
@@ -124,10 +131,12 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
             except RequestError as exc:
                 raise DataError(f"{sample.source}: {exc}") from None
             todo.append(index)
-        for problem in too_long[:5]:
+        for problem in too_long[:5] if ranks.rank == 0 else ():
             print(f"eqakit predict: left out (too long for cutoff_len {cfg.data.cutoff_len}): {problem}")
         # questions about the same frames next to each other: they share the vision tower and the prefix
-        todo.sort(key=lambda i: (tuple(map(str, samples[i].images)), i))
+        todo.sort(key=lambda i: (_episode(samples[i]), i))
+        everyone = len(todo)
+        todo = ranks.share(todo, lambda i: _episode(samples[i]))
 
         media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
         started = time.perf_counter()
@@ -144,9 +153,10 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
             for i, (frames, clips) in loaded
         )
         with (
-            path.open("a", encoding="utf-8") as sink,
-            tqdm(total=len(todo), desc="predict", unit="sample") as bar,
-        ):
+            ranks.part(path).open("a", encoding="utf-8") as sink,
+            tqdm(total=len(todo), desc="predict" + (f" (process {ranks.rank})" if ranks.world > 1 else ""),
+                 unit="sample", position=ranks.rank) as bar,
+        ):  # fmt: skip
             for position, completion in engine.generate_iter(requests):
                 index = todo[position]
                 predict = strip_thinking(completion.text) if cfg.data.template == THINK else completion.text
@@ -159,11 +169,17 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
         if owned:  # vLLM runs worker processes: stop them now, not at exit
             engine.shutdown()
 
+    if ranks.world > 1:
+        ranks.wait_for_all()
+        runtime = time.perf_counter() - started  # until the last process is done
+        if ranks.rank != 0:
+            return {}  # process 0 merges every process's answers and scores them
+        done = _resume(path, samples, prompts, merge=True)
     rows = [done[i] for i in sorted(done)]
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    steps = -(-len(todo) // training.per_device_eval_batch_size)
+    steps = -(-everyone // training.per_device_eval_batch_size)
     scores = score_predictions(rows)
-    results = _results(scores, runtime, len(todo), steps, len(too_long), scaled, resumed)
+    results = _results(scores, runtime, everyone, steps, len(too_long), scaled, resumed)
     _write_results(out, results)
     write_report(
         out / "report.md",
@@ -175,7 +191,8 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
             "decoding": _describe(base),
             "samples scored": len(rows),
             "left out (too long)": len(too_long),
-            "generated this run": f"{len(todo)} in {runtime:.1f} s",
+            "generated this run": f"{everyone} in {runtime:.1f} s"
+            + (f" ({ranks.world} processes)" if ranks.world > 1 else ""),
         },
     )
     print(
@@ -274,29 +291,38 @@ def _row(index: int, sample: Sample, prompt: str, predict: str, media: Path) -> 
     return row
 
 
-def _resume(path: Path, samples: list[Sample], prompts: list[str]) -> dict[int, dict[str, Any]]:
-    """Rows of an earlier run that still match their sample (by question_id or index, and prompt).
+def _resume(path: Path, samples: list[Sample], prompts: list[str], merge: bool) -> dict[int, dict[str, Any]]:
+    """Rows of earlier runs that still match their sample (by question_id or index, and prompt),
+    from ``path`` and the part files processes under torchrun write beside it (`ranks.parts`).
 
-    The file is rewritten with just those rows, so a line cut short by a kill is not appended to.
+    With ``merge`` (one process, or process 0 once all are done) the file is rewritten with just
+    those rows in dataset order and the parts removed, so a line cut short by a kill is not
+    appended to; other processes only read.
     """
-    if not path.is_file():
-        return {}
+    sources = [p for p in (path, *parts(path)) if p.is_file()]
     by_qid = {s.meta["question_id"]: i for i, s in enumerate(samples) if "question_id" in s.meta}
     done: dict[int, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the last line of a killed run
-        if not isinstance(row, dict) or not isinstance(row.get("predict"), str):
-            continue
-        index = by_qid.get(row.get("question_id"), row.get("index"))
-        if isinstance(index, int) and 0 <= index < len(samples) and row.get("prompt") == prompts[index]:
-            done[index] = row
-    write_text_atomic(path, "".join(json.dumps(done[i], ensure_ascii=False) + "\n" for i in sorted(done)))
-    if done:
-        print(f"eqakit predict: resuming: {len(done)} of {len(samples)} samples already predicted in {path}")
+    for source in sources:
+        for line in source.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed run
+            if not isinstance(row, dict) or not isinstance(row.get("predict"), str):
+                continue
+            index = by_qid.get(row.get("question_id"), row.get("index"))
+            if isinstance(index, int) and 0 <= index < len(samples) and row.get("prompt") == prompts[index]:
+                done[index] = row
+    if merge and sources:
+        write_text_atomic(path, "".join(json.dumps(done[i], ensure_ascii=False) + "\n" for i in sorted(done)))
+        for part in parts(path):
+            part.unlink()
     return done
+
+
+def _episode(sample: Sample) -> tuple[str, ...]:
+    """What a sample's questions share: its frames (images or videos), the key predict groups by."""
+    return (*map(str, sample.images), *map(str, sample.videos))
 
 
 def _loaded(

@@ -68,6 +68,25 @@ def adapter_config(adapter: Path) -> dict[str, Any]:
     return json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
 
 
+def adapter_tensor_names(adapter: Path) -> list[str]:
+    """The names of an adapter's tensors (read from the file's header, no weights loaded)."""
+    safetensors = adapter / "adapter_model.safetensors"
+    if safetensors.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(safetensors), framework="pt") as weights:
+            return list(weights.keys())
+    return list(torch.load(adapter / "adapter_model.bin", map_location="meta", weights_only=True))
+
+
+def vision_parts(adapter: Path) -> tuple[bool, list[str]]:
+    """What an adapter trains outside the language model: whether it has LoRA on the vision tower
+    (``freeze_vision_tower: false``), and the names of the full tensors it replaces there (the
+    mergers under ``freeze_multi_modal_projector: false``)."""
+    tower = [n.removeprefix(PEFT_PREFIX) for n in adapter_tensor_names(adapter) if ".visual." in f".{n}"]
+    return any(".lora_" in n for n in tower), [n for n in tower if ".lora_" not in n]
+
+
 def _sides(module: torch.nn.Module) -> dict[str, int | None]:
     if isinstance(module, torch.nn.Embedding):
         return {"in": module.num_embeddings, "out": module.embedding_dim}

@@ -8,6 +8,7 @@ and keeps the last one trainable, or adds a fresh one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """CUDA, then Apple MPS, then CPU, unless a device is named."""
+    """CUDA, then Apple MPS, then CPU, unless a device is named. Under torchrun each process takes
+    its own GPU (``LOCAL_RANK``)."""
     if requested != "auto":
         return torch.device(requested)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")

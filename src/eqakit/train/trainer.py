@@ -170,6 +170,7 @@ class EqakitTrainer(Trainer):
         # Trainer must count them (it does so for models that take loss kwargs) and not divide again.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+        self._tower_weights: list[torch.nn.Parameter] | None = None  # see `_untouched_tower_term`
         self._loss_before: LossSoFar | None = None  # the resumed checkpoint's
         self._train_loss: float | None = None
 
@@ -355,7 +356,22 @@ class EqakitTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
         if stand_in:
             loss = loss * 0.0  # every weight's gradient is zero, and every collective still runs
+        if not any(key in inputs for key in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")):
+            loss = loss + self._untouched_tower_term(model)
         return (loss, outputs) if return_outputs else loss
+
+    def _untouched_tower_term(self, model: Any) -> torch.Tensor | float:
+        """Zero, times every trainable weight of the vision tower (LoRA on it, a trained merger):
+        added to the loss of a batch without images or videos, it gives those weights a zero
+        gradient. DDP waits for a gradient of every trainable weight in each backward; a text-only
+        micro-batch would otherwise leave the tower's without one (hiyouga/LLaMA-Factory#5616)."""
+        if self._tower_weights is None:
+            base = self.accelerator.unwrap_model(model)
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            self._tower_weights = [p for p in vision_tower(base).parameters() if p.requires_grad]
+        if not self._tower_weights or self.args.world_size == 1:
+            return 0.0
+        return 0.0 * sum(weight.sum() for weight in self._tower_weights)
 
     def _packed_loss(
         self, model: Any, inputs: dict[str, Any], encoder_outputs: dict[str, Any] | None, num_items: Any

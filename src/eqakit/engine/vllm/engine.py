@@ -218,7 +218,7 @@ class VllmEngine:
             raise EqakitError(INSTALL_HINT) from None
         from transformers import AutoConfig
 
-        from eqakit.model.adapters import adapter_config, find_adapters
+        from eqakit.model.adapters import adapter_config, find_adapters, vision_parts
         from eqakit.model.load import load_processor
 
         model_args = cfg.model
@@ -229,6 +229,13 @@ class VllmEngine:
                 "merge them first with `eqakit export` and serve the merged model"
             )
         rank = int(adapter_config(adapters[0]).get("r", 8)) if adapters else 0  # 8: peft's default
+        tower_lora, full_tensors = vision_parts(adapters[0]) if adapters else (False, [])
+        if full_tensors:
+            raise EqakitError(
+                f"the adapter {str(adapters[0])!r} replaces whole vision weights ({full_tensors[0]}, "
+                f"{len(full_tensors)} tensors: trained with freeze_multi_modal_projector: false), which vLLM "
+                "cannot serve as a LoRA adapter; merge it first (`eqakit export`) and serve the merged model"
+            )
         if rank > model_args.vllm_max_lora_rank:
             raise ConfigError(
                 f"the adapter {str(adapters[0])!r} has rank {rank}, above vllm_max_lora_rank: "
@@ -242,7 +249,7 @@ class VllmEngine:
             revision=model_args.model_revision,
         )
         geometry = Geometry.of(config)
-        engine_args = _engine_args(vllm.AsyncEngineArgs, cfg, max_batch_size, rank)
+        engine_args = _engine_args(vllm.AsyncEngineArgs, cfg, max_batch_size, rank, tower_lora)
 
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="eqakit-vllm", daemon=True)
@@ -462,8 +469,13 @@ def _stop(holder: list[Any], loop: asyncio.AbstractEventLoop, thread: threading.
     gc.collect()  # vLLM's engine sits in reference cycles (its tasks point back at it)
 
 
-def _engine_args(args_class: type, cfg: Config, max_batch_size: int | None, lora_rank: int) -> Any:
-    """vLLM's engine arguments from LLaMA-Factory's vllm_* keys; vllm_config is checked key by key."""
+def _engine_args(
+    args_class: type, cfg: Config, max_batch_size: int | None, lora_rank: int, tower_lora: bool = False
+) -> Any:
+    """vLLM's engine arguments from LLaMA-Factory's vllm_* keys; vllm_config is checked key by key.
+
+    An adapter with LoRA on the vision tower switches on vLLM's tower and connector LoRA, without
+    which vLLM serves the adapter's language-model part alone (saying so only in a worker's log)."""
     model_args = cfg.model
     values: dict[str, Any] = {
         "model": model_args.model_name_or_path,
@@ -486,6 +498,8 @@ def _engine_args(args_class: type, cfg: Config, max_batch_size: int | None, lora
             "max_loras": 1,
             "max_lora_rank": _lora_slot(model_args.vllm_max_lora_rank),
         }
+        if tower_lora:
+            values["enable_tower_connector_lora"] = True
     extra = model_args.vllm_config or {}
     known = {f.name for f in dataclasses.fields(args_class)}
     unknown = [key for key in extra if key not in known]
