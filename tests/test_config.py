@@ -373,3 +373,38 @@ def test_an_absent_template_is_the_checkpoints_own(tiny_model_dir: Path, tmp_pat
     (thinking / "chat_template.jinja").unlink()
     with pytest.raises(ConfigError, match="template is required"):
         load_config("train", None, keys)
+
+
+@pytest.mark.parametrize(
+    ("deepspeed", "expected"),
+    [
+        (None, r"deepspeed': .*missing\.json not found"),
+        ('{"zero_optimization": {"stage": 3', r"deepspeed': .*ds\.json is not a readable JSON file"),
+        ('{"zero_optimization": {"stage": 4}}', r"zero_optimization.stage 4 is not a ZeRO stage"),
+        (
+            '{"zero_optimization": {"stage": 3}}',
+            r"ZeRO-3 partitions its weights .*vision_feature_cache: false",
+        ),
+        (
+            '{"zero_optimization": {"stage": 2}}',
+            r"DeepSpeed is not installed: pip install 'eqakit\[deepspeed\]'",
+        ),
+    ],
+)
+def test_deepspeed_files_are_checked_before_anything_runs(
+    tmp_path: Path, deepspeed: str | None, expected: str
+) -> None:
+    """A DeepSpeed JSON that is missing or does not parse, an unknown ZeRO stage, ZeRO-3 with the
+    vision feature cache (it would run the tower on partitioned weights) and DeepSpeed not installed
+    are refused by name, never a traceback."""
+    import importlib.util
+
+    if "not installed" in expected and importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    path = tmp_path / ("missing.json" if deepspeed is None else "ds.json")
+    if deepspeed is not None:
+        path.write_text(deepspeed)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(
+            "train", write(tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "out") + f"deepspeed: {path}\n")
+        )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import importlib.util
 import json
 import types
 import typing
@@ -373,10 +374,44 @@ def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
             problems.append(
                 "use_reentrant_gc has no effect with disable_gradient_checkpointing: true; remove it"
             )
+    if get("deepspeed"):
+        problems += _deepspeed_problems(get("deepspeed"), get)
     if "preprocessing_batch_size" in given and (get("preprocessing_num_workers") or 1) < 2:
         problems.append(
             "preprocessing_batch_size sizes the work handed to planning processes: set "
             "preprocessing_num_workers to 2 or more, or remove preprocessing_batch_size"
+        )
+    return problems
+
+
+def _deepspeed_problems(setting: Any, get: Any) -> list[str]:
+    """The ``deepspeed`` key (a JSON file, as LLaMA-Factory's examples give it, or a mapping): a file
+    that exists and parses, a ZeRO stage DeepSpeed has, DeepSpeed installed, and no vision feature
+    cache under ZeRO-3, which partitions the weights while the model loads: the cache would run the
+    frozen tower on empty shards outside the DeepSpeed engine."""
+    if isinstance(setting, str):
+        path = Path(setting).expanduser()
+        try:
+            setting = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return [f"key 'deepspeed': {setting} not found (a DeepSpeed JSON file, relative to {Path.cwd()})"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            return [f"key 'deepspeed': {setting} is not a readable JSON file ({exc})"]
+    if not isinstance(setting, dict):
+        return [f"key 'deepspeed': expected a JSON file or a mapping, got {type(setting).__name__}"]
+    zero = setting.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        return [f"key 'deepspeed': zero_optimization.stage {stage!r} is not a ZeRO stage (0, 1, 2 or 3)"]
+    problems = []
+    if importlib.util.find_spec("deepspeed") is None:
+        problems.append("key 'deepspeed': DeepSpeed is not installed: pip install 'eqakit[deepspeed]'")
+    cache = get("vision_feature_cache") and get("freeze_vision_tower") and get("freeze_multi_modal_projector")
+    if stage == 3 and cache:
+        problems.append(
+            "vision_feature_cache runs the frozen vision tower once, outside DeepSpeed, and ZeRO-3 "
+            "partitions its weights while the model loads: set vision_feature_cache: false with ZeRO-3 "
+            "(or use ZeRO-2, which keeps the weights whole)"
         )
     return problems
 
