@@ -238,7 +238,7 @@ def text_encoder(tokenizer: Any) -> TextEncoder:
 
 
 def image_grid(
-    width: int, height: int, min_pixels: int, max_pixels: int, patch: int = 16, merge: int = 2
+    width: int, height: int, min_pixels: int, max_pixels: int, patch: int, merge: int
 ) -> tuple[int, int, int]:
     """The (t, h, w) patch grid the Qwen-VL image processor produces for an image of this size."""
     h, w = smart_resize(height, width, factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -251,9 +251,9 @@ def video_grid(
     height: int,
     min_pixels: int,
     max_pixels: int,
-    patch: int = 16,
-    merge: int = 2,
-    timestamps: bool = True,
+    patch: int,
+    merge: int,
+    timestamps: bool,
 ) -> tuple[int, int, int]:
     """The (t, h, w) patch grid the video processor produces for ``frames`` frames of this size with
     each frame's area within [min_pixels, max_pixels] (`video_size` is its size argument): Qwen3-VL's
