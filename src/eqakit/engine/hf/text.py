@@ -11,6 +11,62 @@ from __future__ import annotations
 from typing import Any
 
 
+def _prefix_function(pattern: str) -> list[int]:
+    """Knuth-Morris-Pratt: for each position, the length of the longest proper prefix of
+    ``pattern[: i + 1]`` that is also its suffix."""
+    table = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = table[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
+class StopMatcher:
+    """The stop strings found in text that grows at its end, in time linear in the text.
+
+    One Knuth-Morris-Pratt automaton per stop string reads each new character once, so a request
+    with long stop strings costs its neighbours nothing per token (a rescan of the text for every
+    stop and every prefix length did: quadratic in the stop's length, per token). It tells where
+    the first stop string starts and how much of the text's end could still become one.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._tables = [_prefix_function(stop) for stop in stops]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._text = ""
+        self._states = [0] * len(self._stops)
+
+    def feed(self, text: str) -> tuple[int | None, int]:
+        """Read ``text`` (the text so far; what was read before must be its start, else it is read
+        anew). Returns where the earliest stop string found starts (None: none yet) and the length
+        of the longest end of the text that is a proper prefix of a stop string."""
+        if not text.startswith(self._text):
+            self._reset()
+        first = None
+        for i in range(len(self._text), len(text)):
+            char = text[i]
+            for n, (stop, table) in enumerate(zip(self._stops, self._tables, strict=True)):
+                k = self._states[n]
+                while k and stop[k] != char:
+                    k = table[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):
+                    start = i + 1 - len(stop)
+                    first = start if first is None else min(first, start)
+                    k = table[k - 1]
+                self._states[n] = k
+        self._text = text
+        return first, max(self._states, default=0)
+
+
 class TextTracker:
     """The text of one sequence's generated tokens (end-of-turn tokens excluded)."""
 
@@ -18,7 +74,7 @@ class TextTracker:
         self, tokenizer: Any, stop: tuple[str, ...], *, skip_special_tokens: bool, live: bool
     ) -> None:
         self._tokenizer = tokenizer
-        self._stop = stop
+        self._stops = StopMatcher(stop)
         self._skip = skip_special_tokens
         self._live = live or bool(stop)  # decode every step only when someone looks at the text
         self._ids: list[int] = []
@@ -34,23 +90,17 @@ class TextTracker:
         if not self._live:
             return "", False
         text = self._decode()
-        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
-        if hits:
-            self._final = text[: min(hits)]
+        end = len(text.rstrip("\ufffd"))  # an incomplete character is not text yet
+        first, held = self._stops.feed(text[:end])
+        if first is not None:
+            self._final = text[:first]
             delta = self._final[self._emitted :]
             self._emitted = len(self._final)
             return delta, True
-        end = len(text.rstrip("\ufffd"))
-        held = max((self._partial_stop(text[:end], stop) for stop in self._stop), default=0)
         safe = max(end - held, self._emitted)
         delta = text[self._emitted : safe]
         self._emitted = safe
         return delta, False
-
-    @staticmethod
-    def _partial_stop(text: str, stop: str) -> int:
-        """Length of the longest proper prefix of ``stop`` that ``text`` ends with."""
-        return next((k for k in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:k])), 0)
 
     def finish(self) -> tuple[str, str]:
         """The final text and the delta not yet shown."""
