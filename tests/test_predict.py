@@ -288,3 +288,19 @@ def test_two_processes_predict_the_one_process_file(lively_dir: Path, dataset: P
     resumed = run_predict(config(lively_dir, dataset, interrupted))
     assert resumed["predict_resumed"] == 4
     assert rows(interrupted) == rows(tmp_path / "one") and not list(interrupted.glob("*.rank*"))
+
+
+def test_predict_resumes_after_a_line_cut_inside_a_character(
+    lively_dir: Path, dataset: Path, tmp_path: Path
+) -> None:
+    """A disk that filled up in the middle of a UTF-8 character leaves bytes that do not decode: the
+    rerun keeps the complete rows before them and answers the rest."""
+    first = tmp_path / "first"
+    run_predict(config(lively_dir, dataset, first))
+    complete = (first / "generated_predictions.jsonl").read_bytes().splitlines(keepends=True)[:3]
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "generated_predictions.jsonl").write_bytes(b"".join(complete) + '{"predict": "沙发'.encode()[:-1])
+    results = run_predict(config(lively_dir, dataset, cut))
+    assert results["predict_resumed"] == 3
+    assert rows(cut) == rows(first)
