@@ -641,3 +641,18 @@ def test_vllm_gets_one_bare_pad_per_video_and_expands_it_to_ours(processor, geom
         for t in next(times):
             expanded += [*tok.encode(f"<{t:.1f} seconds>", add_special_tokens=False), start, pads.video, end]
     assert expanded == plan.input_ids
+
+
+def test_a_playlist_sent_as_video_bytes_reads_no_other_file(tmp_path: Path, monkeypatch) -> None:
+    """FFmpeg sniffs the demuxer from the bytes: an ffconcat playlist (or any demuxer that opens
+    further files) is refused as a container eqakit does not read, before it opens what it names, so
+    whether a file exists is not told either."""
+    frame = write_frames(tmp_path / "frames", frames_of(1))[0]
+    monkeypatch.chdir(tmp_path)
+    for target in (frame.relative_to(tmp_path).as_posix(), "frames/missing.png"):
+        playlist = f"ffconcat version 1.0\nfile '{target}'\n".encode()
+        with pytest.raises(VideoError, match="container eqakit reads") as err:
+            probe(VideoSource(data=playlist), 2.0, 8)
+        assert target not in str(err.value) and "not found" not in str(err.value)
+    real = write_mp4(tmp_path / "v.mp4", frames_of(4, (64, 64)), fps=4)
+    assert probe(VideoSource(data=real.read_bytes()), 2.0, 8).available == 4

@@ -197,16 +197,30 @@ def listed(count: int, size: tuple[int, int], fps: float, maxlen: int) -> VideoI
     return VideoInfo(size, _even(chosen), fps, count, count > maxlen)
 
 
+# The containers FFmpeg may read a video as (its demuxers' names). FFmpeg picks a demuxer by
+# sniffing the bytes, whatever a file or data URI claims to be; some demuxers (concat, HLS and other
+# playlists, image2 sequences) open further files, so bytes from a request could read files beside
+# the server. None of these does.
+VIDEO_CONTAINERS = "mov,mp4,matroska,webm,avi,mpegts,flv,ogg"
+
+
 def _open(source: VideoSource):  # noqa: ANN202 - av's container type
     import av
 
     name = source.describe()
+    if source.file is not None and not Path(source.file).is_file():
+        raise VideoError(f"video file not found: {source.file}")
     try:
-        container = av.open(io.BytesIO(source.data) if source.data is not None else str(source.file), "r")
-    except FileNotFoundError:
-        raise VideoError(f"video file not found: {source.file}") from None
+        container = av.open(
+            io.BytesIO(source.data) if source.data is not None else str(source.file),
+            "r",
+            options={"format_whitelist": VIDEO_CONTAINERS},
+        )
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VideoError(f"{name} cannot be read ({exc})") from None
+        raise VideoError(
+            f"{name} cannot be read as a video in a container eqakit reads (MP4/MOV, Matroska/WebM, AVI, "
+            f"MPEG-TS, FLV, Ogg): {exc}"
+        ) from None
     streams = [s for s in container.streams if s.type == "video"]
     if not streams:
         container.close()
