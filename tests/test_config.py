@@ -408,3 +408,12 @@ def test_deepspeed_files_are_checked_before_anything_runs(
         load_config(
             "train", write(tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "out") + f"deepspeed: {path}\n")
         )
+
+
+def test_fsdp_on_a_machine_without_gpus_is_refused(tmp_path: Path) -> None:
+    """On the CPU accelerate turns fsdp into plain DDP without a word: refused by name instead."""
+    text = MINIMAL_TRAIN.format(out=tmp_path / "out") + "fsdp: full_shard\nuse_cpu: true\n"
+    with pytest.raises(
+        ConfigError, match=r"'fsdp': 'full_shard' needs GPUs: .*silently trains with plain DDP"
+    ):
+        load_config("train", write(tmp_path, text))

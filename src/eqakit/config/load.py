@@ -376,6 +376,11 @@ def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
             )
     if get("deepspeed"):
         problems += _deepspeed_problems(get("deepspeed"), get)
+    if get("fsdp") and (get("use_cpu") or not _has_accelerator()):
+        problems.append(  # accelerate then sets up plain DDP, with no word about fsdp
+            f"key 'fsdp': {get('fsdp')!r} needs GPUs: on the CPU transformers' Trainer silently trains "
+            "with plain DDP instead; remove fsdp here (or use deepspeed, which runs on the CPU too)"
+        )
     if "preprocessing_batch_size" in given and (get("preprocessing_num_workers") or 1) < 2:
         problems.append(
             "preprocessing_batch_size sizes the work handed to planning processes: set "
