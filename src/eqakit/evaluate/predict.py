@@ -171,6 +171,7 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
 
     if ranks.world > 1:
         ranks.wait_for_all()
+        ranks.close()
         runtime = time.perf_counter() - started  # until the last process is done
         if ranks.rank != 0:
             return {}  # process 0 merges every process's answers and scores them

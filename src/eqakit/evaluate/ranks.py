@@ -46,7 +46,9 @@ class Ranks:
         return path if self.world == 1 else path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
 
     def wait_for_all(self) -> None:
-        """Return when every process got here (a process that dies makes torchrun stop the rest)."""
+        """Return when every process got here (a process that dies makes torchrun stop the rest).
+        The process group is made once per run (`close` ends it): made again on torchrun's store,
+        a group could read the previous one's addresses."""
         if self.world == 1:
             return
         import torch.distributed as dist
@@ -54,7 +56,13 @@ class Ranks:
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=timedelta(days=1))  # predict runs as long as it runs
         dist.barrier()
-        dist.destroy_process_group()
+
+    def close(self) -> None:
+        """End the process group `wait_for_all` made, if any."""
+        import torch.distributed as dist
+
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def parts(path: Path) -> list[Path]:
