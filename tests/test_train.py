@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import write_toy_dataset
+from conftest import assert_close_to_scale, write_toy_dataset
 from eqakit.cli import main
 from eqakit.train.callbacks import COMPLETE_MARKER, newest_complete_checkpoint
 from eqakit.train.trainer import LOSS_TOTAL_FILE
@@ -515,6 +515,60 @@ def test_two_processes_train_the_one_process_steps(tmp_path, tiny_model_dir, acc
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
         assert b["num_input_tokens_seen"] == a["num_input_tokens_seen"], (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_on_two_processes_trains_the_one_process_steps(
+    tmp_path, tiny_model_dir, stage: int
+) -> None:
+    """DeepSpeed ZeRO-2 and ZeRO-3 (gloo on the CPU) with the vision cache and step packing: per step
+    the loss of one process without DeepSpeed at twice the accumulation, the same adapter (gathered
+    from ZeRO-3's shards), and resumed from a checkpoint the same run. ZeRO-3 partitions the weights
+    while the model loads: the cache is built with the vision tower's gathered."""
+    pytest.importorskip("deepspeed")
+    data = write_toy_dataset(tmp_path / "data")
+    ds = Path(__file__).parents[1] / "configs" / f"ds_z{stage}_config.json"  # LLaMA-Factory's, as shipped
+    common = {
+        "per_device_train_batch_size": 2,
+        "num_train_epochs": 2,
+        "save_steps": 2,
+        "preprocessing_num_workers": 1,
+    }
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    one = config(tmp_path / "one", tiny_model_dir, data, output_dir=str(tmp_path / "one" / "out"),
+                 gradient_accumulation_steps=4, **common)  # fmt: skip
+    two = config(tmp_path / "two", tiny_model_dir, data, output_dir=str(tmp_path / "two" / "out"),
+                 gradient_accumulation_steps=2, deepspeed=str(ds), **common)  # fmt: skip
+    result = run_torchrun(["--nproc_per_node", "2", "-m", "eqakit", "train", str(two)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["train", str(one)]) == 0
+    alone, together = step_log(tmp_path / "one" / "out"), step_log(tmp_path / "two" / "out")
+    assert len(alone) == len(together) == 2 * -(-24 // 8)
+    for a, b in zip(alone, together, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    trained = load_file(tmp_path / "two" / "out" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "one" / "out" / "adapter_model.safetensors")
+    assert trained.keys() == reference.keys()
+    for key, weight in reference.items():  # the whole adapter, gathered from the shards under ZeRO-3
+        assert trained[key].shape == weight.shape, key
+        assert_close_to_scale(trained[key], weight, rel=1e-4)
+
+    out = tmp_path / "two" / "out"  # resumed from its DeepSpeed checkpoint at step 2: the same run
+    for step in (4, 6):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    result = run_torchrun(
+        ["--nproc_per_node", "2", "-m", "eqakit", "train", str(two), "resume_from_checkpoint=true"]
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = step_log(out)
+    assert [r["step"] for r in resumed] == [r["step"] for r in alone]
+    for a, b in zip(alone, resumed, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    again = load_file(out / "adapter_model.safetensors")
+    for key, weight in reference.items():
+        assert_close_to_scale(again[key], weight, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -391,9 +391,7 @@ def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
 
 def _deepspeed_problems(setting: Any, get: Any) -> list[str]:
     """The ``deepspeed`` key (a JSON file, as LLaMA-Factory's examples give it, or a mapping): a file
-    that exists and parses, a ZeRO stage DeepSpeed has, DeepSpeed installed, and no vision feature
-    cache under ZeRO-3, which partitions the weights while the model loads: the cache would run the
-    frozen tower on empty shards outside the DeepSpeed engine."""
+    that exists and parses, a ZeRO stage DeepSpeed has, and DeepSpeed installed."""
     if isinstance(setting, str):
         path = Path(setting).expanduser()
         try:
@@ -408,17 +406,9 @@ def _deepspeed_problems(setting: Any, get: Any) -> list[str]:
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if stage not in (0, 1, 2, 3):
         return [f"key 'deepspeed': zero_optimization.stage {stage!r} is not a ZeRO stage (0, 1, 2 or 3)"]
-    problems = []
     if importlib.util.find_spec("deepspeed") is None:
-        problems.append("key 'deepspeed': DeepSpeed is not installed: pip install 'eqakit[deepspeed]'")
-    cache = get("vision_feature_cache") and get("freeze_vision_tower") and get("freeze_multi_modal_projector")
-    if stage == 3 and cache:
-        problems.append(
-            "vision_feature_cache runs the frozen vision tower once, outside DeepSpeed, and ZeRO-3 "
-            "partitions its weights while the model loads: set vision_feature_cache: false with ZeRO-3 "
-            "(or use ZeRO-2, which keeps the weights whole)"
-        )
-    return problems
+        return ["key 'deepspeed': DeepSpeed is not installed: pip install 'eqakit[deepspeed]'"]
+    return []
 
 
 def key_defaults(kind: Kind) -> dict[str, Any]:

@@ -20,6 +20,7 @@ Raises ConfigError (exit 2) for bad settings, DataError (exit 1) for bad data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -32,6 +33,7 @@ from eqakit.config import Config, load_config
 from eqakit.data.encode import Geometry, ImageBudget, PromptFormat
 from eqakit.errors import ConfigError, DataError, Stopped
 from eqakit.fsutil import write_text_atomic
+from eqakit.model.arch import vision_tower
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, StopOnSignal, newest_complete_checkpoint
 from eqakit.train.data import (
     Collator,
@@ -202,16 +204,23 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
         _print_data_report(report, len(train_set), len(eval_set) if eval_set else 0)
 
     transformers.set_seed(cfg.training.seed)  # LoRA initialisation is part of the run's randomness
+    if cfg.training.deepspeed:
+        # ZeRO-3 partitions the weights while they load, over DeepSpeed's own view of the processes:
+        # without this it sees one process and refuses the batch size transformers worked out for all
+        import deepspeed
+
+        deepspeed.init_distributed()
     model = load_base_model(cfg.model, device=cfg.training.device, dtype=_compute_dtype(cfg))
     if cache is not None:
-        cache.build(
-            model,
-            processor,
-            fmt,
-            keyed,
-            cfg.training.device,
-            show_progress=cfg.training.local_process_index == 0,
-        )
+        with _whole(vision_tower(model)):
+            cache.build(
+                model,
+                processor,
+                fmt,
+                keyed,
+                cfg.training.device,
+                show_progress=cfg.training.local_process_index == 0,
+            )
     model = apply_lora(model, cfg)
     if cfg.training.gradient_checkpointing:  # transformers' key: the Trainer checkpoints every layer
         model.enable_input_require_grads()
@@ -289,6 +298,19 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
         for path in plot_loss(out):
             print(f"wrote {path}")
     return result.metrics
+
+
+def _whole(module: Any) -> Any:
+    """A context in which ``module``'s weights are whole: under DeepSpeed ZeRO-3, which partitions
+    them over the processes while the model loads, gathered on every process (each builds the vision
+    cache over the same images, so all take part in the gathers); elsewhere they already are."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()))
 
 
 def _episode_groups(dataset: PlannedDataset) -> list[list[int]]:
