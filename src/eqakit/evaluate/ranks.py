@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from eqakit.train.packing import deal
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -30,15 +32,9 @@ class Ranks:
         return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
     def share(self, todo: list[int], episode: Callable[[int], Hashable]) -> list[int]:
-        """This process's indices of ``todo``: whole episodes, the largest first, each to the process
-        with the fewest questions so far; the same answer on every process."""
-        episodes: dict[Hashable, list[int]] = {}
-        for i in todo:
-            episodes.setdefault(episode(i), []).append(i)
-        shares: list[list[int]] = [[] for _ in range(self.world)]
-        for members in sorted(episodes.values(), key=len, reverse=True):
-            min(shares, key=len).extend(members)
-        mine = set(shares[self.rank])
+        """This process's indices of ``todo``, in ``todo``'s order: whole episodes, balanced by count
+        (`eqakit.train.packing.deal`, as training splits a step)."""
+        mine = set(deal(todo, episode, self.world)[self.rank])
         return [i for i in todo if i in mine]
 
     def part(self, path: Path) -> Path:

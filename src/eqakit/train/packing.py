@@ -21,7 +21,7 @@ count, as transformers computes it unpacked (``num_items_in_batch``).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,19 @@ import torch
 
 from eqakit.data.encode import IGNORE_INDEX, VIDEO_TIMES
 from eqakit.train.data import MEDIA, PER_ITEM
+
+
+def deal(items: list[int], group: Callable[[int], Hashable], shares: int) -> list[list[int]]:
+    """``items`` dealt into ``shares`` lists, each group whole (the largest first, each to the
+    share with the fewest items so far), each list in the order of ``items``: how processes split
+    a training step's episodes and predict's questions, the same answer on every process."""
+    groups: dict[Hashable, list[int]] = {}
+    for i in items:
+        groups.setdefault(group(i), []).append(i)
+    dealt: list[list[int]] = [[] for _ in range(shares)]
+    for members in sorted(groups.values(), key=len, reverse=True):
+        min(dealt, key=len).extend(members)
+    return dealt
 
 
 @dataclass(frozen=True)
@@ -80,13 +93,7 @@ class EpisodeBatchSampler(torch.utils.data.Sampler[list[Any]]):
 
     def share(self, step: list[int]) -> list[int]:
         """This process's samples of a step: whole episodes, balanced by count over the processes."""
-        episodes: dict[int, list[int]] = {}
-        for i in step:
-            episodes.setdefault(self.group_of[i], []).append(i)
-        shares: list[list[int]] = [[] for _ in range(self.world_size)]
-        for members in sorted(episodes.values(), key=len, reverse=True):
-            min(shares, key=len).extend(members)
-        return shares[self.rank]
+        return deal(step, self.group_of.__getitem__, self.world_size)[self.rank]
 
     def __iter__(self) -> Iterator[list[Any]]:
         for step in self.steps():
