@@ -656,3 +656,81 @@ def test_a_playlist_sent_as_video_bytes_reads_no_other_file(tmp_path: Path, monk
         assert target not in str(err.value) and "not found" not in str(err.value)
     real = write_mp4(tmp_path / "v.mp4", frames_of(4, (64, 64)), fps=4)
     assert probe(VideoSource(data=real.read_bytes()), 2.0, 8).available == 4
+
+
+# ---- tiny and odd frames -------------------------------------------------------------------------
+
+TINY_SIZES = [(1, 1), (3, 1), (64, 1), (100, 3)]  # 1 or 3 pixels high: once read as a channel axis
+
+
+def write_avi(path: Path, frames: list[Image.Image], fps: int = 10) -> Path:
+    """An uncompressed AVI: any frame size (H.264 and MPEG-4 refuse odd ones)."""
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("rawvideo", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "rgb24"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _tiny_rows(data: Path) -> list[dict]:
+    """One row per tiny size as frame files, and one as an AVI file: the questions of a dataset ``v``."""
+    rows = []
+    for width, height in TINY_SIZES:
+        paths = write_frames(data / f"ep{width}x{height}", frames_of(4, (width, height)))
+        frames = [p.relative_to(data).as_posix() for p in paths]
+        rows.append({"instruction": f"<video>Is it {width} wide?", "output": "Yes", "videos": [frames]})
+    write_avi(data / "thin.avi", frames_of(6, (3, 1)), fps=2)
+    rows.append({"instruction": "<video>How thin?", "output": "Very", "videos": ["thin.avi"]})
+    _video_dataset(data, rows)
+    return rows
+
+
+@pytest.mark.slow
+def test_tiny_frames_are_predicted_and_trained_on(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Frames 1 or 3 pixels high were read by the video processor as channels first: the row crashed
+    training mid-run and vanished from predict's output with exit 0. Now every row is answered and
+    trained on."""
+    from eqakit.config import load_config
+    from eqakit.evaluate.predict import run_predict
+
+    data = tmp_path / "data"
+    rows = _tiny_rows(data)
+    keys = {
+        "model_name_or_path": str(tiny_model_dir), "template": "qwen3_vl_nothink", "do_predict": True,
+        "predict_with_generate": True, "eval_dataset": "v", "dataset_dir": str(data),
+        "output_dir": str(tmp_path / "eval"), "max_new_tokens": 3, "do_sample": False, "report_to": "none",
+    }  # fmt: skip
+    run_predict(load_config("train", extra=keys))
+    written = (tmp_path / "eval" / "generated_predictions.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["index"] for line in written) == list(range(len(rows)))
+    done = _train(tiny_model_dir, data, tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_request_that_fails_is_raised_not_dropped(tiny_model_dir: Path) -> None:
+    """A request the engine cannot answer (here a video whose frames are not the size it claims)
+    raises RequestFailed naming it, from generate and generate_iter, and its neighbours are not lost
+    silently either: generate never returns fewer completions than requests."""
+    from eqakit.config import load_config
+    from eqakit.data.video import Video, from_frames
+    from eqakit.engine import Engine, Request, RequestFailed, SamplingParams
+
+    engine = Engine.from_config(
+        load_config("infer", None, [f"model_name_or_path={tiny_model_dir}", "template=qwen3_vl_nothink"])
+    )
+    greedy = SamplingParams(max_new_tokens=2, do_sample=False)
+    honest = from_frames(frames_of(4, (64, 64)), 2.0, 8)
+    lying = Video(honest.info, tuple(frames_of(4, (128, 96))))
+    requests = [
+        Request([{"role": "user", "content": "<video>Where?"}], greedy, videos=[video])
+        for video in (honest, lying, honest)
+    ]
+    with pytest.raises(RequestFailed, match="request 1 failed: video frame sizes changed") as failure:
+        engine.generate(requests)
+    assert failure.value.index == 1
+    assert len(engine.generate([requests[0], requests[2]])) == 2

@@ -599,7 +599,12 @@ def pixel_values(
     grids; with ``grids`` (the plan's), a grid that differs from the planned one raises ValueError
     rather than feeding the model image tokens that do not match its features."""
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-    vision = image_processor(images=[im.convert("RGB") for im in images], size=size, return_tensors="pt")
+    vision = image_processor(
+        images=[im.convert("RGB") for im in images],
+        size=size,
+        input_data_format="channels_last",  # PIL's layout: a 3- or 1-pixel-high image is not read as channels
+        return_tensors="pt",
+    )
     grid = vision["image_grid_thw"]
     if grids is not None and [tuple(g) for g in grid.tolist()] != [tuple(g) for g in grids]:
         raise ValueError(f"image sizes changed since planning: grids {grid.tolist()}, planned {list(grids)}")
@@ -620,6 +625,7 @@ def video_pixel_values(
         video_metadata=[metadata],
         do_sample_frames=False,
         cap_pixels_per_frame=False,
+        input_data_format="channels_last",  # frames 1 or 3 pixels high are not read as channels first
         size=video_size(len(info.indices), min_pixels, video.max_pixels, video.second_per_grid is None),
         return_tensors="pt",
     )

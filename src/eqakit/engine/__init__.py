@@ -2,7 +2,14 @@
 request types (`eqakit.engine.params`), the backends (`eqakit.engine.hf`, `eqakit.engine.vllm`) and
 the loader that picks one (`eqakit.engine.load`)."""
 
-from eqakit.engine.base import EngineUnavailable, InferenceEngine, Submission, TextStream, Worker
+from eqakit.engine.base import (
+    EngineUnavailable,
+    InferenceEngine,
+    RequestFailed,
+    Submission,
+    TextStream,
+    Worker,
+)
 from eqakit.engine.hf.engine import Engine
 from eqakit.engine.load import load_engine, make_worker
 from eqakit.engine.params import Completion, PromptTooLong, Request, RequestError, SamplingParams
@@ -15,6 +22,7 @@ __all__ = [
     "PromptTooLong",
     "Request",
     "RequestError",
+    "RequestFailed",
     "SamplingParams",
     "Submission",
     "TextStream",

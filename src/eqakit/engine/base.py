@@ -48,6 +48,15 @@ class EngineUnavailable(RuntimeError):
     """The worker is shutting down or has too many requests waiting (an API answers 503)."""
 
 
+class RequestFailed(RuntimeError):
+    """One request of `InferenceEngine.generate_iter` could not be answered (its cause is chained):
+    ``index`` says which, so a caller can name the row instead of silently losing it."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        super().__init__(f"request {index} failed: {error}")
+        self.index = index
+
+
 _END = object()
 
 
@@ -161,7 +170,8 @@ class InferenceEngine(Protocol):
     def generate_iter(
         self, requests: Iterable[Request | PreparedRequest]
     ) -> Iterator[tuple[int, Completion]]:
-        """(index, completion) pairs as requests finish, reading ``requests`` lazily (predict)."""
+        """(index, completion) pairs as requests finish, reading ``requests`` lazily (predict); a
+        request that cannot be answered raises `RequestFailed` (never a missing pair)."""
         ...
 
     def stream(self, request: Request) -> TextStream:

@@ -44,7 +44,15 @@ from eqakit.data.dataset import Sample, load_samples
 from eqakit.data.encode import Geometry, PromptFormat, VideoBudget
 from eqakit.data.template import THINK, count_images, count_parts, render_prompt, strip_thinking
 from eqakit.data.video import Video, VideoError, VideoInfo, VideoSource, decode, probe
-from eqakit.engine import InferenceEngine, PromptTooLong, Request, RequestError, SamplingParams, load_engine
+from eqakit.engine import (
+    InferenceEngine,
+    PromptTooLong,
+    Request,
+    RequestError,
+    RequestFailed,
+    SamplingParams,
+    load_engine,
+)
 from eqakit.errors import DataError, EqakitError
 from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
 from eqakit.evaluate.ranks import Ranks, parts
@@ -157,13 +165,22 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
             tqdm(total=len(todo), desc="predict" + (f" (process {ranks.rank})" if ranks.world > 1 else ""),
                  unit="sample", position=ranks.rank) as bar,
         ):  # fmt: skip
-            for position, completion in engine.generate_iter(requests):
-                index = todo[position]
-                predict = strip_thinking(completion.text) if cfg.data.template == THINK else completion.text
-                done[index] = _row(index, samples[index], prompts[index], predict, media)
-                sink.write(json.dumps(done[index], ensure_ascii=False) + "\n")
-                sink.flush()
-                bar.update(1)
+            try:
+                for position, completion in engine.generate_iter(requests):
+                    index = todo[position]
+                    predict = (
+                        strip_thinking(completion.text) if cfg.data.template == THINK else completion.text
+                    )
+                    done[index] = _row(index, samples[index], prompts[index], predict, media)
+                    sink.write(json.dumps(done[index], ensure_ascii=False) + "\n")
+                    sink.flush()
+                    bar.update(1)
+            except RequestFailed as failure:
+                raise DataError(
+                    f"{samples[todo[failure.index]].source}: the model could not answer this sample "
+                    f"({failure.__cause__}); the {len(done)} answers so far are kept in "
+                    f"{ranks.part(path)}: fix or remove the row and run again to go on"
+                ) from None
         runtime = time.perf_counter() - started
     finally:
         if owned:  # vLLM runs worker processes: stop them now, not at exit

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from eqakit.data.encode import Plan, PromptFormat
 from eqakit.data.template import Message
 from eqakit.data.video import VideoInfo
-from eqakit.engine.base import TextStream
+from eqakit.engine.base import RequestFailed, TextStream
 from eqakit.engine.hf.caches import LRUCache, PrefixState, VisualFeatures
 from eqakit.engine.hf.model import HFModel
 from eqakit.engine.hf.prepare import Prepared, prepare_request
@@ -166,21 +166,26 @@ class Engine:
     # ---- generation --------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[Request | Prepared]) -> list[Completion]:
-        """Completions of all requests, in order. Every request is checked before any is run."""
+        """Completions of all requests, in order. Every request is checked before any is run; one
+        that fails raises `RequestFailed`."""
         prepared = [r if isinstance(r, Prepared) else self.prepare(r) for r in requests]
-        results: list[Completion | None] = [None] * len(prepared)
-        for index, completion in self.generate_iter(prepared):
-            results[index] = completion
-        return [r for r in results if r is not None]
+        results = dict(self.generate_iter(prepared))
+        return [results[i] for i in range(len(prepared))]
 
     def generate_iter(self, requests: Iterable[Request | Prepared]) -> Iterator[tuple[int, Completion]]:
         """(index, completion) pairs as requests finish, reading ``requests`` lazily as room frees up.
 
         Put requests that share frames next to each other: they are admitted together and share one
-        prefix prefill.
+        prefix prefill. A request that fails (its prefill raises) raises `RequestFailed`.
         """
         source = enumerate(requests)
         finished: deque[tuple[int, Completion]] = deque()
+        failed: list[RequestFailed] = []
+
+        def fail(index: int, error: BaseException) -> None:
+            failed.append(RequestFailed(index, error))
+            failed[-1].__cause__ = error
+
         runner = self.runner()
         exhausted = False
         held: Job | None = None  # read, but did not fit the batch yet
@@ -194,7 +199,11 @@ class Engine:
                         break
                     index, request = item
                     prepared = request if isinstance(request, Prepared) else self.prepare(request)
-                    held = Job(prepared, on_done=lambda c, i=index: finished.append((i, c)))
+                    held = Job(
+                        prepared,
+                        on_done=lambda c, i=index: finished.append((i, c)),
+                        on_error=lambda e, i=index: fail(i, e),
+                    )
                 if not self.fits(runner, jobs, held):
                     break
                 jobs.append(held)
@@ -202,6 +211,8 @@ class Engine:
             runner.admit(jobs)
             while finished:
                 yield finished.popleft()
+            if failed:
+                raise failed[0]
             if runner.active == 0:
                 if exhausted and held is None:
                     return
@@ -225,11 +236,14 @@ class Engine:
     def _stream(self, prepared: Prepared) -> Generator[str, None, Completion]:
         deltas: deque[str] = deque()
         done: list[Completion] = []
+        failed: list[BaseException] = []
         runner = self.runner()
-        runner.admit([Job(prepared, on_done=done.append, on_delta=deltas.append)])
+        runner.admit([Job(prepared, on_done=done.append, on_delta=deltas.append, on_error=failed.append)])
         while True:
             while deltas:
                 yield deltas.popleft()
+            if failed:
+                raise failed[0]
             if done:
                 return done[0]
             runner.step()

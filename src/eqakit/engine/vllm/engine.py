@@ -50,7 +50,7 @@ from PIL import Image
 from eqakit.data.encode import Geometry, PadIds, Plan, PromptFormat, VideoPlan, prompt_ids, video_size
 from eqakit.data.template import Message, count_parts
 from eqakit.data.video import TEMPORAL_PATCH, Video, VideoInfo
-from eqakit.engine.base import EngineUnavailable, Submission, TextStream
+from eqakit.engine.base import EngineUnavailable, RequestFailed, Submission, TextStream
 from eqakit.engine.params import Completion, Request, RequestError, SamplingParams
 from eqakit.engine.prompt import plan_prompt, plan_request
 from eqakit.errors import ConfigError, EqakitError
@@ -348,7 +348,11 @@ class VllmEngine:
                 return
             index, submission = finished.get()
             pending -= 1
-            yield index, submission.result()  # raises the request's error
+            try:
+                completion = submission.result()
+            except Exception as error:
+                raise RequestFailed(index, error) from error
+            yield index, completion
 
     def stream(self, request: Request) -> TextStream:
         """Text deltas of one request (for chat); the request is checked now."""
