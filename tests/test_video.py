@@ -85,11 +85,15 @@ def write_frames(root: Path, frames: list[Image.Image]) -> list[Path]:
     return paths
 
 
-def write_mp4(path: Path, frames: list[Image.Image], fps: int = 10) -> Path:
+def write_video(
+    path: Path, frames: list[Image.Image], fps: int = 10, codec: str = "mpeg4", pix_fmt: str = "yuv420p"
+) -> Path:
+    """A video file of ``frames`` (its container from the suffix); uncompressed ``rawvideo``/``rgb24``
+    in an .avi takes any frame size (MPEG-4 and H.264 refuse odd ones)."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = pix_fmt
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_image(frame)):
                 container.mux(packet)
@@ -101,7 +105,7 @@ def write_mp4(path: Path, frames: list[Image.Image], fps: int = 10) -> Path:
 def test_frames_are_chosen_as_llamafactory_chooses_them(tmp_path: Path) -> None:
     """A file: min(frames, maxlen, floor(duration * fps)) frames spread with linspace, timed by the
     stream's rate; a frame list: all frames 1/fps apart, sampled down to maxlen; odd counts padded."""
-    video = write_mp4(tmp_path / "walk.mp4", frames_of(30), fps=10)  # 3 seconds
+    video = write_video(tmp_path / "walk.mp4", frames_of(30), fps=10)  # 3 seconds
     info = probe(VideoSource(file=video), fps=2.0, maxlen=128)
     assert info.available == 30 and info.size == (96, 64)
     assert list(info.indices) == [int(i) for i in np.linspace(0, 29, 6).astype(np.int32)]
@@ -132,7 +136,7 @@ def test_tokens_and_pixels_equal_the_processors(request, tmp_path: Path, kind: s
     if kind == "frames":
         source = VideoSource(frames=tuple(write_frames(tmp_path / "f", frames_of(5, (128, 96)))))
     else:
-        source = VideoSource(file=write_mp4(tmp_path / "v.mp4", frames_of(24, (128, 96)), fps=8))
+        source = VideoSource(file=write_video(tmp_path / "v.mp4", frames_of(24, (128, 96)), fps=8))
     video_budget = VideoBudget(min_pixels=16 * 16, max_pixels=64 * 64, fps=2.0, maxlen=16)
     fmt = PromptFormat("qwen2_vl" if qwen2_5 else "qwen3_vl_nothink", cutoff_len=4096, video=video_budget)
     info = probe(source, video_budget.fps, video_budget.maxlen)
@@ -271,7 +275,7 @@ def _video_dataset(root: Path, rows: list[dict], videos_column: bool = True) -> 
 def _two_videos(data: Path, size: tuple[int, int], listed: int, filed: int) -> tuple[list[dict], list[str]]:
     """A dataset ``v`` of two rows: a video of ``listed`` frame files, and an mp4 of ``filed`` frames at 10 fps."""
     frames = [p.relative_to(data).as_posix() for p in write_frames(data / "ep0", frames_of(listed, size))]
-    write_mp4(data / "ep1.mp4", frames_of(filed, size), fps=10)
+    write_video(data / "ep1.mp4", frames_of(filed, size), fps=10)
     rows = [
         {"instruction": "<video>Where is the ball?", "output": "On the sofa", "videos": [frames]},
         {"instruction": "<video>What color is the wall?", "output": "White", "videos": ["ep1.mp4"]},
@@ -562,7 +566,7 @@ def test_the_api_answers_video_files_and_frame_lists_as_the_engine_does(video_se
 
     url, engine = video_server
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    mp4 = write_mp4(tmp_path / "walk.mp4", frames_of(40, (160, 128)), fps=10).read_bytes()
+    mp4 = write_video(tmp_path / "walk.mp4", frames_of(40, (160, 128)), fps=10).read_bytes()
     frames = frames_of(8, (160, 128))
     parts = {
         "file": _video_part("data:video/mp4;base64," + base64.b64encode(mp4).decode()),
@@ -608,7 +612,7 @@ def test_the_api_answers_video_files_and_frame_lists_as_the_engine_does(video_se
     refused(_video_part([]), "no frames")
     refused(_video_part([_png_uri(f) for f in frames_of(16, (640, 480))]), "api_max_request_pixels")
     refused({"type": "text", "text": "<video>"}, "must not contain '<video>'")
-    big = write_mp4(tmp_path / "big.mp4", frames_of(12, (640, 480)), fps=2).read_bytes()
+    big = write_video(tmp_path / "big.mp4", frames_of(12, (640, 480)), fps=2).read_bytes()
     refused(_video_part("data:video/mp4;base64," + base64.b64encode(big).decode()), "api_max_request_pixels")
 
 
@@ -654,27 +658,13 @@ def test_a_playlist_sent_as_video_bytes_reads_no_other_file(tmp_path: Path, monk
         with pytest.raises(VideoError, match="container eqakit reads") as err:
             probe(VideoSource(data=playlist), 2.0, 8)
         assert target not in str(err.value) and "not found" not in str(err.value)
-    real = write_mp4(tmp_path / "v.mp4", frames_of(4, (64, 64)), fps=4)
+    real = write_video(tmp_path / "v.mp4", frames_of(4, (64, 64)), fps=4)
     assert probe(VideoSource(data=real.read_bytes()), 2.0, 8).available == 4
 
 
 # ---- tiny and odd frames -------------------------------------------------------------------------
 
 TINY_SIZES = [(1, 1), (3, 1), (64, 1), (100, 3)]  # 1 or 3 pixels high: once read as a channel axis
-
-
-def write_avi(path: Path, frames: list[Image.Image], fps: int = 10) -> Path:
-    """An uncompressed AVI: any frame size (H.264 and MPEG-4 refuse odd ones)."""
-    with av.open(str(path), "w", format="avi") as container:
-        stream = container.add_stream("rawvideo", rate=fps)
-        stream.width, stream.height = frames[0].size
-        stream.pix_fmt = "rgb24"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def _tiny_rows(data: Path) -> list[dict]:
@@ -684,7 +674,7 @@ def _tiny_rows(data: Path) -> list[dict]:
         paths = write_frames(data / f"ep{width}x{height}", frames_of(4, (width, height)))
         frames = [p.relative_to(data).as_posix() for p in paths]
         rows.append({"instruction": f"<video>Is it {width} wide?", "output": "Yes", "videos": [frames]})
-    write_avi(data / "thin.avi", frames_of(6, (3, 1)), fps=2)
+    write_video(data / "thin.avi", frames_of(6, (3, 1)), fps=2, codec="rawvideo", pix_fmt="rgb24")
     rows.append({"instruction": "<video>How thin?", "output": "Very", "videos": ["thin.avi"]})
     _video_dataset(data, rows)
     return rows
