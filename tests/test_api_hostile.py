@@ -9,6 +9,7 @@ counted, and the last test checks the totals: no 5xx, no hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import resource
@@ -17,8 +18,11 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import av
+import numpy as np
 import pytest
 import requests
 from PIL import Image
@@ -390,6 +394,168 @@ def test_stalled_connections_are_cut_off(url: str) -> None:
     reply = raw(url, head, wait=BODY_TIMEOUT_S + 10)
     assert reply.startswith(b"HTTP/1.1 408"), reply
     assert BODY_TIMEOUT_S <= time.monotonic() - start < BODY_TIMEOUT_S + 5
+
+
+# ---- 8. videos: decoding bounded in frames, pixels and time; nobody waits behind it -------------------
+
+
+def still_video(size: tuple[int, int], frames: int, fmt: str = "mp4", codec: str = "mpeg4") -> bytes:
+    """``frames`` frames of one black picture at 10 fps: a keyframe, then one tiny skip-frame packet
+    repeated. Cheap to make and to send (kilobytes), as costly to decode as any video of its size:
+    the attacker's video."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        picture = av.VideoFrame.from_ndarray(np.zeros((size[1], size[0], 3), np.uint8), format="rgb24")
+        packets = []
+        for pts in range(2):
+            picture.pts = pts
+            packets += stream.encode(picture)
+        packets += stream.encode()
+        key, skip = packets[0], packets[1]
+        step, time_base, payload = skip.pts - key.pts, key.time_base, bytes(skip)
+        container.mux(key)
+        for i in range(1, frames):
+            packet = av.Packet(payload)
+            packet.stream, packet.time_base = stream, time_base
+            packet.pts = packet.dts = i * step
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def video_ask(video: bytes, mime: str = "video/mp4", **fields) -> dict:
+    part = {"type": "video_url", "video_url": {"url": data_uri(video, mime)}}
+    content = [part, {"type": "text", "text": "What happens?"}]
+    return {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 2, **fields}
+
+
+@contextmanager
+def video_server(engine: Engine, lively_dir: Path, media_dir: Path, *keys: str) -> Iterator[str]:
+    """A server on the module's engine with tighter video limits (it shares the engine's thread)."""
+    cfg = load_config("infer", None, [*hostile_settings(lively_dir, media_dir), *keys])
+    with serving(create_app(engine, api_key="k3y", settings=cfg.api)) as (address, _):
+        yield address
+
+
+def test_a_video_too_costly_to_decode_is_refused_from_its_header(
+    engine: Engine, lively_dir: Path, media_dir: Path
+) -> None:
+    """Every frame up to the last one sampled is decoded: 200 frames of 6000x6000 (3.8 MB sent, 7.2
+    billion pixels to decode) and 3000 small frames are refused before the first frame is decoded."""
+    keys = ("api_max_decoded_frames=1000", "api_max_decoded_pixels=1000000000")
+    with video_server(engine, lively_dir, media_dir, *keys) as address:
+        for video, needle in (
+            (still_video((6000, 6000), 200), "api_max_decoded_pixels"),
+            (still_video((64, 64), 3000), "api_max_decoded_frames"),
+        ):
+            start = time.monotonic()
+            reply = send(address, video_ask(video))
+            assert_error(reply, 400, needle)
+            assert time.monotonic() - start < 3, "decoded before refusing"
+
+
+def test_a_resolution_change_mid_stream_is_refused_before_the_large_frame_is_allocated(
+    engine: Engine, lively_dir: Path, media_dir: Path
+) -> None:
+    """An MPEG-TS stream of 64x64 frames, then 3000x3000 ones: the header says 64x64; FFmpeg refuses
+    the large frames before allocating them (api_max_image_pixels), and they count at their real size."""
+    small = still_video((64, 64), 20, "mpegts", "mpeg2video")  # the frames sampled reach into the large part
+    large = still_video((3000, 3000), 30, "mpegts", "mpeg2video")
+
+    with video_server(engine, lively_dir, media_dir, "api_max_image_pixels=4000000") as address:
+        assert send(address, video_ask(small, "video/mp2t")).status_code == 200
+        reply = send(address, video_ask(small + large, "video/mp2t"))
+        assert_error(reply, 400, "a frame over 4000000 pixels")
+
+
+def test_a_video_that_decodes_too_long_is_cut_off(engine: Engine, lively_dir: Path, media_dir: Path) -> None:
+    with video_server(engine, lively_dir, media_dir, "api_video_timeout=0.3") as address:
+        start = time.monotonic()
+        reply = send(address, video_ask(still_video((2000, 2000), 400)))  # about 1 s to decode here
+        assert_error(reply, 400, "api_video_timeout")
+        assert time.monotonic() - start < 2.5
+
+
+def test_abandoned_videos_stop_decoding_and_stall_nobody(
+    engine: Engine, lively_dir: Path, media_dir: Path, solo: dict[str, str]
+) -> None:
+    """Six clients send videos that take seconds to decode and give up after 0.3 s; meanwhile innocent
+    requests (text and images) answer as alone, in about their solo time, and a video sent next waits
+    for none of the six decodes: decoding stops when its client leaves, on a pool of its own."""
+    heavy = still_video((2000, 2000), 600)  # 2.4 billion pixels: about 2 s of decoding each
+    honest = still_video((128, 96), 20)
+    with video_server(engine, lively_dir, media_dir, "api_max_decoded_pixels=3000000000") as address:
+        started = time.monotonic()
+        assert send(address, video_ask(honest)).status_code == 200
+        honest_solo = time.monotonic() - started
+        started = time.monotonic()
+        for question in INNOCENT:
+            assert answer(address, question) == solo[question]
+        innocent_solo = time.monotonic() - started
+
+        def give_up() -> None:
+            with contextlib.suppress(requests.Timeout):
+                requests.post(
+                    f"{address}/v1/chat/completions", json=video_ask(heavy), headers=AUTH, timeout=0.3
+                )
+
+        with ThreadPoolExecutor(len(INNOCENT) + 6) as pool:
+            quitters = [pool.submit(give_up) for _ in range(6)]
+            time.sleep(0.5)
+            started = time.monotonic()
+            innocents = [pool.submit(answer, address, q) for q in INNOCENT]
+            assert [f.result(60) for f in innocents] == [solo[q] for q in INNOCENT]
+            innocent_beside = time.monotonic() - started
+            for quitter in quitters:
+                quitter.result(60)
+        started = time.monotonic()
+        assert send(address, video_ask(honest)).status_code == 200
+        honest_after = time.monotonic() - started
+    print(
+        f"\ninnocent requests {innocent_solo:.2f} s alone, {innocent_beside:.2f} s beside 6 abandoned videos; "
+        f"a video {honest_solo:.2f} s alone, {honest_after:.2f} s after them"
+    )
+    assert innocent_beside < 2 * innocent_solo + 1, (innocent_solo, innocent_beside)
+    assert honest_after < 2 * honest_solo + 3, (honest_solo, honest_after)  # six decodes would be ~12 s
+
+
+def test_video_bytes_must_be_the_type_they_claim(url: str) -> None:
+    avi = still_video((64, 64), 4, "avi")
+    assert_error(send(url, video_ask(avi)), 400, "as its type says")
+    assert_error(send(url, video_ask(encoded(jpeg(3)))), 400, "as its type says")
+    assert send(url, video_ask(avi, "video/x-msvideo")).status_code == 200
+
+
+def test_video_parts_count_toward_api_max_images(url: str) -> None:
+    body = video_ask(still_video((64, 64), 2))
+    body["messages"][0]["content"] = body["messages"][0]["content"][:1] * 17 + [{"type": "text", "text": "?"}]
+    assert_error(send(url, body), 400, "api_max_images")
+
+
+def test_tiny_video_frames_are_answered(url: str) -> None:
+    for size in ((1, 1), (3, 1), (64, 1), (100, 3)):
+        frames = [data_uri(encoded(Image.new("RGB", size, (9, 9, 9)), "PNG"), "image/png")] * 4
+        part = {"type": "video_url", "video_url": {"url": frames}}
+        body = {"model": "m", "messages": [{"role": "user", "content": [part]}], "max_tokens": 2}
+        assert send(url, body).status_code == 200, size
+
+
+def test_what_would_be_ignored_is_refused_by_name(url: str) -> None:
+    """A repeated key (JSON keeps the last), a video in a system message, tool calls: refused, not ignored."""
+    video = {"type": "video_url", "video_url": {"url": data_uri(still_video((64, 64), 2), "video/mp4")}}
+    cases = [
+        ('{"model": "m", "max_tokens": 1, "max_tokens": 5000, "messages": []}', "repeats the key 'max_tokens'"),
+        ({"model": "m", "messages": [{"role": "system", "content": [video]}, {"role": "user", "content": "?"}]},
+         "videos are only allowed in user messages, not system"),
+        ({"model": "m", "messages": [{"role": "user", "content": "?"},
+          {"role": "assistant", "content": "", "tool_calls": [{"id": "1", "type": "function"}]}]}, "tool calls"),
+        ({"model": "m", "parallel_tool_calls": False, "messages": [{"role": "user", "content": "?"}]},
+         "parallel_tool_calls is not supported"),
+    ]  # fmt: skip
+    for body, needle in cases:
+        assert_error(send(url, body), 400, needle)
 
 
 # ---- totals -----------------------------------------------------------------------------------------

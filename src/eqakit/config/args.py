@@ -232,7 +232,7 @@ class ApiArguments:
         min=0.0,
         min_exclusive=True,
     )
-    api_max_images: int = _f(16, "Most images one request may carry.", min=1)
+    api_max_images: int = _f(16, "Most images and videos one request may carry.", min=1)
     api_max_image_pixels: int = _f(
         40_000_000,
         "Largest image (width x height) accepted; larger ones are refused before they are decoded "
@@ -244,6 +244,26 @@ class ApiArguments:
         "Most pixels (width x height, summed over its images) one request may ask the server to decode; "
         "bounds the memory a single request can take.",
         min=1,
+    )
+    api_max_decoded_frames: int = _f(
+        10_000,
+        "Most video frames one request may have decoded, over all its video files (every frame up "
+        "to the last one sampled is decoded, chosen or not); a header that shows more is refused "
+        "before decoding.",
+        min=1,
+    )
+    api_max_decoded_pixels: int = _f(
+        4_000_000_000,
+        "Most pixels (width x height, summed over every decoded frame) one request's video files "
+        "may cost to decode: bounds the CPU time a request can take (about 2,000 frames of 1080p).",
+        min=1,
+    )
+    api_video_timeout: float = _f(
+        30.0,
+        "Seconds a request's video files may take to decode, waiting for a decoder included (a "
+        "request over it gets 400; one whose client leaves stops decoding).",
+        min=0.0,
+        min_exclusive=True,
     )
     api_max_body_mb: float = _f(
         64.0, "Largest request body, in MiB (larger requests get 413).", min=0.0, min_exclusive=True

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class VideoSource:
     frames: tuple[Path, ...] = ()
     file: Path | None = None
     data: bytes | None = None
+    containers: str = ""  # the FFmpeg demuxers it may be read as (a declared type's); "" is any of VIDEO_CONTAINERS
 
     def describe(self) -> str:
         if self.data is not None:
@@ -121,6 +123,12 @@ def probe_bounded(
     decoded and shrinking (`reduced`) those much larger than ``target_pixels``: what a video sent to
     a server is decoded at."""
     info = probe(source, fps, maxlen)
+    check_frame_size(info, max_pixels, limit)
+    return reduced(info, target_pixels)
+
+
+def check_frame_size(info: VideoInfo, max_pixels: int, limit: str = "") -> None:
+    """Refuse a video whose header announces frames over ``max_pixels`` (the setting named ``limit``)."""
     width, height = info.size
     if width * height > max_pixels:
         named = f" ({limit})" if limit else ""
@@ -128,7 +136,6 @@ def probe_bounded(
             f"the video's frames are {width}x{height} = {width * height} pixels, over the limit of "
             f"{max_pixels}{named}; send a smaller video"
         )
-    return reduced(info, target_pixels)
 
 
 def load(source: VideoSource, fps: float, maxlen: int) -> Video:
@@ -214,13 +221,15 @@ def _open(source: VideoSource):  # noqa: ANN202 - av's container type
         container = av.open(
             io.BytesIO(source.data) if source.data is not None else str(source.file),
             "r",
-            options={"format_whitelist": VIDEO_CONTAINERS},
+            options={"format_whitelist": source.containers or VIDEO_CONTAINERS},
         )
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VideoError(
-            f"{name} cannot be read as a video in a container eqakit reads (MP4/MOV, Matroska/WebM, AVI, "
-            f"MPEG-TS, FLV, Ogg): {exc}"
-        ) from None
+        readable = (
+            f"a {source.containers} container, as its type says"
+            if source.containers
+            else "a container eqakit reads (MP4/MOV, Matroska/WebM, AVI, MPEG-TS, FLV, Ogg)"
+        )
+        raise VideoError(f"{name} cannot be read as a video in {readable}: {exc}") from None
     streams = [s for s in container.streams if s.type == "video"]
     if not streams:
         container.close()
@@ -253,9 +262,23 @@ def _probe_file(source: VideoSource, fps: float, maxlen: int) -> VideoInfo:
     return VideoInfo(size, _even(chosen), rate, total)
 
 
-def decode(source: VideoSource, info: VideoInfo) -> list[Image.Image]:
+FrameCheck = Callable[[int, int], None]
+
+
+def decode(
+    source: VideoSource,
+    info: VideoInfo,
+    on_frame: FrameCheck | None = None,
+    max_frame_pixels: int | None = None,
+) -> list[Image.Image]:
     """The chosen frames as RGB images of ``info.size``, in ``info.indices`` order (repeats included);
-    a video file's frames are scaled to ``info.size`` while decoding when it is smaller (`reduced`)."""
+    a video file's frames are scaled to ``info.size`` while decoding when it is smaller (`reduced`).
+
+    A server bounds what a request's video costs: ``on_frame(width, height)`` is called for every
+    frame decoded (chosen or not, at the size it really has, which a stream may change mid-file)
+    and may raise `VideoError` to stop; FFmpeg refuses a frame over ``max_frame_pixels`` before it
+    allocates it.
+    """
     if not source.is_container:
         frames = {}
         for i in sorted(set(info.indices)):
@@ -268,8 +291,12 @@ def decode(source: VideoSource, info: VideoInfo) -> list[Image.Image]:
         frames = {}
         name = source.describe()
         container, stream = _open(source)
+        if max_frame_pixels is not None:
+            stream.codec_context.options = {"max_pixels": str(max_frame_pixels)}
         try:
             for index, frame in enumerate(container.decode(stream)):
+                if on_frame is not None:
+                    on_frame(frame.width, frame.height)
                 if index in wanted:
                     if (frame.width, frame.height) != info.size:
                         frame = frame.reformat(width=info.size[0], height=info.size[1])
@@ -277,7 +304,8 @@ def decode(source: VideoSource, info: VideoInfo) -> list[Image.Image]:
                 if len(frames) == len(wanted):
                     break
         except av.FFmpegError as exc:
-            raise VideoError(f"{name} cannot be decoded ({exc})") from None
+            larger = f": a frame over {max_frame_pixels} pixels, or corrupt data" if max_frame_pixels else ""
+            raise VideoError(f"{name} cannot be decoded ({exc}){larger}") from None
         finally:
             container.close()
         missing = sorted(wanted - set(frames))

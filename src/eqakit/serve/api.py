@@ -9,7 +9,10 @@ Features:
   visual-feature cache and prompt-prefix reuse); the event loop never waits on model work: images
   are decoded and prompts tokenized on worker threads, generation runs on the engine's thread;
 - ``infer_backend: vllm`` puts the same API in front of vLLM's engine instead (eqakit.engine.vllm);
-- a client that disconnects cancels its generation;
+- a client that disconnects cancels its generation (and the decoding of its videos);
+- video files are decoded on a pool of their own, so a request's body is never parsed behind
+  another's video; each request's decoding is bounded in frames, pixels and time
+  (``api_max_decoded_frames``, ``api_max_decoded_pixels``, ``api_video_timeout``);
 - every bad request gets a 4xx in OpenAI's error shape, and fails only itself: the server keeps
   serving, other requests in its batch are not harmed (see tests/test_api_hostile.py);
 - message text is text: special tokens typed by a client (``<|im_end|>``, ``<|image_pad|>``) are
@@ -43,6 +46,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +60,7 @@ from eqakit.config import Config, load_config
 from eqakit.config.args import ApiArguments
 from eqakit.data.encode import VideoBudget
 from eqakit.data.template import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from eqakit.data.video import Video
 from eqakit.engine import (
     Completion,
     EngineUnavailable,
@@ -71,6 +76,7 @@ from eqakit.engine import Request as EngineRequest
 from eqakit.engine.base import PreparedRequest
 from eqakit.errors import ConfigError
 from eqakit.serve.images import (
+    DecodeAllowance,
     ImagePolicy,
     MiB,
     PixelAllowance,
@@ -121,6 +127,13 @@ class Service:
     drain: Drain  # SIGTERM: new requests get 503, in-flight ones finish
     cancelled: int = 0  # generations stopped because their client went away
     recent: RecentImages = field(default_factory=RecentImages)  # an episode's frames, decoded once
+    # Video files are decoded here, never on the threads that parse bodies and decode images; at most
+    # half the cores decode videos, so the engine keeps the rest.
+    video_decoder: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(
+            max(1, (os.cpu_count() or 2) // 2), thread_name_prefix="eqakit-video"
+        )
+    )
 
 
 def create_app(
@@ -142,6 +155,7 @@ def create_app(
         worker.start()
         yield
         await asyncio.to_thread(worker.close, limits.api_drain_timeout)
+        service.video_decoder.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="eqakit",
@@ -201,12 +215,15 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         body = await _read_body(request, int(limits.api_max_body_mb * MiB), limits.api_body_timeout)
         allowance = PixelAllowance(limits.api_max_request_pixels)
+        decoding = DecodeAllowance(
+            limits.api_max_decoded_frames, limits.api_max_decoded_pixels, limits.api_video_timeout
+        )
         if len(body) >= LARGE_BODY:
             request.scope[TRIM] = True
         try:
             chat = await _off_loop(parse_chat_request, body)
             del body
-            prepared = await _prepare(service, chat, allowance)
+            prepared = await _prepare(service, chat, allowance, decoding, request)
         finally:
             if allowance.used >= LARGE_DECODE:
                 request.scope[TRIM] = True
@@ -274,9 +291,14 @@ def _bounded(value: int | None, name: str, high: int, setting: str) -> int | Non
 
 
 async def _prepare(
-    service: Service, chat: ChatCompletionRequest, allowance: PixelAllowance
+    service: Service,
+    chat: ChatCompletionRequest,
+    allowance: PixelAllowance,
+    decoding: DecodeAllowance,
+    request: Request,
 ) -> list[PreparedRequest]:
-    """One prepared engine request per choice (n), images decoded and prompt tokenized off the event loop."""
+    """One prepared engine request per choice (n), media decoded and prompt tokenized off the event
+    loop (video files on the service's video pool, stopped if the client leaves)."""
     limits = service.limits
     max_tokens = _bounded(chat.max_tokens, "max_tokens", limits.api_max_new_tokens, "api_max_new_tokens")
     max_tokens = (
@@ -292,13 +314,17 @@ async def _prepare(
     stop = [chat.stop] if isinstance(chat.stop, str) else chat.stop
     if stop is not None and len(stop) > MAX_STOP:
         raise ApiError(400, f"stop may hold at most {MAX_STOP} strings, got {len(stop)}", param="stop")
-    images = sum(
-        isinstance(p, ImagePart) for m in chat.messages if isinstance(m.content, list) for p in m.content
+    media = sum(
+        isinstance(p, ImagePart | VideoPart)
+        for m in chat.messages
+        if isinstance(m.content, list)
+        for p in m.content
     )
-    if images > limits.api_max_images:
+    if media > limits.api_max_images:
         raise ApiError(
             400,
-            f"the request has {images} images, more than the limit of {limits.api_max_images} (api_max_images)",
+            f"the request has {media} images and videos, more than the limit of {limits.api_max_images} "
+            "(api_max_images)",
             param="messages",
         )
     params = service.engine.params(
@@ -310,8 +336,9 @@ async def _prepare(
         stop=stop,
         seed=chat.seed,
     )
+    videos = await _video_files(service, chat, allowance, decoding, request)
     messages = await _off_loop(
-        _engine_messages, chat, service.policy, service.recent, allowance, service.engine.format.video
+        _engine_messages, chat, service.policy, service.recent, allowance, service.engine.format.video, videos
     )
     first = await _off_loop(service.engine.prepare, EngineRequest(messages, params))
     if chat.seed is None:
@@ -324,15 +351,55 @@ async def _prepare(
     ]
 
 
+async def _video_files(
+    service: Service,
+    chat: ChatCompletionRequest,
+    allowance: PixelAllowance,
+    decoding: DecodeAllowance,
+    request: Request,
+) -> dict[str, Video]:
+    """The request's video files decoded on the video pool, by part position ("i.j"), one after
+    another; when the client disconnects, decoding stops at the next frame."""
+    budget = service.engine.format.video
+    loop = asyncio.get_running_loop()
+    videos: dict[str, Video] = {}
+    for i, message in enumerate(chat.messages):
+        for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
+            if not isinstance(part, VideoPart) or not isinstance(part.video_url.url, str) or budget is None:
+                continue
+            where = f"messages[{i}].content[{j}]"
+            job = loop.run_in_executor(
+                service.video_decoder,
+                load_video,
+                part.video_url.url,
+                service.policy,
+                where,
+                budget,
+                allowance,
+                decoding,
+            )
+            try:
+                while not (await asyncio.wait({job}, timeout=0.2))[0]:
+                    if await request.is_disconnected():
+                        decoding.cancel()
+            except BaseException:
+                decoding.cancel()  # the handler was cancelled: so is the decoding
+                raise
+            videos[f"{i}.{j}"] = job.result()
+    return videos
+
+
 def _engine_messages(
     chat: ChatCompletionRequest,
     policy: ImagePolicy,
     recent: RecentImages | None = None,
     allowance: PixelAllowance | None = None,
     video_budget: VideoBudget | None = None,
+    video_files: dict[str, Video] | None = None,
 ) -> list[dict[str, Any]]:
     """OpenAI messages as the engine's: developer -> system, image_url parts -> decoded images,
-    video_url parts -> decoded videos (a video file, or a list of frame image URLs)."""
+    video_url parts -> decoded videos (a video file, already decoded into ``video_files`` by
+    `_video_files`, or a list of frame image URLs, decoded here)."""
 
     def text(value: str, where: str) -> dict[str, Any]:
         for placeholder, part in ((IMAGE_PLACEHOLDER, "image_url"), (VIDEO_PLACEHOLDER, "video_url")):
@@ -343,11 +410,11 @@ def _engine_messages(
                 )
         return {"type": "text", "text": value}
 
-    def video(url: str | list[str], where: str) -> dict[str, Any]:
+    def video(url: str | list[str], where: str, key: str) -> dict[str, Any]:
         if video_budget is None:
             raise RequestError(f"{where}: this server's model takes no video", param=where)
         if isinstance(url, str):
-            return {"type": "video", "video": load_video(url, policy, where, video_budget, allowance)}
+            return {"type": "video", "video": (video_files or {})[key]}
         if len(url) > MAX_VIDEO_FRAMES:
             raise RequestError(
                 f"{where}: a video of {len(url)} frames; send at most {MAX_VIDEO_FRAMES}", param=where
@@ -376,7 +443,7 @@ def _engine_messages(
                         }
                     )
                 elif isinstance(part, VideoPart):
-                    parts.append(video(part.video_url.url, where))
+                    parts.append(video(part.video_url.url, where, f"{i}.{j}"))
                 else:
                     parts.append(text(part.text, where))
         messages.append({"role": "system" if message.role == "developer" else message.role, "content": parts})

@@ -23,7 +23,11 @@ or a media-dir path, bounded like an image's bytes) or a list of frame image URL
 an image). Frames are chosen as in training (video_fps, video_maxlen), each frame's size is checked
 against ``api_max_image_pixels`` from the header and every chosen frame is charged to the request's
 ``api_max_request_pixels``, and frames much larger than ``video_max_pixels`` are shrunk while they
-are decoded.
+are decoded. A video file costs more than its chosen frames (every frame up to the last chosen one
+is decoded), so a `DecodeAllowance` bounds what a request's files may decode: frames, pixels (from
+the header before decoding, then each frame at its real size, which a stream may change mid-file;
+FFmpeg refuses a frame over ``api_max_image_pixels`` before allocating it) and time; a data URI's
+bytes must be the container its type declares (FFmpeg would sniff any).
 
 Every refusal is a `RequestError` whose message names the message and part it came from.
 
@@ -55,7 +59,16 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from eqakit.data.video import Video, VideoError, VideoSource, decode, from_frames, probe_bounded
+from eqakit.data.video import (
+    Video,
+    VideoError,
+    VideoSource,
+    check_frame_size,
+    decode,
+    from_frames,
+    probe,
+    reduced,
+)
 from eqakit.engine.params import RequestError
 from eqakit.errors import ConfigError
 
@@ -67,7 +80,20 @@ MiB = 1 << 20
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DECODED_FORMATS = {*FORMATS, "MPO"}  # Pillow names some camera JPEGs MPO
 MEDIA_TYPES = {"png", "jpeg", "jpg", "pjpeg", "webp", "gif", "bmp", "x-ms-bmp"}
-VIDEO_TYPES = {"mp4", "webm", "quicktime", "x-matroska", "x-msvideo", "mpeg", "ogg", "avi"}
+# A video data URI's declared type -> the FFmpeg demuxers its bytes may be read as (AVI bytes
+# labelled video/mp4 are refused, not sniffed and accepted).
+VIDEO_TYPES = {
+    "mp4": "mov,mp4",
+    "quicktime": "mov,mp4",
+    "webm": "matroska,webm",
+    "x-matroska": "matroska,webm",
+    "x-msvideo": "avi",
+    "avi": "avi",
+    "mpeg": "mpegts",
+    "mp2t": "mpegts",
+    "ogg": "ogg",
+    "x-flv": "flv",
+}
 MAX_REDIRECTS = 3
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
@@ -267,34 +293,83 @@ def decode_image(
         raise _refuse(where, f"the {image.format.lower()} image is truncated or corrupt ({exc})") from None
 
 
+class DecodeAllowance:
+    """What one request's video files may still cost to decode, over all of them: frames and pixels
+    decoded (``api_max_decoded_frames``, ``api_max_decoded_pixels``; every frame up to the last
+    chosen one is decoded, chosen or not) and wall time (``api_video_timeout``, from when the request
+    was read, queueing included). Charged from a video's header before it is decoded, then frame by
+    frame at each frame's real size (a stream may grow mid-file); `cancel` (its client left) stops
+    decoding at the next frame. Used from one thread at a time."""
+
+    def __init__(self, max_frames: int, max_pixels: int, timeout_s: float) -> None:
+        self.max_frames, self.max_pixels, self.timeout_s = max_frames, max_pixels, timeout_s
+        self.deadline = time.monotonic() + timeout_s
+        self.frames = self.pixels = 0
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def expect(self, frames: int, width: int, height: int) -> None:
+        """Refuse, before decoding, a video whose header shows it would exceed what is left."""
+        self._check(self.frames + frames, self.pixels + frames * width * height)
+
+    def frame(self, width: int, height: int) -> None:
+        """Charge one decoded frame (`eqakit.data.video.decode`'s ``on_frame``)."""
+        self.frames += 1
+        self.pixels += width * height
+        self._check(self.frames, self.pixels)
+
+    def _check(self, frames: int, pixels: int) -> None:
+        if self._cancelled.is_set():
+            raise VideoError("the client went away")
+        if frames > self.max_frames:
+            raise VideoError(
+                f"decoding the request's videos takes {frames} frames, more than {self.max_frames} "
+                "(api_max_decoded_frames; every frame up to the last one sampled is decoded); send "
+                "a shorter video or its frames as a list of images"
+            )
+        if pixels > self.max_pixels:
+            raise VideoError(
+                f"decoding the request's videos takes {pixels} pixels, more than {self.max_pixels} "
+                "(api_max_decoded_pixels; every frame up to the last one sampled is decoded); send "
+                "a shorter or smaller video"
+            )
+        if time.monotonic() > self.deadline:
+            raise VideoError(
+                f"the request's videos took longer than {self.timeout_s:g} s to decode "
+                "(api_video_timeout; the server may be busy); send a shorter or smaller video"
+            )
+
+
 def load_video(
     url: str,
     policy: ImagePolicy,
     where: str,
     budget: VideoBudget,
-    allowance: PixelAllowance | None = None,
+    allowance: PixelAllowance,
+    decoding: DecodeAllowance,
 ) -> Video:
-    """The video behind a ``video_url``: its frames chosen by ``budget`` (video_fps, video_maxlen)
-    and decoded, no larger than needed (raises RequestError naming ``where``)."""
+    """The video file behind a ``video_url``: its frames chosen by ``budget`` (video_fps,
+    video_maxlen) and decoded, no larger than needed, within ``decoding`` (raises RequestError
+    naming ``where``)."""
     url = url.strip()
     match = SCHEME.match(url)
     scheme = match.group(1).lower() if match else ""
-    data = (
-        _from_data_uri(url, where, "video")
-        if scheme == "data"
-        else _read_url(url, scheme, policy, where, "video")
-    )
-    source = VideoSource(data=data)
+    if scheme == "data":
+        data = _from_data_uri(url, where, "video")
+        declared = url[len("data:") :].partition(",")[0].split(";")[0].strip().lower()
+        source = VideoSource(data=data, containers=VIDEO_TYPES[declared.partition("/")[2]])
+    else:
+        source = VideoSource(data=_read_url(url, scheme, policy, where, "video"))
     try:
-        info = probe_bounded(
-            source, budget.fps, budget.maxlen, policy.max_pixels, budget.max_pixels, "api_max_image_pixels"
-        )
-    except VideoError as exc:
-        raise _refuse(where, str(exc).replace(source.describe(), "the video")) from None
-    if allowance is not None:
+        header = probe(source, budget.fps, budget.maxlen)
+        check_frame_size(header, policy.max_pixels, "api_max_image_pixels")
+        decoded = max(header.indices) + 1
+        decoding.expect(decoded, *header.size)
+        info = reduced(header, budget.max_pixels)
         allowance.charge(info.size[0] * len(set(info.indices)), info.size[1], where)
-    try:
-        return Video(info, tuple(decode(source, info)))
+        return Video(info, tuple(decode(source, info, decoding.frame, policy.max_pixels)))
     except VideoError as exc:
         raise _refuse(where, str(exc).replace(source.describe(), "the video")) from None
 
@@ -353,7 +428,7 @@ def _from_data_uri(url: str, where: str, medium: str = "image") -> bytes:
         accepted = (
             "image/png, jpeg, webp, gif or bmp"
             if medium == "image"
-            else "video/mp4, webm, quicktime, x-matroska"
+            else "video/mp4, webm, quicktime, x-matroska, x-msvideo, mp2t, ogg or x-flv"
         )
         raise _refuse(where, f"unsupported data URI type {media_type or '(none)'!r}; send {accepted}")
     if "base64" not in options:

@@ -87,6 +87,7 @@ class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None  # refused when not empty: this server runs no tools
 
 
 class StreamOptions(_Strict):
@@ -98,6 +99,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
     "function_call": (None, "none"),
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
@@ -132,7 +134,10 @@ class ChatCompletionRequest(_Strict):
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     """A validated request from a raw body (raises ApiError 400 naming the field)."""
     try:
-        data = json.loads(body, strict=False)  # strict=False: tolerate raw newlines inside strings
+        # strict=False: tolerate raw newlines inside strings
+        data = json.loads(body, strict=False, object_pairs_hook=_unique_keys)
+    except DuplicateKey as exc:
+        raise ApiError(400, f"the request body repeats the key {exc.key!r}; send each key once") from None
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
@@ -164,15 +169,38 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
             raise ApiError(
                 400, f"messages[{i}]: a {message.role} message needs content", param=f"messages[{i}].content"
             )
+        if message.tool_calls:
+            raise ApiError(
+                400,
+                f"messages[{i}].tool_calls: tool calls are not supported by this server; remove them",
+                param=f"messages[{i}].tool_calls",
+            )
         if message.role != "user" and isinstance(message.content, list):
             for j, part in enumerate(message.content):
-                if isinstance(part, ImagePart):
+                if isinstance(part, ImagePart | VideoPart):
+                    medium = "images" if isinstance(part, ImagePart) else "videos"
                     raise ApiError(
                         400,
-                        f"messages[{i}].content[{j}]: images are only allowed in user messages, not {message.role}",
+                        f"messages[{i}].content[{j}]: {medium} are only allowed in user messages, not {message.role}",
                         param=f"messages[{i}].content[{j}]",
                     )
     return request
+
+
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice (json.loads would silently keep the last value)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return data
 
 
 def _check_unicode(data: Any) -> None:
