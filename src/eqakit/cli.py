@@ -14,6 +14,7 @@ import sys
 
 from eqakit import __version__
 from eqakit.errors import EqakitError
+from eqakit.fsutil import disk_failure
 
 # verb -> (module, one-line help). The module's `cli(argv)` parses the rest of the command line.
 VERBS: dict[str, tuple[str, str]] = {
@@ -72,6 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"eqakit {verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a write the disk refused, where the verb does not say more
+        reason = disk_failure(exc)
+        if reason is None:
+            raise
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        print(
+            f"eqakit {verb}: cannot write: {where}{reason}; free space on its disk and run again",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from transformers import AutoConfig
 from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.errors import ConfigError, EqakitError
-from eqakit.fsutil import move_into_place
+from eqakit.fsutil import disk_errors, move_into_place
 from eqakit.model.adapters import adapter_config, check_adapters_fit, find_adapters
 from eqakit.model.load import DTYPES, load_base_model, load_processor
 from eqakit.model.merge import config_dtype, convert_to_bin, log, merge_adapters, skeleton, write_weights
@@ -69,7 +69,9 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config("export", args.config, args.overrides)
     started = time.perf_counter()
-    export_dir = run_export(cfg)
+    export_dir = Path(cfg.model.export_dir).expanduser()
+    with disk_errors(export_dir, lambda: f"{export_dir} was left as it was and the partial copy removed"):
+        run_export(cfg)
     record = json.loads((export_dir / "eqakit_export.json").read_text(encoding="utf-8"))
     print(
         f"wrote {export_dir}: {len(record['weight_files'])} weight file(s), {_size(record['weight_bytes'])} "

@@ -1,12 +1,73 @@
-"""Filesystem steps shared by the verbs that write: atomic file writes and swapping in finished directories."""
+"""Filesystem steps shared by the verbs that write: atomic file writes, swapping in finished
+directories, and one clear line when the disk is full."""
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from eqakit.errors import EqakitError
+
+# A write refused by the disk, not by a bug: full, over quota, over the file size limit, read-only.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+# How libraries that do not raise OSError word it: Rust's std::io (tokenizers, safetensors) says
+# "(os error 28)"; torch.save's stream writer drops the errno.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_DISK_WORDS = {
+    os.strerror(errno.ENOSPC): os.strerror(errno.ENOSPC),
+    os.strerror(errno.EDQUOT): os.strerror(errno.EDQUOT),
+    "file write failed": "a file write failed (most often a full disk)",
+}
+
+
+class DiskFull(EqakitError):
+    """A stage could not write its output: the disk (or quota) is full or refuses writes."""
+
+    label = "cannot write"
+
+
+def disk_failure(error: BaseException) -> str | None:
+    """Why ``error`` (or an exception it was raised from) is a write refused by the disk, else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in DISK_ERRNOS:
+            return os.strerror(cause.errno)
+        text = str(cause)
+        code = _RUST_OS_ERROR.search(text)
+        if code and int(code.group(1)) in DISK_ERRNOS:
+            return os.strerror(int(code.group(1)))
+        for words, reason in _DISK_WORDS.items():
+            if words in text:
+                return reason
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+@contextmanager
+def disk_errors(directory: str | os.PathLike[str], then: Callable[[], str]) -> Iterator[None]:
+    """A write refused by the disk inside this block becomes one line (`DiskFull`): the directory
+    being written, what to free, and ``then()``: what running the command again will do (what was
+    kept). Other errors pass through unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        reason = disk_failure(exc)
+        if reason is None:
+            raise
+        raise DiskFull(
+            f"{directory}: {reason}. Free space on its disk (df -h {directory}), then run the same "
+            f"command again: {then()}"
+        ) from None
+
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
 

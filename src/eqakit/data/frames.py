@@ -185,16 +185,22 @@ def write_episode(job: EpisodeJob) -> EpisodeResult:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     sizes = []
-    for index, (ref, label) in enumerate(zip(job.refs, job.labels, strict=True)):
-        try:
-            data, size = convert_frame(ref, job.options)
-        except FrameError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return EpisodeResult(error=f"{label}: {exc}", error_path=ref if isinstance(ref, str) else None)
-        (tmp / f"{index:03d}.jpg").write_bytes(data)
-        sizes.append(size)
-    manifest = {"version": MANIFEST_VERSION, "key": job.key, "sizes": sizes}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    try:
+        for index, (ref, label) in enumerate(zip(job.refs, job.labels, strict=True)):
+            try:
+                data, size = convert_frame(ref, job.options)
+            except FrameError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return EpisodeResult(
+                    error=f"{label}: {exc}", error_path=ref if isinstance(ref, str) else None
+                )
+            (tmp / f"{index:03d}.jpg").write_bytes(data)
+            sizes.append(size)
+        manifest = {"version": MANIFEST_VERSION, "key": job.key, "sizes": sizes}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    except BaseException:  # a full disk: the space the half-written episode took is given back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _replace_dir(tmp, final)
     return EpisodeResult(sizes=tuple(sizes))
 

@@ -58,7 +58,7 @@ from eqakit.data.openeqa import Episode, HFSource, OfficialSource, Problem
 from eqakit.data.openeqa_categories import OPENEQA_CATEGORIES
 from eqakit.data.split import choose_test_split
 from eqakit.errors import ConfigError, DataError
-from eqakit.fsutil import write_text_atomic
+from eqakit.fsutil import disk_errors, write_text_atomic
 from eqakit.model.arch import ARCHITECTURES
 
 TRAIN, TEST = "open_eqa_train_val", "open_eqa_test"
@@ -621,12 +621,13 @@ def cli(argv: list[str]) -> int:
         on_error=args.on_error,
         as_video=args.as_video,
     )
-    prepare_openeqa(
-        args.output_dir,
-        questions=args.questions,
-        frames=args.frames,
-        hf_dataset=args.hf_dataset,
-        hf_split=args.hf_split,
-        options=options,
-    )
+    with disk_errors(args.output_dir, lambda: "the episodes already written are reused"):
+        prepare_openeqa(
+            args.output_dir,
+            questions=args.questions,
+            frames=args.frames,
+            hf_dataset=args.hf_dataset,
+            hf_split=args.hf_split,
+            options=options,
+        )
     return 0

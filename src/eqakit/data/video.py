@@ -40,7 +40,8 @@ class VideoSource:
     frames: tuple[Path, ...] = ()
     file: Path | None = None
     data: bytes | None = None
-    containers: str = ""  # the FFmpeg demuxers it may be read as (a declared type's); "" is any of VIDEO_CONTAINERS
+    # The FFmpeg demuxers it may be read as (a declared type's); "" is any of VIDEO_CONTAINERS.
+    containers: str = ""
 
     def describe(self) -> str:
         if self.data is not None:

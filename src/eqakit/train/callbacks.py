@@ -14,6 +14,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from eqakit.fsutil import write_text_atomic
+
 COMPLETE_MARKER = "eqakit_checkpoint_complete"
 
 
@@ -85,7 +87,7 @@ class CheckpointMarker(TrainerCallback):
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
-                (checkpoint / COMPLETE_MARKER).write_text(str(state.global_step), encoding="utf-8")
+                write_text_atomic(checkpoint / COMPLETE_MARKER, str(state.global_step))  # never empty
 
 
 def newest_complete_checkpoint(output_dir: Path) -> Path | None:

@@ -32,7 +32,7 @@ from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.data.encode import Geometry, ImageBudget, PromptFormat
 from eqakit.errors import ConfigError, DataError, Stopped
-from eqakit.fsutil import write_text_atomic
+from eqakit.fsutil import disk_errors, write_text_atomic
 from eqakit.model.arch import vision_tower
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, StopOnSignal, newest_complete_checkpoint
 from eqakit.train.data import (
@@ -54,13 +54,27 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value settings that replace the file's")
     args = parser.parse_args(argv)
     cfg = load_config("train", args.config, args.overrides)
+    out = Path(cfg.training.output_dir)
     if cfg.training.do_predict:
         from eqakit.evaluate.predict import run_predict
 
-        run_predict(cfg)
+        with disk_errors(out, lambda: "predict resumes after the answers already written"):
+            run_predict(cfg)
     else:
-        run_train(cfg)
+        with disk_errors(out, lambda: _resume_hint(out)):
+            run_train(cfg)
     return 0
+
+
+def _resume_hint(out: Path) -> str:
+    """What rerunning a training run that stopped on a full disk will do."""
+    found = newest_complete_checkpoint(out)
+    if found is None:
+        return "no checkpoint was completed, so it starts over (overwrite_output_dir=true)"
+    return (
+        f"with resume_from_checkpoint=true it continues from {found.name}, the last complete checkpoint "
+        "(the one being written was removed)"
+    )
 
 
 def resolve_resume(cfg: Config) -> str | None:

@@ -9,6 +9,7 @@ is eqakit's: ``train_loss`` after a resume covers the whole run, as it does for 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from eqakit.data.encode import IGNORE_INDEX
 from eqakit.model.arch import vision_tower
+from eqakit.train.callbacks import COMPLETE_MARKER
 from eqakit.train.packing import (
     EpisodeBatchSampler,
     PackedCollator,
@@ -210,14 +212,24 @@ class EqakitTrainer(Trainer):
         """Save the checkpoint, then the run's loss so far into it (before CheckpointMarker marks it).
 
         Steps since the last log are averaged over processes as the next log would (all ranks save).
+        A save that fails (a full disk) removes the folder it was writing, so no half-written
+        checkpoint is left to take the space or to be resumed from; a folder of that step from an
+        earlier run loses its completion mark first, for the same reason.
         """
-        super()._save_checkpoint(model, trial)
-        pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
-            so_far = self._loss_so_far(pending)
-            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            record = {"global_step": so_far.step, "steps": so_far.steps, "loss_sum": so_far.loss_sum}
-            (folder / LOSS_TOTAL_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
+            (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+        try:
+            super()._save_checkpoint(model, trial)
+            pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
+            if self.args.should_save:
+                so_far = self._loss_so_far(pending)
+                record = {"global_step": so_far.step, "steps": so_far.steps, "loss_sum": so_far.loss_sum}
+                (folder / LOSS_TOTAL_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def _get_collator_with_removed_columns(self, data_collator: Any, description: str | None = None) -> Any:
         """eqakit's collators emit exactly what compute_loss consumes (image keys, packing layout)."""
