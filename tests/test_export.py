@@ -402,3 +402,32 @@ def test_merged_model_answers_through_the_engine_like_base_plus_adapter(
         )
         answers.append(engine.generate([request])[0].token_ids)
     assert answers[0] == answers[1]
+
+
+def test_an_adapter_is_not_merged_into_a_model_that_already_holds_it_or_its_sibling(
+    tiny_model_dir, adapters, shipped_export, tmp_path, capsys
+) -> None:
+    """The web UI's Export tab offered the loaded model (the demo's merged one) as the base: merging
+    another adapter of the same base into it, or the same adapter again, was silently wrong."""
+    import shutil
+
+    def export(base: Path, adapter: Path, out: str) -> Path:
+        keys = [
+            f"model_name_or_path={base}",
+            f"adapter_name_or_path={adapter}",
+            f"export_dir={tmp_path / out}",
+        ]
+        return run_export(load_config("export", CONFIG, keys))
+
+    copy = shutil.copytree(adapters["a"], tmp_path / "a-copy")  # the same adapter, moved
+    for adapter in (adapters["a"], copy):
+        with pytest.raises(EqakitError, match="is already merged into .* would apply its change twice"):
+            export(shipped_export, adapter, "twice")
+    with pytest.raises(EqakitError, match="is that model with 1 other adapter.* merged into it"):
+        export(shipped_export, adapters["b"], "sibling")
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "sibling").exists()
+
+    moved_base = shutil.copytree(tiny_model_dir, tmp_path / "base-copy")  # another path, maybe other weights
+    capsys.readouterr()
+    export(moved_base, adapters["b"], "moved")
+    assert f"was trained on '{tiny_model_dir}', not on '{moved_base}'" in capsys.readouterr().err

@@ -49,7 +49,7 @@ from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.errors import ConfigError, EqakitError
 from eqakit.fsutil import disk_errors, move_into_place
-from eqakit.model.adapters import adapter_config, check_adapters_fit, find_adapters
+from eqakit.model.adapters import adapter_config, adapter_digest, check_adapters_fit, find_adapters
 from eqakit.model.load import DTYPES, load_base_model, load_processor
 from eqakit.model.merge import config_dtype, convert_to_bin, log, merge_adapters, skeleton, write_weights
 
@@ -239,7 +239,11 @@ def _record(
         "config": {k: v for k, v in cfg.to_dict().items() if k in cfg.user_keys},
         "base_model": cfg.model.model_name_or_path,
         "adapters": [
-            {"path": str(a), "lora": {k: _plain(adapter_config(a).get(k)) for k in LORA_KEYS}}
+            {
+                "path": str(a),
+                "sha256": adapter_digest(a),  # how a later export knows this adapter is merged here
+                "lora": {k: _plain(adapter_config(a).get(k)) for k in LORA_KEYS},
+            }
             for a in adapters
         ],
         "dtype": str(dtype).removeprefix("torch."),

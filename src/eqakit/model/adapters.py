@@ -10,7 +10,9 @@ wraps PEFT's loading with one error message. Inference (`eqakit.model.load`), tr
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +68,70 @@ def find_adapters(paths: list[str]) -> list[Path]:
 def adapter_config(adapter: Path) -> dict[str, Any]:
     """The adapter's adapter_config.json as a mapping (already checked by `find_adapters`)."""
     return json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+
+
+def adapter_digest(adapter: Path) -> str:
+    """The sha256 of an adapter's weights file: the adapter's identity wherever it is copied."""
+    weights = next(adapter / name for name in ADAPTER_WEIGHTS if (adapter / name).is_file())
+    digest = hashlib.sha256()
+    with weights.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_base(adapters: list[Path], base_name: str) -> list[str]:
+    """Warnings for adapters whose adapter_config.json names another base than ``base_name`` (same
+    shapes, maybe other weights). Raises EqakitError where the mistake is certain: the base is an
+    eqakit export that already holds the adapter (its change would apply twice), or an export of the
+    very model the adapter was trained on with other adapters merged in (not the weights it learned on).
+    """
+    export = _export_record(Path(base_name).expanduser())
+    merged = export.get("adapters") or []
+    notes = []
+    for adapter in adapters:
+        trained_on = adapter_config(adapter).get("base_model_name_or_path")
+        digest = adapter_digest(adapter) if merged else None
+        for entry in merged:
+            same_file = entry.get("sha256") == digest
+            same_place = Path(str(entry.get("path", ""))).expanduser().resolve() == adapter.resolve()
+            if same_file or same_place:
+                raise EqakitError(
+                    f"adapter {str(adapter)!r} is already merged into {base_name!r} (its eqakit_export.json "
+                    "lists it); merging it again would apply its change twice: use the base it was trained "
+                    f"on ({trained_on or 'see its adapter_config.json'}) as model_name_or_path, or this model "
+                    "without adapter_name_or_path"
+                )
+        if not trained_on or _same_model(trained_on, base_name):
+            continue
+        if merged and _same_model(trained_on, str(export.get("base_model", ""))):
+            raise EqakitError(
+                f"adapter {str(adapter)!r} was trained on {trained_on!r}, but {base_name!r} is that model with "
+                f"{len(merged)} other adapter(s) merged into it (its eqakit_export.json): use {trained_on!r} as "
+                "model_name_or_path"
+            )
+        notes.append(
+            f"adapter {str(adapter)!r} was trained on {trained_on!r}, not on {base_name!r}; "
+            "the result is right only if the two hold the same weights"
+        )
+    return notes
+
+
+def _export_record(model_dir: Path) -> dict[str, Any]:
+    """The eqakit_export.json of a model `eqakit export` wrote (empty for any other model)."""
+    try:
+        record = json.loads((model_dir / "eqakit_export.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _same_model(recorded: str, chosen: str) -> bool:
+    """Whether two model names or paths name the same model (local paths compared resolved)."""
+    if recorded == chosen:
+        return True
+    first, second = Path(recorded).expanduser(), Path(chosen).expanduser()
+    return first.exists() and second.exists() and first.resolve() == second.resolve()
 
 
 def adapter_tensor_names(adapter: Path) -> list[str]:
@@ -130,6 +196,8 @@ def check_adapters_fit(model: torch.nn.Module, adapters: list[Path], base_name: 
     """Raise EqakitError naming the first adapter tensor (in model order) that does not fit ``model``."""
     from peft.utils import load_peft_weights
 
+    for note in check_base(adapters, base_name):
+        print(f"eqakit: warning: {note}", file=sys.stderr, flush=True)
     modules = dict(model.named_modules())
     order = {name: i for i, name in enumerate(modules)}
     tensors = dict(model.state_dict())
