@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from eqakit.cli import main
 from eqakit.config import load_config
-from eqakit.errors import ConfigError
+from eqakit.errors import ConfigError, EqakitError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed"
@@ -219,13 +221,54 @@ def test_cli_prints_one_message_without_traceback_and_exits_2(tmp_path: Path, ca
 
 
 def test_cli_prints_resolved_config(capsys) -> None:
-    assert main(["config", str(CONFIGS / "eval_args.yaml"), "temperature=0"]) == 0
+    assert main(["config", str(CONFIGS / "eval_args.yaml"), "temperature=0", "--keys-only"]) == 0
     out = capsys.readouterr().out
     assert (
-        "valid for `eqakit train`" in out
+        "keys valid for `eqakit train`" in out
         and "temperature: 0.0" in out
         and "eval_dataset: open_eqa_test" in out
     )
+
+
+def test_config_runs_what_each_verb_checks_before_its_first_heavy_step(
+    tiny_model_dir: Path, toy_dataset: Path, tmp_path: Path, capsys
+) -> None:
+    """`eqakit config` called configs valid that `eqakit train` refused seconds later: a model path
+    that does not exist, a dataset not registered, a non-empty output_dir, a bad row. It now runs the
+    verb's own preflight, so each is the message the verb gives; a valid config says what it found."""
+    from eqakit.train.sft import preflight
+
+    keys = {
+        "model_name_or_path": str(tiny_model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "dataset": "toy", "dataset_dir": str(toy_dataset), "template": "qwen3_vl_nothink",
+        "output_dir": str(tmp_path / "run"), "report_to": "none",
+    }  # fmt: skip
+    path = write(tmp_path, yaml.safe_dump(keys))
+    assert main(["config", str(path)]) == 0
+    assert "valid for `eqakit train`; checked in" in capsys.readouterr().out
+
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.txt").write_text("someone else's")
+    rows = (toy_dataset / "toy.jsonl").read_text().splitlines()
+    (toy_dataset / "bad.jsonl").write_text(rows[0].replace("<image><image>", "<image>") + "\n")
+    info = json.loads((toy_dataset / "dataset_info.json").read_text())
+    (toy_dataset / "dataset_info.json").write_text(
+        json.dumps({**info, "bad": {**info["toy"], "file_name": "bad.jsonl"}})
+    )
+    for override, needle in [
+        (f"model_name_or_path={tmp_path / 'nowhere'}", "does not exist"),
+        ("dataset=toys", "dataset 'toys' is not registered"),
+        ("dataset=bad", "bad.jsonl:1"),
+        ("output_dir=" + str(tmp_path / "used"), "exists and is not empty"),
+        (f"adapter_name_or_path={tmp_path}", "adapter_config.json not found"),
+    ]:
+        config = load_config("train", path, [override])
+        with pytest.raises(EqakitError) as refused:
+            preflight(config)
+        assert needle in str(refused.value)
+        assert main(["config", str(path), override]) != 0
+        assert str(refused.value) in capsys.readouterr().err  # the message the verb gives, at once
+    assert main(["config", str(path), f"output_dir={tmp_path / 'used'}", "--keys-only"]) == 0
 
 
 def test_shipped_deepspeed_configs() -> None:

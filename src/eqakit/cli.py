@@ -10,6 +10,7 @@ only when their verb is used, so `eqakit synth` does not pay for importing torch
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from eqakit import __version__
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"eqakit {verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `eqakit config ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     except Exception as exc:  # a write the disk refused, where the verb does not say more
         reason = disk_failure(exc)
         if reason is None:

@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,9 @@ from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.errors import ConfigError, EqakitError
 from eqakit.fsutil import disk_errors, move_into_place
-from eqakit.model.adapters import adapter_config, adapter_digest, check_adapters_fit, find_adapters
-from eqakit.model.load import DTYPES, load_base_model, load_processor
-from eqakit.model.merge import config_dtype, convert_to_bin, log, merge_adapters, skeleton, write_weights
+from eqakit.model.adapters import adapter_config, adapter_digest, find_adapters
+from eqakit.model.load import DTYPES, check_model, load_base_model, load_processor
+from eqakit.model.merge import config_dtype, convert_to_bin, log, merge_adapters, write_weights
 
 # Files beside (in) an adapter directory that the model card reports, in this order.
 TRAINING_CONFIGS = ("eqakit_config.yaml", "training_args.yaml")
@@ -81,8 +82,28 @@ def cli(argv: list[str]) -> int:
     return 0
 
 
-def run_export(cfg: Config) -> Path:
-    """Merge ``cfg.model.adapter_paths`` into the base model and write it to ``cfg.model.export_dir``."""
+@dataclass(frozen=True)
+class ExportPlan:
+    """What `preflight` checked and found: where the model goes, what goes with it, how it is written."""
+
+    export_dir: Path
+    carried: list[Path]  # config files inside export_dir that the new model keeps
+    adapters: list[Path]
+    processor: Any
+    dtype: torch.dtype
+    device: torch.device
+
+    def describe(self) -> str:
+        return (
+            f"{len(self.adapters)} adapter(s) fit the base; writes {self.export_dir} in "
+            f"{str(self.dtype).removeprefix('torch.')} on {self.device}"
+        )
+
+
+def preflight(cfg: Config) -> ExportPlan:
+    """Every check `eqakit export` makes before it loads weights: the export dir's state, the base
+    model's config and processor, each adapter's fit and its recorded base. `eqakit config` runs it
+    too, so a config it calls valid exports."""
     args = cfg.model
     if args.quantization_bit is not None:
         raise ConfigError(
@@ -95,12 +116,21 @@ def run_export(cfg: Config) -> Path:
     _check_export_dir(
         export_dir, args.overwrite_output_dir, carried, [Path(args.model_name_or_path), *adapters]
     )
+    check_model(args)
     processor = load_processor(args)
     config = _load_config(args)
     dtype, device = _export_dtype(args.export_dtype, config), _export_device(args.export_device)
+    return ExportPlan(export_dir, carried, adapters, processor, dtype, device)
+
+
+def run_export(cfg: Config) -> Path:
+    """Merge ``cfg.model.adapter_paths`` into the base model and write it to ``cfg.model.export_dir``."""
+    args = cfg.model
+    plan = preflight(cfg)
+    export_dir, carried, adapters, processor = plan.export_dir, plan.carried, plan.adapters, plan.processor
+    dtype, device = plan.dtype, plan.device
     if adapters:
-        log(f"checking {len(adapters)} adapter(s) against {args.model_name_or_path}")
-        check_adapters_fit(skeleton(config, args.trust_remote_code), adapters, args.model_name_or_path)
+        log(f"{len(adapters)} adapter(s) checked against {args.model_name_or_path}")
     else:
         log("no adapter_name_or_path: writing the base model itself (re-sharded, in the export dtype)")
 

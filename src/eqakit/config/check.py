@@ -1,7 +1,10 @@
 """`eqakit config CONFIG.yaml [key=value ...]`: validate a config and print what a run would use.
 
-Catches every config mistake before a long job starts, and shows the resolved values (defaults
-filled in, overrides applied) as YAML, e.g. to compare with a LLaMA-Factory run:
+Catches every mistake a run would meet before its first heavy step, and shows the resolved values
+(defaults filled in, overrides applied) as YAML, e.g. to compare with a LLaMA-Factory run. Beyond
+the keys it runs the verb's own checks (its ``preflight``): the model's config and processor, each
+adapter's fit, every dataset row and its media, the output directory's state. So a config it calls
+valid starts; ``--keys-only`` checks the keys alone (no file is opened).
 
     eqakit config configs/training_args.yaml learning_rate=1e-4
     eqakit config configs/merge_openeqa.yaml --keys     # list every key with its meaning
@@ -10,9 +13,11 @@ filled in, overrides applied) as YAML, e.g. to compare with a LLaMA-Factory run:
 from __future__ import annotations
 
 import argparse
+import time
 
 import yaml
 
+from eqakit.config import Config
 from eqakit.config.load import describe_keys, infer_kind, load_config, parse_overrides, read_yaml
 
 
@@ -26,6 +31,11 @@ def cli(argv: list[str]) -> int:
         help="which verb the file is for (default: guessed from do_train/do_predict/export_dir)",
     )
     parser.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    parser.add_argument(
+        "--keys-only",
+        action="store_true",
+        help="check the keys only, not the model, datasets and directories they name",
+    )
     args = parser.parse_args(argv)
     kind = args.kind or infer_kind({**read_yaml(args.config), **parse_overrides(args.overrides)})
     if args.keys:
@@ -34,6 +44,38 @@ def cli(argv: list[str]) -> int:
     config = load_config(kind, args.config, args.overrides)
     resolved = {k: v for k, v in config.to_dict().items() if k in config.user_keys}
     verbs = {"train": "eqakit train", "export": "eqakit export", "infer": "eqakit api / chat / webui"}
-    print(f"# {args.config}: valid for `{verbs[kind]}`")
+    if args.keys_only:
+        print(f"# {args.config}: keys valid for `{verbs[kind]}` (files not checked)")
+    else:
+        started = time.perf_counter()
+        found = preflight(kind, config)
+        print(
+            f"# {args.config}: valid for `{verbs[kind]}`; checked in {time.perf_counter() - started:.1f} s: {found}"
+        )
     print(yaml.safe_dump(resolved, sort_keys=True, allow_unicode=True), end="")
     return 0
+
+
+def preflight(kind: str, config: Config) -> str:
+    """Run the checks the verb for ``kind`` runs before its first heavy step; what they found, in words."""
+    if kind == "export":
+        from eqakit.export import preflight as export_preflight
+
+        return export_preflight(config).describe()
+    if kind == "train" and config.training.do_predict:
+        from eqakit.evaluate.predict import preflight as predict_preflight
+
+        samples = predict_preflight(config)[0]
+        return f"{len(samples)} samples of {config.data.eval_dataset!r} to predict"
+    if kind == "train":
+        from eqakit.train.sft import preflight as train_preflight
+
+        return train_preflight(config).describe()
+    from eqakit.model.load import check_model, load_processor
+
+    check_model(config.model)
+    load_processor(config.model)
+    adapters = len(config.model.adapter_paths)
+    return f"{config.model.model_name_or_path} and its processor" + (
+        f", {adapters} adapter(s) that fit it" if adapters else ""
+    )

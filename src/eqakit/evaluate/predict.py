@@ -58,7 +58,7 @@ from eqakit.evaluate.metrics import METRIC_KEYS, score_predictions
 from eqakit.evaluate.ranks import Ranks, parts
 from eqakit.evaluate.report import write_report
 from eqakit.fsutil import write_text_atomic
-from eqakit.model.load import load_geometry
+from eqakit.model.load import check_model
 
 PREDICTIONS = "generated_predictions.jsonl"
 META_FIELDS = ("question_id", "category", "extra_answers")
@@ -78,16 +78,16 @@ def kv_budget(cfg: Config) -> int:
     return cfg.training.per_device_eval_batch_size * (cfg.data.cutoff_len + cfg.generating.max_new_tokens)
 
 
-def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str, Any]:
-    """Predict, write the files above to ``cfg.training.output_dir``, return the results dict.
-
-    ``engine`` lets a caller reuse a loaded model (tests, notebooks); by default the config's
-    model is loaded with the KV budget ``per_device_eval_batch_size`` stands for (`kv_budget`).
-    """
-    training = cfg.training
-    if training is None or not cfg.data.eval_dataset:
+def preflight(
+    cfg: Config,
+) -> tuple[list[Sample], list[list[tuple[int, int]]], list[list[VideoInfo]], list[str]]:
+    """Every check predict makes before it loads weights: the model's config and adapters, every
+    row of eval_dataset and its media (sizes and video headers). Returns the samples, their image
+    sizes and probed videos, and each prompt as the predictions file shows it (rendered from the
+    model's config alone). `eqakit config` runs it too."""
+    if cfg.training is None or not cfg.data.eval_dataset:
         raise EqakitError("predict needs a train config with do_predict: true and eval_dataset set")
-    out = Path(training.output_dir)
+    geometry = check_model(cfg.model)
     samples = load_samples(
         cfg.data.eval_dataset,
         cfg.data.dataset_dir,
@@ -99,8 +99,19 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
         raise DataError(f"eval_dataset {cfg.data.eval_dataset!r} has no samples")
     sizes, videos = _check_samples(samples, VideoBudget.from_config(cfg))
     fmt = PromptFormat.from_config(cfg)
-    geometry = load_geometry(cfg.model)  # the model's config alone: prompts are known before it loads
     prompts = [_prompt(fmt, geometry, s, v) for s, v in zip(samples, videos, strict=True)]
+    return samples, sizes, videos, prompts
+
+
+def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str, Any]:
+    """Predict, write the files above to ``cfg.training.output_dir``, return the results dict.
+
+    ``engine`` lets a caller reuse a loaded model (tests, notebooks); by default the config's
+    model is loaded with the KV budget ``per_device_eval_batch_size`` stands for (`kv_budget`).
+    """
+    training = cfg.training
+    out = Path(training.output_dir)
+    samples, sizes, videos, prompts = preflight(cfg)
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / PREDICTIONS

@@ -104,6 +104,35 @@ def load_geometry(model_args: ModelArguments, path: str | None = None) -> Geomet
     return Geometry.of(_from_checkpoint(AutoConfig, "config", model_args, path))
 
 
+def skeleton(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The base model's module tree on the meta device: its shapes, no memory, built in a second."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise EqakitError(
+            f"model type {getattr(config, 'model_type', '?')!r} is not an image-text-to-text model "
+            f"eqakit can export: {exc}"
+        ) from None
+
+
+def check_model(model_args: ModelArguments) -> Geometry:
+    """What every stage checks of its model before any weight loads: the checkpoint's source, config
+    and architecture, and that each adapter (``adapter_name_or_path``) fits it, on a meta-device
+    skeleton of the model's shapes; returns the planning geometry."""
+    from transformers import AutoConfig
+
+    config = _from_checkpoint(AutoConfig, "config", model_args, None)
+    adapters = find_adapters(model_args.adapter_paths)
+    if adapters:
+        check_adapters_fit(
+            skeleton(config, model_args.trust_remote_code), adapters, model_args.model_name_or_path
+        )
+    return Geometry.of(config)
+
+
 def load_processor(model_args: ModelArguments, path: str | None = None) -> Any:
     """The checkpoint's processor (tokenizer + image processor + chat template)."""
     from transformers import AutoProcessor

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from eqakit.errors import EqakitError
 from eqakit.model.adapters import apply_adapter
 from eqakit.model.load import DTYPES
 
@@ -43,20 +42,6 @@ def config_dtype(config: Any) -> torch.dtype:
         if isinstance(declared, str) and declared in DTYPES:
             return DTYPES[declared]
     return torch.float32
-
-
-def skeleton(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The base model's module tree on the meta device: its shapes, no memory, built in a second."""
-    from transformers import AutoModelForImageTextToText
-
-    try:
-        with torch.device("meta"):
-            return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        raise EqakitError(
-            f"model type {getattr(config, 'model_type', '?')!r} is not an image-text-to-text model "
-            f"eqakit can export: {exc}"
-        ) from None
 
 
 def merge_adapters(model: torch.nn.Module, adapters: list[Path], base_name: str | None) -> torch.nn.Module:

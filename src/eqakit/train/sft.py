@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,7 @@ def write_run_record(cfg: Config, out: Path, extra: dict[str, Any]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in cfg.to_dict().items() if k in cfg.user_keys}
-    (out / "eqakit_config.yaml").write_text(
-        yaml.safe_dump(config, sort_keys=True, allow_unicode=True), encoding="utf-8"
-    )
+    write_text_atomic(out / "eqakit_config.yaml", yaml.safe_dump(config, sort_keys=True, allow_unicode=True))
     record = {
         "eqakit": __version__,
         "git_commit": _git_commit(),
@@ -166,6 +165,53 @@ def _uses_vision_cache(cfg: Config) -> bool:
     return f.vision_feature_cache and f.freeze_vision_tower and f.freeze_multi_modal_projector
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What `preflight` found: all training needs before it loads weights."""
+
+    resume: str | None  # the checkpoint to continue from
+    processor: Any
+    plans: list[Any]
+    samples: list[Any]
+    report: Any  # PlanReport: what planning left out or scaled down
+    extra_eval: tuple[list[Any], list[Any]] | None  # eval_dataset's plans and samples
+
+    def describe(self) -> str:
+        s = self.report.summary()
+        resumes = f"continues from {self.resume}" if self.resume else "starts a new run"
+        return (
+            f"{s['kept']}/{s['samples']} samples kept ({s['scaled_down_to_fit']} scaled down to fit "
+            f"cutoff_len, {s['dropped_too_long']} dropped as too long); {resumes}"
+        )
+
+
+def preflight(cfg: Config) -> Checked:
+    """Every check `eqakit train` makes before its first heavy step (loading weights): the output
+    dir's state, the model's config, processor and adapters, every row of the datasets and the
+    size of its media (each sample planned), the evaluation set. `eqakit config` runs it too, so a
+    config it calls valid starts training."""
+    from eqakit.model.load import check_model, load_processor
+
+    resume = resolve_resume(cfg)
+    geometry = check_model(cfg.model)
+    processor = load_processor(cfg.model)
+    samples = load_training_samples(cfg)
+    if not samples:
+        raise DataError(f"dataset {cfg.data.dataset!r} has no rows")
+    plans, samples, report = plan_samples(samples, processor.tokenizer, geometry, cfg)
+    if not plans:
+        raise DataError(
+            f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}"
+        )
+    extra_eval = _eval_samples(cfg, processor, geometry, ImageBudget.from_config(cfg))
+    if cfg.training.eval_strategy.value != "no" and not cfg.data.val_size and extra_eval is None:
+        raise ConfigError(
+            f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
+            "or eval_dataset, or set eval_strategy: no"
+        )
+    return Checked(resume, processor, plans, samples, report, extra_eval)
+
+
 def run_train(cfg: Config) -> dict[str, float]:
     """Fine-tune with LoRA; returns the final training metrics.
 
@@ -179,30 +225,15 @@ def run_train(cfg: Config) -> dict[str, float]:
 def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     import transformers
 
-    from eqakit.model.load import load_base_model, load_geometry, load_processor
+    from eqakit.model.load import load_base_model
     from eqakit.train.lora import apply_lora, trainable_summary
     from eqakit.train.plots import plot_loss
 
     out = Path(cfg.training.output_dir)
-    resume = resolve_resume(cfg)
-    processor = load_processor(cfg.model)
-    geometry = load_geometry(cfg.model)
+    checked = preflight(cfg)
+    resume, processor, plans, samples = checked.resume, checked.processor, checked.plans, checked.samples
+    report, extra_eval = checked.report, checked.extra_eval
     budget = ImageBudget.from_config(cfg)
-
-    samples = load_training_samples(cfg)
-    if not samples:
-        raise DataError(f"dataset {cfg.data.dataset!r} has no rows")
-    plans, samples, report = plan_samples(samples, processor.tokenizer, geometry, cfg)
-    if not plans:
-        raise DataError(
-            f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}"
-        )
-    extra_eval = _eval_samples(cfg, processor, geometry, budget)
-    if cfg.training.eval_strategy.value != "no" and not cfg.data.val_size and extra_eval is None:
-        raise ConfigError(
-            f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
-            "or eval_dataset, or set eval_strategy: no"
-        )
 
     cache = VisionFeatureCache() if _uses_vision_cache(cfg) else None
     fmt = PromptFormat.from_config(cfg)
