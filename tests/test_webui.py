@@ -8,6 +8,7 @@ Screenshots go to the test's tmp dir (``.../webui*/shots``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -85,24 +87,21 @@ def ball(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (96, 7
     return path
 
 
-@pytest.fixture(scope="module")
-def site(chatty_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A running `eqakit webui CONFIG --port P` (its model loaded at start), and its inputs."""
-    root = tmp_path_factory.mktemp("webui")
-    dataset = write_toy_dataset(root / "data", episodes=2, questions=2, frames=2)
-    config = root / "infer.yaml"
-    config.write_text(
-        f"model_name_or_path: {chatty_model_dir}\ntemplate: qwen3_vl_nothink\n"
-        f"max_new_tokens: 40\ntemperature: 0\ndataset_dir: {dataset}\n"
-    )
+@contextlib.contextmanager
+def webui_server(
+    args: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[str]:
+    """`eqakit webui ARGS --port P` in a process of its own (output to ``log``, API_KEY only if ``env``
+    gives it), once its page answers: its URL; stopped on exit."""
     port = free_port()
-    log = root / "server.log"
+    base = {k: v for k, v in os.environ.items() if k != "API_KEY"}
     with log.open("w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "eqakit", "webui", str(config), "--port", str(port)],
+            [sys.executable, "-m", "eqakit", "webui", *args, "--port", str(port)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"},
+            env={**base, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1", **(env or {})},
+            cwd=cwd,
         )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -115,6 +114,26 @@ def site(chatty_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
                 assert process.poll() is None, f"eqakit webui exited:\n{log.read_text()}"
                 assert time.monotonic() < deadline, f"eqakit webui did not start:\n{log.read_text()}"
                 time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def site(chatty_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A running `eqakit webui CONFIG --port P` (its model loaded at start), and its inputs; the
+    tests' tmp dirs are --allow-dir, so the tabs that write may write there."""
+    root = tmp_path_factory.mktemp("webui")
+    dataset = write_toy_dataset(root / "data", episodes=2, questions=2, frames=2)
+    config = root / "infer.yaml"
+    config.write_text(
+        f"model_name_or_path: {chatty_model_dir}\ntemplate: qwen3_vl_nothink\n"
+        f"max_new_tokens: 40\ntemperature: 0\ndataset_dir: {dataset}\n"
+    )
+    log = root / "server.log"
+    args = [str(config), "--allow-dir", str(tmp_path_factory.getbasetemp())]
+    with webui_server(args, log) as url:
         shots = root / "shots"
         shots.mkdir()
         files = root / "files"
@@ -131,9 +150,6 @@ def site(chatty_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
             "blue": ball(files / "blue.png", (30, 30, 220), (72, 96)),
             "notes": files / "notes.txt",
         }
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
@@ -592,6 +608,15 @@ def test_export_tab_merges_an_adapter_with_progress(site: dict, page, tmp_path: 
     status = wait_seen(page, "#exp-status", "Error", after="Exporting")
     assert "exists and is not empty" in status and (taken / "keep.txt").read_text() == "mine", status
 
+    # A dir outside the page's directories (its cwd, its config's, --allow-dir): refused, on the page.
+    outside = Path(tempfile.gettempdir()) / f"eqakit-webui-not-allowed-{os.getpid()}" / "merged"
+    page.locator("#exp-dir textarea, #exp-dir input").first.fill(str(outside))
+    watch(page, "#exp-status")
+    page.locator("#exp-btn").click()
+    status = wait_seen(page, "#exp-status", "outside the directories")
+    assert f"export_dir {outside} is outside" in status and "--allow-dir" in status, status
+    assert not outside.parent.exists()
+
     merged = tmp_path / "merged"
     page.locator("#exp-dir textarea, #exp-dir input").first.fill(str(merged))
     watch(page, "#exp-status")
@@ -808,25 +833,9 @@ def test_webui_given_a_training_config_fills_the_train_tab(tiny_model_dir: Path,
 
     data = write_toy_dataset(tmp_path / "data", episodes=1, questions=1)
     config = train_yaml(tmp_path / "train.yaml", tiny_model_dir, data, tmp_path / "run")
-    port = free_port()
     log = tmp_path / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "eqakit", "webui", str(config), "--port", str(port), "lora_rank=4"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                page = requests.get(f"http://127.0.0.1:{port}/config", timeout=2).json()
-                break
-            except (requests.RequestException, ValueError):
-                assert process.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.3)
+    with webui_server([str(config), "lora_rank=4"], log) as url:
+        page = requests.get(f"{url}config", timeout=10).json()
         values = {
             c["props"].get("elem_id"): c["props"].get("value") for c in page["components"] if "props" in c
         }
@@ -835,6 +844,3 @@ def test_webui_given_a_training_config_fills_the_train_tab(tiny_model_dir: Path,
         assert values["tr-num_train_epochs"] == 150 and values["tr-lora_rank"] == 4
         assert "toy" in values["tr-datasets"] and "is a training config" in log.read_text()
         assert "No model loaded" in values["model-status"] or "no model" in values["model-status"].lower()
-    finally:
-        process.terminate()
-        process.wait(timeout=20)

@@ -4,6 +4,7 @@
     eqakit webui configs/infer_openeqa.yaml       # the config's model is loaded at start
     eqakit webui configs/infer_openeqa.yaml --port 7861 max_new_tokens=256
     eqakit webui configs/training_args.yaml       # a training config fills the Train tab instead
+    API_KEY=... eqakit webui CONFIG --host 0.0.0.0 --allowed-host gpu-box.lan --allow-dir /data/runs
 
 Step 3.5 of the tutorial, on eqakit's engine: a model path (base or merged) and an optional adapter
 path with Load and Unload buttons and a status line; a system prompt; several images or videos per
@@ -18,14 +19,20 @@ opens a predict run: its scores per category, its answers filtered by category a
 each beside its reference and frames. The Export tab merges an adapter into its base (`eqakit
 export`, with its progress). Load options: dtype, quantization and backend.
 
-The page binds to 127.0.0.1 unless --host says otherwise: whoever reaches it runs the model. Problems
-(no model loaded, a bad path, a file that is not an image, a model that fails to load, a prompt too
-long) are shown on the page as one clear line; the app keeps working.
+Whoever reaches the page runs models, trains and writes files, so (`eqakit.serve.webui_access`):
+it binds to 127.0.0.1 unless --host says otherwise; it answers only a Host header naming loopback,
+the --host address or an --allowed-host name (no DNS rebinding); bound beyond loopback it warns,
+and refuses to start without an access key (API_KEY, as for `eqakit api`, or --access-key-file),
+which the page's login then asks for on every route; Train, Evaluate, Export and Save config write
+only inside the working directory, the config's directory and each --allow-dir. Problems (no model
+loaded, a bad path, a path outside those directories, a file that is not an image, a model that
+fails to load, a prompt too long) are shown on the page as one clear line; the app keeps working.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -33,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.middleware import Middleware
 
 from eqakit.config import Config, load_config, parse_overrides, read_yaml
 from eqakit.config.args import GeneratingArguments
@@ -40,6 +48,7 @@ from eqakit.config.load import infer_kind
 from eqakit.data.encode import VideoBudget
 from eqakit.data.template import NOTHINK, QWEN2_VL, TEMPLATE_SYSTEM, TEMPLATES, THINK, strip_thinking
 from eqakit.errors import EqakitError
+from eqakit.serve.webui_access import AccessGate, HostCheck, WriteRoots, access_key, is_loopback, key_check
 from eqakit.serve.webui_evaluate import build_evaluate_tab
 from eqakit.serve.webui_export import build_export_tab
 from eqakit.serve.webui_model import (
@@ -194,9 +203,12 @@ def unload_slot(slot: ModelSlot) -> str:
         return f"{error_line(exc)}\n\n{slot.status()}"
 
 
-def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any] | None = None) -> gr.Blocks:
-    """The web UI's page around ``slot``; ``cfg`` (the command line's config) fills in the fields'
-    defaults; ``train`` (the command line's training config, when it is one) fills the Train tab."""
+def create_app(
+    slot: ModelSlot, roots: WriteRoots, cfg: Config | None = None, train: dict[str, Any] | None = None
+) -> gr.Blocks:
+    """The web UI's page around ``slot``; the tabs that write or run do so only inside ``roots``;
+    ``cfg`` (the command line's config) fills in the fields' defaults; ``train`` (the command line's
+    training config, when it is one) fills the Train tab."""
     model_path = adapter_path = system_default = ""
     template, thinking, dataset_dir, allow_outside_media = NOTHINK, False, "", False
     generating = cfg.generating if cfg is not None else GeneratingArguments()
@@ -292,10 +304,10 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
             clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
 
         build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
-        build_train_tab(app, train or {}, str(cfg.source) if train else "")
-        build_evaluate_tab(model_path, adapter_path, template, dataset_dir, settings)
+        build_train_tab(app, roots, train or {}, str(cfg.source) if train else "")
+        build_evaluate_tab(roots, model_path, adapter_path, template, dataset_dir, settings)
         build_results_tab(dataset_dir, allow_outside_media)
-        build_export_tab(model_path, adapter_path, template)
+        build_export_tab(roots, model_path, adapter_path, template)
 
         load_btn.click(
             partial(load_into_slot, slot),
@@ -318,16 +330,49 @@ def create_app(slot: ModelSlot, cfg: Config | None = None, train: dict[str, Any]
 
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="eqakit webui", description="Chat with a Qwen-VL model in the browser (Gradio)."
+        prog="eqakit webui",
+        description="Chat with a Qwen-VL model in the browser (Gradio).",
+        epilog="environment: API_KEY (the access key the page asks for, as `eqakit api` reads it; "
+        "required with a --host beyond loopback)",
     )
     parser.add_argument("config", nargs="?", help="YAML config whose model is loaded at start (optional)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that override the config")
     parser.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; any other needs an access key)",
     )
     parser.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name the page answers to besides loopback and --host (a reverse proxy's, a LAN "
+        "name); repeatable",
+    )
+    parser.add_argument(
+        "--access-key-file",
+        metavar="FILE",
+        help="file holding the access key the page asks for as its password (default: $API_KEY)",
+    )
+    parser.add_argument(
+        "--allow-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory Train, Evaluate, Export and Save config may write to, besides the working "
+        "directory and the config's; repeatable",
+    )
     args = parser.parse_intermixed_args(argv)
 
+    key = access_key(args.access_key_file)
+    if key is None and not is_loopback(args.host):
+        raise EqakitError(
+            f"--host {args.host} lets other machines run models, train and write files: set an access "
+            "key first (API_KEY=... in the environment, or --access-key-file FILE), or bind 127.0.0.1"
+        )
+    roots = WriteRoots.at_start(args.config, args.allow_dir)
     overrides = parse_overrides(args.overrides)
     cfg, train = None, None
     raw = read_yaml(args.config) if args.config is not None else {}
@@ -341,9 +386,35 @@ def cli(argv: list[str]) -> int:
         cfg = load_config("infer", args.config, args.overrides)
         print(f"eqakit webui: loading {cfg.model.model_name_or_path} ...", flush=True)
         print(f"eqakit webui: {slot.load_from(cfg)}", flush=True)
-    app = create_app(slot, cfg, train)
+    app = create_app(slot, roots, cfg, train)
+    # Every request passes the Host check; with a key, /gradio_api needs the login too (Gradio's
+    # auth guards the rest). Given at the app's creation: middleware cannot be added once it serves.
+    middleware = [Middleware(HostCheck, bound=args.host, allowed=args.allowed_host)]
+    if key is not None:
+        middleware.append(Middleware(AccessGate))
+    where = ", ".join(str(d) for d in roots.dirs)
+    if not is_loopback(args.host):
+        print(
+            f"eqakit webui: warning: listening on {args.host}:{args.port}: anyone who can reach it and "
+            f"holds the access key can run models, train and write files in {where}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(
+        f"eqakit webui: Train, Evaluate, Export and Save config write only in {where} (more: --allow-dir)",
+        flush=True,
+    )
     try:
-        app.queue().launch(server_name=args.host, server_port=args.port, show_error=False, ssr_mode=False)
+        app.queue().launch(
+            server_name=args.host,
+            server_port=args.port,
+            show_error=False,
+            ssr_mode=False,
+            share=False,  # never a public gradio.live link (GRADIO_SHARE): it would bypass --host
+            auth=key_check(key) if key is not None else None,
+            auth_message="The access key (API_KEY or --access-key-file) is the password; any user name.",
+            app_kwargs={"middleware": middleware},
+        )
     except OSError as exc:
         raise EqakitError(f"cannot serve on {args.host}:{args.port} ({exc}); choose another --port") from None
     return 0

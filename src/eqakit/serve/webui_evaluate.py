@@ -6,7 +6,8 @@ settings), checked by the config loader first, so a bad value is the CLI's messa
 `eqakit train` with ``do_predict: true`` in a process of its own (`eqakit.serve.webui_jobs`), its
 progress shown as it goes; it resumes an interrupted run in the same output_dir as the CLI does.
 At the end the overall and per-category tables (BLEU-4, ROUGE, exact match, token F1) of its
-predictions are shown; the Results tab opens the same output_dir question by question.
+predictions are shown; the Results tab opens the same output_dir question by question. The
+output_dir must lie inside the page's `WriteRoots`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from eqakit.data.template import TEMPLATES, THINK
 from eqakit.errors import EqakitError
 from eqakit.evaluate.metrics import score_predictions
 from eqakit.evaluate.report import scores_markdown
+from eqakit.serve.webui_access import WriteRoots
 from eqakit.serve.webui_jobs import LOG_LINES, Job, tail
 from eqakit.serve.webui_model import UIError, error_line
 from eqakit.serve.webui_results import read_predictions
@@ -69,10 +71,10 @@ def predict_keys(
 
 
 def build_evaluate_tab(
-    model: str, adapter: str, template: str, dataset_dir: str, settings: list[Any]
+    roots: WriteRoots, model: str, adapter: str, template: str, dataset_dir: str, settings: list[Any]
 ) -> None:
     """The Evaluate tab (inside the caller's gr.Blocks); ``settings`` are the page's generation
-    controls (max new tokens, temperature, top-p, thinking)."""
+    controls (max new tokens, temperature, top-p, thinking); predictions are written inside ``roots``."""
     job = Job("train")
     with gr.Tab("Evaluate"):
         gr.Markdown("Predict on a dataset (`eqakit train` with `do_predict: true`) and score the answers.")
@@ -97,6 +99,7 @@ def build_evaluate_tab(
         def evaluate(*fields: Any) -> Iterator[tuple[str, str, str]]:
             try:
                 keys = predict_keys(*fields)
+                roots.check_keys(keys)
                 yield "Predicting…", "", ""
                 lines: list[str] = []
                 for lines in job.run(keys):

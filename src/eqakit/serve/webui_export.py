@@ -5,7 +5,7 @@ export_dir, export_size, overwrite_output_dir), checked by the config loader bef
 so a bad value is the CLI's own message. The export itself is `eqakit export` in a process of its
 own (`eqakit.serve.webui_jobs`), its log shown as it goes (which adapter is being merged, the
 shards being written). Writing is atomic, so an export stopped half-way leaves no export_dir that
-looks complete.
+looks complete. The export_dir must lie inside the page's `WriteRoots`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from eqakit.config import load_config
 from eqakit.config.args import ModelArguments
 from eqakit.data.template import TEMPLATES
 from eqakit.errors import EqakitError
+from eqakit.serve.webui_access import WriteRoots
 from eqakit.serve.webui_jobs import LOG_LINES, Job, tail
 from eqakit.serve.webui_model import UIError, error_line
 
@@ -42,8 +43,9 @@ def export_keys(
     return {k: v for k, v in keys.items() if v is not None}
 
 
-def build_export_tab(base: str, adapter: str, template: str) -> None:
-    """The Export tab (inside the caller's gr.Blocks); fields default to the web UI's config."""
+def build_export_tab(roots: WriteRoots, base: str, adapter: str, template: str) -> None:
+    """The Export tab (inside the caller's gr.Blocks); fields default to the web UI's config; the
+    merged model is written inside ``roots``."""
     job = Job("export")
     with gr.Tab("Export"):
         gr.Markdown("Merge a LoRA adapter into its base model and write one self-contained model directory.")
@@ -76,6 +78,7 @@ def build_export_tab(base: str, adapter: str, template: str) -> None:
         def export(*fields: Any) -> Iterator[tuple[str, str]]:
             try:
                 keys = export_keys(*fields)
+                roots.check_keys(keys)
                 yield "Exporting…", ""
                 lines: list[str] = []
                 for lines in job.run(keys):

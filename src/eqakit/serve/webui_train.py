@@ -10,6 +10,9 @@ it runs, the page reads output_dir/trainer_log.jsonl (the file LLaMA-Factory's b
 step / total, samples/s, ETA and the train and eval loss curves, beside the last log lines. "Stop"
 sends SIGTERM: the step finishes, a complete checkpoint is saved and the process exits (see
 `eqakit.train.callbacks.StopOnSignal`); "Resume" starts it again with resume_from_checkpoint.
+
+Save config, Start and Resume write only inside the page's `WriteRoots` (the config saved, and the
+run's output_dir and other keys naming where it writes), and run only a Config file from inside them.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ from eqakit.config.load import key_defaults
 from eqakit.data.dataset import registered_datasets
 from eqakit.errors import EqakitError
 from eqakit.fsutil import write_text_atomic
+from eqakit.serve.webui_access import WriteRoots
 from eqakit.serve.webui_jobs import LOG_LINES, Command, tail
 from eqakit.serve.webui_model import UIError, error_line
 
@@ -260,9 +265,10 @@ class TrainRuns:
         return self.runs.get(Path(output_dir.strip()).expanduser().resolve())
 
 
-def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "") -> None:
+def build_train_tab(app: gr.Blocks, roots: WriteRoots, base: dict[str, Any], config_path: str = "") -> None:
     """The Train tab (inside ``app``); ``base`` (the command line's training config, read from
-    ``config_path``, with its key=value overrides) fills the form at start."""
+    ``config_path``, with its key=value overrides) fills the form at start; runs and saved configs
+    stay inside ``roots``."""
     runs = TrainRuns()
     with gr.Tab("Train"):
         gr.Markdown(
@@ -332,7 +338,11 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
 
         def start(resume: bool, config_file: str, keys: dict[str, Any], *fields: Any) -> tuple[str, Any]:
             try:
-                run = runs.start(run_keys(keys, list(fields)), resume, config_file)
+                if config_file.strip():
+                    roots.check(config_file, "config file")
+                run_config = run_keys(keys, list(fields))
+                roots.check_keys(run_config)
+                run = runs.start(run_config, resume, config_file)
             except UIError as exc:
                 return error_line(exc), gr.skip()
             verb = "Resumed" if resume else "Started"
@@ -386,9 +396,13 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
             show_progress="hidden",
         )
         boxes[1].change(datasets_table, boxes[1], datasets, show_progress="hidden")
-        save_btn.click(save_config, [save_box, yaml_box], load_status)
-        start_btn.click(lambda *a: start(False, *a), [config_box, loaded, *boxes], [notice, timer])
-        resume_btn.click(lambda *a: start(True, *a), [config_box, loaded, *boxes], [notice, timer])
+        save_btn.click(partial(save_config, roots), [save_box, yaml_box], load_status, api_name="save_config")
+        start_btn.click(
+            partial(start, False), [config_box, loaded, *boxes], [notice, timer], api_name="train_start"
+        )
+        resume_btn.click(
+            partial(start, True), [config_box, loaded, *boxes], [notice, timer], api_name="train_resume"
+        )
         stop_btn.click(stop, boxes[3], [notice, timer])
         watched = [status, plot, log, seen, timer]
         timer.tick(poll, [boxes[3], seen], watched, show_progress="hidden")
@@ -397,10 +411,15 @@ def build_train_tab(app: gr.Blocks, base: dict[str, Any], config_path: str = "")
         app.load(attach, None, [config_box, loaded, *boxes, timer])
 
 
-def save_config(path: str, text: str) -> str:
-    """Write the previewed YAML to ``path`` (atomically: a crash leaves the old file whole)."""
+def save_config(roots: WriteRoots, path: str, text: str) -> str:
+    """Write the previewed YAML to ``path`` (atomically: a crash leaves the old file whole), which must
+    lie inside ``roots``: this writes any text the caller sends, not only the preview."""
     if not path.strip():
         return error_line("type the path to save the config to")
+    try:
+        roots.check(path, "config path")
+    except UIError as exc:
+        return error_line(exc)
     target = Path(path.strip()).expanduser()
     if target.is_dir():
         return error_line(f"{target} is a directory: give a file name such as {target / 'train.yaml'}")
