@@ -144,3 +144,44 @@ def test_fresh_refuses_a_directory_that_is_not_a_demo(tmp_path: Path, capsys: py
     assert main(["demo", "--output-dir", str(tmp_path), "--fresh"]) == 1
     assert "does not look like a demo directory" in capsys.readouterr().err
     assert keep.read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_the_console_stays_short_and_the_report_and_log_keep_the_rest(
+    demo: tuple[Path, dict], capsys: pytest.CaptureFixture
+) -> None:
+    """466 lines with 179 raw loss records were printed; now the stages' prints go to demo.log and
+    report.md holds the summary, the loss curve and answers side by side."""
+    out, _ = demo
+    log = (out / "demo.log").read_text(encoding="utf-8")
+    assert "'loss'" in log and "data: " in log and "===== [5/7] fine-tune with LoRA =====" in log
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "![training loss](lora/training_loss.png)" in report
+    assert "| question | reference | base | fine-tuned |" in report and "random weights" in report
+    capsys.readouterr()
+    assert main(["demo", "--output-dir", str(out), *ARGS]) == 0
+    printed = capsys.readouterr().out
+    assert "'loss'" not in printed and len(printed.splitlines()) < 60
+
+
+def test_the_summary_says_what_the_numbers_mean() -> None:
+    """A random base, synthetic rooms, and the categories where the tuned model is below blind."""
+    from eqakit.demo.pipeline import _summary
+
+    def scores(em: float, per: dict[str, float]) -> dict:
+        return {
+            **dict.fromkeys(METRICS, em),
+            "num_samples": 10,
+            "predict_per_category": {c: {"predict_exact_match": v} for c, v in per.items()},
+        }
+
+    base = scores(0.0, {"counting": 0.0, "spatial": 0.0})
+    tuned = scores(40.0, {"counting": 60.0, "spatial": 10.0})
+    blind = scores(20.0, {"counting": 20.0, "spatial": 30.0})
+    verdict = {"beats_base": True, "beats_blind": True, "merged_agrees": True}
+    text = "\n".join(_summary(base, tuned, blind, (10, 10), verdict, Path("runs/demo/configs/infer.yaml")))
+    assert "random weights" in text and "synthetic" in text
+    assert "in 1 of 2 categories it is still below the blind baseline (spatial)" in text
+    assert [line for line in text.splitlines() if "below blind" in line] == [
+        next(line for line in text.splitlines() if line.strip().startswith("spatial"))
+    ]

@@ -17,7 +17,10 @@ user can rerun by hand (runs/demo/configs/):
 and prints base versus fine-tuned (overall and per category) beside the blind baseline: the most
 common training answer for each question, which scores what a model that never looks at the frames
 can score. Fine-tuning works when the fine-tuned model beats the base on every metric and the blind
-baseline on exact match; the summary says whether it did.
+baseline on exact match; the summary says whether it did, what the numbers mean (a random base, synthetic
+rooms) and where the tuned model is still below the blind baseline. The console shows the stages, their
+progress bars and the summary; what the stages print goes to demo.log; report.md holds the summary,
+the loss curve and a few answers side by side.
 
 A stage whose output exists is skipped, so a rerun resumes where an interrupted one stopped
 (training from its newest checkpoint); --fresh deletes the directory and starts clean. The
@@ -28,8 +31,10 @@ Raises EqakitError for that, and for --fresh on a directory that is not a demo's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
+import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -111,6 +116,8 @@ STAGES = 7
 EM = "predict_exact_match"
 METRICS = ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l", EM, "predict_token_f1")
 SETTINGS_FILE = "demo.json"  # the options a demo directory was made with; a rerun must match them
+LOG_FILE = "demo.log"  # what the stages print (data reports, loss records), kept off the console
+REPORT_FILE = "report.md"
 
 
 def _write_config(path: Path, settings: dict[str, Any]) -> Path:
@@ -118,20 +125,31 @@ def _write_config(path: Path, settings: dict[str, Any]) -> Path:
 
 
 class _Progress:
-    """Prints each stage as it starts, whether it is skipped (done by an earlier run), and its time."""
+    """Prints each stage as it starts, whether it is skipped (done by an earlier run), and its time.
 
-    def __init__(self) -> None:
+    What a stage prints (data reports, the Trainer's loss records) goes to ``log`` instead of the
+    console, which keeps the stage lines, the progress bars (on stderr) and the summary."""
+
+    def __init__(self, log: Path) -> None:
         self.number, self.name, self.started = 0, "", None
+        self.log = log
+        self._quiet = contextlib.ExitStack()
 
     def stage(self, name: str, done: bool) -> bool:
-        """Announce the next stage; True when it has to run."""
+        """Announce the next stage; True when it has to run (its prints then go to the log)."""
         self.finish()
         self.number, self.name = self.number + 1, name
-        print(f"\n[{self.number}/{STAGES}] {name}{' (done, skipped)' if done else ''}", flush=True)
+        print(f"[{self.number}/{STAGES}] {name}{' (done, skipped)' if done else ''}", flush=True)
         self.started = None if done else time.perf_counter()
+        if not done:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            sink = self._quiet.enter_context(self.log.open("a", encoding="utf-8"))
+            sink.write(f"\n===== [{self.number}/{STAGES}] {name} =====\n")
+            self._quiet.enter_context(contextlib.redirect_stdout(sink))
         return not done
 
     def finish(self) -> None:
+        self._quiet.close()
         if self.started is not None:
             print(
                 f"[{self.number}/{STAGES}] {self.name}: {time.perf_counter() - self.started:.0f} s",
@@ -140,9 +158,9 @@ class _Progress:
             self.started = None
 
 
-def _rows(data: Path, name: str) -> list[dict[str, Any]]:
-    lines = (data / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def blind_baseline(data: Path) -> dict[str, Any]:
@@ -158,7 +176,7 @@ def blind_baseline(data: Path) -> dict[str, Any]:
 
     answers: dict[str, Counter] = defaultdict(Counter)
     overall: Counter = Counter()  # for a test question never asked in training
-    for row in _rows(data, "open_eqa_train_val"):
+    for row in _rows(data / "open_eqa_train_val.jsonl"):
         answers[question(row)][row["output"]] += 1
         overall[row["output"]] += 1
     guesses = [
@@ -168,7 +186,7 @@ def blind_baseline(data: Path) -> dict[str, Any]:
             "extra_answers": row.get("extra_answers"),
             "category": row.get("category"),
         }
-        for row in _rows(data, "open_eqa_test")
+        for row in _rows(data / "open_eqa_test.jsonl")
     ]
     scores = score_predictions(guesses)
     per_category = scores.pop("per_category")
@@ -177,7 +195,7 @@ def blind_baseline(data: Path) -> dict[str, Any]:
 
 def _same_answers(a: Path, b: Path) -> tuple[int, int]:
     def answers(path: Path) -> dict[str, str]:
-        rows = [json.loads(line) for line in (path / "generated_predictions.jsonl").read_text().splitlines()]
+        rows = _rows(path / "generated_predictions.jsonl")
         return {r.get("question_id", r["prompt"]): r["predict"] for r in rows}
 
     first, second = answers(a), answers(b)
@@ -226,6 +244,33 @@ def run_demo(
 
 
 def _run(out: Path, episodes: int, seed: int, epochs: float | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    _check_settings(out, {"episodes": episodes, "seed": seed, "epochs": epochs})
+    progress = _Progress(out / LOG_FILE)
+    try:
+        _stages(progress, out, episodes, seed, epochs)
+    finally:
+        progress.finish()  # the log closed and the console back, also when a stage fails
+    same, total = _same_answers(out / "tuned", out / "merged_eval")
+    configs = out / "configs"
+    base, tuned = (_results(out / d) for d in ("base", "tuned"))
+    blind = blind_baseline(out / "data")
+    verdict = {
+        "beats_base": all(tuned[k] > base[k] for k in METRICS),
+        "beats_blind": tuned[EM] > blind[EM],
+        "merged_agrees": same == total,
+    }
+    lines = _summary(base, tuned, blind, (same, total), verdict, configs / "infer.yaml")
+    print("\n" + "\n".join(lines))
+    report = write_text_atomic(out / REPORT_FILE, _report(out, lines))
+    seconds = time.perf_counter() - started
+    took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    print(f"\nDemo finished in {took}. The report: {report}; every stage's output: {out / LOG_FILE}")
+    return {"base": base, "tuned": tuned, "blind": blind, **verdict}
+
+
+def _stages(progress: _Progress, out: Path, episodes: int, seed: int, epochs: float | None) -> None:
+    """Run each stage whose output is missing, in order."""
     from eqakit.config import load_config
     from eqakit.data.frames import FrameOptions
     from eqakit.data.prepare import PrepareOptions, prepare_openeqa
@@ -236,15 +281,11 @@ def _run(out: Path, episodes: int, seed: int, epochs: float | None) -> dict[str,
     from eqakit.train.callbacks import newest_complete_checkpoint
     from eqakit.train.sft import run_train
 
-    started = time.perf_counter()
-    _check_settings(out, {"episodes": episodes, "seed": seed, "epochs": epochs})
     model, synth, data = out / "model", out / "synth", out / "data"
     lora, base_eval, tuned_eval, merged, merged_eval = (
         out / n for n in ("lora", "base", "tuned", "merged", "merged_eval")
     )
     configs = out / "configs"
-    progress = _Progress()
-
     if progress.stage("build the tiny Qwen3-VL", (model / "config.json").is_file()):
         build_tiny_model(model, seed=seed, overwrite=model.exists(), **TINY_SIZES)
     if progress.stage(
@@ -303,68 +344,117 @@ def _run(out: Path, episodes: int, seed: int, epochs: float | None) -> dict[str,
             run_export(load_config("export", merge_cfg))
         run_predict(load_config("train", merged_cfg))
     progress.finish()
-    same, total = _same_answers(tuned_eval, merged_eval)
-    infer_cfg = _write_config(
+    _write_config(
         configs / "infer.yaml",
         {"model_name_or_path": str(merged), "template": NOTHINK, "finetuning_type": "lora"},
     )
 
-    base, tuned = (_results(d) for d in (base_eval, tuned_eval))
-    blind = blind_baseline(data)
-    verdict = {
-        "beats_base": all(tuned[k] > base[k] for k in METRICS),
-        "beats_blind": tuned[EM] > blind[EM],
-        "merged_agrees": same == total,
-    }
-    _print_summary(base, tuned, blind, (same, total), verdict, infer_cfg, time.perf_counter() - started)
-    return {"base": base, "tuned": tuned, "blind": blind, **verdict}
 
-
-def _print_summary(
+def _summary(
     base: dict[str, Any],
     tuned: dict[str, Any],
     blind: dict[str, Any],
     agreement: tuple[int, int],
     verdict: dict[str, bool],
     infer_cfg: Path,
-    seconds: float,
-) -> None:
-    print("\n" + "=" * 78)
-    print(f"Held-out test episodes ({tuned['num_samples']} questions): base model versus LoRA fine-tuned\n")
-    print(f"  {'metric':<10}{'base':>10}{'fine-tuned':>12}{'change':>10}{'blind':>10}")
+) -> list[str]:
+    """What the demo's numbers are and what they mean, as the lines printed and put in the report."""
+    lines = [
+        "=" * 78,
+        f"Held-out test episodes ({tuned['num_samples']} questions): base model versus LoRA fine-tuned",
+        "",
+    ]
+    lines.append(f"  {'metric':<10}{'base':>10}{'fine-tuned':>12}{'change':>10}{'blind':>10}")
     for key in METRICS:
-        print(
+        lines.append(
             f"  {METRIC_LABELS[key]:<10}{base[key]:>10.2f}{tuned[key]:>12.2f}"
             f"{tuned[key] - base[key]:>+10.2f}{blind[key]:>10.2f}"
         )
-    print(
-        "\n  blind: each question answered with its most common answer in the training split, frames unseen"
-    )
-    print("\nExact match per category (base / fine-tuned / blind):")
+    lines += [
+        "",
+        "  base: the tiny model with random weights, as built: its answers are noise and it scores about 0,",
+        "        so 'change' is all the model learned here, not a gain over a pretrained model.",
+        "  blind: each question answered with its most common answer in the training split, frames unseen:",
+        "        what a model that never looks at the rooms can score.",
+        "  The rooms are synthetic (coloured boxes in rendered scenes): these numbers show the pipeline",
+        "  works end to end, not how Qwen3-VL-2B scores on OpenEQA.",
+        "",
+        f"Exact match per category ({'base':>6} {'tuned':>6} {'blind':>6})",
+    ]
+    below = []
     for category, scores in tuned.get("predict_per_category", {}).items():
         before = base.get("predict_per_category", {}).get(category, {}).get(EM, 0.0)
         guess = blind["predict_per_category"].get(category, {}).get(EM, 0.0)
-        print(f"  {category:<26}{before:8.2f}{scores.get(EM, 0.0):8.2f}{guess:8.2f}")
+        mine = scores.get(EM, 0.0)
+        if mine < guess:
+            below.append(category)
+        mark = "  below blind" if mine < guess else ""
+        lines.append(f"  {category:<30}{before:6.2f} {mine:6.2f} {guess:6.2f}{mark}")
     same, total = agreement
-    print()
-    print(f"{'yes' if verdict['beats_base'] else 'NO '}  fine-tuned beats the base model on every metric")
-    print(
+    reads = (
+        "it reads the frames"
+        if not below
+        else f"overall it reads the frames, yet in {len(below)} of {len(tuned.get('predict_per_category', {}))} "
+        f"categories it is still below the blind baseline ({', '.join(below)})"
+    )
+    eqakit = _command()
+    lines += [
+        "",
+        f"{'yes' if verdict['beats_base'] else 'NO '}  fine-tuned beats the base model on every metric",
         f"{'yes' if verdict['beats_blind'] else 'NO '}  fine-tuned exact match beats the blind baseline "
-        f"({tuned[EM]:.2f} vs {blind[EM]:.2f}): it reads the frames"
-    )
-    print(
+        f"({tuned[EM]:.2f} vs {blind[EM]:.2f}): {reads}",
         f"{'yes' if verdict['merged_agrees'] else 'NO '}  the merged model gives the adapter's answer "
-        f"on {same}/{total} test questions"
-    )
-    print(
-        f"\nServe the merged model:\n  API_PORT=8000 eqakit api {infer_cfg}\n  eqakit webui {infer_cfg}\n"
-        f"  eqakit chat {infer_cfg}"
-    )
-    print(
-        f"\nDemo finished in {seconds / 60:.1f} min."
-        if seconds >= 60
-        else f"\nDemo finished in {seconds:.0f} s."
-    )
+        f"on {same}/{total} test questions",
+        "",
+        "Serve the merged model:",
+        f"  API_PORT=8000 {eqakit} api {infer_cfg}",
+        f"  {eqakit} webui {infer_cfg}",
+        f"  {eqakit} chat {infer_cfg}",
+    ]
+    return lines
+
+
+def _command() -> str:
+    """How to run this eqakit from the user's shell: ``eqakit`` when it is the one on PATH, else its
+    path (``make demo`` runs .venv/bin/eqakit, which a plain shell does not find)."""
+    here = Path(sys.executable).parent / "eqakit"
+    on_path = shutil.which("eqakit")
+    if on_path and Path(on_path).resolve() == here.resolve():
+        return "eqakit"
+    with contextlib.suppress(ValueError):
+        return str(here.relative_to(Path.cwd()))
+    return str(here)
+
+
+def _report(out: Path, summary: list[str]) -> str:
+    """report.md: the summary, the loss curve, a few answers side by side, and where everything is."""
+    tuned = _rows(out / "tuned" / "generated_predictions.jsonl")
+    base = {r["index"]: r["predict"] for r in _rows(out / "base" / "generated_predictions.jsonl")}
+    lines = ["# eqakit demo", "", "```", *summary, "```", ""]
+    if (out / "lora" / "training_loss.png").is_file():
+        lines += ["## Training loss", "", "![training loss](lora/training_loss.png)", ""]
+    lines += [
+        "## Answers to the first test questions",
+        "",
+        "| question | reference | base | fine-tuned |",
+        "|---|---|---|---|",
+    ]
+    for row in tuned[:8]:
+        question = row["prompt"].rsplit("<|vision_end|>", 1)[-1].split("<|im_end|>")[0].strip()
+        cells = [question, row["label"], base.get(row["index"], ""), row["predict"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    lines += [
+        "",
+        "## Where everything is",
+        "",
+        "- `configs/`: each stage's YAML, to rerun it by hand (`eqakit train configs/train.yaml`, ...)",
+        "- `lora/`: the adapter, its checkpoints, `trainer_log.jsonl`",
+        "- `base/`, `tuned/`, `merged_eval/`: predictions (`generated_predictions.jsonl`), scores and `report.md`",
+        "- `merged/`: the merged model; `data/`: the prepared dataset; `synth/`: the rendered rooms",
+        f"- `{LOG_FILE}`: everything the stages printed",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def cli(argv: list[str]) -> int:
