@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -458,3 +459,53 @@ def test_fsdp_on_a_machine_without_gpus_is_refused(tmp_path: Path) -> None:
         ConfigError, match=r"'fsdp': 'full_shard' needs GPUs: .*silently trains with plain DDP"
     ):
         load_config("train", write(tmp_path, text))
+
+
+# LLaMA-Factory 0.9.5's examples for Qwen3-VL (examples/train_lora/qwen3vl_lora_sft.yaml,
+# inference/qwen3vl.yaml, merge_lora/qwen3vl_lora_sft.yaml), their keys and values as written there;
+# only the paths are ours.
+LF_LORA_SFT = {
+    "model_name_or_path": "Qwen/Qwen3-VL-4B-Instruct", "image_max_pixels": 262144, "video_max_pixels": 16384,
+    "trust_remote_code": True, "stage": "sft", "do_train": True, "finetuning_type": "lora", "lora_rank": 8,
+    "lora_target": "all", "dataset": "mllm_demo,identity,alpaca_en_demo", "template": "qwen3_vl_nothink",
+    "cutoff_len": 2048, "max_samples": 1000, "preprocessing_num_workers": 16, "dataloader_num_workers": 4,
+    "output_dir": "saves/qwen3-vl-4b/lora/sft", "logging_steps": 10, "save_steps": 500, "plot_loss": True,
+    "overwrite_output_dir": True, "save_only_model": False, "report_to": "none",
+    "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "learning_rate": 1.0e-4,
+    "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "bf16": True,
+    "ddp_timeout": 180000000, "resume_from_checkpoint": None,
+}  # fmt: skip
+LF_INFERENCE = {
+    "model_name_or_path": "Qwen/Qwen3-VL-4B-Instruct", "template": "qwen3_vl_nothink",
+    "infer_backend": "huggingface", "trust_remote_code": True,
+}  # fmt: skip
+LF_MERGE = {
+    "model_name_or_path": "Qwen/Qwen3-VL-4B-Instruct", "adapter_name_or_path": "saves/qwen3-vl-4b/lora/sft",
+    "template": "qwen3_vl_nothink", "trust_remote_code": True, "export_dir": "saves/qwen3_vl_sft_merged",
+    "export_size": 5, "export_device": "cpu", "export_legacy_format": False,
+}  # fmt: skip
+
+
+def test_llama_factorys_qwen3_vl_examples_validate(tmp_path: Path) -> None:
+    """warmup_ratio (51 of LLaMA-Factory's example files) and logging_dir left TrainingArguments after
+    transformers 5.6; they keep their old meaning: a ratio of the total steps, TensorBoard's folder."""
+    from eqakit.train.sft import training_environment
+
+    cfg = load_config("train", write(tmp_path, yaml.safe_dump(LF_LORA_SFT)))
+    assert cfg.training.warmup_steps == 0.1 and cfg.training.get_warmup_steps(1000) == 100
+    assert (
+        cfg.training.gradient_accumulation_steps == 8
+        and cfg.data.dataset == "mllm_demo,identity,alpaca_en_demo"
+    )
+    load_config("infer", write(tmp_path, yaml.safe_dump(LF_INFERENCE)))
+    load_config("export", write(tmp_path, yaml.safe_dump(LF_MERGE)))
+
+    logged = load_config("train", write(tmp_path, yaml.safe_dump({**LF_LORA_SFT, "logging_dir": "~/tb"})))
+    assert training_environment(logged) == {"TENSORBOARD_LOGGING_DIR": str(Path("~/tb").expanduser())}
+    assert training_environment(cfg) == {}
+    for extra, needle in (
+        ({"warmup_ratio": 1.0}, "'warmup_ratio': 1.0 is out of range (must be < 1.0)"),
+        ({"warmup_steps": 20}, "warmup_ratio: 0.1 and warmup_steps: 20 both set the warmup"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config("train", write(tmp_path, yaml.safe_dump({**LF_LORA_SFT, **extra})))

@@ -163,6 +163,21 @@ class FinetuningArguments:
         "needs freeze_vision_tower: false), and the mergers train if freeze_multi_modal_projector: false.",
     )
     plot_loss: bool = _f(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
+    # TrainingArguments keys transformers dropped after 5.6, which LLaMA-Factory 0.9.5 (and 51 of its
+    # example files) still take: kept with their old meaning.
+    warmup_ratio: float | None = _f(
+        None,
+        "Linear warmup over this fraction of the total steps (transformers <= 5.6's key; given to "
+        "transformers as a warmup_steps below 1, which it reads as that ratio).",
+        min=0.0,
+        max=1.0,
+        max_exclusive=True,
+    )
+    logging_dir: str | None = _f(
+        None,
+        "TensorBoard's log directory with report_to: tensorboard (transformers <= 5.6's key; default "
+        "output_dir/runs/DATE_HOST, given to transformers as TENSORBOARD_LOGGING_DIR).",
+    )
     vision_feature_cache: bool = _f(
         True, "eqakit: run the frozen vision tower once per distinct image and reuse its features (exact)."
     )

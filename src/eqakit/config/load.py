@@ -245,8 +245,11 @@ def _check_rules(value: Any, rules: dict[str, Any]) -> str | None:
                 return f"is out of range (must be > {low})"
             if value < low:
                 return f"is out of range (must be >= {low})"
-        if high is not None and value > high:
-            return f"is out of range (must be <= {high})"
+        if high is not None:
+            if rules.get("max_exclusive") and value >= high:
+                return f"is out of range (must be < {high})"
+            if value > high:
+                return f"is out of range (must be <= {high})"
     return None
 
 
@@ -374,6 +377,11 @@ def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
             problems.append(
                 "use_reentrant_gc has no effect with disable_gradient_checkpointing: true; remove it"
             )
+    if get("warmup_ratio") and get("warmup_steps"):
+        problems.append(  # transformers <= 5.6 let warmup_steps win without a word
+            f"warmup_ratio: {get('warmup_ratio')} and warmup_steps: {get('warmup_steps'):g} both set the "
+            "warmup: keep one"
+        )
     if get("deepspeed"):
         problems += _deepspeed_problems(get("deepspeed"), get)
     if get("fsdp") and (get("use_cpu") or not _has_accelerator()):
@@ -474,6 +482,9 @@ def load_config(
     if problems:
         raise ConfigError(f"invalid configuration{where}:\n" + "\n".join(f"  - {p}" for p in problems))
 
+    if kind == "train" and values.get("warmup_ratio"):
+        # transformers > 5.6 reads a warmup_steps below 1 as the ratio warmup_ratio was
+        values["warmup_steps"] = values["warmup_ratio"]
     if kind == "train" and "use_cpu" not in values and not _has_accelerator():
         # transformers only starts CPU DDP (gloo) under torchrun when use_cpu is set, and it fixes the
         # device when the arguments are built, so a machine without an accelerator says so here.

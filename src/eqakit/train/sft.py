@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,13 @@ def preflight(cfg: Config) -> Checked:
     return Checked(resume, processor, plans, samples, report, extra_eval)
 
 
+def training_environment(cfg: Config) -> dict[str, str]:
+    """What transformers now reads from the environment that LLaMA-Factory's keys set:
+    logging_dir is TensorBoard's TENSORBOARD_LOGGING_DIR (transformers > 5.6 dropped the key)."""
+    logging_dir = cfg.finetuning.logging_dir
+    return {"TENSORBOARD_LOGGING_DIR": str(Path(logging_dir).expanduser())} if logging_dir else {}
+
+
 def run_train(cfg: Config) -> dict[str, float]:
     """Fine-tune with LoRA; returns the final training metrics.
 
@@ -302,6 +310,7 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
                 "eval_samples": len(eval_set) if eval_set else 0,
             },
         )
+    os.environ.update(training_environment(cfg))
     trainer = EqakitTrainer(
         model=model,
         args=cfg.training,
