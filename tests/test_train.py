@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -515,6 +516,60 @@ def test_two_processes_train_the_one_process_steps(tmp_path, tiny_model_dir, acc
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (a, b)
         assert b["num_input_tokens_seen"] == a["num_input_tokens_seen"], (a, b)
+
+
+def _process_of_rank(launcher: int, rank: int) -> int | None:
+    """The pid of the training process with ``rank`` among those the torchrun ``launcher`` started
+    (its children: torchrun gives each a session of its own)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"\nPPid:\t{launcher}\n" in status and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_process_that_dies_mid_run_is_named_and_the_run_resumes(tmp_path, tiny_model_dir) -> None:
+    """A rank killed mid-run (SIGKILL, as the OOM killer does): the other is stopped, not left waiting
+    in a collective; torchrun names the rank; the last complete checkpoint resumes the run to its end."""
+    data = write_toy_dataset(tmp_path / "data")
+    out = tmp_path / "out"
+    cfg = config(tmp_path, tiny_model_dir, data, per_device_train_batch_size=2, num_train_epochs=8,
+                 save_steps=2, preprocessing_num_workers=1)  # fmt: skip
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "-m", "eqakit", "train", str(cfg)]
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and not (out / "checkpoint-2" / COMPLETE_MARKER).exists():
+                assert process.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+                time.sleep(0.05)
+            victim = _process_of_rank(process.pid, 1)
+            assert victim is not None, "no process of rank 1"
+            os.kill(victim, signal.SIGKILL)
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the surviving process hung after rank 1 died")
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    log = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode != 0
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", log) and "Signal 9 (SIGKILL)" in log, log[-3000:]
+    kept = newest_complete_checkpoint(out)
+    assert kept is not None and not (out / "adapter_model.safetensors").exists()
+
+    resumed = run_torchrun([*command[1:], "resume_from_checkpoint=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == state["max_steps"] and (out / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.slow

@@ -65,7 +65,20 @@ def cli(argv: list[str]) -> int:
     else:
         with disk_errors(out, lambda: _resume_hint(out)):
             run_train(cfg)
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """After a run that succeeded on every process (torchrun, DeepSpeed): leave together and close
+    the process group, so its communication threads stop before the interpreter does. Left to exit,
+    gloo's threads can outlive it and abort the process (SIGABRT: "terminate called without an
+    active exception") after a complete run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _resume_hint(out: Path) -> str:
