@@ -509,3 +509,17 @@ def test_llama_factorys_qwen3_vl_examples_validate(tmp_path: Path) -> None:
     ):
         with pytest.raises(ConfigError, match=re.escape(needle)):
             load_config("train", write(tmp_path, yaml.safe_dump({**LF_LORA_SFT, **extra})))
+
+
+def test_fa2_is_refused_before_any_weight_loads_where_it_cannot_run(tmp_path: Path) -> None:
+    """flash-attn is not installed here (nor a GPU): one line naming the key and the fix. With both,
+    packed training rows would still be refused (FA2 takes no shared-prefix mask)."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed")
+    keys = {**LF_LORA_SFT, "flash_attn": "fa2"}
+    with pytest.raises(
+        ConfigError, match=r"flash_attn: fa2 needs the flash-attn package .* use flash_attn: auto"
+    ):
+        load_config("train", write(tmp_path, yaml.safe_dump(keys)))

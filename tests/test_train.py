@@ -94,6 +94,7 @@ def test_lora_training_learns_and_writes_everything(tmp_path, tiny_model_dir, to
     ):
         assert (out / name).is_file(), name
     assert json.loads((out / "eval_results.json").read_text())["eval_loss"] > 0
+    assert json.loads((out / "eqakit_run.json").read_text())["compute_dtype"] == "float32"  # a CPU's
     records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     for key in (
         "current_steps",

@@ -291,6 +291,8 @@ def _cross_checks(kind: Kind, values: dict[str, Any], given: set[str]) -> list[s
             problems.append(misfit)
     if get("packing"):
         problems.append("packing: true is not supported by eqakit; set packing: false or remove the key")
+    if get("flash_attn") == "fa2":
+        problems += _flash_attention_problems(kind, get)
     if (get("image_min_pixels") or 0) > (get("image_max_pixels") or 0):
         problems.append(
             f"image_min_pixels ({get('image_min_pixels')}) is larger than image_max_pixels ({get('image_max_pixels')})"
@@ -339,6 +341,26 @@ def _cross_checks(kind: Kind, values: dict[str, Any], given: set[str]) -> list[s
             problems.append("bf16 and fp16 are both true: choose one")
         problems += _training_checks(values, given)
     return problems
+
+
+def _flash_attention_problems(kind: Kind, get: Any) -> list[str]:
+    """``flash_attn: fa2``, refused before any weight loads where it cannot run or would be wrong."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return [
+            "flash_attn: fa2 needs the flash-attn package (pip install flash-attn) and a CUDA GPU; use flash_attn: auto"
+        ]
+    if not _has_accelerator():
+        return ["flash_attn: fa2 needs a CUDA GPU; use flash_attn: auto (sdpa)"]
+    if kind == "train" and get("do_train") and get("shared_prefix_packing"):
+        # FA2's kernels take a padding mask only; packed rows need "each branch sees the shared
+        # prefix", which transformers would hand them as a 4D mask they misread
+        return [
+            "flash_attn: fa2 cannot attend packed rows (shared_prefix_packing: true, the default): set "
+            "shared_prefix_packing: false to train with fa2, or flash_attn: sdpa to keep packing"
+        ]
+    return []
 
 
 def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:

@@ -37,11 +37,56 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def declared_dtype(config: Any) -> torch.dtype | None:
+    """The dtype a checkpoint's config declares (top level, else the text model's), or None.
+
+    Qwen3-VL-2B-Instruct declares ``dtype: bfloat16`` only inside ``text_config``.
+    """
+    for cfg in (config, getattr(config, "text_config", None)):
+        declared = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+        if isinstance(declared, torch.dtype):
+            return declared
+        if isinstance(declared, str) and declared in DTYPES:
+            return DTYPES[declared]
+    return None
+
+
+def optimal_dtype(
+    device: torch.device, declared: torch.dtype | None, bf16_supported: bool | None = None
+) -> torch.dtype:
+    """The dtype LLaMA-Factory computes in when no key names one (its ``infer_optim_dtype``): bf16
+    where the GPU has it and the checkpoint is bf16 (or declares nothing), else fp16 on CUDA, else
+    fp32 (the CPU; Apple's MPS too, as LLaMA-Factory counts no fp16 there). ``bf16_supported``
+    stands for the GPU's answer (tests)."""
+    if device.type != "cuda":
+        return torch.float32
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported and declared in (torch.bfloat16, None) else torch.float16
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA, fp16 on MPS, fp32 on CPU; otherwise the named dtype."""
-    if name != "auto":
-        return DTYPES[name]
-    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+    """The inference dtype: ``auto`` is `optimal_dtype` (bf16 on a GPU that has it, fp16 on other
+    GPUs, fp32 on the CPU and MPS); otherwise the named dtype."""
+    return optimal_dtype(device, None) if name == "auto" else DTYPES[name]
+
+
+def train_dtype(
+    bf16: bool,
+    fp16: bool,
+    device: torch.device,
+    declared: torch.dtype | None,
+    bf16_supported: bool | None = None,
+) -> torch.dtype:
+    """The dtype training loads the model in, as LLaMA-Factory chooses it: ``bf16: true`` or
+    ``fp16: true`` name it; with neither (the tutorial's ``bf16: false``) `optimal_dtype` does, so a
+    GPU trains in bf16 or fp16, not fp32. The trainable LoRA weights stay fp32 (PEFT's
+    ``autocast_adapter_dtype``, LLaMA-Factory's ``cast_trainable_params_to_fp32``)."""
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    return optimal_dtype(device, declared, bf16_supported)
 
 
 def _check_model_source(name: str) -> None:
@@ -118,13 +163,18 @@ def skeleton(config: Any, trust_remote_code: bool = False) -> torch.nn.Module:
         ) from None
 
 
+def model_config(model_args: ModelArguments) -> Any:
+    """The checkpoint's (transformers) config, after its source and architecture are checked."""
+    from transformers import AutoConfig
+
+    return _from_checkpoint(AutoConfig, "config", model_args, None)
+
+
 def check_model(model_args: ModelArguments) -> Geometry:
     """What every stage checks of its model before any weight loads: the checkpoint's source, config
     and architecture, and that each adapter (``adapter_name_or_path``) fits it, on a meta-device
     skeleton of the model's shapes; returns the planning geometry."""
-    from transformers import AutoConfig
-
-    config = _from_checkpoint(AutoConfig, "config", model_args, None)
+    config = model_config(model_args)
     adapters = find_adapters(model_args.adapter_paths)
     if adapters:
         check_adapters_fit(

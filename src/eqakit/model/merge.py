@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from eqakit.model.adapters import apply_adapter
-from eqakit.model.load import DTYPES
+from eqakit.model.load import declared_dtype
 
 
 def log(message: str) -> None:
@@ -31,17 +31,8 @@ def log(message: str) -> None:
 
 
 def config_dtype(config: Any) -> torch.dtype:
-    """The dtype a checkpoint's config.json declares (top level, else the text model's); fp32 if none.
-
-    Qwen3-VL-2B-Instruct declares ``dtype: bfloat16`` only inside ``text_config``.
-    """
-    for cfg in (config, getattr(config, "text_config", None)):
-        declared = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-        if isinstance(declared, torch.dtype):
-            return declared
-        if isinstance(declared, str) and declared in DTYPES:
-            return DTYPES[declared]
-    return torch.float32
+    """The dtype a checkpoint's config declares (`declared_dtype`); fp32 if none."""
+    return declared_dtype(config) or torch.float32
 
 
 def merge_adapters(model: torch.nn.Module, adapters: list[Path], base_name: str | None) -> torch.nn.Module:

@@ -157,12 +157,6 @@ def write_run_record(cfg: Config, out: Path, extra: dict[str, Any]) -> None:
     write_text_atomic(out / "eqakit_run.json", json.dumps(record, indent=2, default=str))
 
 
-def _compute_dtype(cfg: Config) -> Any:
-    import torch
-
-    return torch.bfloat16 if cfg.training.bf16 else torch.float16 if cfg.training.fp16 else torch.float32
-
-
 def _eval_samples(
     cfg: Config, processor: Any, geometry: Geometry, budget: ImageBudget
 ) -> tuple[list[Any], list[Any]] | None:
@@ -246,7 +240,7 @@ def run_train(cfg: Config) -> dict[str, float]:
 def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     import transformers
 
-    from eqakit.model.load import load_base_model
+    from eqakit.model.load import declared_dtype, load_base_model, model_config, train_dtype
     from eqakit.train.lora import apply_lora, trainable_summary
     from eqakit.train.plots import plot_loss
 
@@ -276,7 +270,18 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
         import deepspeed
 
         deepspeed.init_distributed()
-    model = load_base_model(cfg.model, device=cfg.training.device, dtype=_compute_dtype(cfg))
+    t = cfg.training
+    dtype = train_dtype(t.bf16, t.fp16, t.device, declared_dtype(model_config(cfg.model)))
+    if t.process_index == 0:
+        keys = (
+            "bf16: true"
+            if t.bf16
+            else "fp16: true"
+            if t.fp16
+            else "neither bf16 nor fp16 set: LLaMA-Factory's choice here"
+        )
+        print(f"compute dtype: {str(dtype).removeprefix('torch.')} ({keys}); trainable weights float32")
+    model = load_base_model(cfg.model, device=t.device, dtype=dtype)
     if cache is not None:
         with _whole(vision_tower(model)):
             cache.build(
@@ -319,6 +324,7 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
             out,
             {
                 "data": report.summary(),
+                "compute_dtype": str(dtype).removeprefix("torch."),
                 "train_samples": len(train_set),
                 "eval_samples": len(eval_set) if eval_set else 0,
             },
