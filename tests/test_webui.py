@@ -800,6 +800,18 @@ def test_train_tab_starts_watches_stops_resumes_and_finishes(site: dict, page, t
     assert (checkpoint / "eqakit_checkpoint_complete").is_file()
     assert not (out / "adapter_model.safetensors").exists()
 
+    # Resume, then Stop while the run still loads: the page points to Resume again, not to Start
+    # (issue 27: "nothing to resume; press Start", then Start refused for the checkpoint it found).
+    page.locator("#tr-resume").click()
+    train_notice(page, "Resumed")
+    page.locator("#tr-stop").click()
+    status = train_status(page, "press Resume")
+    assert f"continue from {checkpoint.name}" in status and "nothing to resume" not in status, status
+    page.locator("#tr-start").click()
+    refused = train_notice(page, "Error")
+    assert f"press Resume to continue from {checkpoint.name}" in refused, refused
+    assert "resume_from_checkpoint" not in refused and "overwrite_output_dir" not in refused, refused
+
     page.locator("#tr-resume").click()
     train_status(page, "Running: step")
     page.reload()  # the run belongs to the server: a new page finds it
@@ -821,9 +833,19 @@ def test_train_tab_starts_watches_stops_resumes_and_finishes(site: dict, page, t
     assert "eval loss" in page.locator("#tr-plot").inner_text()
     page.screenshot(path=site["shots"] / "train.png", full_page=True)
 
+    # the step axis shows whole steps, the loss axis short numbers (not 10.5, not 18.151303)
+    ticks = page.evaluate("() => [...document.querySelectorAll('#tr-plot svg text')].map(t => t.textContent)")
+    numbers = [t.replace(",", "") for t in ticks if re.fullmatch(r"[\d.,]+", t.strip())]
+    assert numbers and all(len(n.split(".")[-1]) <= 3 or "." not in n for n in numbers), ticks
+    assert page.locator("#tr-evaluate").is_visible()
+    page.locator("#tr-evaluate").click()
+    page.wait_for_function("out => document.querySelector('#ev-adapter input')?.value === out", arg=str(out))
+    page.get_by_role("tab", name="Train").click()
+
     page.locator("#tr-start").click()
     status = train_notice(page, "Error")
-    assert "exists and is not empty" in status and "resume_from_checkpoint" in status, status
+    assert "exists and is not empty" in status and 'tick "Replace a non-empty output dir"' in status, status
+    assert "resume_from_checkpoint" not in status, status
 
 
 def test_webui_given_a_training_config_fills_the_train_tab(tiny_model_dir: Path, tmp_path: Path) -> None:

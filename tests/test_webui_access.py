@@ -182,9 +182,9 @@ def test_train_evaluate_and_export_take_paths_only_inside_those_directories(loca
         "toy",
         str(outside / "predict"),
     ]
-    status, _, _ = call(url, "evaluate", [*evaluate, 2, 8, 0.0, 1.0, False])
+    status, *_ = call(url, "evaluate", [*evaluate, 2, 8, 0.0, 1.0, False])
     assert f"output_dir {outside / 'predict'} is outside" in status, status
-    status, _ = call(
+    status, *_ = call(
         url, "export", [str(local["model"]), "", "qwen3_vl_nothink", str(outside / "merged"), 1, False]
     )
     assert f"export_dir {outside / 'merged'} is outside" in status, status

@@ -17,7 +17,10 @@ it survives a page reload. The Evaluate tab
 runs predict on a dataset and shows its score tables. The Results tab
 opens a predict run: its scores per category, its answers filtered by category and by wrong ones,
 each beside its reference and frames. The Export tab merges an adapter into its base (`eqakit
-export`, with its progress). Load options: dtype, quantization and backend.
+export`, with its progress). Load options: dtype, quantization and backend. Every tab's paths start
+from what the config leads to (`eqakit.serve.webui_paths.Workspace`: the merged model's base, its
+adapter's dataset dir and runs folder, new timestamped output dirs), and the next step is one
+click away: "Evaluate this adapter" after training, "Load in Chat" after an export.
 
 Whoever reaches the page runs models, trains and writes files, so (`eqakit.serve.webui_access`):
 it binds to 127.0.0.1 unless --host says otherwise; it answers only a Host header naming loopback,
@@ -65,6 +68,7 @@ from eqakit.serve.webui_model import (
     throttled,
 )
 from eqakit.serve.webui_openeqa import build_openeqa_tab
+from eqakit.serve.webui_paths import Workspace
 from eqakit.serve.webui_results import build_results_tab
 from eqakit.serve.webui_train import build_train_tab
 
@@ -209,29 +213,28 @@ def create_app(
     """The web UI's page around ``slot``; the tabs that write or run do so only inside ``roots``;
     ``cfg`` (the command line's config) fills in the fields' defaults; ``train`` (the command line's
     training config, when it is one) fills the Train tab."""
-    model_path = adapter_path = system_default = ""
-    template, thinking, dataset_dir, allow_outside_media = NOTHINK, False, "", False
+    system_default = ""
+    template, thinking, allow_outside_media = NOTHINK, False, False
+    place = Workspace.from_config(cfg)
     generating = cfg.generating if cfg is not None else GeneratingArguments()
     gen_defaults = {k: getattr(generating, k) for k in ("max_new_tokens", "temperature", "top_p")}
     load = LoadOptions()
     if cfg is not None:
         bits = {v: k for k, v in QUANTIZATION.items()}[cfg.model.quantization_bit]
         load = LoadOptions(cfg.model.infer_dtype, bits, cfg.model.infer_backend)
-        model_path = cfg.model.model_name_or_path or ""
-        adapter_path = cfg.model.adapter_name_or_path or ""
         template = cfg.data.template or template
         thinking = template == THINK and cfg.data.enable_thinking
         system_default = cfg.data.default_system or ""
-        dataset_dir, allow_outside_media = cfg.data.dataset_dir, cfg.data.allow_outside_media
+        allow_outside_media = cfg.data.allow_outside_media
 
     with gr.Blocks(title="eqakit", analytics_enabled=False) as app:
         gr.Markdown("## eqakit: train, evaluate, export and chat with Qwen-VL models")
         with gr.Row(equal_height=True):
             model_box = gr.Textbox(
-                model_path, label="Model path (base or merged)", scale=4, elem_id="model-path"
+                place.model, label="Model path (base or merged)", scale=4, elem_id="model-path"
             )
             adapter_box = gr.Textbox(
-                adapter_path, label="Adapter path (optional LoRA)", scale=3, elem_id="adapter-path"
+                place.adapter, label="Adapter path (optional LoRA)", scale=3, elem_id="adapter-path"
             )
             template_box = gr.Dropdown(
                 list(TEMPLATES), value=template, label="Template", scale=2, elem_id="template"
@@ -266,48 +269,69 @@ def create_app(
             )
         settings = [max_tokens, temperature, top_p, think]
 
-        with gr.Tab("Chat"):
-            # One rule everywhere (LLaMA-Factory's): an empty system prompt means default_system; the
-            # placeholder says so, so clearing the box never brings the default back unannounced.
-            empty = (
-                f"(empty: the config's default_system is used: {system_default})"
-                if system_default
-                else "(empty: the template's own default, if it has one: qwen2_vl's "
-                f'"{TEMPLATE_SYSTEM[QWEN2_VL]}")'
-            )
-            system = gr.Textbox(
-                system_default, label="System prompt", lines=2, placeholder=empty, elem_id="system-prompt"
-            )
-            history = gr.State([])
-            chatbot = gr.Chatbot(
-                label="Conversation",
-                height=460,
-                reasoning_tags=THINK_TAGS,
-                elem_id="chatbot",
-                buttons=["copy"],
-            )
-            textbox = gr.MultimodalTextbox(
-                placeholder="Ask about images or videos; attach them with the clip, by drag and drop, or paste",
-                file_count="multiple",
-                sources=["upload"],
-                max_plain_text_length=1_000_000,  # long pasted text stays text instead of becoming a .txt file
-                show_label=False,
-                elem_id="chat-input",
-            )
-            frames_as_video = gr.Checkbox(
-                False,
-                label="Send the attached images as the frames of one video",
-                info="video files (mp4, webm, mov, mkv, avi) are always videos",
-                elem_id="frames-as-video",
-            )
-            notice = gr.Markdown(elem_id="chat-notice")
-            clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Chat", id="chat"):
+                # One rule everywhere (LLaMA-Factory's): an empty system prompt means default_system; the
+                # placeholder says so, so clearing the box never brings the default back unannounced.
+                empty = (
+                    f"(empty: the config's default_system is used: {system_default})"
+                    if system_default
+                    else "(empty: the template's own default, if it has one: qwen2_vl's "
+                    f'"{TEMPLATE_SYSTEM[QWEN2_VL]}")'
+                )
+                system = gr.Textbox(
+                    system_default, label="System prompt", lines=2, placeholder=empty, elem_id="system-prompt"
+                )
+                history = gr.State([])
+                chatbot = gr.Chatbot(
+                    label="Conversation",
+                    height=460,
+                    reasoning_tags=THINK_TAGS,
+                    elem_id="chatbot",
+                    buttons=["copy"],
+                )
+                textbox = gr.MultimodalTextbox(
+                    placeholder="Ask about images or videos; attach them with the clip, by drag and drop, or paste",
+                    file_count="multiple",
+                    sources=["upload"],
+                    max_plain_text_length=1_000_000,  # long pasted text stays text instead of becoming a .txt file
+                    show_label=False,
+                    elem_id="chat-input",
+                )
+                frames_as_video = gr.Checkbox(
+                    False,
+                    label="Send the attached images as the frames of one video",
+                    info="video files (mp4, webm, mov, mkv, avi) are always videos",
+                    elem_id="frames-as-video",
+                )
+                notice = gr.Markdown(elem_id="chat-notice")
+                clear_btn = gr.Button("Clear conversation", elem_id="clear-btn")
 
-        build_openeqa_tab(slot, settings, dataset_dir, allow_outside_media)
-        build_train_tab(app, roots, train or {}, str(cfg.source) if train else "")
-        build_evaluate_tab(roots, model_path, adapter_path, template, dataset_dir, settings)
-        build_results_tab(dataset_dir, allow_outside_media)
-        build_export_tab(roots, model_path, adapter_path, template)
+            build_openeqa_tab(slot, settings, place.dataset_dir, allow_outside_media)
+            evaluate_run, trained_model, trained_dir = build_train_tab(
+                app,
+                roots,
+                place,
+                train or {"template": template, **place.train_keys()},
+                str(cfg.source) if train else "",
+            )
+            evaluated_model, evaluated_adapter = build_evaluate_tab(roots, place, template, settings)
+            build_results_tab(place, allow_outside_media)
+            load_export, exported = build_export_tab(roots, place, template)
+
+        # the next step, one click away: a trained adapter to Evaluate, an exported model to Chat
+        evaluate_run.click(
+            lambda model, adapter: (model, adapter, gr.Tabs(selected="evaluate")),
+            [trained_model, trained_dir],
+            [evaluated_model, evaluated_adapter, tabs],
+        )
+        load_export.click(
+            lambda model: (model, "", gr.Tabs(selected="chat")), exported, [model_box, adapter_box, tabs]
+        ).then(
+            partial(load_into_slot, slot),
+            [model_box, adapter_box, template_box, dtype_box, quant_box, backend_box],
+            status,
+        )
 
         load_btn.click(
             partial(load_into_slot, slot),

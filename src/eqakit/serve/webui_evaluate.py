@@ -8,6 +8,11 @@ progress shown as it goes; it resumes an interrupted run in the same output_dir 
 At the end the overall and per-category tables (BLEU-4, ROUGE, exact match, token F1) of its
 predictions are shown; the Results tab opens the same output_dir question by question. The
 output_dir must lie inside the page's `WriteRoots`.
+
+The fields start from the web UI's config (`eqakit.serve.webui_paths.Workspace`): its model and
+adapter, the dataset dir it leads to, a new timestamped output dir. The adapter and the dataset are
+picked from what exists (adapters under the runs dir, the datasets dataset_info.json registers) or
+typed; the Train tab's "Evaluate this adapter" fills the model and adapter in.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from eqakit.evaluate.report import scores_markdown
 from eqakit.serve.webui_access import WriteRoots
 from eqakit.serve.webui_jobs import LOG_LINES, Job, tail
 from eqakit.serve.webui_model import UIError, error_line
+from eqakit.serve.webui_paths import Workspace, find_adapters, find_datasets
 from eqakit.serve.webui_results import read_predictions
 
 DEFAULT_SPLIT = "open_eqa_test"
@@ -70,24 +76,53 @@ def predict_keys(
     return {k: v for k, v in keys.items() if v is not None}
 
 
+def default_split(names: list[str]) -> str:
+    """The dataset proposed among ``names``: OpenEQA's test split when registered, else the first."""
+    return DEFAULT_SPLIT if DEFAULT_SPLIT in names or not names else names[0]
+
+
+def split_choices(dataset_dir: str, chosen: str | None) -> Any:
+    """The dataset dropdown for a dataset dir: the datasets it registers, ``chosen`` kept if among them."""
+    names = find_datasets(dataset_dir)
+    return gr.update(choices=names, value=chosen if chosen in names else default_split(names))
+
+
 def build_evaluate_tab(
-    roots: WriteRoots, model: str, adapter: str, template: str, dataset_dir: str, settings: list[Any]
-) -> None:
-    """The Evaluate tab (inside the caller's gr.Blocks); ``settings`` are the page's generation
-    controls (max new tokens, temperature, top-p, thinking); predictions are written inside ``roots``."""
+    roots: WriteRoots, place: Workspace, template: str, settings: list[Any]
+) -> tuple[gr.Textbox, gr.Dropdown]:
+    """The Evaluate tab (inside the caller's gr.Blocks); ``place`` gives the fields' start; ``settings``
+    are the page's generation controls (max new tokens, temperature, top-p, thinking); predictions
+    are written inside ``roots``. Returns the model and adapter fields (the Train tab fills them)."""
     job = Job("train")
-    with gr.Tab("Evaluate"):
+    names = find_datasets(place.dataset_dir)
+    with gr.Tab("Evaluate", id="evaluate") as tab:
         gr.Markdown("Predict on a dataset (`eqakit train` with `do_predict: true`) and score the answers.")
         with gr.Row(equal_height=True):
-            model_box = gr.Textbox(model, label="Model path (base or merged)", scale=3, elem_id="ev-model")
-            adapter_box = gr.Textbox(adapter, label="Adapter path (optional)", scale=3, elem_id="ev-adapter")
+            model_box = gr.Textbox(
+                place.model, label="Model path (base or merged)", scale=3, elem_id="ev-model"
+            )
+            adapter_box = gr.Dropdown(
+                ["", *find_adapters(place.root)],
+                value=place.adapter,
+                allow_custom_value=True,
+                label="Adapter path (optional: pick a run or type a path)",
+                scale=3,
+                elem_id="ev-adapter",
+            )
             template_box = gr.Dropdown(
                 list(TEMPLATES), value=template, label="Template", scale=2, elem_id="ev-template"
             )
         with gr.Row(equal_height=True):
-            data_box = gr.Textbox(dataset_dir, label="Dataset dir", scale=3, elem_id="ev-data")
-            split_box = gr.Textbox(DEFAULT_SPLIT, label="Dataset (eval_dataset)", scale=2, elem_id="ev-split")
-            out_box = gr.Textbox(label="Output dir", scale=3, elem_id="ev-out")
+            data_box = gr.Textbox(place.dataset_dir, label="Dataset dir", scale=3, elem_id="ev-data")
+            split_box = gr.Dropdown(
+                names,
+                value=default_split(names),
+                allow_custom_value=True,
+                label="Dataset",
+                scale=2,
+                elem_id="ev-split",
+            )
+            out_box = gr.Textbox(place.propose("predict"), label="Output dir", scale=3, elem_id="ev-out")
             batch_box = gr.Number(2, label="Batch size", minimum=1, precision=0, scale=1, elem_id="ev-batch")
             run_btn = gr.Button("Run predict", variant="primary", scale=1, elem_id="ev-run")
         status = gr.Markdown(elem_id="ev-status")
@@ -96,9 +131,9 @@ def build_evaluate_tab(
         )
         table = gr.Markdown(elem_id="ev-table")
 
-        def evaluate(*fields: Any) -> Iterator[tuple[str, str, str]]:
+        def evaluate(model: str, adapter: str | None, *fields: Any) -> Iterator[tuple[str, str, str]]:
             try:
-                keys = predict_keys(*fields)
+                keys = predict_keys(model, adapter or "", *fields)
                 roots.check_keys(keys)
                 yield "Predicting…", "", ""
                 lines: list[str] = []
@@ -111,8 +146,11 @@ def build_evaluate_tab(
             except UIError as exc:
                 yield error_line(exc), gr.skip(), gr.skip()
 
+        data_box.blur(split_choices, [data_box, split_box], split_box, show_progress="hidden")
+        tab.select(lambda: gr.update(choices=["", *find_adapters(place.root)]), None, adapter_box)
         run_btn.click(
             evaluate,
             [model_box, adapter_box, template_box, data_box, split_box, out_box, batch_box, *settings],
             [status, log, table],
         )
+    return model_box, adapter_box

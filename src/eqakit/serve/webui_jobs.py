@@ -3,7 +3,8 @@
 The page stays responsive, the job's memory is returned when it ends, and its log (progress bars
 included: they rewrite their line with \\r) is shown as it goes. The config the page's fields stand
 for is written to a YAML file and given to the same command a user would type, so the page does
-exactly what the CLI does, with the CLI's messages. The command's output goes to a file rather than
+exactly what the CLI does, with the CLI's messages (its warnings picked out for the status line).
+Terminal control codes (a nested progress bar moving the cursor up) are removed. The command's output goes to a file rather than
 a pipe, so a job outlives the page that started it, and a web UI that exits mid-run does not break
 the job's writes (Ctrl-C on the web UI reaches the job too: training then stops at a checkpoint).
 """
@@ -11,6 +12,7 @@ the job's writes (Ctrl-C on the web UI reaches the job too: training then stops 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,6 +30,9 @@ from eqakit.serve.webui_model import UIError
 
 LOG_LINES = 12  # log lines a page shows while a job runs
 LOG_TAIL_BYTES = 64_000  # how much of a job's log is read for them
+WARNING = "eqakit: warning: "  # how every eqakit command starts a warning line (on stderr)
+# ANSI escape sequences: colours, cursor moves (tqdm's "\x1b[A" for a bar above), erasing a line
+TERMINAL_CODES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
 
 
 class Command:
@@ -63,7 +68,8 @@ class Command:
                 text = f.read().decode("utf-8", errors="replace")
         except OSError:
             return []
-        return [part.rstrip() for part in text.replace("\r", "\n").split("\n") if part.strip()]
+        text = TERMINAL_CODES.sub("", text).replace("\r", "\n")
+        return [part.rstrip() for part in text.split("\n") if part.strip()]
 
     def failure(self) -> str:
         """What the command said when it failed: its "eqakit VERB: ..." message (all its lines)."""
@@ -110,6 +116,11 @@ class Job:
             if command is not None:
                 command.remove()
             self._busy.release()
+
+
+def warnings(lines: list[str]) -> list[str]:
+    """The warnings among a command's log lines, without their "eqakit: warning: " prefix."""
+    return [line.removeprefix(WARNING) for line in lines if line.startswith(WARNING)]
 
 
 def tail(lines: list[str]) -> str:

@@ -7,7 +7,8 @@ OpenEQA's extra answers) and summed up in the overall and per-category tables of
 Filter by category and by wrong answers (exact match 0), pick a question, and see its frames,
 the reference and the model's answer side by side. Frames are read from the dataset directory the
 rows' image paths are relative to, under the same rule as training: inside it, unless
-``allow_outside_media``.
+``allow_outside_media``. The predict runs under the web UI's runs dir are offered to pick (a
+typed path works too); an opened run shows its first question at once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from eqakit.evaluate.metrics import sample_scores, score_predictions
 from eqakit.evaluate.predict import PREDICTIONS
 from eqakit.evaluate.report import scores_markdown
 from eqakit.serve.webui_model import UIError, error_line, open_image
+from eqakit.serve.webui_paths import Workspace, find_predict_runs
 
 ALL = "All categories"
 
@@ -106,13 +108,20 @@ def frames_of(row: dict[str, Any], dataset_dir: str, allow_outside_media: bool) 
     return images
 
 
-def build_results_tab(dataset_dir: str, allow_outside_media: bool) -> None:
-    """The Results tab (inside the caller's gr.Blocks)."""
-    with gr.Tab("Results"):
+def build_results_tab(place: Workspace, allow_outside_media: bool) -> None:
+    """The Results tab (inside the caller's gr.Blocks); ``place`` gives the runs offered and the dataset dir."""
+    with gr.Tab("Results") as tab:
         with gr.Row(equal_height=True):
-            out_box = gr.Textbox(label="Predict output_dir", scale=4, elem_id="res-dir")
+            out_box = gr.Dropdown(
+                find_predict_runs(place.root),
+                value=None,
+                allow_custom_value=True,
+                label="Predict run (its output dir: pick one or type a path)",
+                scale=4,
+                elem_id="res-dir",
+            )
             data_box = gr.Textbox(
-                dataset_dir, label="Dataset dir (the rows' frames)", scale=3, elem_id="res-data"
+                place.dataset_dir, label="Dataset dir (the rows' frames)", scale=3, elem_id="res-data"
             )
             open_btn = gr.Button("Open", variant="primary", scale=1, elem_id="res-open")
         notice = gr.Markdown(elem_id="res-notice")
@@ -132,9 +141,9 @@ def build_results_tab(dataset_dir: str, allow_outside_media: bool) -> None:
                 scores = gr.Markdown(elem_id="res-scores")
         rows_state = gr.State([])
 
-        def open_run(out_dir: str) -> tuple[Any, ...]:
+        def open_run(out_dir: str | None) -> tuple[Any, ...]:
             try:
-                rows = read_predictions(out_dir)
+                rows = read_predictions(out_dir or "")
             except UIError as exc:
                 return (
                     [],
@@ -152,7 +161,7 @@ def build_results_tab(dataset_dir: str, allow_outside_media: bool) -> None:
                 note,
                 summary,
                 gr.update(choices=[ALL, *categories], value=ALL),
-                gr.update(choices=shown, value=None),
+                gr.update(choices=shown, value=shown[0][1]),  # the first question shown at once
             )
 
         def refilter(rows: list[dict[str, Any]], category: str, wrong_only: bool) -> tuple[Any, str]:
@@ -175,7 +184,8 @@ def build_results_tab(dataset_dir: str, allow_outside_media: bool) -> None:
 
         outputs = [rows_state, notice, table, category_box, question_box]
         open_btn.click(open_run, [out_box], outputs)
-        out_box.submit(open_run, [out_box], outputs)
+        out_box.input(open_run, [out_box], outputs)
+        tab.select(lambda: gr.update(choices=find_predict_runs(place.root)), None, out_box)
         for box in (category_box, wrong_box):
             box.change(refilter, [rows_state, category_box, wrong_box], [question_box, notice])
         question_box.change(

@@ -9,7 +9,16 @@ server, not to the page, so a reloaded page finds it again (the newest run refil
 it runs, the page reads output_dir/trainer_log.jsonl (the file LLaMA-Factory's board reads too):
 step / total, samples/s, ETA and the train and eval loss curves, beside the last log lines. "Stop"
 sends SIGTERM: the step finishes, a complete checkpoint is saved and the process exits (see
-`eqakit.train.callbacks.StopOnSignal`); "Resume" starts it again with resume_from_checkpoint.
+`eqakit.train.callbacks.StopOnSignal`); "Resume" starts it again from the newest checkpoint.
+What the page says next (after a stop, or when Start or Resume cannot run) follows what the output
+dir holds, in the page's words: press Resume where a checkpoint is, Start where none is, tick
+"Replace a non-empty output dir" or take the proposed new output dir otherwise. A new run's plot
+starts empty (the log a replaced run left is not its curve); its axes show whole steps and short
+losses.
+
+Started without a training config, the form holds the one the loaded model's adapter was trained
+with (`eqakit.serve.webui_paths.Workspace`), on the base model, with a new timestamped output dir;
+"Evaluate this adapter" hands a finished run to the Evaluate tab.
 
 Save config, Start and Resume write only inside the page's `WriteRoots` (the config saved, and the
 run's output_dir and other keys naming where it writes), and run only a Config file from inside them.
@@ -37,6 +46,8 @@ from eqakit.fsutil import write_text_atomic
 from eqakit.serve.webui_access import WriteRoots
 from eqakit.serve.webui_jobs import LOG_LINES, Command, tail
 from eqakit.serve.webui_model import UIError, error_line
+from eqakit.serve.webui_paths import Workspace
+from eqakit.train.callbacks import newest_complete_checkpoint
 
 # The form: (key, label, kind). Everything else a loaded config holds is kept unchanged.
 PATHS = [
@@ -61,7 +72,11 @@ NUMBERS = [
     ("save_steps", "Save steps", int),
     ("logging_steps", "Logging steps", int),
 ]
-FORM = PATHS + NUMBERS
+# Numbers whose empty field means "eqakit's default": text fields, as a number field shows 0 for empty.
+OPTIONAL = {"lora_alpha", "eval_steps"}
+SWITCHES = [("overwrite_output_dir", "Replace a non-empty output dir", bool)]
+FORM = PATHS + NUMBERS + SWITCHES
+REPLACE = SWITCHES[0][1]
 LOG_FILE = "trainer_log.jsonl"
 SERIES = (("loss", "train"), ("eval_loss", "eval"))  # trainer_log.jsonl key -> plotted series
 SERIES_COLORS = {"train": "#ea580c", "eval": "#2563eb"}
@@ -73,8 +88,22 @@ def form_values(base: dict[str, Any]) -> list[Any]:
     values = []
     for key, _, kind in FORM:
         value = base.get(key, defaults.get(key))
-        values.append(("" if value is None else str(value)) if kind is str else value)
+        if kind is str or key in OPTIONAL:
+            value = "" if value is None else str(value)
+        elif kind is bool:
+            value = bool(value)
+        values.append(value)
     return values
+
+
+def number(text: str | None, kind: type) -> Any:
+    """An optional number field's value: None when empty, the text itself when it is no number (so
+    the config check names the key)."""
+    text = (text or "").strip()
+    try:
+        return kind(float(text)) if text else None
+    except ValueError:
+        return text
 
 
 def run_keys(base: dict[str, Any], fields: list[Any]) -> dict[str, Any]:
@@ -84,6 +113,10 @@ def run_keys(base: dict[str, Any], fields: list[Any]) -> dict[str, Any]:
     for (key, _, kind), value in zip(FORM, fields, strict=True):
         if kind is str:
             value = (value or "").strip() or None
+        elif key in OPTIONAL:
+            value = number(value, kind)
+        elif kind is bool:
+            value = True if value else None
         elif value is not None and kind is int and float(value).is_integer():
             value = int(value)
         if value is None:
@@ -186,6 +219,33 @@ def progress_line(records: list[dict[str, Any]]) -> str:
     )
 
 
+def next_step(output_dir: Path) -> str:
+    """What to press now, given what ``output_dir`` holds (no button leads to a refusal)."""
+    found = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+    if (output_dir / "adapter_model.safetensors").is_file():
+        return f"the adapter is in {output_dir}"
+    if found is not None:
+        return f"press Resume to continue from {found.name}"
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        return f'tick "{REPLACE}" and press Start, or choose another output dir'
+    return "nothing to resume; press Start"
+
+
+def check_output_dir(output_dir: Path, resume: bool, replace: bool, proposal: str) -> None:
+    """Refuse, in the page's words, a Start into a used output dir or a Resume with nothing to resume
+    (`eqakit train` refuses both too, naming its config keys)."""
+    found = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
+    if resume and found is None:
+        raise UIError(f"{output_dir} holds no complete checkpoint to resume from: press Start")
+    if not resume and not replace and output_dir.is_dir() and any(output_dir.iterdir()):
+        finished = (output_dir / "adapter_model.safetensors").is_file()
+        hint = f"press Resume to continue from {found.name}, " if found and not finished else ""
+        raise UIError(
+            f'output dir {output_dir} exists and is not empty; {hint}tick "{REPLACE}" to start over '
+            f"in it, or choose another output dir (such as {proposal})"
+        )
+
+
 @dataclass
 class TrainRun:
     """One `eqakit train` started from the page."""
@@ -222,12 +282,19 @@ class TrainRun:
         if code == 0 or (self.stopping and self.finished()):
             return f"**Finished**: {progress}; the adapter is in {self.output_dir}"
         if code == 130:
-            return (
-                f"**Stopped** {self.command.failure().removeprefix('stopped: ')}. Press Resume to continue."
-            )
+            said = self.command.failure().removeprefix("stopped: ").split(";")[0]
+            return f"**Stopped** {said}; {next_step(self.output_dir)}"
         if code < 0 and self.stopping:  # the signal came before training had set up its handler
-            return "**Stopped** before training began: nothing to resume; press Start"
+            return f"**Stopped** before training began; {next_step(self.output_dir)}"
         return error_line(self.command.failure())
+
+    def records(self) -> list[dict[str, Any]]:
+        """The run's log records: a new run (not resumed) has none until it writes its own log, so a
+        log that a replaced run left is not drawn as this run's curve."""
+        log = self.output_dir / LOG_FILE
+        if not self.resumed and (not log.is_file() or log.stat().st_mtime < self.started):
+            return []
+        return read_log(self.output_dir)
 
 
 @dataclass
@@ -238,7 +305,9 @@ class TrainRuns:
     newest: TrainRun | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start(self, keys: dict[str, Any], resume: bool, config_file: str = "") -> TrainRun:
+    def start(
+        self, keys: dict[str, Any], resume: bool, config_file: str = "", proposal: str = ""
+    ) -> TrainRun:
         from eqakit.train.sft import resolve_resume  # the CLI's own output_dir and checkpoint checks
 
         if resume:
@@ -249,6 +318,7 @@ class TrainRuns:
             live = self.runs.get(out)
             if live is not None and live.command.running:
                 raise UIError(f"a run is already writing to {out}: Stop it first")
+            check_output_dir(out, resume, bool(keys.get("overwrite_output_dir")), proposal)
             try:
                 resolve_resume(cfg)
             except EqakitError as exc:
@@ -265,10 +335,13 @@ class TrainRuns:
         return self.runs.get(Path(output_dir.strip()).expanduser().resolve())
 
 
-def build_train_tab(app: gr.Blocks, roots: WriteRoots, base: dict[str, Any], config_path: str = "") -> None:
+def build_train_tab(
+    app: gr.Blocks, roots: WriteRoots, place: Workspace, base: dict[str, Any], config_path: str = ""
+) -> tuple[gr.Button, gr.Textbox, gr.Textbox]:
     """The Train tab (inside ``app``); ``base`` (the command line's training config, read from
-    ``config_path``, with its key=value overrides) fills the form at start; runs and saved configs
-    stay inside ``roots``."""
+    ``config_path``, with its key=value overrides; else ``place``'s) fills the form at start; runs
+    and saved configs stay inside ``roots``, new output dirs are proposed in ``place``. Returns the
+    "Evaluate this adapter" button and the model and output dir fields it hands over."""
     runs = TrainRuns()
     with gr.Tab("Train"):
         gr.Markdown(
@@ -291,11 +364,21 @@ def build_train_tab(app: gr.Blocks, roots: WriteRoots, base: dict[str, Any], con
                 for (key, label, kind), value in zip(
                     NUMBERS[row : row + 4], initial[len(PATHS) + row :], strict=False
                 ):
+                    if key in OPTIONAL:
+                        boxes.append(
+                            gr.Textbox(value, label=label, placeholder="default", elem_id=f"tr-{key}")
+                        )
+                        continue
                     boxes.append(
                         gr.Number(
-                            value, label=label, precision=0 if kind is int else None, elem_id=f"tr-{key}"
+                            value,
+                            label=label,
+                            precision=0 if kind is int else None,
+                            elem_id=f"tr-{key}",
                         )
                     )
+        for (key, label, _), value in zip(SWITCHES, initial[len(PATHS) + len(NUMBERS) :], strict=True):
+            boxes.append(gr.Checkbox(value, label=label, elem_id=f"tr-{key}"))
         with gr.Accordion("Config that runs (YAML)", open=False):
             shown, valid = preview(base, *initial)
             yaml_box = gr.Code(shown, language="yaml", interactive=False, elem_id="tr-preview")
@@ -319,11 +402,14 @@ def build_train_tab(app: gr.Blocks, roots: WriteRoots, base: dict[str, Any], con
             color_map=SERIES_COLORS,  # fixed: the page starts with no data to derive colours from
             title="Loss",
             height=300,
+            x_axis_format="d",  # whole steps
+            y_axis_format=".3~g",  # 18.2, not 18.151303
             elem_id="tr-plot",
         )
         log = gr.Textbox(
             label="Log", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False, elem_id="tr-log"
         )
+        evaluate_btn = gr.Button("Evaluate this adapter", visible=False, elem_id="tr-evaluate")
         seen = gr.State(-1)  # how many log records the plot shows
         timer = gr.Timer(1.0, active=False)  # ticks only while a run started here is live
 
@@ -342,7 +428,7 @@ def build_train_tab(app: gr.Blocks, roots: WriteRoots, base: dict[str, Any], con
                     roots.check(config_file, "config file")
                 run_config = run_keys(keys, list(fields))
                 roots.check_keys(run_config)
-                run = runs.start(run_config, resume, config_file)
+                run = runs.start(run_config, resume, config_file, place.propose("train"))
             except UIError as exc:
                 return error_line(exc), gr.skip()
             verb = "Resumed" if resume else "Started"
@@ -359,10 +445,12 @@ def build_train_tab(app: gr.Blocks, roots: WriteRoots, base: dict[str, Any], con
 
         def poll(output_dir: str, shown: int) -> tuple[Any, ...]:
             run = runs.find(output_dir)
-            records = read_log(Path(output_dir.strip()).expanduser()) if output_dir.strip() else []
+            folder = Path(output_dir.strip()).expanduser()
             if run is not None:
+                records = run.records()
                 text, lines = run.status(records), tail(run.command.lines())
             else:
+                records = read_log(folder) if output_dir.strip() else []
                 text = (
                     f"Not started from this page; {LOG_FILE} shows {progress_line(records)}"
                     if records
@@ -371,13 +459,18 @@ def build_train_tab(app: gr.Blocks, roots: WriteRoots, base: dict[str, Any], con
                 lines = gr.skip()
             # A new caption with each new point makes the page redraw the chart, not only its data: the
             # colour of each series is set at a redraw, from the series the data then has.
+            # The step axis spans the whole run: one point is not drawn on ticks 10.0, 10.5, ...
+            span = [0, records[-1].get("total_steps") or records[-1]["current_steps"]] if records else None
             frame = (
-                gr.update(value=loss_frame(records), caption=loss_caption(records))
+                gr.update(value=loss_frame(records), caption=loss_caption(records), x_lim=span)
                 if len(records) != shown
                 else gr.skip()
             )
             live = run is not None and run.command.running
-            return text, frame, lines, len(records), gr.Timer(active=live)
+            trained = (
+                bool(output_dir.strip()) and not live and (folder / "adapter_model.safetensors").is_file()
+            )
+            return text, frame, lines, len(records), gr.Timer(active=live), gr.Button(visible=trained)
 
         def attach() -> tuple[Any, ...]:
             """A page opened (or reloaded) while runs exist shows the newest one."""
@@ -404,11 +497,12 @@ def build_train_tab(app: gr.Blocks, roots: WriteRoots, base: dict[str, Any], con
             partial(start, True), [config_box, loaded, *boxes], [notice, timer], api_name="train_resume"
         )
         stop_btn.click(stop, boxes[3], [notice, timer])
-        watched = [status, plot, log, seen, timer]
+        watched = [status, plot, log, seen, timer, evaluate_btn]
         timer.tick(poll, [boxes[3], seen], watched, show_progress="hidden")
         # another output dir: show its run (or its trainer_log.jsonl) and draw its curve afresh
         boxes[3].change(lambda out: poll(out, -1), boxes[3], watched, show_progress="hidden")
         app.load(attach, None, [config_box, loaded, *boxes, timer])
+    return evaluate_btn, boxes[0], boxes[3]
 
 
 def save_config(roots: WriteRoots, path: str, text: str) -> str:
