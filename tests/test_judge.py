@@ -460,3 +460,20 @@ def test_prompt_has_three_anchored_examples_and_the_extra_variant():
     assert extra.count("Extra answers: ") == 4
     assert "Answer: a mug\nExtra answers: a cup; coffee mug\nResponse: a cup\nYour mark:" in extra
     assert "extra answers" in extra.splitlines()[1]
+
+
+def test_the_judge_reads_questions_without_media_markup(tmp_path):
+    """A dataset prepared with --as-video sent the judge a literal "<video>"; a rendered video prompt
+    (Qwen3-VL's timestamped patches) is read as its question too."""
+    from conftest import write_toy_dataset
+    from eqakit.data.template import readable, render_prompt
+    from eqakit.evaluate.llm_match import load_dataset_questions
+
+    data = write_toy_dataset(tmp_path / "videos", episodes=1, questions=1, as_video=True)
+    (data / "toy.jsonl").rename(data / "open_eqa_test.jsonl")
+    assert [q.question for q in load_dataset_questions(data).values()] == ["What color is the ball?"]
+    messages = [{"role": "user", "content": "<image><video>Where is the lamp?"}]
+    prompt = render_prompt(messages, "qwen3_vl_nothink", video_times=[[0.5, 1.5]])
+    assert "<|video_pad|>" in prompt and "seconds>" in prompt
+    turn = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
+    assert readable(turn) == "Where is the lamp?"

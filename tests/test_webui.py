@@ -440,6 +440,35 @@ def test_openeqa_mode_shows_frames_reference_and_model_answer(site: dict, page, 
     page.screenshot(path=site["shots"] / "openeqa.png", full_page=True)
 
 
+def test_openeqa_mode_asks_a_video_question_with_its_video(
+    site: dict, page, reference: Engine, tmp_path
+) -> None:
+    """A dataset prepared with --as-video: the tab sent its frames as images only, and the question
+    failed ("more video placeholders than videos"). It now shows the video's frames and asks the
+    model with the video, as predict does."""
+    from eqakit.data.video import load
+
+    videos = write_toy_dataset(tmp_path / "videos", episodes=1, questions=1, frames=4, as_video=True)
+    page.get_by_role("tab", name="OpenEQA").click()
+    page.locator("#eqa-dir textarea, #eqa-dir input").first.fill(str(videos))
+    watch(page, "#eqa-notice")
+    page.locator("#eqa-open").click()
+    wait_seen(page, "#eqa-notice", "1 questions in toy")
+    page.wait_for_function("() => document.querySelectorAll('#eqa-frames img').length === 4")
+    question = page.locator("#eqa-question-text").inner_text()
+    assert "What color is the ball?" in question and "<video>" not in question
+
+    watch(page, "#eqa-notice")
+    page.locator("#eqa-ask").click()
+    notice = wait_seen(page, "#eqa-notice", "tokens/s", after="Generating")
+    sample = load_samples("toy", videos)[0]
+    budget = reference.format.video
+    video = load(sample.videos[0], budget.fps, budget.maxlen)
+    expected = reference.generate([Request(sample.prompt_messages, reference.params(), videos=[video])])[0]
+    assert prompt_tokens(notice) == expected.prompt_tokens
+    assert normal(page.locator("#eqa-answer textarea").input_value()) == normal(expected.text) != ""
+
+
 def test_thinking_switch_with_the_qwen3_vl_template(site: dict, page) -> None:
     page.get_by_role("tab", name="Chat").click()
     page.locator("#template input").click()

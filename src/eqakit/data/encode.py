@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Tokenizer
@@ -588,6 +589,12 @@ def mm_token_types(ids: torch.Tensor, pads: PadIds) -> torch.Tensor:
     return (ids == pads.image).to(torch.int) + 2 * (ids == pads.video).to(torch.int)
 
 
+def channels_first(image: Image.Image) -> torch.Tensor:
+    """An image as the (3, H, W) uint8 tensor transformers' processors convert it to, given with its
+    layout stated: left to guess, they read an image 1 or 3 pixels high as channels-first."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
 def pixel_values(
     images: list[Image.Image],
     image_processor: Any,
@@ -600,9 +607,9 @@ def pixel_values(
     rather than feeding the model image tokens that do not match its features."""
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     vision = image_processor(
-        images=[im.convert("RGB") for im in images],
+        images=[channels_first(im) for im in images],
         size=size,
-        input_data_format="channels_last",  # PIL's layout: a 3- or 1-pixel-high image is not read as channels
+        input_data_format="channels_first",
         return_tensors="pt",
     )
     grid = vision["image_grid_thw"]
@@ -621,11 +628,11 @@ def video_pixel_values(
     info = video.info
     metadata = VideoMetadata(total_num_frames=len(frames), fps=None, frames_indices=list(range(len(frames))))
     out = video_processor(
-        videos=[[im.convert("RGB") for im in frames]],
+        videos=[torch.stack([channels_first(im) for im in frames])],
         video_metadata=[metadata],
         do_sample_frames=False,
         cap_pixels_per_frame=False,
-        input_data_format="channels_last",  # frames 1 or 3 pixels high are not read as channels first
+        input_data_format="channels_first",
         size=video_size(len(info.indices), min_pixels, video.max_pixels, video.second_per_grid is None),
         return_tensors="pt",
     )

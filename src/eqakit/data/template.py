@@ -263,6 +263,20 @@ def thinking_template(model_dir: str | Path) -> bool | None:
     return "<think>" in generation
 
 
+# What a rendered prompt marks a medium with: an image's pad, a video's pads (one per temporal patch,
+# each after its "<t seconds>" stamp on Qwen3-VL).
+_RENDERED_MEDIA = re.compile(
+    r"(?:<\d+(?:\.\d+)? seconds>)?<\|vision_start\|>(?:<\|image_pad\|>|<\|video_pad\|>)+<\|vision_end\|>"
+)
+
+
+def readable(text: str) -> str:
+    """A question as a person reads it: without its <image>/<video> placeholders, or, in a rendered
+    prompt, without the markup they became (what the web UI shows and an LLM judge is sent)."""
+    text = text.replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "")
+    return _RENDERED_MEDIA.sub("", text).strip()
+
+
 def strip_thinking(text: str) -> str:
     """The answer without a leading reasoning block (for scoring and for display as the final answer)."""
     return _THINK_BLOCK.sub("", text).strip() if "</think>" in text else text.strip()

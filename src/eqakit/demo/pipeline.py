@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from eqakit.data.template import NOTHINK
+from eqakit.data.template import NOTHINK, readable
 from eqakit.errors import EqakitError
 from eqakit.evaluate.report import METRIC_LABELS
 from eqakit.fsutil import write_text_atomic
@@ -172,7 +172,7 @@ def blind_baseline(data: Path) -> dict[str, Any]:
     from eqakit.evaluate.metrics import score_predictions
 
     def question(row: dict[str, Any]) -> str:
-        return row["instruction"].replace("<image>", "").replace("<video>", "").strip()
+        return readable(row["instruction"])
 
     answers: dict[str, Counter] = defaultdict(Counter)
     overall: Counter = Counter()  # for a test question never asked in training

@@ -39,6 +39,7 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
+from eqakit.data.template import readable
 from eqakit.errors import ConfigError, DataError, EqakitError
 from eqakit.evaluate.metrics import sort_categories
 from eqakit.evaluate.report import scores_markdown
@@ -237,7 +238,7 @@ def _dataset_split(path: Path) -> list[ReferenceQuestion]:
     questions = []
     for number, row in _read_jsonl(path):
         where = f"{path} line {number}"
-        text = _text_field(row, "instruction", where).replace("<image>", "").strip()
+        text = readable(_text_field(row, "instruction", where))
         if row.get("input"):
             text = f"{text}\n{row['input']}"  # LLaMA-Factory joins instruction and input this way
         questions.append(

@@ -266,6 +266,7 @@ class ModelSlot:
         messages: list[dict[str, Any]],
         *,
         images: list[Image.Image] | None = None,
+        videos: list[Video] | None = None,
         system: str | None = None,
         enable_thinking: bool | None = None,
         **params: Any,
@@ -282,7 +283,7 @@ class ModelSlot:
         if loaded is None:
             raise UIError("no model loaded: enter a model path and press Load")
         try:
-            request = self.request(loaded, messages, images, system, enable_thinking, **params)
+            request = self.request(loaded, messages, images, system, enable_thinking, videos, **params)
             submission = loaded.worker.submit(request)
         except EngineUnavailable:
             raise UIError("the model is being unloaded; load a model and try again") from None
@@ -297,6 +298,7 @@ class ModelSlot:
         images: list[Image.Image] | None = None,
         system: str | None = None,
         enable_thinking: bool | None = None,
+        videos: list[Video] | None = None,
         **params: Any,
     ) -> Request:
         """The engine request for a turn: the page's system prompt is the conversation's own (an
@@ -305,6 +307,7 @@ class ModelSlot:
             messages,
             loaded.engine.params(**params),
             images=list(images or []),
+            videos=list(videos or []),
             system=system,
             enable_thinking=enable_thinking,
         )

@@ -17,17 +17,27 @@ from typing import Any
 import gradio as gr
 
 from eqakit.data.dataset import Sample, load_samples, read_dataset_info
-from eqakit.data.template import IMAGE_PLACEHOLDER, strip_thinking
+from eqakit.data.encode import VideoBudget
+from eqakit.data.template import readable, strip_thinking
+from eqakit.data.video import Video
 from eqakit.errors import EqakitError
-from eqakit.serve.webui_model import ModelSlot, UIError, error_line, open_image, stats_line, throttled
+from eqakit.serve.webui_model import (
+    ModelSlot,
+    UIError,
+    error_line,
+    open_image,
+    open_video,
+    stats_line,
+    throttled,
+)
 
 PREFERRED_SPLIT = "open_eqa_test"
 
 
 def question_text(sample: Sample) -> str:
-    """The question as a person reads it: the last user message without its <image> placeholders."""
+    """The question as a person reads it: the last user message without its media placeholders."""
     content = sample.prompt_messages[-1]["content"] if sample.prompt_messages else ""
-    return content.replace(IMAGE_PLACEHOLDER, "").strip() if isinstance(content, str) else ""
+    return readable(content) if isinstance(content, str) else ""
 
 
 def question_choices(samples: list[Sample]) -> list[tuple[str, str]]:
@@ -68,6 +78,26 @@ def open_split(
 def frames_of(sample: Sample) -> list[Any]:
     """The question's frames, decoded (UIError naming a missing or unreadable frame)."""
     return [open_image(path) for path in sample.images]
+
+
+def videos_of(sample: Sample, budget: VideoBudget) -> list[Video]:
+    """The question's videos (a dataset written with `eqakit prepare --as-video`), chosen and decoded
+    as predict decodes them (UIError naming the video)."""
+    return [
+        open_video(str(source.file) if source.file is not None else [str(p) for p in source.frames], budget)
+        for source in sample.videos
+    ]
+
+
+def shown_frames(sample: Sample, budget: VideoBudget) -> list[tuple[Any, str]]:
+    """The gallery's (image, caption) pairs: the row's images, or its videos' chosen frames."""
+    if not sample.videos:
+        return [(im, Path(p).name) for im, p in zip(frames_of(sample), sample.images, strict=True)]
+    return [
+        (frame, f"video {v + 1}, {time:.1f} s")
+        for v, video in enumerate(videos_of(sample, budget))
+        for frame, time in zip(video.frames, video.info.times, strict=True)
+    ]
 
 
 def build_openeqa_tab(
@@ -115,8 +145,7 @@ def build_openeqa_tab(
             if meta.get("extra_answers"):
                 reference_text += "\n\nAlso accepted: " + "; ".join(map(str, meta["extra_answers"]))
             try:
-                frames = [(im, Path(p).name) for im, p in zip(frames_of(sample), sample.images, strict=True)]
-                problem = ""
+                frames, problem = shown_frames(sample, slot.video_budget()), ""
             except UIError as exc:
                 frames, problem = [], error_line(exc)
             return frames, f"**{header}**\n\n{question_text(sample)}", reference_text, "", problem
@@ -155,6 +184,7 @@ def build_openeqa_tab(
                 stream = slot.stream(
                     sample.prompt_messages,
                     images=frames_of(sample),
+                    videos=videos_of(sample, slot.video_budget()),
                     system=sample.system,
                     enable_thinking=thinking,
                     max_new_tokens=int(max_new_tokens),

@@ -19,7 +19,7 @@ from typing import Any
 
 import gradio as gr
 
-from eqakit.data.template import IMAGE_TOKENS
+from eqakit.data.template import readable
 from eqakit.errors import EqakitError
 from eqakit.evaluate.metrics import sample_scores, score_predictions
 from eqakit.evaluate.predict import PREDICTIONS
@@ -62,10 +62,9 @@ def read_predictions(out_dir: str) -> list[dict[str, Any]]:
 
 
 def question_of(row: dict[str, Any]) -> str:
-    """The question as a person reads it: the prompt's last user turn without its image tokens."""
+    """The question as a person reads it: the prompt's last user turn without its image or video markup."""
     prompt = str(row.get("prompt", ""))
-    turn = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
-    return turn.replace(IMAGE_TOKENS, "").strip()
+    return readable(prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0])
 
 
 def wrong(row: dict[str, Any]) -> bool:
