@@ -86,7 +86,7 @@ def check_base(adapters: list[Path], base_name: str) -> list[str]:
     eqakit export that already holds the adapter (its change would apply twice), or an export of the
     very model the adapter was trained on with other adapters merged in (not the weights it learned on).
     """
-    export = _export_record(Path(base_name).expanduser())
+    export = export_record(Path(base_name).expanduser())
     merged = export.get("adapters") or []
     notes = []
     for adapter in adapters:
@@ -117,7 +117,7 @@ def check_base(adapters: list[Path], base_name: str) -> list[str]:
     return notes
 
 
-def _export_record(model_dir: Path) -> dict[str, Any]:
+def export_record(model_dir: Path) -> dict[str, Any]:
     """The eqakit_export.json of a model `eqakit export` wrote (empty for any other model)."""
     try:
         record = json.loads((model_dir / "eqakit_export.json").read_text(encoding="utf-8"))

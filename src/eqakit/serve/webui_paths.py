@@ -25,8 +25,8 @@ import yaml
 from eqakit.config import Config
 from eqakit.data.dataset import read_dataset_info
 from eqakit.errors import EqakitError
+from eqakit.model.adapters import export_record
 
-EXPORT_RECORD = "eqakit_export.json"  # written by `eqakit export` into the model it writes
 TRAIN_RECORD = "eqakit_config.yaml"  # written by `eqakit train` into its output_dir
 ADAPTER_CONFIG = "adapter_config.json"
 PREDICTIONS = "generated_predictions.jsonl"
@@ -45,7 +45,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def export_base(model: str) -> str | None:
     """The base model an eqakit export was merged from (its eqakit_export.json), or None for any other model."""
-    base = read_json(Path(model).expanduser() / EXPORT_RECORD).get("base_model") if model else None
+    base = export_record(Path(model).expanduser()).get("base_model") if model else None
     return str(base) if base else None
 
 
@@ -94,7 +94,7 @@ class Workspace:
         model = cfg.model.model_name_or_path or ""
         adapter = cfg.model.adapter_name_or_path or ""
         base = export_base(model) or model
-        merged = read_json(Path(model).expanduser() / EXPORT_RECORD).get("adapters") or [{}]
+        merged = export_record(Path(model).expanduser()).get("adapters") or [{}]
         trained = adapter.split(",")[0].strip() or str(merged[0].get("path") or "")
         record = trained_with(trained) if trained else {}
         if "dataset_dir" in cfg.user_keys:
