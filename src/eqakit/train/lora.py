@@ -20,7 +20,7 @@ import torch
 
 from eqakit.config import Config
 from eqakit.errors import ConfigError
-from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
+from eqakit.model.adapters import apply_adapter, find_adapters
 from eqakit.model.arch import LM_PREFIX, projector_names, vision_linear_names
 
 EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")  # an MLP's, fused in MoE experts
@@ -60,9 +60,7 @@ def apply_lora(model: Any, cfg: Config) -> Any:
     """Freeze the base, merge earlier adapters, and return a PeftModel whose LoRA weights train in fp32."""
     from peft import LoraConfig, get_peft_model
 
-    found = find_adapters(cfg.model.adapter_paths)
-    check_adapters_fit(model, found, cfg.model.model_name_or_path)
-    adapters = [str(p) for p in found]
+    adapters = [str(p) for p in find_adapters(cfg.model.adapter_paths)]  # their fit: `sft.preflight`
     resume_adapter = None
     if adapters and not cfg.finetuning.create_new_adapter:
         adapters, resume_adapter = adapters[:-1], adapters[-1]
