@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -121,7 +122,10 @@ def test_adapter_paths_split_on_commas(tmp_path: Path) -> None:
             "key 'template': 'llama3' is not allowed; choose one of: qwen3_vl_nothink, qwen3_vl",
         ),
         ("stage=dpo", "key 'stage': 'dpo' is not allowed; choose one of: sft"),
-        ("finetuning_type=full", "key 'finetuning_type': 'full' is not allowed; choose one of: lora"),
+        (
+            "finetuning_type=oft",
+            "key 'finetuning_type': 'oft' is not allowed; choose one of: lora, full, freeze",
+        ),
         (
             "lr_scheduler_type=cosine_wrong",
             "key 'lr_scheduler_type': 'cosine_wrong' is not allowed; choose one of: linear",
@@ -344,6 +348,28 @@ def test_vllm_keys_take_llama_factorys_meanings_and_contradictions_are_named(tmp
             "use_reentrant_gc has no effect with disable_gradient_checkpointing: true",
         ),
         (["preprocessing_batch_size=10"], "set preprocessing_num_workers to 2 or more"),
+        (["finetuning_type=full", "lora_rank=16"], "lora_rank applies to finetuning_type: lora, not full"),
+        (["finetuning_type=freeze", "use_rslora=true"], "use_rslora applies to finetuning_type: lora"),
+        (
+            ["finetuning_type=full", "quantization_bit=4"],
+            "quantization_bit trains with finetuning_type: lora only",
+        ),
+        (
+            ["freeze_trainable_layers=4"],
+            "freeze_trainable_layers applies to finetuning_type: freeze, not lora",
+        ),
+        (
+            ["finetuning_type=full", "adapter_name_or_path=x"],
+            "adapter_name_or_path works with finetuning_type: lora only",
+        ),
+        (
+            ["finetuning_type=full", "freeze_language_model=true"],
+            "freeze_multi_modal_projector and freeze_language_model all true trains nothing",
+        ),
+        (
+            ["finetuning_type=freeze", "freeze_trainable_layers=0"],
+            "freeze_trainable_layers: 0 trains no layer",
+        ),
         (
             ["preprocessing_batch_size=10", "preprocessing_num_workers=1"],
             "set preprocessing_num_workers to 2 or more",
@@ -475,6 +501,12 @@ LF_LORA_SFT = {
     "num_train_epochs": 3.0, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "bf16": True,
     "ddp_timeout": 180000000, "resume_from_checkpoint": None,
 }  # fmt: skip
+LF_FULL_SFT = {  # examples/train_full/qwen3vl_full_sft.yaml: the LoRA example's keys but these
+    **{k: v for k, v in LF_LORA_SFT.items() if k not in ("lora_rank", "lora_target")},
+    "finetuning_type": "full", "freeze_vision_tower": True, "freeze_multi_modal_projector": True,
+    "freeze_language_model": False, "deepspeed": "examples/deepspeed/ds_z3_config.json",
+    "output_dir": "saves/qwen3-vl-4b/full/sft", "gradient_accumulation_steps": 2, "learning_rate": 1.0e-5,
+}  # fmt: skip
 LF_INFERENCE = {
     "model_name_or_path": "Qwen/Qwen3-VL-4B-Instruct", "template": "qwen3_vl_nothink",
     "infer_backend": "huggingface", "trust_remote_code": True,
@@ -499,6 +531,12 @@ def test_llama_factorys_qwen3_vl_examples_validate(tmp_path: Path) -> None:
     )
     load_config("infer", write(tmp_path, yaml.safe_dump(LF_INFERENCE)))
     load_config("export", write(tmp_path, yaml.safe_dump(LF_MERGE)))
+    zero3 = {"train_batch_size": "auto", "zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}
+    (tmp_path / "examples" / "deepspeed").mkdir(parents=True)
+    write(tmp_path / "examples" / "deepspeed", json.dumps(zero3), "ds_z3_config.json")
+    with contextlib.chdir(tmp_path):  # LLaMA-Factory's examples name it relative to its root
+        full = load_config("train", write(tmp_path, yaml.safe_dump(LF_FULL_SFT)))
+    assert full.finetuning.finetuning_type == "full" and full.training.learning_rate == 1.0e-5
 
     logged = load_config("train", write(tmp_path, yaml.safe_dump({**LF_LORA_SFT, "logging_dir": "~/tb"})))
     assert training_environment(logged) == {"TENSORBOARD_LOGGING_DIR": str(Path("~/tb").expanduser())}

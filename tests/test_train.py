@@ -48,6 +48,7 @@ def config(tmp_path: Path, model: Path, data: Path, **overrides: object) -> Path
         "seed": 42,
     }
     settings.update(overrides)
+    settings = {k: v for k, v in settings.items() if v is not None}  # None: leave the key out
     path = tmp_path / "train.yaml"
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in settings.items()), encoding="utf-8")
     return path
@@ -490,18 +491,22 @@ def step_log(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulation", [1, 4, 8])
-def test_two_processes_train_the_one_process_steps(tmp_path, tiny_model_dir, accumulation: int) -> None:
+@pytest.mark.parametrize(("method", "accumulation"), [("lora", 1), ("lora", 4), ("lora", 8), ("full", 4)])
+def test_two_processes_train_the_one_process_steps(
+    tmp_path, tiny_model_dir, method: str, accumulation: int
+) -> None:
     """torchrun with 2 gloo processes at accumulation 1, 4 and 8 trains the steps one process trains
     at twice the accumulation (the same global batch): per step the same loss and gradient norm
     within 1e-5 and the same tokens fed (each process takes whole episodes of a step; at 1 a
     step is one episode and the second process stands in). Episodes of 1 to 4 questions, so the
-    processes pack different numbers of rows."""
+    processes pack different numbers of rows. Full tuning too (every language-model weight under DDP)."""
     data = write_toy_dataset(tmp_path / "data")
     rows = (data / "toy.jsonl").read_text().splitlines()
     (data / "toy.jsonl").write_text("\n".join(rows[3:9] + rows[10:]) + "\n")  # episodes of 1, 3, 4, 4, 4, 4
     common = {"per_device_train_batch_size": 2, "num_train_epochs": 2, "save_strategy": "no"}
     common |= {"include_num_input_tokens_seen": True, "preprocessing_num_workers": 1}
+    if method == "full":
+        common |= {"finetuning_type": "full", "lora_rank": None, "lora_target": None, "learning_rate": 1e-3}
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
     one = config(tmp_path / "one", tiny_model_dir, data, output_dir=str(tmp_path / "one" / "out"),
@@ -772,6 +777,131 @@ def test_unfrozen_projector_trains_the_mergers(tmp_path, tiny_model_dir, toy_dat
     assert main(["train", str(cfg)]) == 0
     adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert any("visual.merger" in k for k in adapter) and any("deepstack_merger_list.0" in k for k in adapter)
+
+
+def test_full_and_freeze_select_the_weights_llama_factory_selects(tmp_path, tiny_model_dir) -> None:
+    """LLaMA-Factory's selection, names matched as substrings: ``.{layer}.`` in every stack of layers
+    not frozen; the mergers with freeze_multi_modal_projector: false; the vision feature cache on
+    exactly when no vision weight is selected."""
+    from eqakit.config import load_config
+    from eqakit.model.load import model_config, skeleton
+    from eqakit.train.full import trainable_names
+    from eqakit.train.sft import _uses_vision_cache
+
+    base = [f"model_name_or_path={tiny_model_dir}", "do_train=true", "dataset=toy", f"output_dir={tmp_path}"]
+
+    def selected(*settings: str) -> tuple[list[str], bool]:
+        cfg = load_config("train", None, [*base, *settings])
+        names = trainable_names(skeleton(model_config(cfg.model)), cfg)
+        return names, _uses_vision_cache(cfg, names)
+
+    every = [n for n, _ in skeleton(model_config(load_config("train", None, base).model)).named_parameters()]
+    language = [n for n in every if ".language_model." in n]
+    assert selected("finetuning_type=full") == (language, True)
+    names, cached = selected(
+        "finetuning_type=full", "freeze_vision_tower=false", "freeze_multi_modal_projector=false"
+    )
+    assert names == every and not cached
+    assert selected("finetuning_type=freeze", "freeze_trainable_layers=1") == (
+        [n for n in language if ".layers.1." in n],
+        True,
+    )
+    names, cached = selected(
+        "finetuning_type=freeze", "freeze_trainable_layers=-1", "freeze_vision_tower=false"
+    )
+    assert names == [n for n in every if ".0." in n and ".visual.merger." not in n] and not cached
+    assert any(".visual.blocks.0." in n for n in names) and any(
+        ".deepstack_merger_list.0." in n for n in names
+    )
+    names, cached = selected(
+        "finetuning_type=freeze",
+        "freeze_trainable_modules=mlp",
+        "freeze_extra_modules=embed_tokens",
+        "freeze_multi_modal_projector=false",
+    )
+    assert names == [
+        n
+        for n in every
+        if ".mlp." in n and ".language_model." in n or "embed_tokens" in n or ".visual.merger." in n
+    ]
+    assert not cached
+
+
+def test_freeze_beyond_the_models_layers_is_refused_before_anything_is_written(
+    tmp_path, tiny_model_dir, toy_dataset, capsys
+) -> None:
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, lora_rank=None, lora_target=None)
+    wrong = ["finetuning_type=freeze", "freeze_trainable_layers=3", "freeze_trainable_modules=mlp,attention"]
+    assert main(["train", str(cfg), *wrong]) == 2
+    err = capsys.readouterr().err
+    assert "key 'freeze_trainable_layers': 3 is beyond the model's 2 language-model layers" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["train", str(cfg), *wrong[:1], "freeze_trainable_modules=mlp,attention"]) == 2
+    assert (
+        "key 'freeze_trainable_modules': attention is not a module of the model's layers"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize("method", ["full", "freeze"])
+def test_full_and_freeze_tuning_write_a_model_that_predict_and_export_load(
+    tmp_path, tiny_model_dir, toy_dataset, capsys, method
+) -> None:
+    """finetuning_type full trains every language-model weight, freeze the last layer's; the vision
+    tower stays as it was (and its cache on); output_dir is a whole model that predict and export load."""
+    from transformers import AutoModelForImageTextToText
+
+    layer = {"freeze_trainable_layers": 1} if method == "freeze" else {}
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        toy_dataset,
+        finetuning_type=method,
+        lora_rank=None,
+        lora_target=None,
+        num_train_epochs=2,
+        save_steps=6,
+        **layer,
+    )
+    assert main(["train", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    assert "vision feature cache on" in printed and "shared-prefix packing on" in printed
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    assert (out / "checkpoint-6" / COMPLETE_MARKER).is_file()
+    history = losses(out)
+    assert history[-1] < history[0], history
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(out / "model.safetensors")
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    assert changed and not any(".visual." in k for k in changed)
+    if method == "full":
+        assert changed == {k for k in after if ".language_model." in k}  # lm_head is tied to the embedding
+    else:
+        last = max(int(k.split(".layers.")[1].split(".")[0]) for k in after if ".layers." in k)
+        assert changed == {k for k in after if f".language_model.layers.{last}." in k}
+
+    # the whole model loads by itself: predict from it, export it
+    predict = [
+        "do_train=false",
+        "do_predict=true",
+        "predict_with_generate=true",
+        f"model_name_or_path={out}",
+        "eval_dataset=toy",
+        "max_samples=2",
+        "max_new_tokens=4",
+        f"output_dir={tmp_path / 'pred'}",
+    ]
+    assert main(["train", str(cfg), *predict]) == 0
+    assert len((tmp_path / "pred" / "generated_predictions.jsonl").read_text().splitlines()) == 2
+    export = tmp_path / "export.yaml"
+    export.write_text(
+        f"model_name_or_path: {out}\ntemplate: qwen3_vl_nothink\nexport_dir: {tmp_path / 'merged'}\n",
+        encoding="utf-8",
+    )
+    assert main(["export", str(export)]) == 0
+    exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").state_dict()
+    assert all(torch.equal(exported[k], v) for k, v in after.items() if k in exported)
 
 
 def test_webui_openeqa_tab_reads_outside_media_only_when_the_config_allows(tmp_path) -> None:

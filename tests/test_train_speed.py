@@ -17,6 +17,7 @@ from eqakit.data.encode import PromptFormat
 from eqakit.errors import DataError
 from eqakit.model.load import load_geometry
 from eqakit.train.data import Collator, KeyedImages, PlannedDataset, load_training_samples, plan_samples
+from eqakit.train.full import apply_full
 from eqakit.train.lora import apply_lora
 from eqakit.train.packing import EpisodeBatchSampler, PackedCollator
 from eqakit.train.trainer import EqakitTrainer, checkpoint_trainable_layers, greedy_tokens, token_accuracy
@@ -48,6 +49,30 @@ def qwen2_5_video_setup(tiny_qwen2_5_dir: Path, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="module")
+def full_setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The image episodes, every language-model weight training (finetuning_type: full)."""
+    return _setup(tiny_model_dir, tmp_path_factory, as_video=False, method=["finetuning_type=full"])
+
+
+@pytest.fixture(scope="module")
+def freeze_setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The image episodes, the last language-model layer's attention training (finetuning_type: freeze),
+    with the vision tower unfrozen but untouched by the layer selection: the cache still applies."""
+    return _setup(
+        tiny_model_dir,
+        tmp_path_factory,
+        as_video=False,
+        method=[
+            "finetuning_type=freeze",
+            "freeze_trainable_layers=1",
+            "freeze_trainable_modules=self_attn",
+            "freeze_extra_modules=embed_tokens",
+            "freeze_vision_tower=false",
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
 def moe_setup(tiny_moe_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """The image episodes on Qwen3-VL-MoE (LoRA on the attention projections only)."""
     return _setup(tiny_moe_dir, tmp_path_factory, as_video=False)
@@ -69,6 +94,7 @@ def _setup(
     as_video: bool,
     template: str = "qwen3_vl_nothink",
     video_fps: float = 2.0,
+    method: tuple[str, ...] | list[str] = ("lora_rank=4",),
 ):
     from conftest import write_toy_dataset
 
@@ -100,7 +126,7 @@ def _setup(
             f"dataset_dir={data}",
             f"output_dir={out}",
             "report_to=none",
-            "lora_rank=4",
+            *method,
         ],
     )
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
@@ -114,7 +140,8 @@ def _setup(
     keyed = KeyedImages(fmt.budget.min_pixels, fmt.video.min_pixels)
     keys = [keyed.keys(plan, s) for plan, s in zip(plans, samples, strict=True)]
     cache.build(model, processor, fmt, keyed, torch.device("cpu"), show_progress=False)
-    model = apply_lora(model, cfg)
+    tune = apply_lora if cfg.finetuning.finetuning_type == "lora" else apply_full
+    model = tune(model, cfg)
     for name, param in model.named_parameters():  # non-zero B so the adapter matters in the comparison
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
@@ -349,12 +376,19 @@ def test_parallel_planning_gives_the_serial_plans(setup, tiny_model_dir, tmp_pat
     assert errors[0] == errors[1] and "missing.jpg" in errors[0]
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_packing_spans_the_optimizer_step_and_keeps_its_gradient(setup, tmp_path, use_cache) -> None:
+@pytest.mark.parametrize(
+    ("method", "use_cache"),
+    [("setup", False), ("setup", True), ("full_setup", True), ("freeze_setup", True)],
+    ids=["lora", "lora-cached", "full-cached", "freeze-cached"],
+)
+def test_packing_spans_the_optimizer_step_and_keeps_its_gradient(
+    request, tmp_path, method, use_cache
+) -> None:
     """At batch 2 x accumulation 6 (the 12 samples of 3 episodes: one optimizer step), the step is
     packed as a whole: 3 rows (one per episode) in 3 real micro-batches instead of 6, none larger
     (padded) than the largest unpacked micro-batch, and the step's gradient is the unpacked one's
-    (the loss summed over the step's answer tokens and divided by their count)."""
+    (the loss summed over the step's answer tokens and divided by their count). For LoRA, full and
+    freeze tuning alike: the vision feature cache and packing stay exact while no vision weight trains."""
     import copy
 
     from transformers import TrainerCallback
@@ -362,7 +396,7 @@ def test_packing_spans_the_optimizer_step_and_keeps_its_gradient(setup, tmp_path
     from eqakit.train.sft import _episode_groups
     from eqakit.train.trainer import SKIP
 
-    _, model, plain, cached, processor, cache = setup
+    _, model, plain, cached, processor, cache = request.getfixturevalue(method)
     pad = processor.tokenizer.pad_token_id
     grads: dict[str, dict[str, torch.Tensor]] = {}
 

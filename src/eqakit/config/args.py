@@ -140,10 +140,16 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    """What is trained: LoRA on the language model, with the vision side frozen by default."""
+    """What is trained: LoRA on the language model by default (vision side frozen); all weights
+    (``full``) or the last layers (``freeze``) of the parts not frozen, as LLaMA-Factory trains them."""
 
     stage: str = _f("sft", "Training stage; eqakit implements supervised fine-tuning.", choices=("sft",))
-    finetuning_type: str = _f("lora", "Fine-tuning method; eqakit implements LoRA.", choices=("lora",))
+    finetuning_type: str = _f(
+        "lora",
+        "lora: train low-rank adapters; full: every weight of the parts not frozen; freeze: the "
+        "freeze_trainable_layers last (or first) layers of those parts.",
+        choices=("lora", "full", "freeze"),
+    )
     lora_rank: int = _f(8, "LoRA rank r.", min=1)
     lora_alpha: float | None = _f(
         None, "LoRA scaling alpha (default: 2 x lora_rank, as in LLaMA-Factory).", min=0.0, min_exclusive=True
@@ -159,8 +165,23 @@ class FinetuningArguments:
     freeze_multi_modal_projector: bool = _f(True, "Keep the vision-to-language merger frozen.")
     freeze_language_model: bool = _f(
         False,
-        "No LoRA (nor any trainable weight) in the language model: LoRA adapts the vision blocks (so it "
-        "needs freeze_vision_tower: false), and the mergers train if freeze_multi_modal_projector: false.",
+        "No trainable weight in the language model: LoRA adapts the vision blocks (so it needs "
+        "freeze_vision_tower: false), and the mergers train if freeze_multi_modal_projector: false.",
+    )
+    freeze_trainable_layers: int = _f(
+        2,
+        "finetuning_type: freeze: train the last n layers (negative: the first -n), counted over the "
+        "language model's layers and matched by index in every stack of layers not frozen.",
+    )
+    freeze_trainable_modules: str = _f(
+        "all",
+        "finetuning_type: freeze: the parts of each trainable layer that train ('all', or a comma "
+        "list such as self_attn,mlp).",
+    )
+    freeze_extra_modules: str | None = _f(
+        None,
+        "finetuning_type: freeze: modules outside the layers that train too (a comma list such as "
+        "embed_tokens,norm; matched as substrings of parameter names, as in LLaMA-Factory).",
     )
     plot_loss: bool = _f(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
     # TrainingArguments keys transformers dropped after 5.6, which LLaMA-Factory 0.9.5 (and 51 of its

@@ -13,7 +13,7 @@ LLAMA_FACTORY_UNSUPPORTED: frozenset[str] = frozenset(
     disable_shuffling double_quantization dpo_label_smoothing
     enable_liger_kernel eval_num_beams eval_on_each_dataset export_hub_model_id export_quantization_bit
     export_quantization_dataset export_quantization_maxlen export_quantization_nsamples
-    freeze_extra_modules freeze_trainable_layers freeze_trainable_modules galore_layerwise galore_proj_type
+    galore_layerwise galore_proj_type
     galore_rank galore_scale galore_target galore_update_interval hf_hub_token ignore_pad_token_for_loss
     image_do_pan_and_scan include_effective_tokens_per_second interleave_probs kto_chosen_weight
     kto_rejected_weight ld_alpha length_penalty loraplus_lr_embedding loraplus_lr_ratio low_cpu_mem_usage max_length mix_strategy

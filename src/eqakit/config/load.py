@@ -363,6 +363,53 @@ def _flash_attention_problems(kind: Kind, get: Any) -> list[str]:
     return []
 
 
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "create_new_adapter")
+FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
+
+
+def _tuning_method_problems(get: Any, given: set[str]) -> list[str]:
+    """Keys of one fine-tuning method set for another, and a full or freeze run with nothing to
+    train. LLaMA-Factory refuses adapters and use_rslora outside LoRA and ignores the rest; eqakit
+    names each, so a setting never looks applied when it is not."""
+    method = get("finetuning_type")
+    problems = []
+    if method != "lora":
+        if get("adapter_name_or_path"):
+            problems.append(  # LLaMA-Factory: "Adapter is only valid for the LoRA method."
+                f"adapter_name_or_path works with finetuning_type: lora only; with {method}, merge the "
+                "adapters first (eqakit export) and train the merged model"
+            )
+        if get("quantization_bit"):
+            problems.append(  # LLaMA-Factory: "Quantization is only compatible with the LoRA or OFT method."
+                f"quantization_bit trains with finetuning_type: lora only (QLoRA); remove it for {method}"
+            )
+        problems += [
+            f"{key} applies to finetuning_type: lora, not {method}: remove it"
+            for key in LORA_KEYS
+            if key in given
+        ]
+        if (
+            get("freeze_vision_tower")
+            and get("freeze_multi_modal_projector")
+            and get("freeze_language_model")
+        ):
+            problems.append(
+                f"finetuning_type: {method} with freeze_vision_tower, freeze_multi_modal_projector and "
+                "freeze_language_model all true trains nothing: set one of them to false"
+            )
+    if method != "freeze":
+        problems += [
+            f"{key} applies to finetuning_type: freeze, not {method}: remove it"
+            for key in FREEZE_KEYS
+            if key in given
+        ]
+    elif get("freeze_trainable_layers") == 0 and not get("freeze_extra_modules"):
+        problems.append(
+            "freeze_trainable_layers: 0 trains no layer: use n > 0 for the last n layers, -n for the first n"
+        )
+    return problems
+
+
 def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
     """The LoRA, evaluation, checkpointing and preprocessing keys of `eqakit train`, checked together."""
     problems = []
@@ -378,7 +425,9 @@ def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
                 "compute_accuracy reports accuracy on the evaluation set: set val_size (e.g. 0.1) or "
                 "eval_dataset, or remove compute_accuracy"
             )
-    if get("freeze_language_model") and get("do_train"):
+    if get("do_train"):
+        problems += _tuning_method_problems(get, given)
+    if get("freeze_language_model") and get("do_train") and get("finetuning_type") == "lora":
         if get("freeze_vision_tower"):
             problems.append(  # LLaMA-Factory fails there too: peft finds no layer to adapt
                 "freeze_language_model: true with freeze_vision_tower: true leaves LoRA no layer to adapt "

@@ -592,7 +592,8 @@ def mm_token_types(ids: torch.Tensor, pads: PadIds) -> torch.Tensor:
 def channels_first(image: Image.Image) -> torch.Tensor:
     """An image as the (3, H, W) uint8 tensor transformers' processors convert it to, given with its
     layout stated: left to guess, they read an image 1 or 3 pixels high as channels-first."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    hwc = np.array(image.convert("RGB"))  # writable: torch warns on PIL's read-only buffer
+    return torch.from_numpy(hwc).permute(2, 0, 1).contiguous()
 
 
 def pixel_values(

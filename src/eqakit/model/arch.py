@@ -3,9 +3,10 @@
 Everything else reads a model's facts from its config or module tree through here: which
 LLaMA-Factory templates fit it, how its videos are marked up, its vision blocks' linear layers
 (LoRA on the vision tower), its vision-to-language mergers (``freeze_multi_modal_projector:
-false``), and the shape of the visual features its forward accepts (``mm_encoder_outputs``:
-Qwen3-VL's carry deepstack features for its first language layers, Qwen2.5-VL's do not). The patch
-and merge sizes are the config's (`eqakit.data.encode.Geometry`).
+false``), the parts full and freeze tuning keep frozen, and the shape of the visual features its
+forward accepts (``mm_encoder_outputs``: Qwen3-VL's carry deepstack features for its first language
+layers, Qwen2.5-VL's do not). The patch and merge sizes are the config's
+(`eqakit.data.encode.Geometry`).
 
 Supported (config.json ``model_type``):
 - ``qwen3_vl``: Qwen3-VL dense (2B/4B/8B/32B), templates ``qwen3_vl_nothink`` and ``qwen3_vl``;
@@ -39,6 +40,17 @@ class Architecture:
     templates: tuple[str, ...]
     timestamped_video: bool
     token_side: int
+    # LLaMA-Factory's names of the parts full and freeze tuning keep frozen (``freeze_vision_tower``,
+    # ``freeze_multi_modal_projector``, ``freeze_language_model``), matched as substrings of
+    # parameter names as its ``get_forbidden_modules`` does
+    vision_keys: tuple[str, ...] = (
+        "visual.pos_embed",
+        "visual.patch_embed",
+        "visual.blocks",
+        "visual.deepstack_merger_list",
+    )
+    projector_keys: tuple[str, ...] = ("visual.merger",)
+    language_keys: tuple[str, ...] = ("language_model", "lm_head")
 
 
 ARCHITECTURES = {
@@ -52,7 +64,14 @@ ARCHITECTURES = {
             timestamped_video=True,
             token_side=32,
         ),
-        Architecture("qwen2_5_vl", "Qwen2.5-VL", (QWEN2_VL,), timestamped_video=False, token_side=28),
+        Architecture(
+            "qwen2_5_vl",
+            "Qwen2.5-VL",
+            (QWEN2_VL,),
+            timestamped_video=False,
+            token_side=28,
+            vision_keys=("visual.patch_embed", "visual.blocks"),
+        ),
     )
 }
 
@@ -139,6 +158,9 @@ def of_model(model: Any) -> Architecture:
 # The language model's decoder layers, as every supported architecture names them (peft's regexes
 # and adapter checks anchor on it).
 LM_PREFIX = r"model\.language_model\.layers\.\d+\."
+
+
+VISION_PREFIX = "model.visual."  # every parameter of the vision tower and its mergers
 
 
 def vision_tower(model: Any) -> Any:

@@ -1,4 +1,4 @@
-"""`eqakit train CONFIG.yaml [key=value ...]`: LoRA fine-tuning of a Qwen-VL model, or prediction.
+"""`eqakit train CONFIG.yaml [key=value ...]`: fine-tuning of a Qwen-VL model (LoRA, full or freeze), or prediction.
 
 Like `llamafactory-cli train`: ``do_train: true`` fine-tunes, ``do_predict: true`` generates
 answers for ``eval_dataset`` and scores them (see `eqakit.evaluate.predict`).
@@ -11,8 +11,9 @@ Training, in order: validate the config; check output_dir (refuse a non-empty on
 overwrite_output_dir or resume_from_checkpoint); read and check every sample (missing or corrupt
 images, placeholder/image mismatch, empty answers, samples too long even with scaled-down images:
 all reported before the first step, with nothing written); split off val_size; load the model and
-wrap it in LoRA; train with transformers' Trainer; save the adapter, processor, metrics, logs and
-loss plots to output_dir.
+wrap it in LoRA (or, for full and freeze tuning, mark the weights that train); train with
+transformers' Trainer; save the adapter (or the whole model), processor, metrics, logs and loss
+plots to output_dir.
 
 Raises ConfigError (exit 2) for bad settings, DataError (exit 1) for bad data.
 """
@@ -35,7 +36,7 @@ from eqakit.config import Config, load_config
 from eqakit.data.encode import Geometry, ImageBudget, PromptFormat
 from eqakit.errors import ConfigError, DataError, Stopped
 from eqakit.fsutil import disk_errors, write_text_atomic
-from eqakit.model.arch import vision_tower
+from eqakit.model.arch import VISION_PREFIX, vision_tower
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, StopOnSignal, newest_complete_checkpoint
 from eqakit.train.data import (
     Collator,
@@ -168,9 +169,15 @@ def _eval_samples(
     return plans, samples
 
 
-def _uses_vision_cache(cfg: Config) -> bool:
+def _uses_vision_cache(cfg: Config, trainable: list[str] | None) -> bool:
+    """Whether the vision feature cache applies: no weight of the vision tower or its mergers trains
+    (for full and freeze tuning read from the selected weights, for LoRA from the freeze keys)."""
     f = cfg.finetuning
-    return f.vision_feature_cache and f.freeze_vision_tower and f.freeze_multi_modal_projector
+    if not f.vision_feature_cache:
+        return False
+    if trainable is None:
+        return f.freeze_vision_tower and f.freeze_multi_modal_projector
+    return not any(name.startswith(VISION_PREFIX) for name in trainable)
 
 
 @dataclass(frozen=True)
@@ -183,13 +190,15 @@ class Checked:
     samples: list[Any]
     report: Any  # PlanReport: what planning left out or scaled down
     extra_eval: tuple[list[Any], list[Any]] | None  # eval_dataset's plans and samples
+    trainable: list[str] | None  # full and freeze tuning: the weights that train (None: LoRA)
 
     def describe(self) -> str:
         s = self.report.summary()
         resumes = f"continues from {self.resume}" if self.resume else "starts a new run"
+        trains = f"; trains {len(self.trainable)} weight tensors" if self.trainable is not None else ""
         return (
             f"{s['kept']}/{s['samples']} samples kept ({s['scaled_down_to_fit']} scaled down to fit "
-            f"cutoff_len, {s['dropped_too_long']} dropped as too long); {resumes}"
+            f"cutoff_len, {s['dropped_too_long']} dropped as too long); {resumes}{trains}"
         )
 
 
@@ -198,10 +207,14 @@ def preflight(cfg: Config) -> Checked:
     dir's state, the model's config, processor and adapters, every row of the datasets and the
     size of its media (each sample planned), the evaluation set. `eqakit config` runs it too, so a
     config it calls valid starts training."""
-    from eqakit.model.load import check_model, load_processor
+    from eqakit.model.load import check_model, load_processor, model_config, skeleton
+    from eqakit.train.full import trainable_names
 
     resume = resolve_resume(cfg)
     geometry = check_model(cfg.model)
+    trainable = None
+    if cfg.finetuning.finetuning_type != "lora":
+        trainable = trainable_names(skeleton(model_config(cfg.model), cfg.model.trust_remote_code), cfg)
     processor = load_processor(cfg.model)
     samples = load_training_samples(cfg)
     if not samples:
@@ -217,7 +230,7 @@ def preflight(cfg: Config) -> Checked:
             f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
             "or eval_dataset, or set eval_strategy: no"
         )
-    return Checked(resume, processor, plans, samples, report, extra_eval)
+    return Checked(resume, processor, plans, samples, report, extra_eval, trainable)
 
 
 def training_environment(cfg: Config) -> dict[str, str]:
@@ -228,7 +241,7 @@ def training_environment(cfg: Config) -> dict[str, str]:
 
 
 def run_train(cfg: Config) -> dict[str, float]:
-    """Fine-tune with LoRA; returns the final training metrics.
+    """Fine-tune (LoRA, full or freeze); returns the final training metrics.
 
     Ctrl-C or SIGTERM stops at the end of the current step with a complete checkpoint and raises
     Stopped (see StopOnSignal); before training begins it stops with nothing written.
@@ -241,6 +254,7 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     import transformers
 
     from eqakit.model.load import declared_dtype, load_base_model, model_config, train_dtype
+    from eqakit.train.full import apply_full
     from eqakit.train.lora import apply_lora, trainable_summary
     from eqakit.train.plots import plot_loss
 
@@ -250,7 +264,7 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     report, extra_eval = checked.report, checked.extra_eval
     budget = ImageBudget.from_config(cfg)
 
-    cache = VisionFeatureCache() if _uses_vision_cache(cfg) else None
+    cache = VisionFeatureCache() if _uses_vision_cache(cfg, checked.trainable) else None
     fmt = PromptFormat.from_config(cfg)
     keyed = KeyedImages(budget.min_pixels, fmt.video.min_pixels) if cache is not None else None
     every = make_dataset(plans, samples, processor, fmt, keyed)
@@ -292,14 +306,15 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
                 cfg.training.device,
                 show_progress=cfg.training.local_process_index == 0,
             )
-    model = apply_lora(model, cfg)
+    model = apply_lora(model, cfg) if checked.trainable is None else apply_full(model, cfg)
     if cfg.training.gradient_checkpointing:  # transformers' key: the Trainer checkpoints every layer
         model.enable_input_require_grads()
     elif not cfg.finetuning.disable_gradient_checkpointing:  # LLaMA-Factory's default
         checkpoint_trainable_layers(model, cfg.finetuning.use_reentrant_gc)
         if cfg.training.ddp_find_unused_parameters is None:
             # DDP's search for unused weights marks those inside a reentrant checkpoint ready twice (an
-            # error); LoRA uses all of its weights. LLaMA-Factory sets the same for LoRA under DDP.
+            # error); every trainable weight gets a gradient at every step (a text-only batch gives the
+            # vision tower's a zero one). LLaMA-Factory sets the same for LoRA under DDP.
             cfg.training.ddp_find_unused_parameters = False
     groups = _episode_groups(train_set) if cfg.finetuning.shared_prefix_packing else None
     if cfg.training.local_process_index == 0:
