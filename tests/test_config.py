@@ -107,7 +107,11 @@ def test_adapter_paths_split_on_commas(tmp_path: Path) -> None:
     ("override", "expected"),
     [
         ("lora_rnak=3", "unknown key 'lora_rnak' (did you mean 'lora_rank'?)"),
-        ("use_dora=true", "'use_dora' is a LLaMA-Factory option eqakit does not support"),
+        ("use_galore=true", "'use_galore' is a LLaMA-Factory option eqakit does not support"),
+        (
+            "pissa_init=true",
+            "'pissa_init' is a LLaMA-Factory option eqakit does not support (PiSSA rewrites the base weights",
+        ),
         ("lora_rank=-1", "key 'lora_rank': -1 is out of range (must be >= 1)"),
         ("lora_rank=eight", "key 'lora_rank': 'eight' must be an integer"),
         ("lora_dropout=1.5", "key 'lora_dropout': 1.5 is out of range (must be <= 1.0)"),
@@ -148,12 +152,12 @@ def test_config_errors_name_key_value_and_fix(tmp_path: Path, override: str, exp
 
 def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     path = write(
-        tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o") + "lora_rnak: 3\nuse_dora: true\nlora_rank: 0\n"
+        tmp_path, MINIMAL_TRAIN.format(out=tmp_path / "o") + "lora_rnak: 3\nuse_galore: true\nlora_rank: 0\n"
     )
     with pytest.raises(ConfigError) as err:
         load_config("train", path)
     message = str(err.value)
-    assert "lora_rnak" in message and "use_dora" in message and "'lora_rank': 0" in message
+    assert "lora_rnak" in message and "use_galore" in message and "'lora_rank': 0" in message
 
 
 @pytest.mark.parametrize(

@@ -785,15 +785,14 @@ def test_full_and_freeze_select_the_weights_llama_factory_selects(tmp_path, tiny
     exactly when no vision weight is selected."""
     from eqakit.config import load_config
     from eqakit.model.load import model_config, skeleton
-    from eqakit.train.full import trainable_names
-    from eqakit.train.sft import _uses_vision_cache
+    from eqakit.train.sft import vision_trains
 
     base = [f"model_name_or_path={tiny_model_dir}", "do_train=true", "dataset=toy", f"output_dir={tmp_path}"]
 
     def selected(*settings: str) -> tuple[list[str], bool]:
         cfg = load_config("train", None, [*base, *settings])
-        names = trainable_names(skeleton(model_config(cfg.model)), cfg)
-        return names, _uses_vision_cache(cfg, names)
+        tower, names = vision_trains(cfg, lambda: skeleton(model_config(cfg.model)))
+        return names, not tower
 
     every = [n for n, _ in skeleton(model_config(load_config("train", None, base).model)).named_parameters()]
     language = [n for n in every if ".language_model." in n]
@@ -902,6 +901,75 @@ def test_full_and_freeze_tuning_write_a_model_that_predict_and_export_load(
     assert main(["export", str(export)]) == 0
     exported = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").state_dict()
     assert all(torch.equal(exported[k], v) for k, v in after.items() if k in exported)
+
+
+def test_dora_trains_magnitudes_and_exports_merged(tmp_path, tiny_model_dir, toy_dataset) -> None:
+    """use_dora: the adapter carries DoRA's magnitudes, trained; export merges them as peft does."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, use_dora=True, num_train_epochs=1, save_strategy="no")
+    assert main(["train", str(cfg)]) == 0
+    out = tmp_path / "out"
+    assert json.loads((out / "adapter_config.json").read_text())["use_dora"] is True
+    adapter = load_file(out / "adapter_model.safetensors")
+    magnitudes = {k: v for k, v in adapter.items() if "lora_magnitude_vector" in k}
+    assert len(magnitudes) == sum("lora_A" in k for k in adapter)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    name = next(k for k in magnitudes if "q_proj" in k)
+    module = name.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+    initial = base.get_submodule(module).weight.norm(dim=1)  # DoRA starts at the weight's row norms
+    assert not torch.allclose(magnitudes[name], initial)
+    export = tmp_path / "export.yaml"
+    export.write_text(
+        f"model_name_or_path: {tiny_model_dir}\nadapter_name_or_path: {out}\n"
+        f"template: qwen3_vl_nothink\nexport_dir: {tmp_path / 'merged'}\n",
+        encoding="utf-8",
+    )
+    assert main(["export", str(export)]) == 0
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").state_dict()
+    expected = PeftModel.from_pretrained(base, out).merge_and_unload().state_dict()
+    assert_close_to_scale(merged[module + ".weight"], expected[module + ".weight"])
+
+
+def test_loraplus_gives_lora_b_its_learning_rate(tmp_path, tiny_model_dir, toy_dataset) -> None:
+    """loraplus_lr_ratio: LLaMA-Factory's groups, lora_B (and 1-D weights) at learning_rate x ratio."""
+    cfg = config(
+        tmp_path,
+        tiny_model_dir,
+        toy_dataset,
+        loraplus_lr_ratio=16.0,
+        lr_scheduler_type="constant",
+        max_steps=1,
+        save_steps=1,
+        freeze_multi_modal_projector=False,  # the mergers' norms: 1-D weights beside lora_B
+    )
+    assert main(["train", str(cfg)]) == 0
+    groups = torch.load(tmp_path / "out" / "checkpoint-1" / "optimizer.pt")["param_groups"]
+    sizes = {g["lr"]: len(g["params"]) for g in groups}
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    fast = sum("lora_B" in k or v.ndim == 1 for k, v in adapter.items())
+    assert sizes == {0.01: len(adapter) - fast, 0.16: fast}, sizes
+
+
+def test_additional_target_trains_whole_modules(tmp_path, tiny_model_dir, toy_dataset, capsys) -> None:
+    """additional_target: the named modules train in full beside LoRA and travel in the adapter; one
+    inside the vision tower turns the feature cache off. Unknown or LoRA-adapted names are refused."""
+    cfg = config(tmp_path, tiny_model_dir, toy_dataset, num_train_epochs=1, save_strategy="no")
+    for target, error in (
+        ("normal", "normal matches no module"),
+        ("q_proj", "q_proj names layers LoRA adapts"),
+    ):
+        assert main(["train", str(cfg), f"additional_target={target}"]) == 2
+        assert f"key 'additional_target': {error}" in capsys.readouterr().err
+    assert main(["train", str(cfg), "additional_target=norm"]) == 0
+    assert "vision feature cache off" in capsys.readouterr().out  # the mergers' norms train
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    whole = {k for k in adapter if ".lora_" not in k}
+    assert any("language_model.norm" in k for k in whole) and any("visual.merger.norm" in k for k in whole)
+    trained = next(k for k in whole if "language_model.norm.weight" in k)
+    assert not torch.equal(adapter[trained], base["model.language_model.norm.weight"])
 
 
 def test_webui_openeqa_tab_reads_outside_media_only_when_the_config_allows(tmp_path) -> None:

@@ -558,10 +558,10 @@ def test_an_exported_model_of_each_architecture_answers_on_vllm_as_on_transforme
     assert got == expected
 
 
-def _vision_adapter(model_dir: Path, out: Path, merger: bool) -> Path:
+def _vision_adapter(model_dir: Path, out: Path, merger: bool, dora: bool = False) -> Path:
     """An adapter as `eqakit train` makes with ``freeze_vision_tower: false`` (LoRA on the vision
     blocks' linear layers and the language model's projections, random B), and with ``merger`` the
-    mergers' full weights too (``freeze_multi_modal_projector: false``)."""
+    mergers' full weights too (``freeze_multi_modal_projector: false``); ``dora``: DoRA."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText
@@ -578,6 +578,7 @@ def _vision_adapter(model_dir: Path, out: Path, merger: bool) -> Path:
         target_modules=language + vision_linear_names(names),
         modules_to_save=projector_names(model) if merger else None,
         init_lora_weights=False,
+        use_dora=dora,
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
@@ -612,7 +613,8 @@ def test_an_adapter_on_the_vision_tower_is_served_whole_or_refused(model_dir: Pa
     assert got == expected
 
     merger = _vision_adapter(model_dir, tmp_path / "merger", merger=True)
-    with pytest.raises(
-        EqakitError, match=r"replaces whole vision weights .*merge it first \(`eqakit export`\)"
-    ):
+    with pytest.raises(EqakitError, match=r"replaces whole weights .*merge it first \(`eqakit export`\)"):
         load_engine(load_config("infer", None, [*vllm_keys, f"adapter_name_or_path={merger}"]))
+    dora = _vision_adapter(model_dir, tmp_path / "dora", merger=False, dora=True)
+    with pytest.raises(EqakitError, match=r"is DoRA \(use_dora: true\), which vLLM cannot serve"):
+        load_engine(load_config("infer", None, [*vllm_keys, f"adapter_name_or_path={dora}"]))

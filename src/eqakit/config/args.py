@@ -160,6 +160,20 @@ class FinetuningArguments:
         "Modules to adapt: 'all' (the language model's q/k/v/o/gate/up/down projections) or a comma list.",
     )
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = _f(
+        False, "Weight-decomposed LoRA (DoRA): a trained magnitude per output beside the low-rank direction."
+    )
+    loraplus_lr_ratio: float | None = _f(
+        None,
+        "LoRA+: lora_B weights (and other 1-D trainable weights) learn at learning_rate times this ratio.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    additional_target: str | None = _f(
+        None,
+        "Modules trained in full beside LoRA and saved in the adapter (peft's modules_to_save; a comma "
+        "list of module names, each matching the modules whose name ends with it, e.g. norm).",
+    )
     create_new_adapter: bool = _f(False, "Train a new adapter on top of merged adapter_name_or_path ones.")
     freeze_vision_tower: bool = _f(True, "Keep the vision encoder frozen.")
     freeze_multi_modal_projector: bool = _f(True, "Keep the vision-to-language merger frozen.")

@@ -7,7 +7,7 @@ look harmless, or LLaMA-Factory's own examples set them) carry the reason in `RE
 
 LLAMA_FACTORY_UNSUPPORTED: frozenset[str] = frozenset(
     """
-    additional_target adapter_folder apollo_rank apollo_scale apollo_target apollo_update_interval
+    adapter_folder apollo_rank apollo_scale apollo_target apollo_update_interval
     audio_sampling_rate badam_mode badam_start_block badam_switch_mode badam_switch_interval
     badam_update_ratio block_diag_attn booster buffer_size crop_to_patches data_shared_file_system
     disable_shuffling double_quantization dpo_label_smoothing
@@ -16,7 +16,7 @@ LLAMA_FACTORY_UNSUPPORTED: frozenset[str] = frozenset(
     galore_layerwise galore_proj_type
     galore_rank galore_scale galore_target galore_update_interval hf_hub_token ignore_pad_token_for_loss
     image_do_pan_and_scan include_effective_tokens_per_second interleave_probs kto_chosen_weight
-    kto_rejected_weight ld_alpha length_penalty loraplus_lr_embedding loraplus_lr_ratio low_cpu_mem_usage max_length mix_strategy
+    kto_rejected_weight ld_alpha length_penalty loraplus_lr_embedding low_cpu_mem_usage max_length mix_strategy
     mixture_of_depths moe_aux_loss_coef ms_hub_token neat_packing new_special_tokens offload_folder
     om_hub_token overwrite_cache pissa_convert pissa_init pissa_iter ppo_buffer_size ppo_epochs ppo_score_norm ppo_target
     ppo_whiten_rewards pref_beta pref_ftx pref_loss print_param_status quantization_device_map
@@ -25,7 +25,7 @@ LLAMA_FACTORY_UNSUPPORTED: frozenset[str] = frozenset(
     sglang_maxlen sglang_mem_fraction sglang_tp_size shift_attn simpo_gamma split_special_tokens streaming
     swanlab_api_key swanlab_mode swanlab_project swanlab_run_name swanlab_workspace tokenized_path tool_format
     train_from_scratch train_mm_proj_only upcast_layernorm upcast_lmhead_output use_adam_mini use_apollo
-    use_audio_in_video use_badam use_cache use_dora use_galore use_kt use_llama_pro use_mca use_muon
+    use_audio_in_video use_badam use_cache use_galore use_kt use_llama_pro use_mca use_muon
     use_swanlab use_unsloth use_unsloth_gc
     """.split()
 )
@@ -36,5 +36,13 @@ REASONS: dict[str, str] = {
         "LLaMA-Factory uses it only when max_new_tokens <= 0; eqakit bounds every reply by max_new_tokens"
     ),
     "length_penalty": "it scores beams in beam search; eqakit decodes with num_beams 1",
+    "loraplus_lr_embedding": (
+        "it sets the learning rate of LoRA on embedding layers, and eqakit's lora_target names linear layers only"
+    ),
+    "pissa_init": (
+        "PiSSA rewrites the base weights, so its adapter only fits a base eqakit does not save; use plain LoRA"
+    ),
+    "pissa_iter": "it tunes PiSSA's initialisation (pissa_init), which eqakit does not run",
+    "pissa_convert": "it converts a PiSSA adapter (pissa_init), which eqakit does not train",
 }
 """Why eqakit refuses a key, where the bare refusal would leave a user guessing."""

@@ -363,7 +363,17 @@ def _flash_attention_problems(kind: Kind, get: Any) -> list[str]:
     return []
 
 
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "create_new_adapter")
+LORA_KEYS = (
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target",
+    "use_rslora",
+    "create_new_adapter",
+    "use_dora",
+    "loraplus_lr_ratio",
+    "additional_target",
+)
 FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules")
 
 

@@ -25,7 +25,13 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
 # Which side of the base module each LoRA tensor's size must match: A reads the module's input,
 # B writes its output (for embeddings the input is the vocabulary and the output the embedding).
-LORA_SIDES = {"lora_A": "in", "lora_embedding_A": "in", "lora_B": "out", "lora_embedding_B": "out"}
+LORA_SIDES = {
+    "lora_A": "in",
+    "lora_embedding_A": "in",
+    "lora_B": "out",
+    "lora_embedding_B": "out",
+    "lora_magnitude_vector": "out",  # DoRA's, one per output
+}
 
 
 def check_adapter_dir(path: str) -> Path:
@@ -145,12 +151,13 @@ def adapter_tensor_names(adapter: Path) -> list[str]:
     return list(torch.load(adapter / "adapter_model.bin", map_location="meta", weights_only=True))
 
 
-def vision_parts(adapter: Path) -> tuple[bool, list[str]]:
-    """What an adapter trains outside the language model: whether it has LoRA on the vision tower
-    (``freeze_vision_tower: false``), and the names of the full tensors it replaces there (the
-    mergers under ``freeze_multi_modal_projector: false``)."""
-    tower = [n.removeprefix(PEFT_PREFIX) for n in adapter_tensor_names(adapter) if ".visual." in f".{n}"]
-    return any(".lora_" in n for n in tower), [n for n in tower if ".lora_" not in n]
+def adapter_parts(adapter: Path) -> tuple[bool, list[str]]:
+    """What an adapter holds beyond LoRA on the language model: whether it has LoRA on the vision
+    tower (``freeze_vision_tower: false``), and the names of the full tensors it replaces (the
+    mergers under ``freeze_multi_modal_projector: false``, ``additional_target``'s modules)."""
+    names = [n.removeprefix(PEFT_PREFIX) for n in adapter_tensor_names(adapter)]
+    tower = any(".visual." in f".{n}" and ".lora_" in n for n in names)
+    return tower, [n for n in names if ".lora_" not in n]
 
 
 def _sides(module: torch.nn.Module) -> dict[str, int | None]:

@@ -25,6 +25,7 @@ import torch
 from eqakit.config import Config
 from eqakit.errors import ConfigError
 from eqakit.model.arch import Architecture, of_model
+from eqakit.train.lora import listed
 
 
 def frozen_keys(cfg: Config, arch: Architecture) -> tuple[str, ...]:
@@ -76,7 +77,7 @@ def _freeze_selection(model: Any, names: list[str], cfg: Config, arch: Architect
     layer_ids = range(layers - count, layers) if count > 0 else range(-count)
     in_layers = sorted({n.split(".0.")[-1].split(".")[0] for n in names if ".0." in n})
     outside = sorted({n.split(".")[-2] for n in names if re.search(r"\.\d+\.", n) is None})
-    modules, extra = _listed(f.freeze_trainable_modules), _listed(f.freeze_extra_modules or "")
+    modules, extra = listed(f.freeze_trainable_modules), listed(f.freeze_extra_modules)
     problems = [
         f"key 'freeze_trainable_modules': {m} is not a module of the model's layers; "
         f"choose from all, {', '.join(in_layers)}"
@@ -93,10 +94,6 @@ def _freeze_selection(model: Any, names: list[str], cfg: Config, arch: Architect
     wanted = [f".{i}.{'' if m == 'all' else m}" for m in modules for i in layer_ids]
     mergers = list(arch.projector_keys) if not f.freeze_multi_modal_projector else []
     return wanted + extra + mergers
-
-
-def _listed(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def apply_full(model: Any, cfg: Config) -> Any:

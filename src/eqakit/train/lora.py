@@ -7,8 +7,9 @@ a linear layer (neither is adapted there, by LLaMA-Factory either); never lm_hea
 embedding) nor the embeddings. ``freeze_vision_tower: false`` adds the vision blocks' linear
 layers to the LoRA targets and ``freeze_multi_modal_projector: false`` trains the mergers in full
 (both read from the module tree: `eqakit.model.arch`); ``freeze_language_model: true`` takes the
-language model out of the targets, as LLaMA-Factory's forbidden modules do. Earlier adapters in ``adapter_name_or_path`` are merged; the
-last is trained further unless ``create_new_adapter``.
+language model out of the targets, as LLaMA-Factory's forbidden modules do; ``additional_target``
+trains more modules in full, ``use_dora`` makes the adapter DoRA. Earlier adapters in
+``adapter_name_or_path`` are merged; the last is trained further unless ``create_new_adapter``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,31 @@ def target_pattern(cfg: Config, module_names: list[str]) -> str:
     return "^(" + "|".join(f"({p})" for p in parts) + ")$"
 
 
+def listed(text: str | None) -> list[str]:
+    """A LLaMA-Factory comma list (``additional_target: norm,embed_tokens``) as its names."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def additional_modules(cfg: Config, model: Any) -> list[str]:
+    """The modules ``additional_target`` trains in full, by their full names, matched as peft matches
+    ``modules_to_save`` (the name itself or a name ending in ``.`` + it); ConfigError for a name that
+    matches no module, or one LoRA already adapts (peft would refuse it at the first step)."""
+    names = [n for n, _ in model.named_modules()]
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    adapted = re.compile(target_pattern(cfg, linear))
+    found, problems = [], []
+    for target in listed(cfg.finetuning.additional_target):
+        matches = [n for n in names if n == target or n.endswith("." + target)]
+        if not matches:
+            problems.append(f"{target} matches no module of the model")
+        elif any(adapted.match(n) for n in matches):
+            problems.append(f"{target} names layers LoRA adapts (lora_target); list other modules")
+        found += matches
+    if problems:
+        raise ConfigError(f"key 'additional_target': {'; '.join(problems)}")
+    return found
+
+
 def apply_lora(model: Any, cfg: Config) -> Any:
     """Freeze the base, merge earlier adapters, and return a PeftModel whose LoRA weights train in fp32."""
     from peft import LoraConfig, get_peft_model
@@ -73,13 +99,16 @@ def apply_lora(model: Any, cfg: Config) -> Any:
         model = apply_adapter(model, resume_adapter, base_name, trainable=True)
     else:
         linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        full = [] if cfg.finetuning.freeze_multi_modal_projector else projector_names(model)
+        full += listed(cfg.finetuning.additional_target)
         lora = LoraConfig(
             r=cfg.finetuning.lora_rank,
             lora_alpha=cfg.finetuning.lora_alpha or 2 * cfg.finetuning.lora_rank,
             lora_dropout=cfg.finetuning.lora_dropout,
             target_modules=target_pattern(cfg, linear),
-            modules_to_save=None if cfg.finetuning.freeze_multi_modal_projector else projector_names(model),
+            modules_to_save=full or None,
             use_rslora=cfg.finetuning.use_rslora,
+            use_dora=cfg.finetuning.use_dora,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)

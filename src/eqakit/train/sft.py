@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,15 +170,20 @@ def _eval_samples(
     return plans, samples
 
 
-def _uses_vision_cache(cfg: Config, trainable: list[str] | None) -> bool:
-    """Whether the vision feature cache applies: no weight of the vision tower or its mergers trains
-    (for full and freeze tuning read from the selected weights, for LoRA from the freeze keys)."""
+def vision_trains(cfg: Config, skeleton: Callable[[], Any]) -> tuple[bool, list[str] | None]:
+    """Whether any weight of the vision tower or its mergers trains, and for full and freeze tuning
+    the weights that train: read before any weight loads, from the model's meta-device ``skeleton``
+    where the keys alone do not say (for LoRA they do, but for ``additional_target``'s modules)."""
+    from eqakit.train.full import trainable_names
+    from eqakit.train.lora import additional_modules
+
     f = cfg.finetuning
-    if not f.vision_feature_cache:
-        return False
-    if trainable is None:
-        return f.freeze_vision_tower and f.freeze_multi_modal_projector
-    return not any(name.startswith(VISION_PREFIX) for name in trainable)
+    if f.finetuning_type != "lora":
+        names = trainable_names(skeleton(), cfg)
+        return any(n.startswith(VISION_PREFIX) for n in names), names
+    extra = additional_modules(cfg, skeleton()) if f.additional_target else []
+    tower = not (f.freeze_vision_tower and f.freeze_multi_modal_projector)
+    return tower or any(f"{n}.".startswith(VISION_PREFIX) for n in extra), None
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,7 @@ class Checked:
     report: Any  # PlanReport: what planning left out or scaled down
     extra_eval: tuple[list[Any], list[Any]] | None  # eval_dataset's plans and samples
     trainable: list[str] | None  # full and freeze tuning: the weights that train (None: LoRA)
+    vision_trains: bool  # some weight of the vision tower or its mergers trains: no feature cache
 
     def describe(self) -> str:
         s = self.report.summary()
@@ -208,13 +215,12 @@ def preflight(cfg: Config) -> Checked:
     size of its media (each sample planned), the evaluation set. `eqakit config` runs it too, so a
     config it calls valid starts training."""
     from eqakit.model.load import check_model, load_processor, model_config, skeleton
-    from eqakit.train.full import trainable_names
 
     resume = resolve_resume(cfg)
     geometry = check_model(cfg.model)
-    trainable = None
-    if cfg.finetuning.finetuning_type != "lora":
-        trainable = trainable_names(skeleton(model_config(cfg.model), cfg.model.trust_remote_code), cfg)
+    tower, trainable = vision_trains(
+        cfg, lambda: skeleton(model_config(cfg.model), cfg.model.trust_remote_code)
+    )
     processor = load_processor(cfg.model)
     samples = load_training_samples(cfg)
     if not samples:
@@ -230,7 +236,7 @@ def preflight(cfg: Config) -> Checked:
             f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
             "or eval_dataset, or set eval_strategy: no"
         )
-    return Checked(resume, processor, plans, samples, report, extra_eval, trainable)
+    return Checked(resume, processor, plans, samples, report, extra_eval, trainable, tower)
 
 
 def training_environment(cfg: Config) -> dict[str, str]:
@@ -264,7 +270,9 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     report, extra_eval = checked.report, checked.extra_eval
     budget = ImageBudget.from_config(cfg)
 
-    cache = VisionFeatureCache() if _uses_vision_cache(cfg, checked.trainable) else None
+    cache = (
+        VisionFeatureCache() if cfg.finetuning.vision_feature_cache and not checked.vision_trains else None
+    )
     fmt = PromptFormat.from_config(cfg)
     keyed = KeyedImages(budget.min_pixels, fmt.video.min_pixels) if cache is not None else None
     every = make_dataset(plans, samples, processor, fmt, keyed)
@@ -355,6 +363,7 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
         callbacks=[LogCallback(), CheckpointMarker(), stop],
         vision_cache=cache,
         episode_groups=groups,
+        loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
         compute_metrics=token_accuracy if cfg.finetuning.compute_accuracy else None,
         preprocess_logits_for_metrics=greedy_tokens if cfg.finetuning.compute_accuracy else None,
     )

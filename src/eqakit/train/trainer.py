@@ -163,11 +163,13 @@ class EqakitTrainer(Trainer):
         *args: Any,
         vision_cache: VisionFeatureCache | None = None,
         episode_groups: list[list[int]] | None = None,
+        loraplus_lr_ratio: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.vision_cache = vision_cache
         self.episode_groups = episode_groups
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         # Training losses are divided by the step's count of answer tokens (`compute_loss`): the
         # Trainer must count them (it does so for models that take loss kwargs) and not divide again.
         self.model_accepts_loss_kwargs = True
@@ -188,6 +190,26 @@ class EqakitTrainer(Trainer):
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         metrics = {**output.metrics, "train_loss": self._train_loss}
         return TrainOutput(output.global_step, self._train_loss, metrics)
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """The configured optimizer; with ``loraplus_lr_ratio`` (LoRA+), LLaMA-Factory's parameter
+        groups: lora_B weights and every other 1-D trainable weight learn at learning_rate x ratio
+        (with weight decay where the Trainer would apply it), the rest at learning_rate."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        lr, fast = self.args.learning_rate, self.args.learning_rate * self.loraplus_lr_ratio
+        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                b_side = "lora_B" in name or param.ndim == 1
+                decayed = self.args.weight_decay if not b_side or name in decay else 0.0
+                groups.setdefault((fast if b_side else lr, decayed), []).append(param)
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+        params = [{"params": p, "lr": rate, "weight_decay": wd} for (rate, wd), p in groups.items()]
+        self.optimizer = optimizer_cls(params, **kwargs)
+        return self.optimizer
 
     def _loss_so_far(self, pending: float) -> LossSoFar:
         """The run's loss through the current step: the resumed checkpoint's plus this call's.

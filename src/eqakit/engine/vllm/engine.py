@@ -218,7 +218,7 @@ class VllmEngine:
             raise EqakitError(INSTALL_HINT) from None
         from transformers import AutoConfig
 
-        from eqakit.model.adapters import adapter_config, find_adapters, vision_parts
+        from eqakit.model.adapters import adapter_config, adapter_parts, find_adapters
         from eqakit.model.load import load_processor
 
         model_args = cfg.model
@@ -228,13 +228,20 @@ class VllmEngine:
                 f"infer_backend: vllm serves one adapter, got {len(adapters)} in adapter_name_or_path; "
                 "merge them first with `eqakit export` and serve the merged model"
             )
-        rank = int(adapter_config(adapters[0]).get("r", 8)) if adapters else 0  # 8: peft's default
-        tower_lora, full_tensors = vision_parts(adapters[0]) if adapters else (False, [])
+        settings = adapter_config(adapters[0]) if adapters else {}
+        rank = int(settings.get("r", 8)) if adapters else 0  # 8: peft's default
+        tower_lora, full_tensors = adapter_parts(adapters[0]) if adapters else (False, [])
         if full_tensors:
             raise EqakitError(
-                f"the adapter {str(adapters[0])!r} replaces whole vision weights ({full_tensors[0]}, "
-                f"{len(full_tensors)} tensors: trained with freeze_multi_modal_projector: false), which vLLM "
-                "cannot serve as a LoRA adapter; merge it first (`eqakit export`) and serve the merged model"
+                f"the adapter {str(adapters[0])!r} replaces whole weights ({full_tensors[0]}, "
+                f"{len(full_tensors)} tensors: trained with freeze_multi_modal_projector: false or "
+                "additional_target), which vLLM cannot serve as a LoRA adapter; merge it first (`eqakit "
+                "export`) and serve the merged model"
+            )
+        if settings.get("use_dora"):
+            raise EqakitError(
+                f"the adapter {str(adapters[0])!r} is DoRA (use_dora: true), which vLLM cannot serve as a "
+                "LoRA adapter; merge it first (`eqakit export`) and serve the merged model"
             )
         if rank > model_args.vllm_max_lora_rank:
             raise ConfigError(
