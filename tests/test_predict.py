@@ -120,6 +120,9 @@ def test_predict_writes_llama_factory_files(lively_dir: Path, dataset: Path, tmp
     assert set(LF_KEYS) <= set(json.loads((out / "all_results.json").read_text()))
     report = (out / "report.md").read_text()
     assert "BLEU-4" in report and "object localization" in report
+    made = json.loads((out / "eqakit_predict.json").read_text())  # how they were made
+    assert made["model"] == str(lively_dir) and made["results"] == on_disk and made["samples"] == len(source)
+    assert made["config"]["eval_dataset"] == "open_eqa_test" and made["transformers"] and "git_commit" in made
 
 
 def test_an_interrupted_run_resumes_and_ends_identical(

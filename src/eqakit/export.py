@@ -40,13 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import peft
 import torch
-import transformers
 import yaml
 from transformers import AutoConfig
 
-from eqakit import __version__
+from eqakit import run_record
 from eqakit.config import Config, load_config
 from eqakit.errors import ConfigError, EqakitError
 from eqakit.fsutil import disk_errors, move_into_place
@@ -260,28 +258,25 @@ def _record(
     seconds: float,
 ) -> dict:
     """eqakit_export.json: what was merged, how, and with which versions."""
-    return {
-        "eqakit": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "config_file": str(cfg.source) if cfg.source else None,
-        "config": {k: v for k, v in cfg.to_dict().items() if k in cfg.user_keys},
-        "base_model": cfg.model.model_name_or_path,
-        "adapters": [
-            {
-                "path": str(a),
-                "sha256": adapter_digest(a),  # how a later export knows this adapter is merged here
-                "lora": {k: _plain(adapter_config(a).get(k)) for k in LORA_KEYS},
-            }
-            for a in adapters
-        ],
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": str(device),
-        "weight_files": [p.name for p in weights],
-        "weight_bytes": sum(p.stat().st_size for p in weights),
-        "seconds": round(seconds, 1),
-    }
+    return run_record.record(
+        cfg,
+        {
+            "base_model": cfg.model.model_name_or_path,
+            "adapters": [
+                {
+                    "path": str(a),
+                    "sha256": adapter_digest(a),  # how a later export knows this adapter is merged here
+                    "lora": {k: _plain(adapter_config(a).get(k)) for k in LORA_KEYS},
+                }
+                for a in adapters
+            ],
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "weight_files": [p.name for p in weights],
+            "weight_bytes": sum(p.stat().st_size for p in weights),
+            "seconds": round(seconds, 1),
+        },
+    )
 
 
 def _size(nbytes: int) -> str:

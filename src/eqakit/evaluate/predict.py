@@ -6,7 +6,8 @@ What LLaMA-Factory's predict stage writes, computed the same way, plus what it l
   sample's ``index`` in eval_dataset), appended and flushed as answers complete, then rewritten in
   dataset order at the end;
 - predict_results.json and all_results.json: LLaMA-Factory's BLEU-4 / ROUGE keys and speed keys, plus
-  exact match, token F1 and every metric per OpenEQA category; report.md with the tables.
+  exact match, token F1 and every metric per OpenEQA category; report.md with the tables;
+- eqakit_predict.json: versions, git commit, the keys set, model, adapters, decoding and results.
 
 Resumable: a rerun with the same output_dir keeps the rows already written (matched by question_id,
 or by index, and by prompt) and generates only the rest; ``overwrite_output_dir: true`` starts over.
@@ -59,8 +60,10 @@ from eqakit.evaluate.ranks import Ranks, parts
 from eqakit.evaluate.report import write_report
 from eqakit.fsutil import write_text_atomic
 from eqakit.model.load import check_model
+from eqakit.run_record import write_record
 
 PREDICTIONS = "generated_predictions.jsonl"
+RECORD = "eqakit_predict.json"  # how the predictions were made (`eqakit.run_record`)
 META_FIELDS = ("question_id", "category", "extra_answers")
 IMAGE_LRU = 64  # decoded frames kept while their episode's questions are being answered
 MAX_ROWS = 64  # sequences decoded together at most, however many fit the KV budget
@@ -222,6 +225,18 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
             "left out (too long)": len(too_long),
             "generated this run": f"{everyone} in {runtime:.1f} s"
             + (f" ({ranks.world} processes)" if ranks.world > 1 else ""),
+        },
+    )
+    write_record(
+        cfg,
+        out / RECORD,
+        {
+            "model": cfg.model.model_name_or_path,
+            "adapters": cfg.model.adapter_name_or_path,
+            "decoding": _describe(base),
+            "samples": len(rows),
+            "processes": ranks.world,
+            "results": results,
         },
     )
     print(

@@ -24,20 +24,17 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from eqakit import __version__
 from eqakit.config import Config, load_config
 from eqakit.data.encode import Geometry, ImageBudget, PromptFormat
 from eqakit.errors import ConfigError, DataError, Stopped
 from eqakit.fsutil import disk_errors, write_text_atomic
 from eqakit.model.arch import VISION_PREFIX, vision_tower
+from eqakit.run_record import write_run_record
 from eqakit.train.callbacks import CheckpointMarker, LogCallback, StopOnSignal, newest_complete_checkpoint
 from eqakit.train.data import (
     Collator,
@@ -119,44 +116,6 @@ def resolve_resume(cfg: Config) -> str | None:
             f"resume_from_checkpoint: {path} is not a checkpoint directory (no trainer_state.json)"
         )
     return str(path)
-
-
-def _git_commit() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                cwd=Path(__file__).parent,
-                check=True,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def write_run_record(cfg: Config, out: Path, extra: dict[str, Any]) -> None:
-    """Make output_dir describe itself: the resolved config, versions and the data report."""
-    import peft
-    import torch
-    import transformers
-
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in cfg.to_dict().items() if k in cfg.user_keys}
-    write_text_atomic(out / "eqakit_config.yaml", yaml.safe_dump(config, sort_keys=True, allow_unicode=True))
-    record = {
-        "eqakit": __version__,
-        "git_commit": _git_commit(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "config_file": str(cfg.source),
-        **extra,
-    }
-    write_text_atomic(out / "eqakit_run.json", json.dumps(record, indent=2, default=str))
 
 
 def _eval_samples(
