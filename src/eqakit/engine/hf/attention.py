@@ -33,9 +33,12 @@ NAME = "eqakit_shared_prefix"
 
 @dataclass(frozen=True)
 class SharedPrefix:
-    """For one forward pass: each shared prefix and the batch rows (indices) that continue it."""
+    """For one forward pass: each shared prefix and the batch rows (indices) that continue it, and
+    the rows that continue none (None when there are none). Known on the host before the pass, so
+    that no layer asks the device which rows are which."""
 
     groups: tuple[tuple[PrefixState, torch.Tensor], ...]
+    alone: torch.Tensor | None
 
 
 def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
@@ -72,7 +75,6 @@ def shared_prefix_attention(
         scores = scores.masked_fill(~allowed, -torch.inf)
     values = value.float()
     out = torch.empty(rows, kv_heads, repeat * steps, dim, dtype=torch.float32, device=query.device)
-    alone = torch.ones(rows, dtype=torch.bool, device=query.device)
     for state, members in shared_prefix.groups:
         prefix_keys, prefix_values = state.layers[module.layer_idx]  # (1, Hkv, P, D)
         out[members] = _with_prefix(
@@ -83,8 +85,8 @@ def shared_prefix_attention(
             prefix_values[0].float(),
             scale,
         )
-        alone[members] = False
-    if alone.any():
+    alone = shared_prefix.alone
+    if alone is not None:
         out[alone] = _softmax_attend(scores[alone], values[alone])
     out = out.reshape(rows, q_heads, steps, dim).transpose(1, 2).contiguous()
     return out.to(query.dtype), None

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from eqakit.engine.hf.attention import SharedPrefix
 from eqakit.engine.hf.caches import PrefixState
+from eqakit.engine.hf.model import upload
 
 ROOM = 64  # spare columns reserved when a layer is (re)allocated, at least
 
@@ -67,38 +68,52 @@ class GrowingLayer(DynamicLayer):
 
 
 class KVBatch:
-    """Keys and values of the rows being decoded, with ``mask`` (rows, columns): 1 marks a real token.
+    """Keys and values of the rows being decoded (on ``device``), with ``mask`` (rows, columns): 1
+    marks a real token.
 
+    The mask is built and kept on the host, where the rows' layout is known: the model's forward
+    pass uploads it, and trimming the columns rows no longer need reads no device value.
     ``prefixes`` holds, per row, the shared prefix the row continues (None: none). Its keys and
     values are not in the row: they stay in the `PrefixState`, once for all rows that share it, and
     attention reads them from there (`eqakit.engine.hf.attention`).
     """
 
     def __init__(
-        self, layers: list[GrowingLayer], mask: torch.Tensor, prefixes: list[PrefixState | None] | None = None
+        self,
+        layers: list[GrowingLayer],
+        mask: torch.Tensor,
+        device: torch.device,
+        prefixes: list[PrefixState | None] | None = None,
     ) -> None:
         self.layers = layers
         self.mask = mask
+        self.device = device
         self.prefixes = prefixes if prefixes is not None else [None] * int(mask.shape[0])
         self._shared: SharedPrefix | None = None
 
     @classmethod
     def empty(cls, prefixes: list[PrefixState | None], num_layers: int, device: torch.device) -> KVBatch:
         """One row per prefix, holding nothing yet: its own tokens are appended by the next forward pass."""
-        mask = torch.zeros((len(prefixes), 0), dtype=torch.long, device=device)
-        return cls([GrowingLayer() for _ in range(num_layers)], mask, list(prefixes))
+        mask = torch.zeros((len(prefixes), 0), dtype=torch.long)
+        return cls([GrowingLayer() for _ in range(num_layers)], mask, device, list(prefixes))
 
     def shared(self) -> SharedPrefix | None:
-        """The rows' shared prefixes grouped for attention (None when no row has one)."""
+        """The rows' shared prefixes grouped for attention (None when no row has one), with the rows
+        that have none: decided here, once per batch, so that attention never asks the device."""
         if self._shared is None and any(p is not None for p in self.prefixes):
             groups: dict[int, tuple[PrefixState, list[int]]] = {}
             for row, prefix in enumerate(self.prefixes):
                 if prefix is not None:
                     groups.setdefault(id(prefix), (prefix, []))[1].append(row)
+            alone = [row for row, prefix in enumerate(self.prefixes) if prefix is None]
             self._shared = SharedPrefix(
-                tuple((p, torch.tensor(rows, device=self.mask.device)) for p, rows in groups.values())
+                tuple((p, self._index(rows)) for p, rows in groups.values()),
+                self._index(alone) if alone else None,
             )
         return self._shared
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return upload(torch.tensor(rows, dtype=torch.long), self.device)
 
     def prefix_tokens(self) -> int:
         """Tokens held by the distinct shared prefixes the rows continue."""
@@ -110,11 +125,11 @@ class KVBatch:
     ) -> KVBatch:
         """One row per state (None: an empty row), left-padded to the longest, room reserved after."""
         length = max((s.length for s in states if s is not None), default=0)
-        mask = torch.zeros((len(states), length), dtype=torch.long, device=device)
+        mask = torch.zeros((len(states), length), dtype=torch.long)
         layers = [GrowingLayer(room) for _ in range(num_layers)]
         present = [s for s in states if s is not None]
         if not present:
-            return cls(layers, mask)
+            return cls(layers, mask, device)
         for row, state in enumerate(states):
             if state is not None:
                 mask[row, length - state.length :] = 1
@@ -128,7 +143,7 @@ class KVBatch:
                     keys[row, :, length - state.length :] = k[0]
                     values[row, :, length - state.length :] = v[0]
             layer.fill(keys, values, room)
-        return cls(layers, mask)
+        return cls(layers, mask, device)
 
     @property
     def rows(self) -> int:
@@ -139,8 +154,8 @@ class KVBatch:
         return Cache(layers=list(self.layers))
 
     def extend_mask(self, columns: torch.Tensor) -> None:
-        """Mask columns for tokens about to be fed (rows, new)."""
-        self.mask = torch.cat([self.mask, columns.to(self.mask)], dim=1)
+        """Mask columns (rows, new), on the host, for tokens about to be fed."""
+        self.mask = torch.cat([self.mask, columns.to(self.mask.dtype)], dim=1)
 
     def state(self, row: int) -> PrefixState:
         """One row's keys and values as compact tensors (for the prefix cache); the row must be unpadded."""
@@ -154,12 +169,13 @@ class KVBatch:
 
     def select(self, keep: list[int]) -> None:
         """Keep only the given rows, and drop leading columns that are padding in all of them."""
-        index = torch.tensor(keep, device=self.mask.device)
+        rows = torch.tensor(keep, dtype=torch.long)
         self.prefixes = [self.prefixes[i] for i in keep]
         self._shared = None
-        mask = self.mask[index]
-        lead = int((mask.cumsum(dim=1) == 0).sum(dim=1).min())
+        mask = self.mask[rows]
+        lead = int((mask.numpy().cumsum(axis=1) == 0).sum(axis=1).min())  # host data: no device read
         self.mask = mask[:, lead:]
+        index = upload(rows, self.device)
         for layer in self.layers:
             layer.fill(layer.keys[index, :, lead:], layer.values[index, :, lead:])
 

@@ -32,6 +32,19 @@ from eqakit.model.arch import deepstack_of, encoder_output
 VISION_CHUNK = 16  # images per vision-tower call: bounds activation memory on large batches
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor``, built on the host, on ``device`` without making the host wait for the device.
+
+    A blocking copy to CUDA synchronises the stream: the host waits for every kernel queued before
+    it. So the tensor goes through page-locked memory (PyTorch's caching host allocator, which keeps
+    a block until the copy from it is done) and is copied asynchronously, in stream order. Other
+    devices (MPS) copy as usual.
+    """
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def unwrap(model: Any) -> Any:
     """The Qwen-VL model inside a PEFT wrapper (adapters stay active: PEFT injects them in place)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -114,9 +127,9 @@ class HFModel:
         video_features: list[VisualFeatures] | tuple[()] = (),
     ) -> torch.Tensor | None:
         """Run new tokens (B, T) at ``positions`` (3, B, T) over ``cache``; ``mask`` (B, cached + T) marks
-        real tokens. ``features`` fill the image pads of ``ids`` in row-major order, ``video_features``
-        its video pads; ``shared`` names the prefixes rows continue, attended to in place of cached
-        columns. Returns the float32 logits (B, vocab) of each row's last position."""
+        real tokens (the three on the host). ``features`` fill the image pads of ``ids`` in row-major
+        order, ``video_features`` its video pads; ``shared`` names the prefixes rows continue, attended
+        to in place of cached columns. Returns the float32 logits (B, vocab) of each row's last position."""
         encoder_outputs = {}
         for medium, feats in (("image", features), ("video", video_features)):
             if feats:
@@ -126,9 +139,9 @@ class HFModel:
                     [tuple(f.deepstack[level] for f in feats) for level in range(levels)],
                 )
         out = self.core.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=positions.to(self.device),
+            input_ids=upload(ids, self.device),
+            attention_mask=upload(mask, self.device),
+            position_ids=upload(positions, self.device),
             mm_encoder_outputs=encoder_outputs or None,
             use_cache=True,
             **{self._cache_arg: cache},

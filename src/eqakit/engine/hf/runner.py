@@ -30,7 +30,7 @@ from eqakit.engine.hf.caches import LRUCache, PrefixState, VisualFeatures
 from eqakit.engine.hf.kv import KVBatch
 from eqakit.engine.hf.model import HFModel
 from eqakit.engine.hf.prepare import ImageSlot, Prepared
-from eqakit.engine.hf.sampling import choose_tokens, make_generator
+from eqakit.engine.hf.sampling import Sampler
 from eqakit.engine.hf.text import TextTracker
 from eqakit.engine.params import Completion, FinishReason
 
@@ -61,13 +61,11 @@ class Reuse:
 class _Row:
     """One sequence being decoded."""
 
-    def __init__(self, job: Job, tracker: TextTracker, device: torch.device) -> None:
+    def __init__(self, job: Job, tracker: TextTracker) -> None:
         self.job = job
         self.params = job.prepared.request.params
         self.tokens: list[int] = []
         self.next_position = job.prepared.next_position  # M-RoPE position of the next token fed
-        self.generator = make_generator(self.params, device)
-        self.seen = job.prepared.ids.tolist() if self.params.repetition_penalty != 1.0 else None
         self.tracker = tracker
 
     def push(self, token: int | Exception, eos: frozenset[int]) -> bool:
@@ -76,8 +74,6 @@ class _Row:
             _fail(self.job, token)
             return True
         self.tokens.append(token)
-        if self.seen is not None:
-            self.seen.append(token)
         reason: FinishReason | None = None
         if token in eos:
             reason = "stop"
@@ -151,6 +147,7 @@ class Runner:
         self.lock = lock
         self.rows: list[_Row] = []
         self.kv: KVBatch | None = None
+        self.sampler: Sampler | None = None  # the rows' decoding settings, in step with ``kv``
         self.num_layers = model.core.config.text_config.num_hidden_layers
 
     @property
@@ -228,10 +225,11 @@ class Runner:
         self, jobs: list[Job], features: list[list[VisualFeatures]], bases: list[PrefixState | None]
     ) -> None:
         logits, kv = self._prefill(jobs, features, bases)
-        rows = [_Row(job, self._tracker(job), self.model.device) for job in jobs]
-        tokens = choose_tokens(
-            logits, [r.params for r in rows], [r.seen for r in rows], [r.generator for r in rows]
+        rows = [_Row(job, self._tracker(job)) for job in jobs]
+        sampler = Sampler(
+            [r.params for r in rows], [job.prepared.ids for job in jobs], logits.shape[-1], logits.device
         )
+        tokens = sampler.choose(logits)
         keep = [
             i
             for i, (row, token) in enumerate(zip(rows, tokens, strict=True))
@@ -241,10 +239,12 @@ class Runner:
             return
         if len(keep) < len(rows):
             kv.select(keep)
-        if self.kv is None:
-            self.rows, self.kv = [rows[i] for i in keep], kv
+            sampler.select(keep)
+        if self.kv is None or self.sampler is None:
+            self.rows, self.kv, self.sampler = [rows[i] for i in keep], kv, sampler
         else:
             self.kv.merge(kv)
+            self.sampler.merge(sampler)
             self.rows += [rows[i] for i in keep]
 
     def _tracker(self, job: Job) -> TextTracker:
@@ -381,7 +381,7 @@ class Runner:
 
     def step(self) -> None:
         """Decode one token for every row; drop the rows that finished or were cancelled."""
-        if not self.rows or self.kv is None:
+        if not self.rows or self.kv is None or self.sampler is None:
             return
         with self.lock, torch.inference_mode():
             batch = len(self.rows)
@@ -395,26 +395,22 @@ class Runner:
             assert logits is not None
             for row in self.rows:
                 row.next_position += 1
-            tokens = choose_tokens(
-                logits,
-                [r.params for r in self.rows],
-                [r.seen for r in self.rows],
-                [r.generator for r in self.rows],
-            )
+            tokens = self.sampler.choose(logits)
             keep = [
                 i
                 for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True))
                 if not row.job.is_cancelled() and not row.push(token, self.eos)
             ]
             if not keep:
-                self.rows, self.kv = [], None
+                self.rows, self.kv, self.sampler = [], None, None
             elif len(keep) < batch:
                 self.kv.select(keep)
+                self.sampler.select(keep)
                 self.rows = [self.rows[i] for i in keep]
 
     def fail(self, error: BaseException) -> None:
         """Report ``error`` to every row in the batch and empty it (after a failed forward pass)."""
-        rows, self.rows, self.kv = self.rows, [], None
+        rows, self.rows, self.kv, self.sampler = self.rows, [], None, None
         for row in rows:
             _fail(row.job, error)
 
