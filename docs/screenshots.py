@@ -2,6 +2,7 @@
 
     make demo                                    # runs/demo (or any demo dir)
     .venv/bin/python docs/screenshots.py runs/demo
+    .venv/bin/python docs/screenshots.py runs/demo --out runs/demo/screenshots   # for its report.md
 
 The page is started the way the README says (`eqakit webui DEMO/configs/infer.yaml`), so every
 path it shows is the default it takes from that config. The OpenEQA tab asks the model its first
@@ -44,7 +45,7 @@ def wait_until_up(url: str, server: subprocess.Popen, seconds: float = 180) -> N
     raise SystemExit(f"eqakit webui did not answer at {url} within {seconds:.0f} s")
 
 
-def shoot(url: str, chromium: str) -> None:
+def shoot(url: str, chromium: str, out: Path) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -69,8 +70,9 @@ def shoot(url: str, chromium: str) -> None:
                 page.locator("#res-open").click()
                 page.wait_for_function("() => document.querySelector('#res-table').innerText.trim() !== ''")
             page.wait_for_timeout(1500)
-            page.screenshot(path=DOCS / f"webui-{tab.lower()}.png", full_page=True)
-            print(f"wrote {DOCS / f'webui-{tab.lower()}.png'}")
+            picture = out / f"webui-{tab.lower()}.png"
+            page.screenshot(path=picture, full_page=True)
+            print(f"wrote {picture}")
         browser.close()
 
 
@@ -78,7 +80,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demo_dir", type=Path, help="a finished `eqakit demo` directory")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--out", type=Path, default=DOCS, help="where the pictures go (default: docs/)")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     config = args.demo_dir / "configs" / "infer.yaml"
     port = free_port()
     eqakit = Path(sys.executable).with_name("eqakit")
@@ -88,7 +92,7 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_up(url, server)
-        shoot(url, args.chromium)
+        shoot(url, args.chromium, args.out)
     finally:
         server.terminate()
         server.wait(30)

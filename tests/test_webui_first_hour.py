@@ -122,19 +122,21 @@ def test_every_default_path_comes_from_the_config(demo: Path, page) -> None:
     assert box(page, "ev-split").input_value() == "toy"  # the dataset the dir registers
     assert box(page, "ev-out").input_value().startswith("runs/demo/predict-")
     box(page, "ev-adapter").click()
-    assert "runs/demo/lora" in page.locator("#ev-adapter").get_by_role("option").all_inner_texts()
+    assert "runs/demo/lora (final)" in page.locator("#ev-adapter").get_by_role("option").all_inner_texts()
     page.keyboard.press("Escape")
 
     page.get_by_role("tab", name="Results").click()
     assert box(page, "res-data").input_value() == data
+    assert box(page, "res-dir").input_value() == "runs/demo/tuned"  # the newest run, proposed
     watch(page, "#res-notice")
-    pick(page, "res-dir", "runs/demo/tuned")
+    page.locator("#res-open").click()
     wait_seen(page, "#res-notice", "2 predictions")
     page.wait_for_function("() => document.querySelector('#res-answer textarea').value === 'Red'")
     page.wait_for_function("() => document.querySelectorAll('#res-frames img').length >= 1")
     assert "What color is the ball?" in page.locator("#res-question-text").inner_text()
 
     page.get_by_role("tab", name="Export").click()
+    assert box(page, "exp-adapter").input_value() == "runs/demo/lora (final)"  # the newest adapter
     assert box(page, "exp-base").input_value() == "runs/demo/model"
 
 
@@ -142,9 +144,11 @@ def test_export_follows_the_adapters_base_and_shows_its_warning(demo: Path, page
     """Item 1: the base follows the adapter chosen (not the export that already holds it); a base on
     another path exports "Done, with a warning"; a used export dir names the checkbox; Load in Chat."""
     page.get_by_role("tab", name="Export").click()
+    box(page, "exp-adapter").fill("")  # choose it afresh: the tab proposes it already
+    box(page, "exp-adapter").press("Tab")
     box(page, "exp-base").fill("runs/demo/merged")
     box(page, "exp-base").press("Tab")
-    pick(page, "exp-adapter", "runs/demo/lora")
+    pick(page, "exp-adapter", "runs/demo/lora (final)")
     page.wait_for_function(
         "() => document.querySelector('#exp-base textarea, #exp-base input').value === 'runs/demo/model'"
     )

@@ -36,14 +36,14 @@ import json
 import shutil
 import sys
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from eqakit.data.template import NOTHINK, readable
+from eqakit.data.template import NOTHINK
 from eqakit.errors import EqakitError
+from eqakit.evaluate.baseline import blind_baseline, json_lines
 from eqakit.evaluate.report import METRIC_LABELS
 from eqakit.fsutil import write_text_atomic
 
@@ -118,6 +118,7 @@ METRICS = ("predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_roug
 SETTINGS_FILE = "demo.json"  # the options a demo directory was made with; a rerun must match them
 LOG_FILE = "demo.log"  # what the stages print (data reports, loss records), kept off the console
 REPORT_FILE = "report.md"
+SCREENSHOTS = "screenshots"  # where docs/screenshots.py --out puts its picture of each web UI tab
 
 
 def _write_config(path: Path, settings: dict[str, Any]) -> Path:
@@ -158,44 +159,9 @@ class _Progress:
             self.started = None
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def blind_baseline(data: Path) -> dict[str, Any]:
-    """Scores of answering each test question with its most common training answer, frames unseen.
-
-    This is the best a model that ignores the frames can learn from the training split, so a
-    fine-tuned model that beats its exact match must be reading the frames.
-    """
-    from eqakit.evaluate.metrics import score_predictions
-
-    def question(row: dict[str, Any]) -> str:
-        return readable(row["instruction"])
-
-    answers: dict[str, Counter] = defaultdict(Counter)
-    overall: Counter = Counter()  # for a test question never asked in training
-    for row in _rows(data / "open_eqa_train_val.jsonl"):
-        answers[question(row)][row["output"]] += 1
-        overall[row["output"]] += 1
-    guesses = [
-        {
-            "predict": (answers.get(question(row)) or overall).most_common(1)[0][0],
-            "label": row["output"],
-            "extra_answers": row.get("extra_answers"),
-            "category": row.get("category"),
-        }
-        for row in _rows(data / "open_eqa_test.jsonl")
-    ]
-    scores = score_predictions(guesses)
-    per_category = scores.pop("per_category")
-    return {**scores, "predict_per_category": per_category}
-
-
 def _same_answers(a: Path, b: Path) -> tuple[int, int]:
     def answers(path: Path) -> dict[str, str]:
-        rows = _rows(path / "generated_predictions.jsonl")
+        rows = json_lines(path / "generated_predictions.jsonl")
         return {r.get("question_id", r["prompt"]): r["predict"] for r in rows}
 
     first, second = answers(a), answers(b)
@@ -426,13 +392,34 @@ def _command() -> str:
     return str(here)
 
 
+def _screenshots(out: Path) -> list[str]:
+    """report.md's web UI section: the tabs as docs/screenshots.py took them on this demo, in the
+    order it took them (the page's), or how to take them: that needs Chromium, which the demo itself
+    does not need."""
+    shots = sorted((out / SCREENSHOTS).glob("*.png"), key=lambda shot: shot.stat().st_mtime)
+    lines = ["## The web UI on this demo", ""]
+    if not shots:
+        take = f".venv/bin/python docs/screenshots.py {out} --out {out / SCREENSHOTS}"
+        return [
+            *lines,
+            f"No screenshots yet: `{take}` takes one of each tab (it needs Playwright and Chromium); "
+            "run the demo again (its stages are done, so it only writes this report again) to show them here.",
+            "",
+        ]
+    for shot in shots:
+        lines += [f"![{shot.stem}]({SCREENSHOTS}/{shot.name})", ""]
+    return lines
+
+
 def _report(out: Path, summary: list[str]) -> str:
-    """report.md: the summary, the loss curve, a few answers side by side, and where everything is."""
-    tuned = _rows(out / "tuned" / "generated_predictions.jsonl")
-    base = {r["index"]: r["predict"] for r in _rows(out / "base" / "generated_predictions.jsonl")}
+    """report.md: the summary, the loss curve, the web UI's tabs, a few answers side by side, and
+    where everything is."""
+    tuned = json_lines(out / "tuned" / "generated_predictions.jsonl")
+    base = {r["index"]: r["predict"] for r in json_lines(out / "base" / "generated_predictions.jsonl")}
     lines = ["# eqakit demo", "", "```", *summary, "```", ""]
     if (out / "lora" / "training_loss.png").is_file():
         lines += ["## Training loss", "", "![training loss](lora/training_loss.png)", ""]
+    lines += _screenshots(out)
     lines += [
         "## Answers to the first test questions",
         "",
@@ -451,6 +438,7 @@ def _report(out: Path, summary: list[str]) -> str:
         "- `lora/`: the adapter, its checkpoints, `trainer_log.jsonl`",
         "- `base/`, `tuned/`, `merged_eval/`: predictions (`generated_predictions.jsonl`), scores and `report.md`",
         "- `merged/`: the merged model; `data/`: the prepared dataset; `synth/`: the rendered rooms",
+        f"- `{SCREENSHOTS}/`: the web UI's tabs on this demo, when taken",
         f"- `{LOG_FILE}`: everything the stages printed",
         "",
     ]

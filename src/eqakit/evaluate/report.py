@@ -32,11 +32,13 @@ def _metrics_in(*scores: Mapping[str, Any]) -> list[str]:
     return [key for key in METRIC_LABELS if any(key in s for s in scores)]
 
 
-def _fmt(value: Any) -> str:
+def score_cell(value: Any) -> str:
+    """A score as tables show it: two decimals, or "-" where there is none."""
     return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of ``rows`` under ``header``."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -45,22 +47,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def scores_markdown(scores: Mapping[str, Any]) -> str:
     """The overall table and, when the scores have categories, the per-category table."""
     metrics = _metrics_in(scores)
-    overall = _table(
+    overall = markdown_table(
         ["Samples", *(METRIC_LABELS[m] for m in metrics)],
-        [[str(scores.get("num_samples", "-")), *(_fmt(scores.get(m)) for m in metrics)]],
+        [[str(scores.get("num_samples", "-")), *(score_cell(scores.get(m)) for m in metrics)]],
     )
     parts = ["## Overall", "", overall]
     per_category: Mapping[str, Mapping[str, Any]] = scores.get("per_category") or {}
     if per_category:
         rows = [
-            [name, str(cat.get("num_samples", "-")), *(_fmt(cat.get(m)) for m in metrics)]
+            [name, str(cat.get("num_samples", "-")), *(score_cell(cat.get(m)) for m in metrics)]
             for name, cat in per_category.items()
         ]
         parts += [
             "",
             "## Per category",
             "",
-            _table(["Category", "Samples", *(METRIC_LABELS[m] for m in metrics)], rows),
+            markdown_table(["Category", "Samples", *(METRIC_LABELS[m] for m in metrics)], rows),
         ]
     return "\n".join(parts)
 
@@ -77,7 +79,7 @@ def write_report(
     """
     parts = [f"# {title}", ""]
     if extra:
-        parts += [_table(["Setting", "Value"], [[str(k), str(v)] for k, v in extra.items()]), ""]
+        parts += [markdown_table(["Setting", "Value"], [[str(k), str(v)] for k, v in extra.items()]), ""]
     parts += [scores_markdown(scores), ""]
     return write_text_atomic(path, "\n".join(parts))
 
@@ -92,6 +94,6 @@ def compare_table(
     for key in _metrics_in(a_scores, b_scores):
         a, b = a_scores.get(key), b_scores.get(key)
         delta = f"{b - a:+.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "-"
-        rows.append([METRIC_LABELS[key], _fmt(a), _fmt(b), delta])
+        rows.append([METRIC_LABELS[key], score_cell(a), score_cell(b), delta])
     rows.append(["Samples", str(a_scores.get("num_samples", "-")), str(b_scores.get("num_samples", "-")), ""])
-    return _table(["Metric", names[0], names[1], "Change"], rows)
+    return markdown_table(["Metric", names[0], names[1], "Change"], rows)

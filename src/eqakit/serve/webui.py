@@ -16,11 +16,14 @@ question: its frames, the reference answer and the model's answer side by side. 
 it survives a page reload. The Evaluate tab
 runs predict on a dataset and shows its score tables. The Results tab
 opens a predict run: its scores per category, its answers filtered by category and by wrong ones,
-each beside its reference and frames. The Export tab merges an adapter into its base (`eqakit
+each beside its reference and frames; and puts several runs side by side (base, tuned, the blind
+baseline), overall and per category. The Export tab merges an adapter into its base (`eqakit
 export`, with its progress). Load options: dtype, quantization and backend. Every tab's paths start
 from what the config leads to (`eqakit.serve.webui_paths.Workspace`: the merged model's base, its
-adapter's dataset dir and runs folder, new timestamped output dirs), and the next step is one
-click away: "Evaluate this adapter" after training, "Load in Chat" after an export.
+adapter's dataset dir and runs folder, new timestamped output dirs); the runs, adapters (each run's
+final one and its complete checkpoints) and datasets that exist are offered to pick, the newest
+run proposed; and the next step is one click away: "Evaluate this adapter" after training, "Load
+in Chat" after an export.
 
 Whoever reaches the page runs models, trains and writes files, so (`eqakit.serve.webui_access`):
 it binds to 127.0.0.1 unless --host says otherwise; it answers only a Host header naming loopback,

@@ -11,8 +11,9 @@ output_dir must lie inside the page's `WriteRoots`.
 
 The fields start from the web UI's config (`eqakit.serve.webui_paths.Workspace`): its model and
 adapter, the dataset dir it leads to, a new timestamped output dir. The adapter and the dataset are
-picked from what exists (adapters under the runs dir, the datasets dataset_info.json registers) or
-typed; the Train tab's "Evaluate this adapter" fills the model and adapter in.
+picked from what exists (each run's final adapter and complete checkpoints under the runs dir, the
+datasets dataset_info.json registers) or typed; the Train tab's "Evaluate this adapter" fills the
+model and adapter in.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from eqakit.evaluate.report import scores_markdown
 from eqakit.serve.webui_access import WriteRoots
 from eqakit.serve.webui_jobs import LOG_LINES, Job, tail
 from eqakit.serve.webui_model import UIError, error_line
-from eqakit.serve.webui_paths import Workspace, find_adapters, find_datasets
+from eqakit.serve.webui_paths import Workspace, adapter_choices, find_datasets
 from eqakit.serve.webui_results import read_predictions
 
 DEFAULT_SPLIT = "open_eqa_test"
+NO_ADAPTER = ("none (the model alone)", "")  # the adapter choice that evaluates the model itself
 
 
 def predict_keys(
@@ -102,10 +104,10 @@ def build_evaluate_tab(
                 place.model, label="Model path (base or merged)", scale=3, elem_id="ev-model"
             )
             adapter_box = gr.Dropdown(
-                ["", *find_adapters(place.root)],
+                [NO_ADAPTER, *adapter_choices(place.root)],
                 value=place.adapter,
                 allow_custom_value=True,
-                label="Adapter path (optional: pick a run or type a path)",
+                label="Adapter path (optional: pick a run or checkpoint, or type a path)",
                 scale=3,
                 elem_id="ev-adapter",
             )
@@ -147,7 +149,7 @@ def build_evaluate_tab(
                 yield error_line(exc), gr.skip(), gr.skip()
 
         data_box.blur(split_choices, [data_box, split_box], split_box, show_progress="hidden")
-        tab.select(lambda: gr.update(choices=["", *find_adapters(place.root)]), None, adapter_box)
+        tab.select(lambda: gr.update(choices=[NO_ADAPTER, *adapter_choices(place.root)]), None, adapter_box)
         run_btn.click(
             evaluate,
             [model_box, adapter_box, template_box, data_box, split_box, out_box, batch_box, *settings],

@@ -8,10 +8,13 @@ shards being written), and a warning it prints (an adapter trained on another pa
 shown in the status line. Writing is atomic, so an export stopped half-way leaves no export_dir that
 looks complete. The export_dir must lie inside the page's `WriteRoots`.
 
-The base model starts as the base the loaded model was exported from, and follows the adapter
-chosen (the base its adapter_config.json records): merging an adapter into a model that already
-holds it, the easy mistake when the loaded model is an export, is not the default. An export that
-is done is one click from the Chat tab ("Load in Chat").
+The adapter starts as the config's, else the newest under the runs dir (its final adapter, or
+its newest complete checkpoint while it trains); each run's checkpoints are offered beside its
+final adapter. The base model starts as the base that adapter records, else the base the loaded
+model was exported from, and follows the adapter chosen (the base its adapter_config.json
+records): merging an adapter into a model that already holds it, the easy mistake when the loaded
+model is an export, is not the default. An export that is done is one click from the Chat tab
+("Load in Chat").
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from eqakit.errors import EqakitError
 from eqakit.serve.webui_access import WriteRoots
 from eqakit.serve.webui_jobs import LOG_LINES, Job, tail, warnings
 from eqakit.serve.webui_model import UIError, error_line
-from eqakit.serve.webui_paths import Workspace, adapter_base, export_base, find_adapters
+from eqakit.serve.webui_paths import Workspace, adapter_base, adapter_choices, export_base, proposed
 
 REPLACE = "Replace a non-empty export dir"  # the checkbox, named by the message that needs it
 
@@ -66,12 +69,18 @@ def check_export_dir(export_dir: str, overwrite: bool) -> None:
         )
 
 
+def local_base(adapter: str) -> str | None:
+    """The base the (first) adapter records, when that model exists here (a hub id does not)."""
+    recorded = adapter_base(adapter.split(",")[0])
+    return recorded if recorded and Path(recorded).expanduser().exists() else None
+
+
 def follow_base(adapter: str, base: str) -> tuple[Any, str]:
     """(the base model field, a note): the base the chosen adapter was trained on, when it records
     one that exists here and the field names another model. Merging into another model (an export
     that already holds this adapter, say) is rarely meant; the user may still type it back."""
-    recorded = adapter_base(adapter.split(",")[0])
-    if not recorded or recorded == base.strip() or not Path(recorded).expanduser().exists():
+    recorded = local_base(adapter)
+    if not recorded or recorded == base.strip():
         return gr.skip(), ""
     why = f" ({base.strip()} is an export with its adapters merged in)" if export_base(base.strip()) else ""
     return recorded, f"Base model set to {recorded}, the model the adapter was trained on{why}."
@@ -82,19 +91,21 @@ def build_export_tab(roots: WriteRoots, place: Workspace, template: str) -> tupl
     not a model that already holds an adapter); the merged model is written inside ``roots``.
     Returns the "Load in Chat" button and the state holding the export dir it loads."""
     job = Job("export")
+    adapters = adapter_choices(place.root)
+    adapter = proposed(adapters, place.adapter)
     with gr.Tab("Export") as tab:
         gr.Markdown("Merge a LoRA adapter into its base model and write one self-contained model directory.")
         with gr.Row(equal_height=True):
             adapter_box = gr.Dropdown(
-                find_adapters(place.root),
-                value=place.adapter or None,
+                adapters,
+                value=adapter,
                 allow_custom_value=True,
-                label="Adapter path(s), comma-separated (pick a run or type a path)",
+                label="Adapter path(s), comma-separated (pick a run or checkpoint, or type a path)",
                 scale=3,
                 elem_id="exp-adapter",
             )
             base_box = gr.Textbox(
-                place.base,
+                (adapter and local_base(adapter)) or place.base,
                 label="Base model path (the adapter's own base: choosing an adapter fills it in)",
                 scale=3,
                 elem_id="exp-base",
@@ -138,7 +149,13 @@ def build_export_tab(roots: WriteRoots, place: Workspace, template: str) -> tupl
                 yield error_line(exc), gr.skip(), "", hidden
 
         adapter_box.change(follow_base, [adapter_box, base_box], [base_box, status], show_progress="hidden")
-        tab.select(lambda: gr.update(choices=find_adapters(place.root)), None, adapter_box)
+
+        def relist(current: str | None) -> Any:
+            """The adapters listed again: the chosen one kept, else the newest proposed."""
+            found = adapter_choices(place.root)
+            return gr.update(choices=found, value=proposed(found, current))
+
+        tab.select(relist, adapter_box, adapter_box)
         export_btn.click(
             export,
             [base_box, adapter_box, template_box, dir_box, size_box, overwrite_box],

@@ -9,12 +9,17 @@ the folder that run sits in, where new runs are proposed (timestamped, as LLaMA 
 existing ones are listed. A key the config sets itself always wins.
 
 The listing functions look only a few levels down (runs are folders of a runs folder), skip hidden
-folders, and return newest first; a field offering them still takes any typed path.
+folders, and return newest first (by the time the run last wrote its output), so a field that
+starts on the first offers the run just made; a field offering them still takes any typed path.
+Adapters are offered per run: its final adapter, labelled "(final)", then its checkpoints (only
+those the trainer marked complete: a folder a killed save left is not one to evaluate, merge or
+resume from), so a user can tell an end result from a step on the way.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +31,13 @@ from eqakit.config import Config
 from eqakit.data.dataset import read_dataset_info
 from eqakit.errors import EqakitError
 from eqakit.model.adapters import export_record
+from eqakit.train.callbacks import COMPLETE_MARKER
 
 TRAIN_RECORD = "eqakit_config.yaml"  # written by `eqakit train` into its output_dir
 ADAPTER_CONFIG = "adapter_config.json"
 PREDICTIONS = "generated_predictions.jsonl"
-SEARCH_DEPTH = 2  # runs_dir/run and runs_dir/run/checkpoint-N
+SEARCH_DEPTH = 2  # runs_dir/group/run (a run's checkpoint-N folders are looked for in each run)
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # the Trainer's name for the folder of step N
 SKIPPED = {"node_modules", "__pycache__", "site-packages"}
 
 
@@ -156,9 +163,43 @@ def _holding(root: Path, name: str) -> list[str]:
     return [str(p) for p in sorted(hits, key=lambda p: (p / name).stat().st_mtime, reverse=True)]
 
 
-def find_adapters(root: Path) -> list[str]:
-    """LoRA adapters under ``root`` (adapter_config.json: trained runs, their checkpoints), newest first."""
-    return _holding(root, ADAPTER_CONFIG)
+def complete_checkpoints(run: Path) -> list[Path]:
+    """The checkpoint-N folders of ``run`` the trainer finished writing (COMPLETE_MARKER), highest
+    step first: the ones it is safe to resume from, evaluate or merge."""
+    steps = []
+    for path in run.glob("checkpoint-*"):
+        match = CHECKPOINT.fullmatch(path.name)
+        if match and (path / COMPLETE_MARKER).is_file():
+            steps.append((int(match[1]), path))
+    return [path for _, path in sorted(steps, reverse=True)]
+
+
+def checkpoint_choices(output_dir: str) -> list[str]:
+    """The complete checkpoints of the run in ``output_dir``, highest step first (none for an empty field)."""
+    return (
+        [str(p) for p in complete_checkpoints(Path(output_dir.strip()).expanduser())]
+        if output_dir.strip()
+        else []
+    )
+
+
+def adapter_choices(root: Path) -> list[tuple[str, str]]:
+    """The LoRA adapters under ``root`` as (label, path): per run, its final adapter ("runs/x (final)")
+    then its complete checkpoints ("runs/x/checkpoint-40"); runs newest first, by their newest
+    adapter_config.json (a run still training offers its checkpoints alone)."""
+    runs = []
+    for folder in _folders(root):
+        if CHECKPOINT.fullmatch(folder.name):
+            continue  # offered with its run
+        adapters = [p for p in complete_checkpoints(folder) if (p / ADAPTER_CONFIG).is_file()]
+        choices = [(str(p), str(p)) for p in adapters]
+        if (folder / ADAPTER_CONFIG).is_file():
+            adapters.append(folder)
+            choices.insert(0, (f"{folder} (final)", str(folder)))
+        if adapters:
+            runs.append((max((p / ADAPTER_CONFIG).stat().st_mtime for p in adapters), choices))
+    runs.sort(key=lambda run: run[0], reverse=True)
+    return [choice for _, choices in runs for choice in choices]
 
 
 def find_predict_runs(root: Path) -> list[str]:
@@ -174,3 +215,10 @@ def find_datasets(dataset_dir: str) -> list[str]:
         return list(read_dataset_info(Path(dataset_dir.strip()).expanduser()))
     except EqakitError:
         return []
+
+
+def proposed(choices: list[str] | list[tuple[str, str]], current: str | None) -> str | None:
+    """The value a dropdown shows once ``choices`` are listed again: the user's own, else the newest
+    (the first), so a run made since the page opened is the one proposed."""
+    values = [c[1] if isinstance(c, tuple) else c for c in choices]
+    return current or (values[0] if values else None)

@@ -7,8 +7,15 @@ OpenEQA's extra answers) and summed up in the overall and per-category tables of
 Filter by category and by wrong answers (exact match 0), pick a question, and see its frames,
 the reference and the model's answer side by side. Frames are read from the dataset directory the
 rows' image paths are relative to, under the same rule as training: inside it, unless
-``allow_outside_media``. The predict runs under the web UI's runs dir are offered to pick (a
-typed path works too); an opened run shows its first question at once.
+``allow_outside_media``. The predict runs under the web UI's runs dir are offered to pick, the
+newest first and proposed (a typed path works too); an opened run shows its first question at once.
+
+"Runs side by side" puts several predict runs in one table, one row each (base, tuned, merged...):
+the scores `eqakit predict` wrote when it finished (predict_results.json), or for a run cut short
+its answers so far, scored here; then exact match per category, one column per run. When the
+dataset dir holds `eqakit prepare openeqa`'s splits, the blind baseline (each test question answered
+with its most common training answer, frames unseen) is a row too: a tuned model below it in a
+category is not reading the frames there. Runs made since the page listed them join the table.
 """
 
 from __future__ import annotations
@@ -21,13 +28,18 @@ import gradio as gr
 
 from eqakit.data.template import readable
 from eqakit.errors import EqakitError
-from eqakit.evaluate.metrics import sample_scores, score_predictions
+from eqakit.evaluate.baseline import blind_baseline
+from eqakit.evaluate.metrics import sample_scores, score_predictions, sort_categories
 from eqakit.evaluate.predict import PREDICTIONS
-from eqakit.evaluate.report import scores_markdown
+from eqakit.evaluate.report import METRIC_LABELS, markdown_table, score_cell, scores_markdown
 from eqakit.serve.webui_model import UIError, error_line, open_image
-from eqakit.serve.webui_paths import Workspace, find_predict_runs
+from eqakit.serve.webui_paths import Workspace, find_predict_runs, proposed, read_json
 
 ALL = "All categories"
+RESULTS = "predict_results.json"  # the scores `eqakit predict` writes when it finishes
+COMPARED = 6  # the newest runs put side by side when the page starts
+BLIND = "blind baseline"
+EM = "predict_exact_match"
 
 
 def read_predictions(out_dir: str) -> list[dict[str, Any]]:
@@ -107,13 +119,74 @@ def frames_of(row: dict[str, Any], dataset_dir: str, allow_outside_media: bool) 
     return images
 
 
+def run_scores(out_dir: str) -> tuple[dict[str, Any], bool]:
+    """A predict run's scores (overall, ``num_samples``, ``per_category``) and whether it finished:
+    predict_results.json when it did, else its answers so far scored as predict scores them (raises
+    UIError when there are none)."""
+    results = read_json(Path(out_dir.strip()).expanduser() / RESULTS)
+    if results:
+        per_category = results.get("predict_per_category") or {}
+        return {**results, "num_samples": results.get("predict_samples"), "per_category": per_category}, True
+    return score_predictions(read_predictions(out_dir)), False
+
+
+def blind_scores(dataset_dir: str) -> dict[str, Any] | None:
+    """The blind baseline of a dataset dir `eqakit prepare openeqa` wrote (its train_val and test
+    splits), or None for any other dir: without those splits there is nothing to answer blind from."""
+    try:
+        scores = blind_baseline(Path(dataset_dir.strip()).expanduser())
+    except (OSError, KeyError, ValueError, EqakitError):
+        return None
+    return {**scores, "per_category": scores.pop("predict_per_category")}
+
+
+def compare_markdown(named: list[tuple[str, dict[str, Any]]]) -> str:
+    """One row per run with its overall scores, then exact match per category with a column per run
+    (``named``: each run's name and `run_scores`): where a tuned model gains on its base, and where
+    it is still below the blind baseline."""
+    metrics = [key for key in METRIC_LABELS if any(key in scores for _, scores in named)]
+    rows = [
+        [name, str(s.get("num_samples", "-")), *(score_cell(s.get(m)) for m in metrics)] for name, s in named
+    ]
+    parts = [markdown_table(["Run", "Samples", *(METRIC_LABELS[m] for m in metrics)], rows)]
+    categories = sort_categories(c for _, scores in named for c in scores["per_category"])
+    if categories:
+        rows = [
+            [c, *(score_cell(s["per_category"].get(c, {}).get(EM)) for _, s in named)] for c in categories
+        ]
+        parts += [
+            "**Exact match per category**",
+            markdown_table(["Category", *(name for name, _ in named)], rows),
+        ]
+    return "\n\n".join(parts)
+
+
+def compare_runs(out_dirs: list[str] | None, dataset_dir: str) -> str:
+    """Markdown: the chosen predict runs side by side, the blind baseline last (when the dataset dir
+    has one); a run that cannot be read is named with why, the others still shown."""
+    named, problems = [], []
+    for out_dir in out_dirs or []:
+        try:
+            scores, finished = run_scores(out_dir)
+        except UIError as exc:
+            problems.append(exc)
+            continue
+        named.append((out_dir if finished else f"{out_dir} (unfinished)", scores))
+    blind = blind_scores(dataset_dir) if named else None
+    if blind is not None:
+        named.append((BLIND, blind))
+    shown = compare_markdown(named) if named else "Pick predict runs to put side by side."
+    return f"{error_line(problems)}\n\n{shown}" if problems else shown
+
+
 def build_results_tab(place: Workspace, allow_outside_media: bool) -> None:
     """The Results tab (inside the caller's gr.Blocks); ``place`` gives the runs offered and the dataset dir."""
+    runs = find_predict_runs(place.root)
     with gr.Tab("Results") as tab:
         with gr.Row(equal_height=True):
             out_box = gr.Dropdown(
-                find_predict_runs(place.root),
-                value=None,
+                runs,
+                value=proposed(runs, None),
                 allow_custom_value=True,
                 label="Predict run (its output dir: pick one or type a path)",
                 scale=4,
@@ -138,7 +211,18 @@ def build_results_tab(place: Workspace, allow_outside_media: bool) -> None:
                 )
                 answer = gr.Textbox(label="Model answer", interactive=False, elem_id="res-answer")
                 scores = gr.Markdown(elem_id="res-scores")
+        with gr.Accordion("Runs side by side", open=True):
+            compare_box = gr.Dropdown(
+                runs,
+                value=runs[:COMPARED][::-1],  # oldest first: base, tuned, merged, in the order they were made
+                multiselect=True,
+                allow_custom_value=True,
+                label="Predict runs (one row each; pick more or type a path)",
+                elem_id="res-compare",
+            )
+            compare_table = gr.Markdown(elem_id="res-compare-table")
         rows_state = gr.State([])
+        listed = gr.State(runs)  # the runs the page offered last: any other is new since
 
         def open_run(out_dir: str | None) -> tuple[Any, ...]:
             try:
@@ -184,7 +268,22 @@ def build_results_tab(place: Workspace, allow_outside_media: bool) -> None:
         outputs = [rows_state, notice, table, category_box, question_box]
         open_btn.click(open_run, [out_box], outputs)
         out_box.input(open_run, [out_box], outputs)
-        tab.select(lambda: gr.update(choices=find_predict_runs(place.root)), None, out_box)
+
+        def relist(current: str | None, compared: list[str] | None, offered: list[str]) -> tuple[Any, ...]:
+            """The runs listed again: the picked run kept (or the newest proposed); runs made since the
+            last listing join the comparison."""
+            found = find_predict_runs(place.root)
+            new = [run for run in reversed(found) if run not in offered]
+            return (
+                gr.update(choices=found, value=proposed(found, current)),
+                gr.update(choices=found, value=[*(compared or []), *new]),
+                found,
+            )
+
+        tab.select(relist, [out_box, compare_box, listed], [out_box, compare_box, listed]).then(
+            compare_runs, [compare_box, data_box], compare_table
+        )
+        compare_box.input(compare_runs, [compare_box, data_box], compare_table)
         for box in (category_box, wrong_box):
             box.change(refilter, [rows_state, category_box, wrong_box], [question_box, notice])
         question_box.change(

@@ -9,7 +9,8 @@ server, not to the page, so a reloaded page finds it again (the newest run refil
 it runs, the page reads output_dir/trainer_log.jsonl (the file LLaMA-Factory's board reads too):
 step / total, samples/s, ETA and the train and eval loss curves, beside the last log lines. "Stop"
 sends SIGTERM: the step finishes, a complete checkpoint is saved and the process exits (see
-`eqakit.train.callbacks.StopOnSignal`); "Resume" starts it again from the newest checkpoint.
+`eqakit.train.callbacks.StopOnSignal`); "Resume" starts it again from the checkpoint chosen beside
+it: the output dir's complete checkpoints, the newest proposed.
 What the page says next (after a stop, or when Start or Resume cannot run) follows what the output
 dir holds, in the page's words: press Resume where a checkpoint is, Start where none is, tick
 "Replace a non-empty output dir" or take the proposed new output dir otherwise. A new run's plot
@@ -46,7 +47,7 @@ from eqakit.fsutil import write_text_atomic
 from eqakit.serve.webui_access import WriteRoots
 from eqakit.serve.webui_jobs import LOG_LINES, Command, tail
 from eqakit.serve.webui_model import UIError, error_line
-from eqakit.serve.webui_paths import Workspace
+from eqakit.serve.webui_paths import Workspace, checkpoint_choices, proposed
 from eqakit.train.callbacks import newest_complete_checkpoint
 
 # The form: (key, label, kind). Everything else a loaded config holds is kept unchanged.
@@ -306,12 +307,20 @@ class TrainRuns:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(
-        self, keys: dict[str, Any], resume: bool, config_file: str = "", proposal: str = ""
+        self,
+        keys: dict[str, Any],
+        resume: bool,
+        config_file: str = "",
+        proposal: str = "",
+        checkpoint: str | None = None,
     ) -> TrainRun:
+        """Start `eqakit train` on ``keys``; with ``resume``, from ``checkpoint`` (else the newest
+        complete one), which the run's keys then name: the run resumes from the checkpoint the page
+        said, even if another is saved meanwhile."""
         from eqakit.train.sft import resolve_resume  # the CLI's own output_dir and checkpoint checks
 
         if resume:
-            keys = {**keys, "resume_from_checkpoint": True}
+            keys = {**keys, "resume_from_checkpoint": checkpoint or True}
         cfg = check_keys(keys)
         out = Path(keys["output_dir"]).expanduser().resolve()
         with self.lock:
@@ -320,9 +329,11 @@ class TrainRuns:
                 raise UIError(f"a run is already writing to {out}: Stop it first")
             check_output_dir(out, resume, bool(keys.get("overwrite_output_dir")), proposal)
             try:
-                resolve_resume(cfg)
+                source = resolve_resume(cfg)
             except EqakitError as exc:
                 raise UIError(str(exc)) from None
+            if source is not None:
+                keys = {**keys, "resume_from_checkpoint": source}
             if live is not None:
                 live.command.remove()
             run = TrainRun(out, keys, Command("train", keys), resume, config_file)
@@ -392,6 +403,13 @@ def build_train_tab(
             start_btn = gr.Button("Start", variant="primary", elem_id="tr-start")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="tr-stop")
             resume_btn = gr.Button("Resume", elem_id="tr-resume")
+            checkpoints = checkpoint_choices(initial[3])
+            resume_box = gr.Dropdown(
+                checkpoints,
+                value=proposed(checkpoints, None),
+                label="Resume from (the output dir's complete checkpoints)",
+                elem_id="tr-resume-from",
+            )
         notice = gr.Markdown(elem_id="tr-notice")  # what the last button did (or why it could not)
         status = gr.Markdown(elem_id="tr-status")  # the watched run, refreshed while it runs
         plot = gr.LinePlot(
@@ -422,17 +440,22 @@ def build_train_tab(
             note = f"Loaded {path.strip()}: {len(keys)} keys, {shown} of them in the form; the others run as written."
             return (keys, note, *form_values(keys))
 
-        def start(resume: bool, config_file: str, keys: dict[str, Any], *fields: Any) -> tuple[str, Any]:
+        def start(
+            resume: bool, checkpoint: str | None, config_file: str, keys: dict[str, Any], *fields: Any
+        ) -> tuple[str, Any]:
             try:
                 if config_file.strip():
                     roots.check(config_file, "config file")
                 run_config = run_keys(keys, list(fields))
                 roots.check_keys(run_config)
-                run = runs.start(run_config, resume, config_file, place.propose("train"))
+                run = runs.start(run_config, resume, config_file, place.propose("train"), checkpoint)
             except UIError as exc:
                 return error_line(exc), gr.skip()
-            verb = "Resumed" if resume else "Started"
-            return f"{verb} `eqakit train` writing to {run.output_dir}", gr.Timer(active=True)
+            if resume:
+                begun = f"Resumed `eqakit train` from {run.keys['resume_from_checkpoint']}, writing"
+            else:
+                begun = "Started `eqakit train` writing"
+            return f"{begun} to {run.output_dir}", gr.Timer(active=True)
 
         def stop(output_dir: str) -> tuple[str, Any]:
             run = runs.find(output_dir)
@@ -470,7 +493,18 @@ def build_train_tab(
             trained = (
                 bool(output_dir.strip()) and not live and (folder / "adapter_model.safetensors").is_file()
             )
-            return text, frame, lines, len(records), gr.Timer(active=live), gr.Button(visible=trained)
+            # the checkpoints to resume from, listed again once a run is over (not while it saves more)
+            saved = checkpoint_choices(output_dir)
+            resumable = gr.skip() if live else gr.update(choices=saved, value=proposed(saved, None))
+            return (
+                text,
+                frame,
+                lines,
+                len(records),
+                gr.Timer(active=live),
+                gr.Button(visible=trained),
+                resumable,
+            )
 
         def attach() -> tuple[Any, ...]:
             """A page opened (or reloaded) while runs exist shows the newest one."""
@@ -491,13 +525,16 @@ def build_train_tab(
         boxes[1].change(datasets_table, boxes[1], datasets, show_progress="hidden")
         save_btn.click(partial(save_config, roots), [save_box, yaml_box], load_status, api_name="save_config")
         start_btn.click(
-            partial(start, False), [config_box, loaded, *boxes], [notice, timer], api_name="train_start"
+            partial(start, False, None), [config_box, loaded, *boxes], [notice, timer], api_name="train_start"
         )
         resume_btn.click(
-            partial(start, True), [config_box, loaded, *boxes], [notice, timer], api_name="train_resume"
+            partial(start, True),
+            [resume_box, config_box, loaded, *boxes],
+            [notice, timer],
+            api_name="train_resume",
         )
         stop_btn.click(stop, boxes[3], [notice, timer])
-        watched = [status, plot, log, seen, timer, evaluate_btn]
+        watched = [status, plot, log, seen, timer, evaluate_btn, resume_box]
         timer.tick(poll, [boxes[3], seen], watched, show_progress="hidden")
         # another output dir: show its run (or its trainer_log.jsonl) and draw its curve afresh
         boxes[3].change(lambda out: poll(out, -1), boxes[3], watched, show_progress="hidden")
