@@ -80,6 +80,47 @@ def write_toy_dataset(
     return root
 
 
+def write_toy_preferences(
+    root: Path, episodes: int = 4, questions: int = 2, formatting: str = "sharegpt"
+) -> Path:
+    """A preference dataset (``ranking: true``) over the toy episodes' frames, registered as
+    ``prefs``: each question's chosen answer is the ball's colour, the rejected one another colour
+    (in a longer phrase, so the two sides differ in length)."""
+    import json
+
+    write_toy_dataset(root, episodes=episodes, questions=questions)
+    names = list(COLORS)
+    rows = []
+    for row in map(json.loads, (root / "toy.jsonl").read_text().splitlines()):
+        wrong = names[(names.index(row["output"].lower()) + 1) % len(names)]
+        chosen, rejected = row["output"], f"I think it is {wrong}, probably."
+        if formatting == "sharegpt":
+            rows.append(
+                {
+                    "conversations": [{"from": "human", "value": row["instruction"]}],
+                    "chosen": {"from": "gpt", "value": chosen},
+                    "rejected": {"from": "gpt", "value": rejected},
+                    "images": row["images"],
+                }
+            )
+        else:
+            rows.append(
+                {
+                    "instruction": row["instruction"],
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "images": row["images"],
+                }
+            )
+    (root / "prefs.json").write_text(json.dumps(rows), encoding="utf-8")
+    info = json.loads((root / "dataset_info.json").read_text())
+    columns = {"chosen": "chosen", "rejected": "rejected", "images": "images"}
+    columns |= {"messages": "conversations"} if formatting == "sharegpt" else {"prompt": "instruction"}
+    info["prefs"] = {"file_name": "prefs.json", "ranking": True, "formatting": formatting, "columns": columns}
+    (root / "dataset_info.json").write_text(json.dumps(info))
+    return root
+
+
 def assert_close_to_scale(actual, expected, rel: float = 1e-6) -> None:
     """Float tensors equal within ``rel`` of ``expected``'s largest magnitude.
 

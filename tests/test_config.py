@@ -125,7 +125,7 @@ def test_adapter_paths_split_on_commas(tmp_path: Path) -> None:
             "template=llama3",
             "key 'template': 'llama3' is not allowed; choose one of: qwen3_vl_nothink, qwen3_vl",
         ),
-        ("stage=dpo", "key 'stage': 'dpo' is not allowed; choose one of: sft"),
+        ("stage=ppo", "key 'stage': 'ppo' is not allowed; choose one of: sft, dpo"),
         (
             "finetuning_type=oft",
             "key 'finetuning_type': 'oft' is not allowed; choose one of: lora, full, freeze",
@@ -374,6 +374,22 @@ def test_vllm_keys_take_llama_factorys_meanings_and_contradictions_are_named(tmp
             ["finetuning_type=freeze", "freeze_trainable_layers=0"],
             "freeze_trainable_layers: 0 trains no layer",
         ),
+        (["pref_beta=0.2"], "pref_beta applies to stage: dpo, not sft: remove it"),
+        (
+            ["stage=dpo", "pref_loss=orpo", "dpo_label_smoothing=0.1"],
+            "dpo_label_smoothing applies to pref_loss: sigmoid",
+        ),
+        (["stage=dpo", "simpo_gamma=1.0"], "simpo_gamma applies to pref_loss: simpo, not sigmoid"),
+        (
+            ["stage=dpo", "pref_loss=ipo"],
+            "key 'pref_loss': 'ipo' is not allowed; choose one of: sigmoid, orpo, simpo",
+        ),
+        (["stage=dpo", "val_size=0.1"], "stage: dpo does not evaluate on held-out pairs yet"),
+        (["stage=dpo", "train_on_prompt=true"], "train_on_prompt has no effect with stage: dpo"),
+        (
+            ["pref_bco_weight=0.5"],
+            "'pref_bco_weight' is a LLaMA-Factory option eqakit does not support (eqakit's DPO",
+        ),
         (
             ["preprocessing_batch_size=10", "preprocessing_num_workers=1"],
             "set preprocessing_num_workers to 2 or more",
@@ -511,6 +527,10 @@ LF_FULL_SFT = {  # examples/train_full/qwen3vl_full_sft.yaml: the LoRA example's
     "freeze_language_model": False, "deepspeed": "examples/deepspeed/ds_z3_config.json",
     "output_dir": "saves/qwen3-vl-4b/full/sft", "gradient_accumulation_steps": 2, "learning_rate": 1.0e-5,
 }  # fmt: skip
+LF_LORA_DPO = {  # examples/train_lora/qwen3vl_lora_dpo.yaml
+    **LF_LORA_SFT, "stage": "dpo", "pref_beta": 0.1, "pref_loss": "sigmoid", "dataset": "rlhf_v",
+    "output_dir": "saves/qwen3-vl-4b/lora/dpo", "learning_rate": 5.0e-6,
+}  # fmt: skip
 LF_INFERENCE = {
     "model_name_or_path": "Qwen/Qwen3-VL-4B-Instruct", "template": "qwen3_vl_nothink",
     "infer_backend": "huggingface", "trust_remote_code": True,
@@ -541,6 +561,8 @@ def test_llama_factorys_qwen3_vl_examples_validate(tmp_path: Path) -> None:
     with contextlib.chdir(tmp_path):  # LLaMA-Factory's examples name it relative to its root
         full = load_config("train", write(tmp_path, yaml.safe_dump(LF_FULL_SFT)))
     assert full.finetuning.finetuning_type == "full" and full.training.learning_rate == 1.0e-5
+    dpo = load_config("train", write(tmp_path, yaml.safe_dump(LF_LORA_DPO)))
+    assert dpo.finetuning.stage == "dpo" and dpo.finetuning.pref_beta == 0.1
 
     logged = load_config("train", write(tmp_path, yaml.safe_dump({**LF_LORA_SFT, "logging_dir": "~/tb"})))
     assert training_environment(logged) == {"TENSORBOARD_LOGGING_DIR": str(Path("~/tb").expanduser())}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_toy_dataset
+from conftest import write_toy_dataset, write_toy_preferences
 from test_webui import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, wait_seen, watch, webui_server
 from test_webui_first_hour import box, pick
 
@@ -187,6 +187,38 @@ def test_train_tab_resumes_from_the_checkpoint_picked(page, tiny_model_dir: Path
     )
     status = page.locator("#tr-status").inner_text()
     assert "valid checkpoint at runs/new-lora/checkpoint-2" in status, status
+
+
+def test_train_tab_offers_dpo_and_full_tuning(workdir: Path, page, tiny_model_dir: Path) -> None:
+    """Issue 25: the Train tab's Stage and Method dropdowns run `stage: dpo` with full tuning on a
+    preference dataset: the LoRA keys the form shows stay out of that run, the run finishes with a
+    whole model and LLaMA-Factory's DPO metrics in trainer_log.jsonl."""
+    write_toy_preferences(workdir / "prefs", episodes=2, questions=1)
+    page.get_by_role("tab", name="Train").click()
+    box(page, "tr-model_name_or_path").fill(str(tiny_model_dir))
+    box(page, "tr-dataset_dir").fill("prefs")
+    box(page, "tr-dataset").fill("prefs")
+    box(page, "tr-output_dir").fill("runs/dpo-full")
+    assert options(page, "tr-stage") == ["sft", "dpo"]
+    pick(page, "tr-stage", "dpo")
+    pick(page, "tr-finetuning_type", "full")
+    pick(page, "tr-pref_loss", "orpo")
+    box(page, "tr-num_train_epochs").fill("1")
+    box(page, "tr-per_device_train_batch_size").fill("2")
+    box(page, "tr-logging_steps").fill("1")
+    watch(page, "#tr-notice")
+    page.locator("#tr-start").click()
+    assert "Started" in wait_seen(page, "#tr-notice", "Started"), page.locator("#tr-notice").inner_text()
+    page.wait_for_function(
+        "() => document.querySelector('#tr-status').innerText.includes('Finished')", timeout=120_000
+    )
+    assert "the model is in" in page.locator("#tr-status").inner_text()
+    out = workdir / "runs" / "dpo-full"
+    assert (out / "model.safetensors").is_file()
+    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert "rewards/accuracies" in records[0] and "odds_ratio_loss" in records[0]
+    ran = (out / "eqakit_config.yaml").read_text()
+    assert "stage: dpo" in ran and "finetuning_type: full" in ran and "lora_rank" not in ran
 
 
 def test_results_tab_puts_runs_and_the_blind_baseline_side_by_side(workdir: Path, page) -> None:

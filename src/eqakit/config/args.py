@@ -143,7 +143,11 @@ class FinetuningArguments:
     """What is trained: LoRA on the language model by default (vision side frozen); all weights
     (``full``) or the last layers (``freeze``) of the parts not frozen, as LLaMA-Factory trains them."""
 
-    stage: str = _f("sft", "Training stage; eqakit implements supervised fine-tuning.", choices=("sft",))
+    stage: str = _f(
+        "sft",
+        "Training stage: sft (supervised fine-tuning) or dpo (preference tuning on chosen/rejected pairs).",
+        choices=("sft", "dpo"),
+    )
     finetuning_type: str = _f(
         "lora",
         "lora: train low-rank adapters; full: every weight of the parts not frozen; freeze: the "
@@ -197,6 +201,29 @@ class FinetuningArguments:
         "finetuning_type: freeze: modules outside the layers that train too (a comma list such as "
         "embed_tokens,norm; matched as substrings of parameter names, as in LLaMA-Factory).",
     )
+    pref_beta: float = _f(
+        0.1,
+        "stage: dpo: beta, the weight of the log-ratio to the reference (sigmoid), of the odds ratio "
+        "(orpo), the reward scale (simpo).",
+        min=0.0,
+        min_exclusive=True,
+    )
+    pref_loss: str = _f(
+        "sigmoid",
+        "stage: dpo: the preference loss: sigmoid (DPO, against the reference model), orpo or simpo "
+        "(no reference).",
+        choices=("sigmoid", "orpo", "simpo"),
+    )
+    pref_ftx: float = _f(
+        0.0, "stage: dpo: weight of the chosen answer's SFT loss (mean token NLL) added to the loss.", min=0.0
+    )
+    dpo_label_smoothing: float = _f(
+        0.0,
+        "stage: dpo with pref_loss: sigmoid: the chance the preference label is wrong (robust DPO).",
+        min=0.0,
+        max=0.5,
+    )
+    simpo_gamma: float = _f(0.5, "stage: dpo with pref_loss: simpo: the target reward margin.")
     plot_loss: bool = _f(False, "Save training_loss.png and training_eval_loss.png in output_dir.")
     # TrainingArguments keys transformers dropped after 5.6, which LLaMA-Factory 0.9.5 (and 51 of its
     # example files) still take: kept with their old meaning.

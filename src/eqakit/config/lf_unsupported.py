@@ -10,7 +10,7 @@ LLAMA_FACTORY_UNSUPPORTED: frozenset[str] = frozenset(
     adapter_folder apollo_rank apollo_scale apollo_target apollo_update_interval
     audio_sampling_rate badam_mode badam_start_block badam_switch_mode badam_switch_interval
     badam_update_ratio block_diag_attn booster buffer_size crop_to_patches data_shared_file_system
-    disable_shuffling double_quantization dpo_label_smoothing
+    disable_shuffling double_quantization 
     enable_liger_kernel eval_num_beams eval_on_each_dataset export_hub_model_id export_quantization_bit
     export_quantization_dataset export_quantization_maxlen export_quantization_nsamples
     galore_layerwise galore_proj_type
@@ -19,10 +19,10 @@ LLAMA_FACTORY_UNSUPPORTED: frozenset[str] = frozenset(
     kto_rejected_weight ld_alpha length_penalty loraplus_lr_embedding low_cpu_mem_usage max_length mix_strategy
     mixture_of_depths moe_aux_loss_coef ms_hub_token neat_packing new_special_tokens offload_folder
     om_hub_token overwrite_cache pissa_convert pissa_init pissa_iter ppo_buffer_size ppo_epochs ppo_score_norm ppo_target
-    ppo_whiten_rewards pref_beta pref_ftx pref_loss print_param_status quantization_device_map
+    ppo_whiten_rewards pref_bco_weight print_param_status quantization_device_map
     quantization_type ref_model ref_model_adapters ref_model_quantization_bit resize_vocab reward_model
     reward_model_adapters reward_model_quantization_bit reward_model_type rope_scaling sglang_config
-    sglang_maxlen sglang_mem_fraction sglang_tp_size shift_attn simpo_gamma split_special_tokens streaming
+    sglang_maxlen sglang_mem_fraction sglang_tp_size shift_attn split_special_tokens streaming
     swanlab_api_key swanlab_mode swanlab_project swanlab_run_name swanlab_workspace tokenized_path tool_format
     train_from_scratch train_mm_proj_only upcast_layernorm upcast_lmhead_output use_adam_mini use_apollo
     use_audio_in_video use_badam use_cache use_galore use_kt use_llama_pro use_mca use_muon
@@ -44,5 +44,7 @@ REASONS: dict[str, str] = {
     ),
     "pissa_iter": "it tunes PiSSA's initialisation (pissa_init), which eqakit does not run",
     "pissa_convert": "it converts a PiSSA adapter (pissa_init), which eqakit does not train",
+    "pref_bco_weight": "eqakit's DPO has no BCO term; pref_loss sigmoid, orpo and simpo",
+    "ref_model": "eqakit's DPO reference is the base model: LoRA with the adapter off, full or freeze a frozen copy",
 }
 """Why eqakit refuses a key, where the bare refusal would leave a user guessing."""

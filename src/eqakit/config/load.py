@@ -420,6 +420,43 @@ def _tuning_method_problems(get: Any, given: set[str]) -> list[str]:
     return problems
 
 
+PREFERENCE_KEYS = ("pref_beta", "pref_loss", "pref_ftx", "dpo_label_smoothing", "simpo_gamma")
+
+
+def _preference_problems(get: Any, given: set[str]) -> list[str]:
+    """``stage: dpo`` and its keys: each key where it has an effect, the rest refused by name."""
+    if get("stage") != "dpo":
+        return [
+            f"{key} applies to stage: dpo, not {get('stage')}: remove it"
+            for key in PREFERENCE_KEYS
+            if key in given
+        ]
+    problems = []
+    if not get("do_train") or get("do_predict"):
+        problems.append("stage: dpo trains (do_train: true); predict with stage: sft and do_predict: true")
+    loss = get("pref_loss")
+    if get("dpo_label_smoothing") and loss != "sigmoid":  # LLaMA-Factory refuses it too
+        problems.append(f"dpo_label_smoothing applies to pref_loss: sigmoid, not {loss}: remove it")
+    if "simpo_gamma" in given and loss != "simpo":
+        problems.append(f"simpo_gamma applies to pref_loss: simpo, not {loss}: remove it")
+    problems += [  # a pair is scored on its final answers only, as LLaMA-Factory scores it
+        f"{key} has no effect with stage: dpo (each pair learns its final answers only): remove it"
+        for key in ("train_on_prompt", "mask_history", "compute_accuracy")
+        if key in given and get(key)
+    ]
+    if get("val_size") or get("eval_dataset") or get("eval_strategy") not in (None, "no"):
+        problems.append(
+            "stage: dpo does not evaluate on held-out pairs yet (its logs carry the training pairs' "
+            "rewards): remove val_size, eval_dataset and eval_strategy"
+        )
+    if get("finetuning_type") != "lora" and loss == "sigmoid" and get("deepspeed"):
+        problems.append(
+            f"stage: dpo with finetuning_type: {get('finetuning_type')} keeps a frozen reference copy, "
+            "which eqakit does not partition under DeepSpeed: remove deepspeed, or use finetuning_type: lora"
+        )
+    return problems
+
+
 def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
     """The LoRA, evaluation, checkpointing and preprocessing keys of `eqakit train`, checked together."""
     problems = []
@@ -437,6 +474,7 @@ def _training_checks(values: dict[str, Any], given: set[str]) -> list[str]:
             )
     if get("do_train"):
         problems += _tuning_method_problems(get, given)
+    problems += _preference_problems(get, given)
     if get("freeze_language_model") and get("do_train") and get("finetuning_type") == "lora":
         if get("freeze_vision_tower"):
             problems.append(  # LLaMA-Factory fails there too: peft finds no layer to adapt
@@ -507,6 +545,15 @@ def key_defaults(kind: Kind) -> dict[str, Any]:
         for cls in _groups(kind)
         for name, fld in _fields(cls).items()
     }
+
+
+def field_choices(kind: Kind, key: str) -> tuple[Any, ...]:
+    """The values a key with a fixed set of them takes (a page's dropdown offers these)."""
+    for cls in _groups(kind):
+        fld = _fields(cls).get(key)
+        if fld is not None:
+            return tuple(fld.metadata.get("choices", ()))
+    raise KeyError(key)
 
 
 def load_config(

@@ -2,7 +2,9 @@
 
 Two formats, as in LLaMA-Factory: ``alpaca`` (instruction/input/output columns; instruction and
 input joined by "\\n"; optional system and history columns) and ``sharegpt`` (a list of
-{from, value} turns). An ``images`` column lists image paths relative to ``media_dir`` (default:
+{from, value} turns). A preference dataset (``ranking: true``) has ``chosen`` and ``rejected``
+answers instead of one (strings in alpaca, {from, value} turns in sharegpt): each row is one pair,
+the chosen answer as the sample's last message and the rejected one in ``Sample.rejected``. An ``images`` column lists image paths relative to ``media_dir`` (default:
 ``dataset_dir``), which must lead into dataset_dir or media_dir unless the user opts out
 (``allow_outside_media``); ``<image>`` placeholders in the text bind to them in order. A ``videos``
 column lists videos, each a video file path or a list of frame image paths, bound to ``<video>``
@@ -36,6 +38,8 @@ ALPACA_COLUMNS = {
     "videos": None,
 }
 SHAREGPT_COLUMNS = {"messages": "conversations", "system": None, "images": None, "videos": None}
+RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}  # a preference dataset's, either format
+MEDIA_PLACEHOLDERS = ("<image>", "<video>")
 UNREAD_PLACEHOLDERS = ("<audio>",)  # LLaMA-Factory's; refused rather than trained on as text
 SHAREGPT_TAGS = {
     "role_tag": "from",
@@ -56,6 +60,7 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:line", for error messages
     videos: list[VideoSource] = field(default_factory=list)  # bound to <video> placeholders in order
+    rejected: str | None = None  # a preference pair's rejected answer (the chosen one ends messages)
 
     @property
     def prompt_messages(self) -> list[Message]:
@@ -305,10 +310,13 @@ def load_samples(
     max_samples: int | None = None,
     *,
     allow_outside_media: bool = False,
+    ranking: bool = False,
 ) -> list[Sample]:
     """All samples of the comma-separated dataset names, in file order (max_samples per dataset).
 
     Image paths must resolve inside dataset_dir or media_dir unless ``allow_outside_media``.
+    ``ranking``: the datasets must be preference datasets (``stage: dpo``), else must not be, as
+    LLaMA-Factory requires.
     """
     dataset_dir = Path(dataset_dir)
     media = Path(media_dir) if media_dir else dataset_dir
@@ -332,7 +340,21 @@ def load_samples(
             raise DataError(
                 f"dataset {name!r}: formatting {formatting!r} is not supported (alpaca or sharegpt)"
             )
+        if bool(entry.get("ranking", False)) != ranking:
+            raise DataError(
+                f"dataset {name!r} is a preference dataset (ranking: true in {dataset_dir / 'dataset_info.json'}): "
+                "train it with stage: dpo"
+                if not ranking
+                else f"stage: dpo trains on preference pairs, and dataset {name!r} has none: register one "
+                "with ranking: true and chosen/rejected columns"
+            )
         defaults = ALPACA_COLUMNS if formatting == "alpaca" else SHAREGPT_COLUMNS
+        if ranking:  # the answers are chosen/rejected: an alpaca response column is not read
+            defaults = {
+                **defaults,
+                **RANKING_COLUMNS,
+                **({"response": None} if formatting == "alpaca" else {}),
+            }
         registered = entry.get("columns", {})
         unknown = sorted(set(registered) - set(defaults))
         if unknown:  # LLaMA-Factory's videos, audios, tools, chosen/rejected, kto_tag: never dropped silently
@@ -358,6 +380,15 @@ def load_samples(
                 messages, system = _alpaca(row, columns, where)
             else:
                 messages, system = _sharegpt(row, columns, tags, where)
+            rejected = None
+            if ranking:
+                chosen, rejected = _pair(row, columns, tags, formatting, where)
+                if messages and messages[-1]["role"] == "assistant":
+                    raise DataError(
+                        f"{where}: a preference row's conversation must end with the user's turn; its "
+                        f"answers are the {columns['chosen']!r} and {columns['rejected']!r} columns"
+                    )
+                messages.append({"role": "assistant", "content": chosen})
             for placeholder in UNREAD_PLACEHOLDERS:
                 if any(placeholder in str(m.get("content", "")) for m in messages):
                     raise DataError(
@@ -384,5 +415,41 @@ def load_samples(
                         _video(video, f"{where}: column {columns['videos']!r} item {i}", media, roots)
                     )
             meta = {k: v for k, v in row.items() if k not in used}
-            samples.append(Sample(messages, images, system, meta, where, videos))
+            samples.append(Sample(messages, images, system, meta, where, videos, rejected))
     return samples
+
+
+def _pair(
+    row: dict[str, Any], columns: dict[str, str | None], tags: dict[str, str], formatting: str, where: str
+) -> tuple[str, str]:
+    """A preference row's chosen and rejected answers: two different, non-empty texts without media
+    placeholders (the pair shares the prompt's images and videos)."""
+    answers = []
+    for side in ("chosen", "rejected"):
+        column = columns[side]
+        if formatting == "alpaca":
+            text = _field(row, column, where)
+        else:
+            turn = _field(row, column, where, dict)
+            if turn.get(tags["role_tag"]) != tags["assistant_tag"]:
+                raise DataError(
+                    f"{where}: column {column!r} must be the assistant's turn ({tags['role_tag']}: "
+                    f"{tags['assistant_tag']!r}), got {tags['role_tag']}: {turn.get(tags['role_tag'])!r}"
+                )
+            text = turn.get(tags["content_tag"])
+            if not isinstance(text, str):
+                raise DataError(f"{where}: column {column!r} has no {tags['content_tag']!r} text")
+        if not text.strip():
+            raise DataError(f"{where}: column {column!r} is empty")
+        placeholder = next((p for p in MEDIA_PLACEHOLDERS if p in text), None)
+        if placeholder:
+            raise DataError(
+                f"{where}: column {column!r} holds a {placeholder} placeholder; a pair's answers share "
+                "the prompt's images and videos, so media belong in the prompt"
+            )
+        answers.append(text)
+    if answers[0] == answers[1]:
+        raise DataError(
+            f"{where}: columns {columns['chosen']!r} and {columns['rejected']!r} are the same answer"
+        )
+    return answers[0], answers[1]

@@ -307,8 +307,12 @@ def plan_sample(
     train_on_prompt: bool = False,
     mask_history: bool = False,
     geometry: Geometry,
+    reserve: int = 0,
 ) -> Plan:
     """Tokenize a rendered conversation and fit its images and videos into ``fmt.cutoff_len``.
+
+    ``reserve``: text tokens to leave room for beyond this conversation's own, so that another with
+    the same prompt and a longer answer (a preference pair's other side) gets the same media plan.
 
     ``system`` is the conversation's own system prompt (a dataset's system column, a request's
     system field); `eqakit.data.template.system_prompt` chooses between it and fmt.default_system.
@@ -338,7 +342,8 @@ def plan_sample(
             train_on_prompt,
             mask_history,
         )
-        text_len = len(input_ids) - len(image_sizes) - sum(geometry.video_pads(v.clips) for v in infos)
+        pads = len(image_sizes) + sum(geometry.video_pads(v.clips) for v in infos)
+        text_len = len(input_ids) - pads + reserve
         return _fit(input_ids, labels, text_len, image_sizes, infos, fmt, geometry)
 
     infos = list(videos)

@@ -40,7 +40,7 @@ import pandas as pd
 import yaml
 
 from eqakit.config import Config, load_config, read_yaml
-from eqakit.config.load import key_defaults
+from eqakit.config.load import LORA_KEYS, PREFERENCE_KEYS, field_choices, key_defaults
 from eqakit.data.dataset import registered_datasets
 from eqakit.errors import EqakitError
 from eqakit.fsutil import write_text_atomic
@@ -57,6 +57,12 @@ PATHS = [
     ("dataset", "Dataset (comma-separated)", str),
     ("output_dir", "Output dir", str),
 ]
+# What trains and how: dropdowns of the values eqakit takes (the keys' own choices).
+CHOICES = [
+    ("stage", "Stage (sft: answers; dpo: chosen over rejected pairs)", str),
+    ("finetuning_type", "Method", str),
+    ("pref_loss", "Preference loss (dpo)", str),
+]
 NUMBERS = [
     ("num_train_epochs", "Epochs", float),
     ("learning_rate", "Learning rate", float),
@@ -72,11 +78,14 @@ NUMBERS = [
     ("eval_steps", "Eval steps (empty: logging steps)", int),
     ("save_steps", "Save steps", int),
     ("logging_steps", "Logging steps", int),
+    ("pref_beta", "Preference beta (dpo)", float),
 ]
 # Numbers whose empty field means "eqakit's default": text fields, as a number field shows 0 for empty.
 OPTIONAL = {"lora_alpha", "eval_steps"}
 SWITCHES = [("overwrite_output_dir", "Replace a non-empty output dir", bool)]
-FORM = PATHS + NUMBERS + SWITCHES
+FORM = PATHS + CHOICES + NUMBERS + SWITCHES
+# Keys of one method or stage, left out of a run of another (the config check refuses them there).
+ONLY_WITH = {("finetuning_type", "lora"): LORA_KEYS, ("stage", "dpo"): PREFERENCE_KEYS}
 REPLACE = SWITCHES[0][1]
 LOG_FILE = "trainer_log.jsonl"
 SERIES = (("loss", "train"), ("eval_loss", "eval"))  # trainer_log.jsonl key -> plotted series
@@ -126,6 +135,11 @@ def run_keys(base: dict[str, Any], fields: list[Any]) -> dict[str, Any]:
             keys[key] = value
     keys.setdefault("do_train", True)
     keys.pop("resume_from_checkpoint", None)  # Start starts, Resume resumes
+    defaults = key_defaults("train")
+    for (key, value), only in ONLY_WITH.items():
+        if keys.get(key, defaults[key]) != value:
+            for other in only:
+                keys.pop(other, None)
     return keys
 
 
@@ -239,7 +253,7 @@ def check_output_dir(output_dir: Path, resume: bool, replace: bool, proposal: st
     if resume and found is None:
         raise UIError(f"{output_dir} holds no complete checkpoint to resume from: press Start")
     if not resume and not replace and output_dir.is_dir() and any(output_dir.iterdir()):
-        finished = (output_dir / "adapter_model.safetensors").is_file()
+        finished = (output_dir / "train_results.json").is_file()  # written once training ends
         hint = f"press Resume to continue from {found.name}, " if found and not finished else ""
         raise UIError(
             f'output dir {output_dir} exists and is not empty; {hint}tick "{REPLACE}" to start over '
@@ -281,7 +295,8 @@ class TrainRun:
                 else f"**{doing}**: reading the data, loading the model…"
             )
         if code == 0 or (self.stopping and self.finished()):
-            return f"**Finished**: {progress}; the adapter is in {self.output_dir}"
+            made = "adapter" if self.keys.get("finetuning_type", "lora") == "lora" else "model"
+            return f"**Finished**: {progress}; the {made} is in {self.output_dir}"
         if code == 130:
             said = self.command.failure().removeprefix("stopped: ").split(";")[0]
             return f"**Stopped** {said}; {next_step(self.output_dir)}"
@@ -370,10 +385,15 @@ def build_train_tab(
             for (key, label, _), value in zip(PATHS, initial, strict=False):
                 boxes.append(gr.Textbox(value, label=label, elem_id=f"tr-{key}"))
         datasets = gr.Markdown(datasets_table(initial[1]), elem_id="tr-datasets")
+        with gr.Row(equal_height=True):
+            for (key, label, _), value in zip(CHOICES, initial[len(PATHS) :], strict=False):
+                options = list(field_choices("train", key))
+                boxes.append(gr.Dropdown(options, value=value, label=label, elem_id=f"tr-{key}"))
+        numbers_at = len(PATHS) + len(CHOICES)
         for row in range(0, len(NUMBERS), 4):
             with gr.Row(equal_height=True):
                 for (key, label, kind), value in zip(
-                    NUMBERS[row : row + 4], initial[len(PATHS) + row :], strict=False
+                    NUMBERS[row : row + 4], initial[numbers_at + row :], strict=False
                 ):
                     if key in OPTIONAL:
                         boxes.append(
@@ -388,7 +408,7 @@ def build_train_tab(
                             elem_id=f"tr-{key}",
                         )
                     )
-        for (key, label, _), value in zip(SWITCHES, initial[len(PATHS) + len(NUMBERS) :], strict=True):
+        for (key, label, _), value in zip(SWITCHES, initial[numbers_at + len(NUMBERS) :], strict=True):
             boxes.append(gr.Checkbox(value, label=label, elem_id=f"tr-{key}"))
         with gr.Accordion("Config that runs (YAML)", open=False):
             shown, valid = preview(base, *initial)

@@ -23,12 +23,16 @@ def _clock(seconds: float) -> str:
     return str(timedelta(seconds=int(seconds)))
 
 
+PREFERENCE_METRICS = ("rewards/", "logps/", "sft_loss", "odds_ratio_loss")  # stage: dpo's logs
+
+
 class LogCallback(TrainerCallback):
     """Appends one line per log step to output_dir/trainer_log.jsonl, in LLaMA-Factory's format.
 
     Keys: current_steps, total_steps, loss, eval_loss, lr, epoch, percentage, elapsed_time,
     remaining_time, samples_per_second, and with include_num_input_tokens_seen LLaMA-Factory's
-    throughput (input tokens per second) and total_tokens.
+    throughput (input tokens per second) and total_tokens; with stage: dpo, accuracy (LLaMA-Factory's
+    name for rewards/accuracies) and the preference metrics (`eqakit.train.dpo`).
     """
 
     def __init__(self) -> None:
@@ -65,6 +69,8 @@ class LogCallback(TrainerCallback):
             "samples_per_second": round(done * samples_per_step / max(elapsed, 1e-9), 3),
             "throughput": round(tokens / max(elapsed, 1e-9), 2) if tokens is not None else None,
             "total_tokens": tokens,
+            "accuracy": logs.get("rewards/accuracies"),  # LLaMA-Factory's key for DPO's
+            **{k: v for k, v in logs.items() if k.startswith(PREFERENCE_METRICS)},
         }
         record = {k: v for k, v in record.items() if v is not None}
         with open(os.path.join(args.output_dir, "trainer_log.jsonl"), "a", encoding="utf-8") as f:

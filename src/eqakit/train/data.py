@@ -8,7 +8,7 @@ lazily in ``__getitem__``: a whole OpenEQA split of pre-computed pixels would no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,29 +137,99 @@ def _plan_chunk(
         ]
         if bad:
             outcomes.append(("bad_images", bad))
-            continue
-        if not sample.answer.strip():
+        elif not sample.answer.strip():
             outcomes.append(("bad_row", f"{sample.source}: empty answer"))
-            continue
-        try:
-            plan = plan_sample(
-                sample.messages,
-                [sizes[p] for p in sample.images],
-                tokenizer,
-                settings.format,
-                videos=[sizes[v] for v in sample.videos],
-                system=sample.system,
-                train_on_prompt=settings.train_on_prompt,
-                mask_history=settings.mask_history,
-                geometry=settings.geometry,
-            )
-        except SampleTooLong as exc:
-            outcomes.append(("too_long", f"{sample.source}: {exc}"))
-        except ValueError as exc:
-            outcomes.append(("bad_row", f"{sample.source}: {exc}"))
+        elif sample.rejected is not None:
+            outcomes.append(_plan_pair(sample, tokenizer, settings, sizes))
         else:
-            outcomes.append(("plan", plan))
+            outcomes.append(_plan_one(sample, tokenizer, settings, sizes))
     return outcomes
+
+
+def _plan_one(
+    sample: Sample, tokenizer: Any, settings: PlanSettings, sizes: dict[Any, Any], reserve: int = 0
+) -> Outcome:
+    try:
+        plan = plan_sample(
+            sample.messages,
+            [sizes[p] for p in sample.images],
+            tokenizer,
+            settings.format,
+            videos=[sizes[v] for v in sample.videos],
+            system=sample.system,
+            train_on_prompt=settings.train_on_prompt,
+            mask_history=settings.mask_history,
+            geometry=settings.geometry,
+            reserve=reserve,
+        )
+    except SampleTooLong as exc:
+        return ("too_long", f"{sample.source}: {exc}")
+    except ValueError as exc:
+        return ("bad_row", f"{sample.source}: {exc}")
+    return ("plan", plan)
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """A preference pair planned: its chosen and rejected conversations, with the same media plan
+    (the same images at the same size, the same video frames), so that they share one prompt. Its
+    media, as reports and feature keys read them, are the chosen side's (the same)."""
+
+    chosen: Plan
+    rejected: Plan
+
+    @property
+    def max_pixels(self) -> int:
+        return self.chosen.max_pixels
+
+    @property
+    def grids(self) -> list[tuple[int, int, int]]:
+        return self.chosen.grids
+
+    @property
+    def videos(self) -> list[Any]:
+        return self.chosen.videos
+
+    @property
+    def scaled_down(self) -> bool:
+        return self.chosen.scaled_down
+
+    @property
+    def frames_dropped(self) -> int:
+        return self.chosen.frames_dropped
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.chosen.num_image_tokens
+
+    @property
+    def length(self) -> int:
+        """Tokens of the pair packed as one row: the chosen conversation, then the rejected answer."""
+        return self.chosen.length + sum(label != IGNORE_INDEX for label in self.rejected.labels)
+
+
+def _plan_pair(sample: Sample, tokenizer: Any, settings: PlanSettings, sizes: dict[Any, Any]) -> Outcome:
+    """Plan both sides of a preference pair, each learning its final answer only (as LLaMA-Factory
+    scores them), fitting cutoff_len with room for the longer answer so both get one media plan."""
+    settings = replace(settings, train_on_prompt=False, mask_history=True)
+    rejected = replace(
+        sample, messages=[*sample.prompt_messages, {"role": "assistant", "content": sample.rejected}]
+    )
+    sides = (sample, rejected)
+    first = [_plan_one(side, tokenizer, settings, sizes) for side in sides]
+    if any(kind != "plan" for kind, _ in first):
+        return next(outcome for outcome in first if outcome[0] != "plan")
+    learned = [sum(label != IGNORE_INDEX for label in plan.labels) for _, plan in first]
+    planned = [
+        _plan_one(side, tokenizer, settings, sizes, reserve=max(learned) - mine)
+        for side, mine in zip(sides, learned, strict=True)
+    ]
+    if any(kind != "plan" for kind, _ in planned):
+        return next(outcome for outcome in planned if outcome[0] != "plan")
+    chosen, other = (plan for _, plan in planned)
+    if (chosen.grids, chosen.max_pixels, chosen.videos) != (other.grids, other.max_pixels, other.videos):
+        return ("bad_row", f"{sample.source}: the chosen and rejected answers could not share one media plan")
+    return ("plan", PairPlan(chosen, other))
 
 
 _worker: tuple[Any, PlanSettings, dict[Any, Any]] | None = None  # in a planning process
@@ -270,8 +340,16 @@ class PlannedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Model inputs, plus ``image_refs`` (the images and videos, as planned) so packing can tell
-        which samples share them."""
-        plan, sample = self.plans[index], self.samples[index]
+        which samples share them. A preference pair: ``{"chosen": ..., "rejected": ...}``, the media
+        made once for both (the same tensors; packed, the row holds them once)."""
+        plan = self.plans[index]
+        if isinstance(plan, PairPlan):
+            chosen = self._inputs(index, plan.chosen)
+            return {"chosen": chosen, "rejected": {**chosen, **expand_tokens(plan.rejected, self.pads)}}
+        return self._inputs(index, plan)
+
+    def _inputs(self, index: int, plan: Plan) -> dict[str, Any]:
+        sample = self.samples[index]
         if self.keys is not None:
             out: dict[str, Any] = expand_tokens(plan, self.pads)
             image_keys, video_keys = self.keys[index]
@@ -407,7 +485,8 @@ def split_train_val(n: int, val_size: float, seed: int) -> tuple[list[int], list
 
 
 def load_training_samples(cfg: Config, names: str | None = None) -> list[Sample]:
-    """The samples of `names` (default: the training datasets), read as the config's data keys say."""
+    """The samples of `names` (default: the training datasets), read as the config's data keys say:
+    preference pairs for ``stage: dpo``."""
     d = cfg.data
     return load_samples(
         names or d.dataset,
@@ -415,4 +494,5 @@ def load_training_samples(cfg: Config, names: str | None = None) -> list[Sample]
         d.media_dir,
         d.max_samples,
         allow_outside_media=d.allow_outside_media,
+        ranking=cfg.finetuning.stage == "dpo",
     )

@@ -154,6 +154,15 @@ def pack_rows(features: list[dict[str, Any]], budget: int | None = None) -> list
     return rows
 
 
+def pack_pair(chosen: dict[str, Any], rejected: dict[str, Any]) -> dict[str, Any]:
+    """A preference pair as one row: the shared prompt (and its media) once, then the chosen answer
+    (branch 0) and the rejected one (branch 1)."""
+    prefix = _shared_prefix([chosen, rejected])
+    if prefix == 0:  # planning gives both sides one prompt and one media plan
+        raise ValueError("a preference pair's two sides share no prompt")
+    return _row([chosen, rejected], prefix)
+
+
 def micro_batches(rows: list[dict[str, Any]], budget: int) -> list[list[dict[str, Any]]]:
     """Rows in order, grouped so that no group's padded size (rows x longest) exceeds ``budget``."""
     batches: list[list[dict[str, Any]]] = []
@@ -217,21 +226,22 @@ class PackedCollator:
 def _row(members: list[dict[str, Any]], prefix: int) -> dict[str, Any]:
     """One packed row: the prefix, then each member's remainder as a branch.
 
-    ``targets`` lists (position of the predicting logit, target token id, 0) for every learned token:
-    a branch's first token is predicted from the prefix's last position, the rest from their left
-    neighbour, exactly as in the member's own sequence.
+    ``targets`` lists (position of the predicting logit, target token id, branch) for every learned
+    token: a branch's first token is predicted from the prefix's last position, the rest from their
+    left neighbour, exactly as in the member's own sequence; ``branch`` is the member's index (a
+    preference pair's chosen answer is branch 0, its rejected one branch 1).
     """
     first = members[0]
     ids, types = [first["input_ids"][:prefix]], [first["mm_token_type_ids"][:prefix]]
     branches, targets, start = [], [], prefix
-    for m in members:
+    for branch, m in enumerate(members):
         tail_ids, tail_labels = m["input_ids"][prefix:], m["labels"][prefix:]
         ids.append(tail_ids)
         types.append(m["mm_token_type_ids"][prefix:])
         branches.append((start, len(tail_ids)))
         for k, label in enumerate(tail_labels.tolist()):
             if label != IGNORE_INDEX and (k or prefix):  # a sequence's first token is predicted by nothing
-                targets.append((start + k - 1 if k else prefix - 1, label, 0))
+                targets.append((start + k - 1 if k else prefix - 1, label, branch))
         start += len(tail_ids)
     row = {
         "input_ids": torch.cat(ids),

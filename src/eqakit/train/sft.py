@@ -1,4 +1,4 @@
-"""`eqakit train CONFIG.yaml [key=value ...]`: fine-tuning of a Qwen-VL model (LoRA, full or freeze), or prediction.
+"""`eqakit train CONFIG.yaml [key=value ...]`: fine-tuning of a Qwen-VL model (SFT or DPO; LoRA, full or freeze), or prediction.
 
 Like `llamafactory-cli train`: ``do_train: true`` fine-tunes, ``do_predict: true`` generates
 answers for ``eval_dataset`` and scores them (see `eqakit.evaluate.predict`).
@@ -219,6 +219,7 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
     import transformers
 
     from eqakit.model.load import declared_dtype, load_base_model, model_config, train_dtype
+    from eqakit.train.dpo import DPOTrainer, PairCollator, PreferenceLoss
     from eqakit.train.full import apply_full
     from eqakit.train.lora import apply_lora, trainable_summary
     from eqakit.train.plots import plot_loss
@@ -273,6 +274,10 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
                 cfg.training.device,
                 show_progress=cfg.training.local_process_index == 0,
             )
+    dpo = PreferenceLoss.from_config(cfg) if cfg.finetuning.stage == "dpo" else None
+    # DPO's reference is the model before tuning: a frozen copy for full and freeze tuning (LoRA
+    # switches its adapter off instead)
+    reference = _frozen_copy(model) if dpo and dpo.uses_reference and checked.trainable is not None else None
     model = apply_lora(model, cfg) if checked.trainable is None else apply_full(model, cfg)
     if cfg.training.gradient_checkpointing:  # transformers' key: the Trainer checkpoints every layer
         model.enable_input_require_grads()
@@ -283,12 +288,18 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
             # error); every trainable weight gets a gradient at every step (a text-only batch gives the
             # vision tower's a zero one). LLaMA-Factory sets the same for LoRA under DDP.
             cfg.training.ddp_find_unused_parameters = False
-    groups = _episode_groups(train_set) if cfg.finetuning.shared_prefix_packing else None
+    packing = cfg.finetuning.shared_prefix_packing
+    groups = _episode_groups(train_set) if packing and dpo is None else None
     if cfg.training.local_process_index == 0:
         print(trainable_summary(model))
+        packed = (
+            ("on, each pair's answers over one prompt" if packing else "off")
+            if dpo
+            else ("on, " + str(len(groups)) + " groups" if groups else "off")
+        )
         print(
             f"speed-ups: vision feature cache {'on, ' + str(len(cache)) + ' images/videos' if cache else 'off'}; "
-            f"shared-prefix packing {'on, ' + str(len(groups)) + ' groups' if groups else 'off'}; "
+            f"shared-prefix packing {packed}; "
             f"gradient checkpointing {'off' if cfg.finetuning.disable_gradient_checkpointing else 'on'}"
         )
 
@@ -312,20 +323,29 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
             },
         )
     os.environ.update(training_environment(cfg))
-    trainer = EqakitTrainer(
-        model=model,
-        args=cfg.training,
-        train_dataset=train_set,
-        eval_dataset=eval_set,
-        data_collator=Collator(processor.tokenizer.pad_token_id),
-        processing_class=processor,
-        callbacks=[LogCallback(), CheckpointMarker(), stop],
-        vision_cache=cache,
-        episode_groups=groups,
-        loraplus_lr_ratio=cfg.finetuning.loraplus_lr_ratio,
-        compute_metrics=token_accuracy if cfg.finetuning.compute_accuracy else None,
-        preprocess_logits_for_metrics=greedy_tokens if cfg.finetuning.compute_accuracy else None,
-    )
+    pad = processor.tokenizer.pad_token_id
+    common = {
+        "model": model,
+        "args": cfg.training,
+        "train_dataset": train_set,
+        "eval_dataset": eval_set,
+        "processing_class": processor,
+        "callbacks": [LogCallback(), CheckpointMarker(), stop],
+        "vision_cache": cache,
+        "loraplus_lr_ratio": cfg.finetuning.loraplus_lr_ratio,
+    }
+    if dpo is not None:
+        trainer: EqakitTrainer = DPOTrainer(
+            **common, data_collator=PairCollator(pad, packing), preference=dpo, ref_model=reference
+        )
+    else:
+        trainer = EqakitTrainer(
+            **common,
+            data_collator=Collator(pad),
+            episode_groups=groups,
+            compute_metrics=token_accuracy if cfg.finetuning.compute_accuracy else None,
+            preprocess_logits_for_metrics=greedy_tokens if cfg.finetuning.compute_accuracy else None,
+        )
     result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     if stop.stopped_at is not None and state.global_step < state.max_steps:
@@ -354,6 +374,15 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
         for path in plot_loss(out):
             print(f"wrote {path}")
     return result.metrics
+
+
+def _frozen_copy(model: Any) -> Any:
+    """A copy of ``model`` that never trains: DPO's reference for full and freeze tuning."""
+    import copy
+
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def _whole(module: Any) -> Any:

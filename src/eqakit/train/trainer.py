@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,6 +411,12 @@ class EqakitTrainer(Trainer):
     def _packed_loss(
         self, model: Any, inputs: dict[str, Any], encoder_outputs: dict[str, Any] | None, num_items: Any
     ) -> torch.Tensor:
+        return packed_loss(self._packed_forward(model, inputs, encoder_outputs), inputs, num_items)
+
+    def _packed_forward(
+        self, model: Any, inputs: dict[str, Any], encoder_outputs: dict[str, Any] | None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The model on a packed batch, as a function of the positions whose logits are wanted."""
         base = self.accelerator.unwrap_model(model)
         base = base.get_base_model() if hasattr(base, "get_base_model") else base
         dtype = next(base.parameters()).dtype
@@ -424,4 +431,4 @@ class EqakitTrainer(Trainer):
         def logits_for(positions: torch.Tensor) -> torch.Tensor:
             return model(**model_inputs, **extra, logits_to_keep=positions).logits
 
-        return packed_loss(logits_for, inputs, num_items)
+        return logits_for
