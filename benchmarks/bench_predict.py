@@ -175,10 +175,10 @@ def breakdown(model: Any, processor: Any, requests: list[Request], args: argpars
         setattr(owner, name, timed)
 
     timing(engine.model, "image_features", "vision")
-    runner = engine.runner()
+    scheduler = engine.scheduler()
     for name, phase in (("_extend", "prefill"), ("_prefill", "prefill"), ("step", "decode")):
-        timing(runner, name, phase)
-    engine.runner = lambda: runner  # type: ignore[method-assign]
+        timing(scheduler.runner, name, phase)
+    engine.scheduler = lambda: scheduler  # type: ignore[method-assign]
     start = time.perf_counter()
     engine.generate(requests)
     total = time.perf_counter() - start

@@ -170,7 +170,7 @@ def test_a_failing_prefill_fails_only_its_own_request(engine: Engine) -> None:
             on_error=lambda e: outcomes.__setitem__(i, e),
         )
 
-    runner = engine.runner()
+    runner = engine.scheduler().runner
     runner.admit([job(0, prepared[0]), job(1, broken), job(2, prepared[2])])
     while runner.active:
         runner.step()

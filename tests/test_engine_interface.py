@@ -161,3 +161,25 @@ def test_a_live_engine_and_worker_are_instances(tiny_model_dir: Path) -> None:
     worker = make_worker(engine)
     assert isinstance(engine, InferenceEngine) and isinstance(worker, Worker)
     assert worker.start().close(timeout=10)
+
+
+def test_close_stops_the_worker_and_shutdown_the_engine(tiny_model_dir: Path) -> None:
+    """The same on both backends: a closed worker leaves its engine answering; after
+    ``engine.shutdown()`` a request is refused (EngineUnavailable), by the engine and a new worker."""
+    from eqakit.config import load_config
+    from eqakit.engine import EngineUnavailable, Request, load_engine, make_worker
+
+    engine = load_engine(
+        load_config("infer", None, [f"model_name_or_path={tiny_model_dir}", "template=qwen3_vl_nothink"])
+    )
+    ask = Request([{"role": "user", "content": "Hi"}], engine.params(max_new_tokens=2, temperature=0))
+    worker = make_worker(engine).start()
+    assert worker.submit(ask).result(timeout=60).token_ids
+    assert worker.close(timeout=10)
+    assert engine.generate([ask])[0].token_ids  # the worker is gone, the engine is not
+    engine.shutdown()
+    engine.shutdown()  # idempotent
+    with pytest.raises(EngineUnavailable):
+        engine.generate([ask])
+    with pytest.raises(EngineUnavailable):
+        make_worker(engine).start().submit(ask)

@@ -179,7 +179,8 @@ class InferenceEngine(Protocol):
         ...
 
     def shutdown(self) -> None:
-        """Release what the engine holds outside this process (vLLM's workers); idempotent."""
+        """Release the model's resources (vLLM's processes; the transformers engine's caches) and
+        refuse later requests (EngineUnavailable); idempotent."""
         ...
 
 
@@ -197,5 +198,6 @@ class Worker(Protocol):
         ...
 
     def close(self, timeout: float | None = 30.0) -> bool:
-        """Refuse new requests, let those in flight finish (up to ``timeout``); True if all finished."""
+        """Refuse new requests, let those in flight finish (up to ``timeout``); True if all finished.
+        The engine is not shut down: whoever loaded it calls `InferenceEngine.shutdown`."""
         ...

@@ -624,5 +624,10 @@ def cli(argv: list[str]) -> int:
         f"eqakit api: serving {name!r} at http://{host}:{raw_port}/v1 (API key {'required' if api_key else 'off'})",
         file=sys.stderr,
     )
-    ApiServer(app, app.state.service.drain, header_timeout_s=cfg.api.api_header_timeout).run(sockets=[sock])
+    try:
+        ApiServer(app, app.state.service.drain, header_timeout_s=cfg.api.api_header_timeout).run(
+            sockets=[sock]
+        )
+    finally:
+        engine.shutdown()  # the worker stopped with the app; the engine is this command's to release
     return 0

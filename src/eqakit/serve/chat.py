@@ -143,5 +143,9 @@ def cli(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config("infer", args.config, args.overrides)
     print(f"eqakit chat: loading {cfg.model.model_name_or_path} ...", file=sys.stderr, flush=True)
-    run(ChatSession(load_engine(cfg), sys.stdout))
+    engine = load_engine(cfg)
+    try:
+        run(ChatSession(engine, sys.stdout))
+    finally:
+        engine.shutdown()
     return 0

@@ -245,6 +245,7 @@ class ModelSlot:
         if loaded is None:
             return
         loaded.worker.close(timeout=30.0)
+        loaded.engine.shutdown()
         del loaded
         gc.collect()
         import torch

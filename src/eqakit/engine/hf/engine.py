@@ -3,7 +3,7 @@
 Messages go in (OpenAI-shaped, images as PIL images), text comes out (whole, or as a stream of
 deltas), with token counts and a finish reason. Prompts are rendered by `eqakit.data.template` and
 encoded by `eqakit.data.encode`, exactly as in training. Underneath, `Runner` decodes many requests
-as one continuously refilled batch, runs each distinct image through the vision tower once,
+as one continuously refilled batch (filled by `eqakit.engine.hf.scheduler.Scheduler`), runs each distinct image through the vision tower once,
 prefills each shared prompt prefix (an episode's frames) once, and appends to its KV cache in place
 (eqakit.engine.hf.kv) instead of copying it every token. Every one of these is exact: greedy
 decoding gives the tokens ``model.generate`` gives for each request alone (tests check each).
@@ -30,14 +30,17 @@ from collections import deque
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from eqakit.data.encode import Plan, PromptFormat
 from eqakit.data.template import Message
 from eqakit.data.video import VideoInfo
-from eqakit.engine.base import RequestFailed, TextStream
+from eqakit.engine.base import EngineUnavailable, RequestFailed, TextStream
 from eqakit.engine.hf.caches import LRUCache, PrefixState, VisualFeatures
 from eqakit.engine.hf.model import HFModel
 from eqakit.engine.hf.prepare import Prepared, prepare_request
 from eqakit.engine.hf.runner import Job, Reuse, Runner
+from eqakit.engine.hf.scheduler import Scheduler
 from eqakit.engine.params import Completion, Request, SamplingParams
 from eqakit.engine.prompt import plan_prompt
 
@@ -92,6 +95,7 @@ class Engine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.tokenizer.convert_tokens_to_ids("<|endoftext|>"))
         self.lock = threading.RLock()
+        self.closed = False  # `shutdown` was called
 
     @classmethod
     def from_config(cls, cfg: Config, **options: Any) -> Engine:
@@ -148,11 +152,22 @@ class Engine:
         return prepare_request(request, self.tokenizer, self.model, self.format)
 
     def shutdown(self) -> None:
-        """Nothing to stop: the model lives in this process (vLLM's engine has processes to end)."""
+        """Stop: release the cached visual features and prefixes (and the accelerator memory they
+        held); a later request raises EngineUnavailable, as on the vLLM backend. Idempotent."""
+        with self.lock:
+            self.closed = True
+            for cache in (self.reuse.vision_cache, self.reuse.prefix_cache):
+                if cache is not None:
+                    cache.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
-    def runner(self) -> Runner:
-        """A fresh batch sharing this engine's model, caches and lock (for `EngineWorker`)."""
-        return Runner(
+    def scheduler(self) -> Scheduler:
+        """A fresh batch on this engine's model, caches and lock, with its admission rule (for
+        `generate_iter`, `stream` and `EngineWorker` alike)."""
+        if self.closed:
+            raise EngineUnavailable("the engine is shut down")
+        runner = Runner(
             self.model,
             self.tokenizer,
             reuse=self.reuse,
@@ -162,6 +177,7 @@ class Engine:
             lock=self.lock,
             share_prefixes=self.max_batch_tokens is not None,
         )
+        return Scheduler(runner, self.max_batch_size, self.max_batch_tokens)
 
     # ---- generation --------------------------------------------------------------------------
 
@@ -176,58 +192,40 @@ class Engine:
         """(index, completion) pairs as requests finish, reading ``requests`` lazily as room frees up.
 
         Put requests that share frames next to each other: they are admitted together and share one
-        prefix prefill. A request that fails (its prefill raises) raises `RequestFailed`.
+        prefix prefill. A request that fails (its prefill or a step raises) raises `RequestFailed`.
         """
         source = enumerate(requests)
         finished: deque[tuple[int, Completion]] = deque()
         failed: list[RequestFailed] = []
+        exhausted = False
 
         def fail(index: int, error: BaseException) -> None:
             failed.append(RequestFailed(index, error))
             failed[-1].__cause__ = error
 
-        runner = self.runner()
-        exhausted = False
-        held: Job | None = None  # read, but did not fit the batch yet
+        def take(_: bool) -> Job | None:
+            nonlocal exhausted
+            item = None if exhausted else next(source, None)
+            if item is None:
+                exhausted = True
+                return None
+            index, request = item
+            prepared = request if isinstance(request, Prepared) else self.prepare(request)
+            return Job(
+                prepared,
+                on_done=lambda c, i=index: finished.append((i, c)),
+                on_error=lambda e, i=index: fail(i, e),
+            )
+
+        scheduler = self.scheduler()
         while True:
-            jobs = []
-            while runner.active + len(jobs) < self.max_batch_size:
-                if held is None:
-                    item = None if exhausted else next(source, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    index, request = item
-                    prepared = request if isinstance(request, Prepared) else self.prepare(request)
-                    held = Job(
-                        prepared,
-                        on_done=lambda c, i=index: finished.append((i, c)),
-                        on_error=lambda e, i=index: fail(i, e),
-                    )
-                if not self.fits(runner, jobs, held):
-                    break
-                jobs.append(held)
-                held = None
-            runner.admit(jobs)
+            scheduler.advance(take)
             while finished:
                 yield finished.popleft()
             if failed:
                 raise failed[0]
-            if runner.active == 0:
-                if exhausted and held is None:
-                    return
-                continue
-            runner.step()
-            while finished:
-                yield finished.popleft()
-
-    def fits(self, runner: Runner, jobs: list[Job], job: Job) -> bool:
-        """Whether ``job`` may join ``runner``'s batch beside ``jobs`` within the KV-token budget
-        (always, into an empty batch: a request longer than the whole budget runs alone)."""
-        if self.max_batch_tokens is None or (runner.active == 0 and not jobs):
-            return True
-        joining = [j.prepared for j in jobs] + [job.prepared]
-        return runner.footprint(joining) <= self.max_batch_tokens
+            if exhausted and scheduler.idle:
+                return
 
     def stream(self, request: Request) -> TextStream:
         """Text deltas of one request; the request is checked now, generation runs as you iterate."""
@@ -237,16 +235,16 @@ class Engine:
         deltas: deque[str] = deque()
         done: list[Completion] = []
         failed: list[BaseException] = []
-        runner = self.runner()
-        runner.admit([Job(prepared, on_done=done.append, on_delta=deltas.append, on_error=failed.append)])
+        waiting = [Job(prepared, on_done=done.append, on_delta=deltas.append, on_error=failed.append)]
+        scheduler = self.scheduler()
         while True:
+            scheduler.advance(lambda _: waiting.pop() if waiting else None)
             while deltas:
                 yield deltas.popleft()
             if failed:
                 raise failed[0]
             if done:
                 return done[0]
-            runner.step()
 
     def chat(self, messages: list[dict[str, Any]], *, system: str | None = None, **params: Any) -> Completion:
         """One reply to a conversation, with the config's decoding defaults overridden by ``params``."""

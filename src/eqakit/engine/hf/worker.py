@@ -12,6 +12,7 @@ through a blocking iterator or an async one (for asyncio servers: nothing blocks
     async for delta in submission.astream(): ...       # or: for delta in submission: ...
     completion = await submission.aresult()           # or: submission.result(timeout=60)
     worker.close()                                    # finishes in-flight requests, then stops
+    engine.shutdown()                                 # the owner releases the engine
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from concurrent.futures import Future
 from eqakit.engine.base import EngineUnavailable, Submission
 from eqakit.engine.hf.engine import Engine
 from eqakit.engine.hf.prepare import Prepared
-from eqakit.engine.hf.runner import Job, Runner
+from eqakit.engine.hf.runner import Job
+from eqakit.engine.hf.scheduler import Take
 from eqakit.engine.params import Completion, Request
 
 
@@ -41,7 +43,6 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="eqakit-engine", daemon=True)
         self.in_flight = 0  # requests submitted and not yet finished (for health checks and shutdown)
         self.peak_batch = 0  # most sequences decoded together so far (shows that batching happens)
-        self._held: Job | None = None  # taken from the queue, waiting for room in the KV budget
         self._count_lock = threading.Lock()
 
     def start(self) -> EngineWorker:
@@ -53,7 +54,7 @@ class EngineWorker:
 
         An asyncio server passes a request it prepared (`Engine.prepare`) off the event loop.
         """
-        if self._closing.is_set():
+        if self._closing.is_set() or self.engine.closed:
             raise EngineUnavailable("the server is shutting down")
         if self._waiting.qsize() >= self.max_waiting:
             raise EngineUnavailable(f"too many requests waiting ({self.max_waiting}); try again later")
@@ -81,57 +82,42 @@ class EngineWorker:
             self.in_flight -= 1
 
     def close(self, timeout: float | None = 30.0) -> bool:
-        """Refuse new requests, let the ones in flight finish (up to ``timeout``); True if all finished."""
+        """Refuse new requests, let the ones in flight finish (up to ``timeout``), stop the thread;
+        True if all finished. The engine stays loaded: its owner calls ``engine.shutdown()``."""
         self._closing.set()
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def _take(self, runner: Runner, block: bool) -> list[Job]:
-        """Waiting jobs that fit the batch (`Engine.fits`); when ``block``, wait for one, then a batching
-        window for more. A job that does not fit yet is held and goes first next time."""
-        jobs: list[Job] = []
-        limit = self.engine.max_batch_size - runner.active
-        deadline = None
-        while len(jobs) < limit:
-            if self._held is not None:
-                if not self.engine.fits(runner, jobs, self._held):
-                    break
-                jobs.append(self._held)
-                self._held = None
-                continue
-            try:
-                if block and not jobs:
-                    job, _ = self._waiting.get(timeout=0.1)
-                    deadline = time.monotonic() + self.batch_window_s
-                elif deadline is not None and (left := deadline - time.monotonic()) > 0:
-                    job, _ = self._waiting.get(timeout=left)
-                else:
-                    job, _ = self._waiting.get_nowait()
-            except queue.Empty:
-                if block and not jobs and not self._closing.is_set():
-                    continue
-                break
-            if job.is_cancelled():
-                continue
-            if not self.engine.fits(runner, jobs, job):
-                self._held = job
-                break
-            jobs.append(job)
-        return jobs
+    def _taker(self, block: bool) -> Take:
+        """The queue as the scheduler's source: when ``block`` (nothing is decoding), wait for a
+        first job, then a batching window for more; otherwise take only what is already waiting."""
+        deadline: float | None = None
+
+        def take(admitted: bool) -> Job | None:
+            nonlocal deadline
+            while True:
+                try:
+                    if block and not admitted and deadline is None:
+                        job, _ = self._waiting.get(timeout=0.1)
+                        deadline = time.monotonic() + self.batch_window_s
+                    elif deadline is not None and (left := deadline - time.monotonic()) > 0:
+                        job, _ = self._waiting.get(timeout=left)
+                    else:
+                        job, _ = self._waiting.get_nowait()
+                    return job
+                except queue.Empty:
+                    if not (block and not admitted and deadline is None) or self._closing.is_set():
+                        return None
+
+        return take
 
     def _run(self) -> None:
-        runner = self.engine.runner()
+        try:
+            scheduler = self.engine.scheduler()
+        except EngineUnavailable:  # the engine is shut down: `submit` refuses every request
+            return
         while True:
-            idle = runner.active == 0
-            if idle and self._closing.is_set() and self._waiting.empty() and self._held is None:
+            if scheduler.idle and self._closing.is_set() and self._waiting.empty():
                 return
-            jobs = self._take(runner, block=idle)
-            try:
-                runner.admit(jobs)
-                self.peak_batch = max(self.peak_batch, runner.active)
-                runner.step()
-            except Exception as error:  # a failed forward pass (e.g. out of memory) fails its batch only
-                for job in jobs:
-                    if job.on_error is not None:
-                        job.on_error(error)
-                runner.fail(error)
+            scheduler.advance(self._taker(block=scheduler.idle))
+            self.peak_batch = scheduler.peak

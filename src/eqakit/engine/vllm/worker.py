@@ -42,11 +42,10 @@ class VllmWorker:
             self.in_flight -= 1
 
     def close(self, timeout: float | None = 30.0) -> bool:
-        """Refuse new requests, let the ones in flight finish (up to ``timeout``), stop vLLM; True if all finished."""
+        """Refuse new requests, let the ones in flight finish (up to ``timeout``); True if all finished.
+        The engine stays up: its owner calls ``engine.shutdown()`` (as with the transformers backend)."""
         self._closing.set()
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        finished = self.in_flight == 0
-        self.engine.shutdown()
-        return finished
+        return self.in_flight == 0
