@@ -384,7 +384,6 @@ def test_vllm_keys_take_llama_factorys_meanings_and_contradictions_are_named(tmp
             ["stage=dpo", "pref_loss=ipo"],
             "key 'pref_loss': 'ipo' is not allowed; choose one of: sigmoid, orpo, simpo",
         ),
-        (["stage=dpo", "val_size=0.1"], "stage: dpo does not evaluate on held-out pairs yet"),
         (["stage=dpo", "train_on_prompt=true"], "train_on_prompt has no effect with stage: dpo"),
         (
             ["pref_bco_weight=0.5"],

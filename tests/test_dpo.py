@@ -153,6 +153,25 @@ def test_dpo_from_the_cli_learns_the_preference_and_logs_llama_factorys_metrics(
     assert json.loads((out / "eqakit_run.json").read_text())["config"]["stage"] == "dpo"
 
 
+def test_dpo_evaluates_held_out_pairs(tiny_model_dir, tmp_path) -> None:
+    """val_size: held-out pairs get the preference loss (eval_loss) and LLaMA-Factory's metrics
+    prefixed eval_, apart from the training pairs' metrics."""
+    data = write_toy_preferences(tmp_path / "data")
+    settings = keys(
+        tiny_model_dir, data, tmp_path / "out", per_device_train_batch_size=2, num_train_epochs=1,
+        val_size=0.25, eval_strategy="steps", eval_steps=2, logging_steps=1, save_steps=100,
+    )  # fmt: skip
+    assert main(["train", _write(tmp_path, settings)]) == 0
+    out = tmp_path / "out"
+    evaluated = json.loads((out / "eval_results.json").read_text())
+    assert 0.0 < evaluated["eval_loss"] < 1.0 and 0.0 <= evaluated["eval_rewards/accuracies"] <= 1.0
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert evals and all("eval_rewards/margins" in h and "rewards/margins" not in h for h in evals)
+    logged = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in logged)
+
+
 def test_orpo_full_tuning_writes_a_whole_model(tiny_model_dir, tmp_path) -> None:
     data = write_toy_preferences(tmp_path / "data", episodes=2)
     settings = keys(

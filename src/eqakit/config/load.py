@@ -444,11 +444,6 @@ def _preference_problems(get: Any, given: set[str]) -> list[str]:
         for key in ("train_on_prompt", "mask_history", "compute_accuracy")
         if key in given and get(key)
     ]
-    if get("val_size") or get("eval_dataset") or get("eval_strategy") not in (None, "no"):
-        problems.append(
-            "stage: dpo does not evaluate on held-out pairs yet (its logs carry the training pairs' "
-            "rewards): remove val_size, eval_dataset and eval_strategy"
-        )
     if get("finetuning_type") != "lora" and loss == "sigmoid" and get("deepspeed"):
         problems.append(
             f"stage: dpo with finetuning_type: {get('finetuning_type')} keeps a frozen reference copy, "

@@ -13,7 +13,8 @@ is the model before tuning: for LoRA the same model with its adapter switched of
 freeze tuning a frozen copy. A micro-batch's loss is the mean over its pairs, and the logs carry
 LLaMA-Factory's metrics (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``; for ORPO ``sft_loss`` and
-``odds_ratio_loss``), averaged over the pairs since the last log.
+``odds_ratio_loss``), averaged over the pairs since the last log; an evaluation on held-out pairs
+(``val_size``, ``eval_dataset``) logs ``eval_loss`` and the same metrics prefixed ``eval_``.
 """
 
 from __future__ import annotations
@@ -161,8 +162,9 @@ class DPOTrainer(EqakitTrainer):
         # a micro-batch's loss is the mean over its pairs: the Trainer divides it by the accumulation
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self._logged: dict[str, torch.Tensor] = {}  # metric sums over the pairs since the last log
-        self._pairs = 0
+        # metric sums over the pairs since the last log, of training and of evaluation
+        self._logged: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._pairs = {"train": 0, "eval": 0}
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -200,30 +202,40 @@ class DPOTrainer(EqakitTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         return _adapter_off(policy, self.model)
 
+    def prediction_step(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> tuple[torch.Tensor, None, None]:
+        """Evaluation: the preference loss of a batch of held-out pairs (its metrics are kept for
+        the evaluation's log, as ``eval_rewards/...``)."""
+        with torch.no_grad():
+            loss = self.compute_loss(model, self._prepare_inputs(inputs))
+        return loss.detach(), None, None
+
     def _remember(self, metrics: dict[str, torch.Tensor]) -> None:
+        phase = "train" if self.model.training else "eval"
+        kept = self._logged[phase]
         for key, values in metrics.items():
-            total = values.sum()
-            self._logged[key] = self._logged[key] + total if key in self._logged else total
-        self._pairs += len(next(iter(metrics.values())))
+            kept[key] = kept[key] + values.sum() if key in kept else values.sum()
+        self._pairs[phase] += len(next(iter(metrics.values())))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Training logs gain the preference metrics, averaged over the pairs (of every process)
-        since the last log."""
-        if "loss" in logs and self._logged:
-            keys = sorted(self._logged)
-            sums = torch.stack(
-                [self._logged[k] for k in keys]
-                + [torch.tensor(float(self._pairs), device=self._logged[keys[0]].device)]
-            )
-            if self.args.world_size > 1:
-                sums = self.accelerator.reduce(sums, reduction="sum")
-            totals = sums.tolist()
-            logs = {
-                **logs,
-                **{k: round(v / max(totals[-1], 1.0), 4) for k, v in zip(keys, totals, strict=False)},
-            }
-            self._logged, self._pairs = {}, 0
+        """Training and evaluation logs gain the preference metrics, averaged over the pairs (of
+        every process) since the last log of their kind."""
+        for phase, marker, prefix in (("train", "loss", ""), ("eval", "eval_loss", "eval_")):
+            if marker in logs and self._logged[phase]:
+                logs = {**logs, **{prefix + k: v for k, v in self._means(phase).items()}}
         super().log(logs, start_time)
+
+    def _means(self, phase: str) -> dict[str, float]:
+        kept = self._logged[phase]
+        keys = sorted(kept)
+        count = torch.tensor(float(self._pairs[phase]), device=kept[keys[0]].device)
+        sums = torch.stack([kept[k] for k in keys] + [count])
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        *totals, pairs = sums.tolist()
+        self._logged[phase], self._pairs[phase] = {}, 0
+        return {k: round(v / max(pairs, 1.0), 4) for k, v in zip(keys, totals, strict=True)}
 
 
 @contextlib.contextmanager
