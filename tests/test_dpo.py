@@ -172,6 +172,26 @@ def test_dpo_evaluates_held_out_pairs(tiny_model_dir, tmp_path) -> None:
     assert any("eval_loss" in r for r in logged)
 
 
+@pytest.mark.slow
+def test_dpo_on_two_processes(tiny_model_dir, tmp_path) -> None:
+    """torchrun with 2 gloo processes: each takes its share of the pairs, the reference runs with the
+    adapter off inside DDP (the loss is ln 2 at the first step), and the metrics are logged."""
+    from test_train import run_torchrun
+
+    data = write_toy_preferences(tmp_path / "data")
+    settings = keys(
+        tiny_model_dir, data, tmp_path / "out", per_device_train_batch_size=2, num_train_epochs=2,
+        logging_steps=1, save_steps=100, preprocessing_num_workers=1,
+    )  # fmt: skip
+    result = run_torchrun(["--nproc_per_node", "2", "-m", "eqakit", "train", _write(tmp_path, settings)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    # 8 pairs, 4 per step over the two processes: 2 steps an epoch (each process took its share)
+    assert len(records) == 4 and records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert all("rewards/margins" in r for r in records)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
 def test_orpo_full_tuning_writes_a_whole_model(tiny_model_dir, tmp_path) -> None:
     data = write_toy_preferences(tmp_path / "data", episodes=2)
     settings = keys(
