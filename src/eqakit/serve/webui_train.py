@@ -371,7 +371,7 @@ def build_train_tab(
     runs = TrainRuns()
     with gr.Tab("Train"):
         gr.Markdown(
-            "Fine-tune with LoRA: `eqakit train` on the config below, in a process of its own "
+            "Fine-tune (SFT or DPO; LoRA, full or freeze): `eqakit train` on the config below, in a process of its own "
             "(reload the page and it is still here)."
         )
         loaded = gr.State(base)
