@@ -35,10 +35,13 @@ def llamafactory_cli(venv: Path = LF_VENV) -> Path:
 
 @dataclass(frozen=True)
 class Run:
-    """A finished command: wall seconds and the peak resident memory of its main process."""
+    """A finished command: wall seconds, the peak resident memory of its main process, and the CPU
+    seconds (user + system) it and the children it waited for used: less sensitive than the wall time
+    to other jobs on the machine, though OpenMP's spinning threads still count."""
 
     seconds: float
     peak_rss_gb: float
+    cpu_seconds: float = 0.0
 
 
 def timed(command: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
@@ -53,7 +56,7 @@ def timed(command: list[str], log: Path, env: dict[str, str] | None = None) -> R
     if os.waitstatus_to_exitcode(status) != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(command)} failed:\n{tail}")
-    return Run(seconds, usage.ru_maxrss / 1024**2)
+    return Run(seconds, usage.ru_maxrss / 1024**2, usage.ru_utime + usage.ru_stime)
 
 
 def write_yaml(path: Path, values: dict) -> Path:
