@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -478,10 +479,26 @@ def run_torchrun(args: list[str], timeout: float = 600) -> subprocess.CompletedP
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        # torchrun starts each worker in a session of its own: kill theirs too, or the workers keep
+        # its output pipes open and this wait would never end
+        for worker in _children(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker, signal.SIGKILL)
         os.killpg(process.pid, signal.SIGKILL)
         out, err = process.communicate()
         pytest.fail(f"torchrun {' '.join(args)} hung for {timeout} s; its log ends:\n{err[-3000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _children(parent: int) -> list[int]:
+    """The pids of ``parent``'s child processes (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if f"\nPPid:\t{parent}\n" in (entry / "status").read_text():
+                    found.append(int(entry.name))
+    return found
 
 
 def step_log(out: Path) -> list[dict]:
@@ -527,16 +544,10 @@ def test_two_processes_train_the_one_process_steps(
 def _process_of_rank(launcher: int, rank: int) -> int | None:
     """The pid of the training process with ``rank`` among those the torchrun ``launcher`` started
     (its children: torchrun gives each a session of its own)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            status = (entry / "status").read_text()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"\nPPid:\t{launcher}\n" in status and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
+    for pid in _children(launcher):
+        with contextlib.suppress(OSError):
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
     return None
 
 
