@@ -10,7 +10,7 @@ LLAMA_FACTORY_UNSUPPORTED: frozenset[str] = frozenset(
     adapter_folder apollo_rank apollo_scale apollo_target apollo_update_interval
     audio_sampling_rate badam_mode badam_start_block badam_switch_mode badam_switch_interval
     badam_update_ratio block_diag_attn booster buffer_size crop_to_patches data_shared_file_system
-    disable_shuffling double_quantization 
+    disable_shuffling double_quantization
     enable_liger_kernel eval_num_beams eval_on_each_dataset export_hub_model_id export_quantization_bit
     export_quantization_dataset export_quantization_maxlen export_quantization_nsamples
     galore_layerwise galore_proj_type
