@@ -165,8 +165,9 @@ def test_train_evaluate_and_export_take_paths_only_inside_those_directories(loca
         return [keys.get(key) for key, _, _ in FORM]
 
     paths = {"model_name_or_path": str(local["model"]), "dataset_dir": str(local["data"]), "dataset": "toy"}
-    for api_name in ("train_start", "train_resume"):
-        notice, _ = call(url, api_name, [config_file, *form(**paths, output_dir=str(outside / "run"))])
+    for api_name, first in (("train_start", []), ("train_resume", [None])):  # Resume: the checkpoint
+        fields = [*first, config_file, *form(**paths, output_dir=str(outside / "run"))]
+        notice, _ = call(url, api_name, fields)
         assert f"output_dir {outside / 'run'} is outside" in notice, notice
     inside = form(**paths, output_dir=str(local["work"] / "run"), learning_rate=-1.0)
     notice, _ = call(url, "train_start", [str(outside / "train.yaml"), *inside])
