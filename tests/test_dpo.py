@@ -85,7 +85,7 @@ def test_packed_pairs_give_the_separate_sequences_loss_and_gradients(
             preference=preference, ref_model=reference,
         )  # fmt: skip
         batch = PairCollator(pad, packed)([dataset[i] for i in range(len(dataset))])
-        assert ("packed_targets" in batch) == packed and ("image_keys" in batch) == packed
+        assert ("packed_picks" in batch) == packed and ("image_keys" in batch) == packed
         results[name] = _gradients(trainer, model, batch)
     (plain_loss, plain_grads), (packed_loss, packed_grads) = results["plain"], results["packed"]
     assert packed_loss == pytest.approx(plain_loss, rel=1e-5)

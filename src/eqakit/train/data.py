@@ -468,6 +468,26 @@ class Collator:
         return batch
 
 
+def plain_positions(rope_index: Any, batch: dict[str, Any]) -> torch.Tensor | None:
+    """M-RoPE positions ``(3, rows, length)`` of a right-padded batch (`Collator`), as the model's
+    forward computes them when given none: ``rope_index`` (its ``get_rope_index``) over the batch
+    with its attention mask. ``get_rope_index`` reads every grid as a Python number, so the trainer
+    calls this on the host, before the batch moves. None for a batch without images or videos: the
+    model then counts positions itself, reading nothing."""
+    grids, video_grids = batch.get("image_grid_thw"), batch.get("video_grid_thw")
+    if grids is None and video_grids is None:
+        return None
+    times = {VIDEO_TIMES: batch[VIDEO_TIMES]} if VIDEO_TIMES in batch else {}
+    return rope_index(
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=grids,
+        video_grid_thw=video_grids,
+        attention_mask=batch["attention_mask"],
+        **times,
+    )[0]
+
+
 def split_train_val(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
     """LLaMA-Factory's split: ``datasets.train_test_split(test_size=val_size, seed=seed)`` over the rows.
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from eqakit.config import Config
 from eqakit.data.encode import IGNORE_INDEX
 from eqakit.train.data import Collator
-from eqakit.train.packing import PackedCollator, pack_pair
+from eqakit.train.packing import PackedCollator, pack_pair, picked_logits
 from eqakit.train.trainer import EqakitTrainer
 
 
@@ -106,20 +106,15 @@ class PreferenceLoss:
 
 def packed_pair_logps(logits_for: Callable[[torch.Tensor], torch.Tensor], batch: dict[str, Any]) -> PairLogps:
     """The answers' log-likelihoods from packed pair rows (branch 0 chosen, 1 rejected): only the
-    logits of learned positions are computed (`eqakit.train.packing.packed_inputs`)."""
-    targets = batch["packed_targets"]
-    sources = sorted({int(s) for t in targets for s in t[:, 0].tolist()})
-    device = batch["input_ids"].device
-    logits = logits_for(torch.tensor(sources, device=device))  # (rows, len(sources), vocab)
-    column = {s: i for i, s in enumerate(sources)}
-    sums = torch.zeros(len(targets), 2, device=logits.device)
-    counts = torch.zeros(len(targets), 2, device=logits.device)
-    for row, t in enumerate(targets):
-        picked = logits[row, [column[int(s)] for s in t[:, 0].tolist()]].float()
-        labels, branch = t[:, 1].to(logits.device), t[:, 2].to(logits.device)
-        token_logps = picked.log_softmax(-1).gather(1, labels[:, None])[:, 0]
-        sums[row] = sums[row].index_add(0, branch, token_logps)
-        counts[row] = counts[row].index_add(0, branch, torch.ones_like(token_logps))
+    logits of learned positions are computed, and nothing is read from the device
+    (`eqakit.train.packing.picked_logits`)."""
+    picked, labels, where = picked_logits(logits_for, batch)
+    token_logps = picked.log_softmax(-1).gather(1, labels[:, None])[:, 0]
+    slot = where[:, 0] * 2 + where[:, 1]  # (row, branch) flattened
+    rows = batch["input_ids"].shape[0]
+    sums = torch.zeros(rows * 2, device=picked.device).index_add(0, slot, token_logps).view(rows, 2)
+    counts = torch.zeros(rows * 2, device=picked.device).index_add(0, slot, torch.ones_like(token_logps))
+    counts = counts.view(rows, 2)
     return PairLogps(sums[:, 0], sums[:, 1], counts[:, 0], counts[:, 1])
 
 
@@ -188,7 +183,7 @@ class DPOTrainer(EqakitTrainer):
     def _pair_logps(
         self, model: Any, inputs: dict[str, Any], encoder_outputs: dict[str, Any] | None
     ) -> PairLogps:
-        if "packed_targets" in inputs:
+        if "packed_picks" in inputs:
             return packed_pair_logps(self._packed_forward(model, inputs, encoder_outputs), inputs)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if encoder_outputs is not None:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from eqakit.data.encode import IGNORE_INDEX, VIDEO_TIMES
@@ -109,21 +110,28 @@ class EpisodeBatchSampler(torch.utils.data.Sampler[list[Any]]):
 
 
 def _shared_prefix(features: list[dict[str, torch.Tensor]]) -> int:
-    """Longest prefix common to all, holding every image token, learning nothing, leaving each a token."""
-    ids = [f["input_ids"] for f in features]
+    """Longest prefix common to all, holding every image token, learning nothing, leaving each a token.
+
+    Read with numpy: the samples are host tensors (``Tensor.numpy`` refuses a device one), so packing
+    never waits for an accelerator."""
+    ids = [f["input_ids"].numpy() for f in features]
     limit = min(len(x) for x in ids) - 1
-    first = ids[0][:limit]
-    same = torch.ones(limit, dtype=torch.bool)
+    if limit <= 0:
+        return 0
+    same = np.ones(limit, dtype=bool)
     for other in ids[1:]:
-        same &= other[:limit] == first
+        same &= other[:limit] == ids[0][:limit]
     for f in features:
-        same &= f["labels"][:limit] == IGNORE_INDEX
-    n = int(same.long().cumprod(0).sum()) if limit > 0 else 0
-    last_image = max(
-        (int(f["mm_token_type_ids"].nonzero().max()) + 1 if f["mm_token_type_ids"].any() else 0)
-        for f in features
-    )
+        same &= f["labels"].numpy()[:limit] == IGNORE_INDEX
+    n = int(np.argmin(same)) if not same.all() else limit
+    last_image = max(_visual_end(f["mm_token_type_ids"].numpy()) for f in features)
     return n if n >= last_image else 0
+
+
+def _visual_end(types: np.ndarray) -> int:
+    """One past the last image or video token (0 if there is none)."""
+    visual = np.flatnonzero(types)
+    return int(visual[-1]) + 1 if len(visual) else 0
 
 
 def _packed_length(members: list[dict[str, Any]]) -> int:
@@ -185,7 +193,12 @@ def padded_size(features: list[dict[str, Any]]) -> int:
 
 @dataclass
 class PackedCollator:
-    """Packs each run of samples with the same images into one row; rows are right-padded."""
+    """Packs each run of samples with the same images into one row; rows are right-padded.
+
+    Everything the forward and the loss need besides the model's own M-RoPE positions is built here,
+    on the host, from the rows' layout (`branch_mask`, `target_columns`): moved to the device with the
+    batch, it is never read back from there (positions come from `packed_positions`, also on the host
+    where the trainer can call it: `eqakit.train.trainer.EqakitTrainer.get_batch_samples`)."""
 
     pad_token_id: int
 
@@ -201,7 +214,8 @@ class PackedCollator:
             "attention_mask": torch.zeros(len(rows), longest, dtype=torch.long),
             "packed_prefix": torch.tensor([r["prefix"] for r in rows]),
             "packed_branches": [torch.tensor(r["branches"]) for r in rows],
-            "packed_targets": [torch.tensor(r["targets"], dtype=torch.long).reshape(-1, 3) for r in rows],
+            "packed_allowed": torch.stack([branch_mask(r, longest) for r in rows]),
+            **target_columns(rows),
             "image_counts": torch.tensor([r["images"] for r in rows]),
             "video_counts": torch.tensor([r["videos"] for r in rows]),
         }
@@ -223,6 +237,40 @@ class PackedCollator:
         return batch
 
 
+def branch_mask(row: dict[str, Any], width: int) -> torch.Tensor:
+    """Which positions each position of a packed row attends to, ``(width, width)``: the prefix
+    causally, each branch the prefix and itself causally, padding itself alone (so no row of the
+    additive mask is all minus infinity, which would give NaN). Built from the row's layout on the
+    host: made on the device from the batch's tensors it would read them back."""
+    prefix, length = row["prefix"], len(row["input_ids"])
+    allowed = torch.zeros(width, width, dtype=torch.bool)
+    allowed[:prefix, :prefix] = torch.ones(prefix, prefix, dtype=torch.bool).tril()
+    for start, size in row["branches"]:
+        allowed[start : start + size, :prefix] = True
+        allowed[start : start + size, start : start + size] = torch.ones(size, size, dtype=torch.bool).tril()
+    padding = torch.arange(length, width)
+    allowed[padding, padding] = True
+    return allowed
+
+
+def target_columns(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The loss's bookkeeping, from the rows' targets on the host: ``packed_sources``, the sorted
+    positions whose logits are computed (the same for every row: a position that predicts nothing
+    in a row costs one vocabulary row of logits); ``packed_picks``, (row, column of
+    ``packed_sources``, branch) of every learned token, row by row in target order;
+    ``packed_labels``, the tokens they predict."""
+    sources = sorted({target[0] for r in rows for target in r["targets"]})
+    column = {s: i for i, s in enumerate(sources)}
+    picks = [(i, column[source], branch) for i, r in enumerate(rows) for source, _, branch in r["targets"]]
+    return {
+        "packed_sources": torch.tensor(sources, dtype=torch.long),
+        "packed_picks": torch.tensor(picks, dtype=torch.long).reshape(-1, 3),
+        "packed_labels": torch.tensor(
+            [label for r in rows for _, label, _ in r["targets"]], dtype=torch.long
+        ),
+    }
+
+
 def _row(members: list[dict[str, Any]], prefix: int) -> dict[str, Any]:
     """One packed row: the prefix, then each member's remainder as a branch.
 
@@ -239,7 +287,7 @@ def _row(members: list[dict[str, Any]], prefix: int) -> dict[str, Any]:
         ids.append(tail_ids)
         types.append(m["mm_token_type_ids"][prefix:])
         branches.append((start, len(tail_ids)))
-        for k, label in enumerate(tail_labels.tolist()):
+        for k, label in enumerate(tail_labels.numpy().tolist()):
             if label != IGNORE_INDEX and (k or prefix):  # a sequence's first token is predicted by nothing
                 targets.append((start + k - 1 if k else prefix - 1, label, branch))
         start += len(tail_ids)
@@ -265,13 +313,32 @@ def _row(members: list[dict[str, Any]], prefix: int) -> dict[str, Any]:
 
 
 def packed_inputs(rope_index: Any, batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """Model inputs for a packed batch: 4D branch mask and M-RoPE positions from each separate sequence."""
+    """Model inputs for a packed batch: the 4D branch mask (`branch_mask`, as an additive mask in
+    ``dtype``) and M-RoPE positions from each separate sequence: the batch's ``position_ids`` when
+    they were computed on the host (`packed_positions`), else computed here from the batch."""
+    ids, types = batch["input_ids"], batch["mm_token_type_ids"]
+    positions = batch.get("position_ids")
+    if positions is None:  # a batch no trainer prepared (DPO's collator, direct calls): reads it
+        positions = packed_positions(rope_index, batch)
+    allowed = batch["packed_allowed"].to(ids.device)
+    mask = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=dtype, device=ids.device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return {"input_ids": ids, "mm_token_type_ids": types, "attention_mask": mask, "position_ids": positions}
+
+
+def packed_positions(rope_index: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """M-RoPE positions ``(3, rows, length)`` of a packed batch: each branch's (and the prefix's)
+    positions in the branch's own sequence (prefix + branch), as ``rope_index`` (the model's
+    ``get_rope_index``) computes them; padding at 0.
+
+    ``get_rope_index`` reads every image's grid and every row's token types as Python numbers, so
+    on host tensors (`eqakit.train.trainer.EqakitTrainer.get_batch_samples` calls it before the batch
+    moves) it costs the accelerator nothing; on device tensors, about four reads per branch."""
     ids, types = batch["input_ids"], batch["mm_token_type_ids"]
     rows, n = ids.shape
     grids, video_grids = batch.get("image_grid_thw"), batch.get("video_grid_thw")
     seconds = batch.get(VIDEO_TIMES)  # Qwen2.5-VL's, per video
     counts, video_counts = batch["image_counts"].tolist(), batch["video_counts"].tolist()
-    allowed = torch.zeros(rows, n, n, dtype=torch.bool, device=ids.device)
     positions = torch.zeros(3, rows, n, dtype=torch.long, device=ids.device)
     image_start = video_start = 0
     for r in range(rows):
@@ -285,7 +352,6 @@ def packed_inputs(rope_index: Any, batch: dict[str, Any], dtype: torch.dtype) ->
         )
         image_start += counts[r]
         video_start += video_counts[r]
-        allowed[r, :prefix, :prefix] = torch.ones(prefix, prefix, dtype=torch.bool, device=ids.device).tril()
         for start, length in batch["packed_branches"][r].tolist():
             seq = torch.cat([ids[r, :prefix], ids[r, start : start + length]])[None]
             seq_types = torch.cat([types[r, :prefix], types[r, start : start + length]])[None]
@@ -297,35 +363,28 @@ def packed_inputs(rope_index: Any, batch: dict[str, Any], dtype: torch.dtype) ->
                 pos = torch.arange(seq.shape[1], device=ids.device).expand(3, -1)
             positions[:, r, :prefix] = pos[:, :prefix]
             positions[:, r, start : start + length] = pos[:, prefix:]
-            allowed[r, start : start + length, :prefix] = True
-            allowed[r, start : start + length, start : start + length] = torch.ones(
-                length, length, dtype=torch.bool, device=ids.device
-            ).tril()
-        pad = batch["attention_mask"][r] == 0
-        allowed[r, pad, pad] = True  # padding attends to itself: no fully masked row, no NaN
-    mask = torch.zeros(rows, 1, n, n, dtype=dtype, device=ids.device)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    return {"input_ids": ids, "mm_token_type_ids": types, "attention_mask": mask, "position_ids": positions}
+    return positions
+
+
+def picked_logits(
+    logits_for: Callable[[torch.Tensor], torch.Tensor], batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fp32 logits of every learned token of a packed batch, with the tokens they predict and
+    ``(row, branch)`` of each. Which logits to compute and pick comes from the collator
+    (`target_columns`), so nothing here reads the device: one indexing with index tensors."""
+    logits = logits_for(batch["packed_sources"])  # (rows, len(sources), vocab)
+    picks = batch["packed_picks"].to(logits.device)
+    picked = logits[picks[:, 0], picks[:, 1]].float()
+    return picked, batch["packed_labels"].to(logits.device), picks[:, [0, 2]]
 
 
 def packed_loss(logits_for: Any, batch: dict[str, Any], num_items: Any = None) -> torch.Tensor:
     """Cross-entropy over every branch's learned tokens: their mean (what the separate samples' loss
     averages), or, with ``num_items`` (the optimizer step's count of learned tokens), their sum
     divided by it, so that the step's micro-batches add up to the step's mean, as transformers does."""
-    targets = batch["packed_targets"]
-    sources = sorted({int(s) for t in targets for s in t[:, 0].tolist()})
-    logits = logits_for(
-        torch.tensor(sources, device=batch["input_ids"].device)
-    )  # (rows, len(sources), vocab)
-    column = {s: i for i, s in enumerate(sources)}
-    picked, labels = [], []
-    for r, t in enumerate(targets):
-        if len(t):
-            picked.append(logits[r, [column[int(s)] for s in t[:, 0].tolist()]])
-            labels.append(t[:, 1])
-    if not picked:
-        return logits.sum() * 0.0
-    logits, labels = torch.cat(picked).float(), torch.cat(labels).to(logits.device)
+    picked, labels, _ = picked_logits(logits_for, batch)
+    if labels.shape[0] == 0:
+        return picked.sum() * 0.0
     if num_items is None:
-        return torch.nn.functional.cross_entropy(logits, labels)
-    return torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / num_items
+        return torch.nn.functional.cross_entropy(picked, labels)
+    return torch.nn.functional.cross_entropy(picked, labels, reduction="sum") / num_items

@@ -8,13 +8,16 @@ is eqakit's: ``train_loss`` after a resume covers the whole run, as it does for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from transformers import EvalPrediction, Trainer
@@ -24,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from eqakit.data.encode import IGNORE_INDEX
 from eqakit.model.arch import vision_tower
 from eqakit.train.callbacks import COMPLETE_MARKER
+from eqakit.train.data import plain_positions
 from eqakit.train.packing import (
     EpisodeBatchSampler,
     PackedCollator,
@@ -32,6 +36,7 @@ from eqakit.train.packing import (
     pack_rows,
     packed_inputs,
     packed_loss,
+    packed_positions,
     padded_size,
 )
 from eqakit.train.vision_cache import VisionFeatureCache
@@ -39,6 +44,7 @@ from eqakit.train.vision_cache import VisionFeatureCache
 LOSS_TOTAL_FILE = "eqakit_loss_total.json"  # in each checkpoint: the run's summed per-step losses
 SKIP = "eqakit_skip"  # marks a micro-batch slot that step packing left empty (see get_batch_samples)
 STAND_IN = "eqakit_stand_in"  # marks a micro-batch whose loss counts zero (`StandIn`)
+LAYOUT = "eqakit_visual_layout"  # a micro-batch's `VisualLayout`, found on the host
 
 
 class StepDataset(torch.utils.data.Dataset):
@@ -70,8 +76,122 @@ def _as_list(features: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def learned_tokens(features: list[dict[str, Any]]) -> int:
     """Answer tokens a loss is taken over: labels after the first position (nothing predicts it), as
-    transformers counts ``num_items_in_batch``."""
-    return sum(int((f["labels"][1:] != IGNORE_INDEX).sum()) for f in features)
+    transformers counts ``num_items_in_batch``. Counted with numpy: the samples are host tensors
+    (``Tensor.numpy`` refuses a device one), so the count never waits for an accelerator."""
+    return sum(int(np.count_nonzero(f["labels"].numpy()[1:] != IGNORE_INDEX)) for f in features)
+
+
+def on_host(batch: dict[str, Any]) -> bool:
+    """Whether a batch's tensors are still on the host (the Trainer moves them in `training_step`)."""
+    return batch["input_ids"].device.type == "cpu"
+
+
+def host_input_tokens(batch: dict[str, Any], mode: str, pad_token_id: int | None) -> int:
+    """``include_num_input_tokens_seen``'s count for a host batch, as transformers counts it
+    (``non_padding``: the attention mask's ones, else the tokens that are not padding; ``all``:
+    every token), read with numpy, so that counting waits for nothing on the device."""
+    ids = batch["input_ids"]
+    if mode != "non_padding":
+        return ids.numel()
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].numpy().sum())
+    return int(np.count_nonzero(ids.numpy() != pad_token_id)) if pad_token_id is not None else ids.numel()
+
+
+@dataclass(frozen=True)
+class VisualLayout:
+    """Where a micro-batch's image and video tokens are, found on the host before it moves: their
+    counts, and ``positions`` (2, visual tokens), the row and column of each in row-major order,
+    which is the order of the features and of a boolean mask's true elements."""
+
+    image_tokens: int
+    video_tokens: int
+    positions: torch.Tensor
+
+    @classmethod
+    def of(cls, input_ids: torch.Tensor, image_token_id: int, video_token_id: int) -> VisualLayout:
+        ids = input_ids.numpy()
+        image, video = ids == image_token_id, ids == video_token_id
+        where = torch.from_numpy(np.stack(np.nonzero(image | video)))
+        return cls(int(image.sum()), int(video.sum()), where)
+
+
+@contextlib.contextmanager
+def visual_layout_known(base: Any, layout: VisualLayout) -> Iterator[None]:
+    """Within it, the Qwen-VL model ``base`` takes where its visual tokens are from ``layout``
+    (``positions`` on the model's device) instead of reading the device.
+
+    transformers' forward reads the device to check that a batch has as many image (video) tokens as
+    features (``get_placeholder_mask``: twice per medium), and Qwen3-VL adds its deepstack features
+    at the visual tokens by boolean-mask indexing (``_deepstack_process``: a nonzero and a masked
+    write in the forward, three more in the backward, per deepstack layer). Here the counts are
+    checked against the layout's, and the features are added at ``positions`` with the same
+    indexing operators given index tensors: the same elements, the same sums, so the same numbers.
+    Both are shadowed on the instance for the duration only, where the model has them.
+    """
+    model = base.model
+    text = getattr(model, "language_model", None)
+    with contextlib.ExitStack() as stack:
+        if hasattr(model, "get_placeholder_mask"):
+            stack.enter_context(
+                _shadowed(model, "get_placeholder_mask", partial(_placeholders, model, layout))
+            )
+        if text is not None and hasattr(text, "_deepstack_process"):
+            stack.enter_context(_shadowed(text, "_deepstack_process", partial(_add_deepstack, layout)))
+        yield
+
+
+@contextlib.contextmanager
+def _shadowed(module: Any, name: str, function: Callable[..., Any]) -> Iterator[None]:
+    """``module.name`` is ``function`` within (an instance attribute hides the class's method)."""
+    vars(module)[name] = function
+    try:
+        yield
+    finally:
+        del vars(module)[name]
+
+
+def _placeholders(
+    model: Any,
+    layout: VisualLayout,
+    input_ids: torch.Tensor | None,
+    inputs_embeds: torch.Tensor,
+    image_features: torch.Tensor | None = None,
+    video_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``get_placeholder_mask`` (the same masks), its token counts taken from the host."""
+    if input_ids is None:
+        return type(model).get_placeholder_mask(
+            model, input_ids, inputs_embeds, image_features, video_features
+        )
+    width = inputs_embeds.shape[-1]
+    for medium, tokens, features in (
+        ("Image", layout.image_tokens, image_features),
+        ("Video", layout.video_tokens, video_features),
+    ):
+        if features is not None and tokens * width != features.numel():
+            raise ValueError(
+                f"{medium} features and {medium.lower()} tokens do not match, "
+                f"tokens: {tokens}, features: {features.shape[0]}"
+            )
+    image = (input_ids == model.config.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
+    video = (input_ids == model.config.video_token_id).unsqueeze(-1).to(inputs_embeds.device)
+    return image, video
+
+
+def _add_deepstack(
+    layout: VisualLayout, hidden_states: torch.Tensor, visual_pos_masks: Any, visual_embeds: torch.Tensor
+) -> torch.Tensor:
+    """Qwen3-VL's ``_deepstack_process`` at the layout's positions instead of a boolean mask."""
+    if visual_embeds.shape[0] != layout.positions.shape[1]:
+        raise ValueError(
+            f"{visual_embeds.shape[0]} deepstack features for {layout.positions.shape[1]} visual tokens"
+        )
+    rows, columns = layout.positions[0], layout.positions[1]
+    visual_embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
+    hidden_states = hidden_states.clone()
+    hidden_states[rows, columns, :] = hidden_states[rows, columns, :] + visual_embeds
+    return hidden_states
 
 
 @dataclass(frozen=True)
@@ -178,6 +298,7 @@ class EqakitTrainer(Trainer):
         self._tower_weights: list[torch.nn.Parameter] | None = None  # see `_untouched_tower_term`
         self._loss_before: LossSoFar | None = None  # the resumed checkpoint's
         self._train_loss: float | None = None
+        self._nan_filter_on_device = False  # see `_nan_filter_moved`
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> TrainOutput:
         """Trainer.train, with ``train_loss`` the mean over every step of the run, resumed or not.
@@ -188,7 +309,8 @@ class EqakitTrainer(Trainer):
         `resume_from_checkpoint` is a checkpoint directory: `sft.resolve_resume` resolves ``true``.
         """
         self._loss_before = LossSoFar.read(resume_from_checkpoint) if resume_from_checkpoint else None
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        with self._nan_filter_moved():
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         metrics = {**output.metrics, "train_loss": self._train_loss}
         return TrainOutput(output.global_step, self._train_loss, metrics)
 
@@ -211,6 +333,43 @@ class EqakitTrainer(Trainer):
         params = [{"params": p, "lr": rate, "weight_decay": wd} for (rate, wd), p in groups.items()]
         self.optimizer = optimizer_cls(params, **kwargs)
         return self.optimizer
+
+    @contextlib.contextmanager
+    def _nan_filter_moved(self) -> Iterator[None]:
+        """Within it, ``logging_nan_inf_filter`` is applied on the device (`_filtered`) instead of by
+        the Trainer's loop, which reads every micro-batch's loss to apply it (``isnan``, then
+        ``isinf``: two synchronisations per micro-batch, 16 per step at accumulation 8). The filter
+        is the same: a non-finite loss adds the mean logged so far instead of itself. Evaluation and
+        saved arguments see the user's setting (`_users_nan_filter`)."""
+        wanted = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter, self._nan_filter_on_device = False, wanted
+        try:
+            yield
+        finally:
+            self.args.logging_nan_inf_filter, self._nan_filter_on_device = wanted, False
+
+    @contextlib.contextmanager
+    def _users_nan_filter(self) -> Iterator[None]:
+        """The user's ``logging_nan_inf_filter`` back in the arguments, within `_nan_filter_moved`."""
+        saved = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = saved or self._nan_filter_on_device
+        try:
+            yield
+        finally:
+            self.args.logging_nan_inf_filter = saved
+
+    def _filtered(self, loss: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss as the Trainer's NaN filter would add it to its running total: a
+        non-finite one is replaced by the total's mean per step since the last log, on the device."""
+        if not self._nan_filter_on_device:
+            return loss
+        steps = 1 + self.state.global_step - self._globalstep_last_logged
+        return torch.where(torch.isfinite(loss), loss, self._tr_loss / steps)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Trainer.evaluate, with the user's ``logging_nan_inf_filter`` (it filters evaluation losses)."""
+        with self._users_nan_filter():
+            return super().evaluate(*args, **kwargs)
 
     def _loss_so_far(self, pending: float) -> LossSoFar:
         """The run's loss through the current step: the resumed checkpoint's plus this call's.
@@ -243,7 +402,8 @@ class EqakitTrainer(Trainer):
         if self.args.should_save:
             (folder / COMPLETE_MARKER).unlink(missing_ok=True)
         try:
-            super()._save_checkpoint(model, trial)
+            with self._users_nan_filter():  # the arguments saved beside the weights
+                super()._save_checkpoint(model, trial)
             pending = nested_gather(self._tr_loss, self.args.parallel_mode).mean().item()
             if self.args.should_save:
                 so_far = self._loss_so_far(pending)
@@ -297,7 +457,13 @@ class EqakitTrainer(Trainer):
         the step's count of answer tokens over all processes, as transformers does unpacked.
         """
         if self.episode_groups is None:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
+            batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        else:
+            batches, items = self._packed_step(epoch_iterator, num_batches, device)
+        return [self._prepared_on_host(b) for b in batches], items
+
+    def _packed_step(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The step's micro-batches packed across the step (see `get_batch_samples`)."""
         unpacked: list[list[dict[str, Any]]] = []
         for _ in range(num_batches):
             try:
@@ -325,17 +491,61 @@ class EqakitTrainer(Trainer):
             spare = min(batches, key=lambda b: b["input_ids"].numel())
             batches = [{**spare, STAND_IN: True} for _ in range(int(counts.max()) - len(batches))] + batches
         batches = [{SKIP: True}] * (len(unpacked) - len(batches)) + batches
-        items = torch.tensor(learned_tokens(own), device=device)
+        items = self._prepare_input(torch.tensor(learned_tokens(own)))
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             items = self.accelerator.gather(items).sum()
         return batches, items
 
+    def _prepared_on_host(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A micro-batch with what the forward would otherwise read from the device, computed while
+        it is still on the host: M-RoPE positions (``position_ids``: `packing.packed_positions` for
+        packed rows, `data.plain_positions` for padded ones, with the model's own ``get_rope_index``,
+        which reads every grid as a Python number) and its `VisualLayout`."""
+        if SKIP in batch or not on_host(batch):
+            return batch
+        base = self._base_model(self.model)
+        out = dict(batch)
+        if "position_ids" not in out:
+            positions = (packed_positions if "packed_branches" in out else plain_positions)(
+                base.model.get_rope_index, out
+            )
+            if positions is not None:
+                out["position_ids"] = positions
+        config = base.model.config
+        out[LAYOUT] = VisualLayout.of(out["input_ids"], config.image_token_id, config.video_token_id)
+        return out
+
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
+        """Trainer.training_step, told where the visual tokens are (`visual_layout_known`), its loss
+        NaN-filtered on the device (`_filtered`)."""
         if SKIP in inputs:  # a slot step packing left empty: no forward, no backward, no loss
             return torch.zeros((), device=self.args.device)
-        return super().training_step(model, inputs, num_items_in_batch)
+        layout = inputs.get(LAYOUT)
+        inputs = {k: v for k, v in inputs.items() if k != LAYOUT}
+        with self._layout_known(model, layout):
+            return self._filtered(super().training_step(model, inputs, num_items_in_batch))
+
+    def _layout_known(self, model: Any, layout: VisualLayout | None) -> contextlib.AbstractContextManager:
+        if layout is None:
+            return contextlib.nullcontext()
+        moved = replace(layout, positions=self._prepare_input(layout.positions))
+        return visual_layout_known(self._base_model(model), moved)
+
+    def _prepare_input(self, data: Any) -> Any:
+        """Trainer._prepare_input, with a host tensor copied to CUDA without blocking: a blocking copy
+        waits for every kernel queued before it, a synchronisation no count on the CPU can see. It
+        goes through page-locked memory (PyTorch's caching host allocator keeps the block until the
+        copy from it is done), in stream order, as the engine uploads (`engine.hf.model.upload`)."""
+        if (
+            isinstance(data, torch.Tensor)
+            and data.device.type == "cpu"
+            and self.args.device.type == "cuda"
+            and not self.is_deepspeed_enabled
+        ):
+            return data.pin_memory().to(self.args.device, non_blocking=True)
+        return super()._prepare_input(data)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         return 0 if SKIP in inputs else super().floating_point_ops(inputs)
@@ -344,9 +554,15 @@ class EqakitTrainer(Trainer):
         """include_num_input_tokens_seen counts the tokens fed to the model (packed rows hold an
         episode's frames once); an empty slot or a stand-in counts none, but still joins the gather
         that sums the count over processes (a process skipping it would leave the others waiting)."""
-        if SKIP not in inputs and STAND_IN not in inputs:
+        mode = self.args.include_num_input_tokens_seen
+        if mode != "no" and self.args.world_size == 1 and (SKIP in inputs or on_host(inputs)):
+            # one process: counted on the host, from the batch before it moved (nothing to gather)
+            if SKIP not in inputs and STAND_IN not in inputs:
+                pad = getattr(self.processing_class, "pad_token_id", None)
+                self.state.num_input_tokens_seen += host_input_tokens(inputs, mode, pad)
+        elif SKIP not in inputs and STAND_IN not in inputs:
             super()._track_num_input_tokens(inputs)
-        elif self.args.include_num_input_tokens_seen != "no":
+        elif mode != "no":
             none = torch.zeros((), dtype=torch.int64, device=self.args.device)
             self.state.num_input_tokens_seen += self.accelerator.gather(none).sum().item()
 
@@ -367,7 +583,7 @@ class EqakitTrainer(Trainer):
         stand_in = inputs.pop(STAND_IN, False)
         encoder_outputs = self._encoder_outputs(inputs)
         outputs = None
-        if "packed_targets" in inputs:
+        if "packed_picks" in inputs:
             loss = self._packed_loss(model, inputs, encoder_outputs, num_items_in_batch)
         else:
             if encoder_outputs is not None:
@@ -395,6 +611,11 @@ class EqakitTrainer(Trainer):
             loss = loss + self._untouched_tower_term(model)
         return (loss, outputs) if return_outputs else loss
 
+    def _base_model(self, model: Any) -> Any:
+        """The Qwen-VL model inside DDP and PEFT wrappers."""
+        base = self.accelerator.unwrap_model(model)
+        return base.get_base_model() if hasattr(base, "get_base_model") else base
+
     def _untouched_tower_term(self, model: Any) -> torch.Tensor | float:
         """Zero, times every trainable weight of the vision tower (LoRA on it, a trained merger):
         added to the loss of a batch without images or videos, it gives those weights a zero
@@ -417,8 +638,7 @@ class EqakitTrainer(Trainer):
         self, model: Any, inputs: dict[str, Any], encoder_outputs: dict[str, Any] | None
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         """The model on a packed batch, as a function of the positions whose logits are wanted."""
-        base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        base = self._base_model(model)
         dtype = next(base.parameters()).dtype
         model_inputs = packed_inputs(base.model.get_rope_index, inputs, dtype)
         media = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
