@@ -208,3 +208,28 @@ def test_extreme_scores_are_drawn_among_their_maxima_and_nan_fails_its_row_alone
     tokens = sampler.choose(logits)
     assert tokens[0] == 7 and tokens[1] in (3, 9)
     assert isinstance(tokens[2], FloatingPointError) and isinstance(tokens[3], FloatingPointError)
+
+
+def test_a_pass_without_padding_runs_sdpas_fused_causal_kernel(model, processor, monkeypatch) -> None:
+    """One prompt alone (prefill and decode) reaches ``scaled_dot_product_attention`` with no mask,
+    so an accelerator runs its fused causal kernel; a left-padded batch still hands it a mask. The
+    tokens are those of ``model.generate`` either way (the engine's equivalence tests)."""
+    calls: list[tuple[bool, bool]] = []  # (mask given, is_causal) of each language-model attention
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, is_causal=False, **kwargs):
+        calls.append((attn_mask is not None, bool(is_causal)))
+        return sdpa(query, key, value, attn_mask, *args, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    engine = Engine(model, processor, format=PromptFormat("qwen3_vl_nothink"), eos_token_ids=[])
+    greedy = SamplingParams(do_sample=False, max_new_tokens=3)
+    alone = [Request([{"role": "user", "content": "Where am I?"}], greedy)]
+    engine.generate([engine.prepare(r) for r in alone])
+    layers = model.config.text_config.num_hidden_layers
+    assert calls[:layers] == [(False, True)] * layers  # the prefill: fused causal, no mask
+    assert set(calls[layers:]) == {(False, False)}  # one token a step: nothing to mask
+    calls.clear()
+    padded = [*alone, Request([{"role": "user", "content": "Where is the red ball now?"}], greedy)]
+    engine.generate([engine.prepare(r) for r in padded])
+    assert calls and all(given for given, _ in calls)

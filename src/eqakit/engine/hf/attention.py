@@ -13,7 +13,8 @@ equivalence tests compare greedy tokens with ``model.generate``), computed in fl
 
 `install` registers this as an attention implementation of transformers (its public
 ``AttentionInterface``) for the language model only; rows with no shared prefix, and every forward
-pass without one (prefix computation, plain prompts), go through transformers' sdpa unchanged.
+pass without one (prefix computation, plain prompts), go through transformers' sdpa unchanged: a
+pass without padding hands it no mask at all, so it runs the fused causal kernel.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ class SharedPrefix:
 
 
 def _mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """sdpa's boolean mask, always materialized (never "skip: causal"), so padding is explicit here."""
-    return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+    """sdpa's boolean mask. With no padding mask (the engine passes none for a pass without padding
+    and without a shared prefix: `eqakit.engine.hf.model.Model.forward`) sdpa may skip it and run
+    its fused causal kernel; with one, the mask is always materialized, because deciding to skip
+    would read the padding mask back from the device (``all()``) once per forward pass."""
+    allow_skip = kwargs.get("attention_mask") is None
+    return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": allow_skip})
 
 
 def shared_prefix_attention(

@@ -138,9 +138,11 @@ class HFModel:
                     tuple(f.embeds for f in feats),
                     [tuple(f.deepstack[level] for f in feats) for level in range(levels)],
                 )
+        # no padding and no shared prefix: no mask, so sdpa runs its fused causal kernel (`attention._mask`)
+        plain = shared is None and bool(mask.numpy().all())
         out = self.core.model(
             input_ids=upload(ids, self.device),
-            attention_mask=upload(mask, self.device),
+            attention_mask=None if plain else upload(mask, self.device),
             position_ids=upload(positions, self.device),
             mm_encoder_outputs=encoder_outputs or None,
             use_cache=True,
