@@ -208,6 +208,8 @@ def test_judge_scores_resumes_and_reports(judge, tmp_path, capsys):
     assert scores == {"q1": 100.0, "q2": 0.0, "q3": 100.0, "q4": 0.0, "q5": 0.0, "q6": 50.0, "q7": 100.0}
     assert summary["predict_llm_match"] == pytest.approx(350 / 7)
     assert summary["num_samples"] == 7
+    assert summary["stage"] == "judge" and summary["eqakit"] and "git_commit" in summary  # the run record
+    assert summary["judge"]["model"] == JUDGE_MODEL and "api_key" not in json.dumps(summary)
     assert summary["per_category"] == {
         "object recognition": {"predict_llm_match": 25.0, "num_samples": 2},
         "attribute recognition": {"predict_llm_match": 100.0, "num_samples": 2},

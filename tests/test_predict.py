@@ -123,6 +123,13 @@ def test_predict_writes_llama_factory_files(lively_dir: Path, dataset: Path, tmp
     made = json.loads((out / "eqakit_predict.json").read_text())  # how they were made
     assert made["model"] == str(lively_dir) and made["results"] == on_disk and made["samples"] == len(source)
     assert made["config"]["eval_dataset"] == "open_eqa_test" and made["transformers"] and "git_commit" in made
+    assert (made["stage"], made["backend"], made["device"], made["dtype"]) == (
+        "predict",
+        "transformers",
+        "cpu",
+        "float32",
+    )
+    assert made["resolved_config"]["repetition_penalty"] == 1.0 and "repetition_penalty" not in made["config"]
 
 
 def test_an_interrupted_run_resumes_and_ends_identical(

@@ -101,11 +101,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def output_files(out: Path) -> dict[str, bytes]:
-    """Every file of a dataset dir except the summary (which records times)."""
+    """Every file of a dataset dir except the summary and the run record (which record times)."""
     return {
         p.relative_to(out).as_posix(): p.read_bytes()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "prepare_summary.json"
+        if p.is_file() and p.name not in ("prepare_summary.json", "eqakit_run.json")
     }
 
 
@@ -144,6 +144,13 @@ def test_official_layout_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert episode_slug(EPISODES[0][0]) == "hm3d-v0__000-hm3d-BFRyYbPCCPE"
 
     summary = json.loads((out / "prepare_summary.json").read_text())
+    made = json.loads((out / "eqakit_run.json").read_text())  # the run record: the summary, traced
+    assert (
+        made["stage"] == "prepare"
+        and made["eqakit"]
+        and made["torch"]
+        and made["frames"] == summary["frames"]
+    )
     assert summary["frames"] == {
         **summary["frames"],
         "written": 8 + 8 + 5 + 8,

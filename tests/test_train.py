@@ -96,7 +96,9 @@ def test_lora_training_learns_and_writes_everything(tmp_path, tiny_model_dir, to
     ):
         assert (out / name).is_file(), name
     assert json.loads((out / "eval_results.json").read_text())["eval_loss"] > 0
-    assert json.loads((out / "eqakit_run.json").read_text())["compute_dtype"] == "float32"  # a CPU's
+    made = json.loads((out / "eqakit_run.json").read_text())
+    assert (made["stage"], made["compute_dtype"]) == ("train", "float32")  # a CPU's dtype
+    assert made["resolved_config"]["lora_dropout"] == 0.0 and "lora_dropout" not in made["config"]
     records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     for key in (
         "current_steps",

@@ -427,6 +427,8 @@ def test_predict_on_vllm_writes_the_transformers_engines_predictions(model_dir: 
     assert len({r["predict"] for r in rows(tmp_path / "hf")}) > 1  # answers depend on the question
     assert ours["predict_samples"] == hf["predict_samples"] == 10
     assert ours["predict_bleu-4"] == hf["predict_bleu-4"]
+    made = json.loads((tmp_path / "vllm" / "eqakit_predict.json").read_text())
+    assert (made["backend"], made["dtype"]) == ("vllm", "float32")
 
 
 @needs_vllm

@@ -260,6 +260,7 @@ def _record(
     """eqakit_export.json: what was merged, how, and with which versions."""
     return run_record.record(
         cfg,
+        "export",
         {
             "base_model": cfg.model.model_name_or_path,
             "adapters": [

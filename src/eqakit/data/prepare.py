@@ -60,10 +60,12 @@ from eqakit.data.split import choose_test_split
 from eqakit.errors import ConfigError, DataError
 from eqakit.fsutil import disk_errors, write_text_atomic
 from eqakit.model.arch import ARCHITECTURES
+from eqakit.run_record import provenance, write_record
 
 TRAIN, TEST = "open_eqa_train_val", "open_eqa_test"
 FRAMES_DIR = "open_eqa_frames"
 SUMMARY_FILE = "prepare_summary.json"
+RECORD = "eqakit_run.json"  # the summary again, headed by `eqakit.run_record.provenance`
 DATASET_INFO = "dataset_info.json"
 # Registered exactly as in the seed tutorial.
 COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "images": "images"}
@@ -178,6 +180,7 @@ def prepare_openeqa(
 
     summary = _summary(source, options, workers, loaded.records, episodes, rows, run, problems, ids, started)
     write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    write_record(out / RECORD, {**provenance("prepare"), **summary})
     _update_dataset_info(out / DATASET_INFO, register=True, as_video=options.as_video)
     print(_format_summary(summary, out))
     return summary

@@ -183,6 +183,10 @@ class InferenceEngine(Protocol):
         refuse later requests (EngineUnavailable); idempotent."""
         ...
 
+    def placement(self) -> dict[str, str]:
+        """Where the model runs, for run records: ``backend``, ``device`` and ``dtype``."""
+        ...
+
 
 @runtime_checkable
 class Worker(Protocol):

@@ -44,6 +44,7 @@ from eqakit.errors import ConfigError, DataError, EqakitError
 from eqakit.evaluate.metrics import sort_categories
 from eqakit.evaluate.report import scores_markdown
 from eqakit.fsutil import write_text_atomic
+from eqakit.run_record import provenance
 
 _INSTRUCTIONS = """\
 You are grading answers to questions that a household robot was asked about what it saw.
@@ -665,9 +666,16 @@ def cli(argv: list[str]) -> int:
         questions = load_dataset_questions(args.dataset_dir)
     items = load_items(args.predictions, questions, args.dataset_dir)
     output: Path = args.output or args.predictions.parent / "llm_match.jsonl"
-    summary = run_judge(items, settings, output, retry_failures=args.retry_failures)
-    summary["predictions"] = str(args.predictions)
-    summary["judgements"] = str(output)
+    marks = run_judge(items, settings, output, retry_failures=args.retry_failures)
+    summary = {
+        **provenance("judge"),
+        "judge": {
+            k: getattr(settings, k) for k in ("base_url", "model", "temperature", "seed", "max_tokens")
+        },
+        **marks,
+        "predictions": str(args.predictions),
+        "judgements": str(output),
+    }
     summary_path = write_text_atomic(
         output.with_name(f"{output.stem}_summary.json"),
         json.dumps(summary, indent=2, ensure_ascii=False) + "\n",

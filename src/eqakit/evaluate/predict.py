@@ -7,7 +7,8 @@ What LLaMA-Factory's predict stage writes, computed the same way, plus what it l
   dataset order at the end;
 - predict_results.json and all_results.json: LLaMA-Factory's BLEU-4 / ROUGE keys and speed keys, plus
   exact match, token F1 and every metric per OpenEQA category; report.md with the tables;
-- eqakit_predict.json: versions, git commit, the keys set, model, adapters, decoding and results.
+- eqakit_predict.json: versions, git commit, the config (set and resolved), model, adapters,
+  device and dtype, decoding and results.
 
 Resumable: a rerun with the same output_dir keeps the rows already written (matched by question_id,
 or by index, and by prompt) and generates only the rest; ``overwrite_output_dir: true`` starts over.
@@ -60,7 +61,7 @@ from eqakit.evaluate.ranks import Ranks, parts
 from eqakit.evaluate.report import write_report
 from eqakit.fsutil import write_text_atomic
 from eqakit.model.load import check_model
-from eqakit.run_record import write_record
+from eqakit.run_record import record, write_record
 
 PREDICTIONS = "generated_predictions.jsonl"
 RECORD = "eqakit_predict.json"  # how the predictions were made (`eqakit.run_record`)
@@ -137,6 +138,7 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
             max_batch_size=MAX_ROWS if hf else None,
             max_batch_tokens=kv_budget(cfg) if hf else None,
         )
+    placement = engine.placement()  # for the record, written after the engine is shut down
     try:
         base = SamplingParams.from_generating(cfg.generating)
         todo, too_long, scaled = [], [], 0
@@ -227,18 +229,16 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
             + (f" ({ranks.world} processes)" if ranks.world > 1 else ""),
         },
     )
-    write_record(
-        cfg,
-        out / RECORD,
-        {
-            "model": cfg.model.model_name_or_path,
-            "adapters": cfg.model.adapter_name_or_path,
-            "decoding": _describe(base),
-            "samples": len(rows),
-            "processes": ranks.world,
-            "results": results,
-        },
-    )
+    made = {
+        "model": cfg.model.model_name_or_path,
+        "adapters": cfg.model.adapter_name_or_path,
+        **placement,
+        "decoding": _describe(base),
+        "samples": len(rows),
+        "processes": ranks.world,
+        "results": results,
+    }
+    write_record(out / RECORD, record(cfg, "predict", made))
     print(
         f"eqakit predict: {len(rows)} predictions in {path}; BLEU-4 {results['predict_bleu-4']:.2f}, "
         f"ROUGE-L {results['predict_rouge-l']:.2f}, exact match {results['predict_exact_match']:.2f}; "

@@ -162,6 +162,13 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def placement(self) -> dict[str, str]:
+        return {
+            "backend": "transformers",
+            "device": str(self.model.device),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+        }
+
     def scheduler(self) -> Scheduler:
         """A fresh batch on this engine's model, caches and lock, with its admission rule (for
         `generate_iter`, `stream` and `EngineWorker` alike)."""

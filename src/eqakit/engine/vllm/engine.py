@@ -461,6 +461,10 @@ class VllmEngine:
         """Stop vLLM's processes and the event loop thread (also done at exit, or when collected)."""
         self._finalizer()
 
+    def placement(self) -> dict[str, str]:
+        dtype = getattr(getattr(self.llm, "model_config", None), "dtype", None)
+        return {"backend": "vllm", "device": "cuda", "dtype": str(dtype).removeprefix("torch.")}
+
 
 def _stop(holder: list[Any], loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
     """Shut vLLM down and drop the last reference to it, so that it is collected now, not during
