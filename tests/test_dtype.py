@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from eqakit.errors import ConfigError
 from eqakit.model.load import declared_dtype, optimal_dtype, pick_dtype, train_dtype
 
 CUDA, CPU, MPS = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
@@ -35,6 +37,31 @@ def test_the_keys_win_and_the_tutorials_bf16_false_means_the_optimal_dtype() -> 
     assert train_dtype(False, False, CUDA, BF16, bf16_supported=True) == BF16  # training_args.yaml on a GPU
     assert train_dtype(False, False, CPU, BF16) == FP32
     assert pick_dtype("auto", CPU) == FP32 and pick_dtype("float16", CPU) == FP16
+
+
+def test_a_key_the_device_cannot_honour_is_refused_with_its_fix() -> None:
+    with pytest.raises(ConfigError, match=r"^fp16: true needs a GPU .* remove fp16 to train in float32"):
+        train_dtype(False, True, CPU, BF16)
+    with pytest.raises(ConfigError, match=r"^bf16: true needs a GPU with bfloat16 .* set fp16: true"):
+        train_dtype(True, False, CUDA, BF16, bf16_supported=False)
+    assert train_dtype(False, True, MPS, BF16) == FP16
+
+
+def test_fp16_on_the_cpu_stops_train_before_any_weight_loads(
+    tmp_path: Path, tiny_model_dir: Path, capsys
+) -> None:
+    from conftest import write_toy_dataset
+    from eqakit.cli import main
+
+    data = write_toy_dataset(tmp_path / "data", episodes=2, questions=2)
+    keys = {"model_name_or_path": str(tiny_model_dir), "stage": "sft", "do_train": True, "dataset": "toy",
+            "dataset_dir": str(data), "template": "qwen3_vl_nothink", "output_dir": str(tmp_path / "out"),
+            "report_to": "none", "fp16": True}  # fmt: skip
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(keys))
+    assert main(["train", str(tmp_path / "train.yaml")]) != 0
+    err = capsys.readouterr().err
+    assert "fp16: true needs a GPU" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_the_declared_dtype_is_read_where_qwen_writes_it() -> None:

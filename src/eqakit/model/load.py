@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 
 from eqakit.config.args import ModelArguments
 from eqakit.data.encode import Geometry
-from eqakit.errors import EqakitError
+from eqakit.errors import ConfigError, EqakitError
 from eqakit.model.adapters import apply_adapter, check_adapters_fit, find_adapters
 from eqakit.model.arch import architecture, local_model_type
 
@@ -81,10 +81,25 @@ def train_dtype(
     """The dtype training loads the model in, as LLaMA-Factory chooses it: ``bf16: true`` or
     ``fp16: true`` name it; with neither (the tutorial's ``bf16: false``) `optimal_dtype` does, so a
     GPU trains in bf16 or fp16, not fp32. The trainable LoRA weights stay fp32 (PEFT's
-    ``autocast_adapter_dtype``, LLaMA-Factory's ``cast_trainable_params_to_fp32``)."""
+    ``autocast_adapter_dtype``, LLaMA-Factory's ``cast_trainable_params_to_fp32``).
+
+    A key the device cannot honour is refused here, before any weight loads (transformers would
+    accept both and train slowly or fail inside a kernel)."""
     if bf16:
+        if device.type == "cuda" and not (
+            torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+        ):
+            raise ConfigError(
+                "bf16: true needs a GPU with bfloat16 (NVIDIA Ampere or newer) and this one has none: "
+                "set fp16: true, or remove bf16 to let eqakit choose (fp16 here, as LLaMA-Factory does)"
+            )
         return torch.bfloat16
     if fp16:
+        if device.type == "cpu":
+            raise ConfigError(
+                "fp16: true needs a GPU (mixed precision in float16 on the CPU is slower than float32 and "
+                "loses precision): remove fp16 to train in float32, or set bf16: true"
+            )
         return torch.float16
     return optimal_dtype(device, declared, bf16_supported)
 
