@@ -25,7 +25,7 @@ from eqakit.engine.prompt import plan_request
 
 
 @dataclass(frozen=True)
-class ImageSlot:
+class MediaSlot:
     """One image or video of a prompt: where its tokens are (a video's: from its first visual token
     to its last), and the key of its features at this size. A video slot has ``video`` (its plan)
     and ``frames``; an image slot has ``image``."""
@@ -52,7 +52,7 @@ class Prepared:
     request: Request
     ids: torch.Tensor  # (length,) token ids, image pads expanded
     positions: torch.Tensor  # (3, length) M-RoPE positions
-    images: list[ImageSlot]
+    images: list[MediaSlot]
     cuts: list[tuple[int, bytes]]  # (prefix length, prefix key), shortest first
     scaled_down: bool = False  # images were shrunk to fit cutoff_len
     next_position: int = field(init=False)
@@ -78,14 +78,14 @@ def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: Promp
     except ValueError as exc:  # cannot happen (message text never yields pads); never a hang
         raise RequestError(str(exc), param="messages") from None
     slots = [
-        ImageSlot(image, image_key(image_digest(image), low, high), start, length, low, high, grid)
+        MediaSlot(image, image_key(image_digest(image), low, high), start, length, low, high, grid)
         for image, (start, length), grid in zip(images, spans, planned.grids, strict=True)
     ]
     vlow = fmt.video.min_pixels
     for video, plan, (start, length) in zip(videos, planned.videos, video_spans, strict=True):
         key = image_key(video_digest(video.frames), vlow, plan.max_pixels)
         slots.append(
-            ImageSlot(None, key, start, length, vlow, plan.max_pixels, plan.grid, plan, video.frames)
+            MediaSlot(None, key, start, length, vlow, plan.max_pixels, plan.grid, plan, video.frames)
         )
     slots.sort(key=lambda slot: slot.start)
     ids_tensor = torch.tensor(ids, dtype=torch.long)
@@ -93,7 +93,7 @@ def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: Promp
     return Prepared(request, ids_tensor, positions, slots, _cuts(ids, slots, tokenizer), planned.scaled_down)
 
 
-def _cuts(ids: list[int], slots: list[ImageSlot], tokenizer: Any) -> list[tuple[int, bytes]]:
+def _cuts(ids: list[int], slots: list[MediaSlot], tokenizer: Any) -> list[tuple[int, bytes]]:
     """Prefix boundaries (after an image, before a turn) with keys over the tokens and images before them."""
     vision_end, im_start = tokenizer.convert_tokens_to_ids(["<|vision_end|>", "<|im_start|>"])
     turns = [i for i, t in enumerate(ids) if t == im_start][:-1]  # the last one opens the reply

@@ -29,7 +29,7 @@ import torch
 from eqakit.engine.hf.caches import LRUCache, PrefixState, VisualFeatures
 from eqakit.engine.hf.kv import KVBatch
 from eqakit.engine.hf.model import HFModel
-from eqakit.engine.hf.prepare import ImageSlot, Prepared
+from eqakit.engine.hf.prepare import MediaSlot, Prepared
 from eqakit.engine.hf.sampling import Sampler
 from eqakit.engine.hf.text import TextTracker
 from eqakit.engine.params import Completion, FinishReason
@@ -268,7 +268,7 @@ class Runner:
             found[key] = value  # held here too, in case the cache is too small to keep them all
         return [[found[s.key] for s in job.prepared.images] for job in jobs]
 
-    def _compute_list(self, slots: list[ImageSlot]) -> list[VisualFeatures]:
+    def _compute_list(self, slots: list[MediaSlot]) -> list[VisualFeatures]:
         """A job's own features, slot by slot (its images in one vision call, each video in one)."""
         images = [s for s in slots if s.video is None]
         computed = iter(
@@ -286,9 +286,9 @@ class Runner:
             for s in slots
         ]
 
-    def _compute(self, items: list[tuple[bytes, ImageSlot]]) -> dict[bytes, VisualFeatures]:
+    def _compute(self, items: list[tuple[bytes, MediaSlot]]) -> dict[bytes, VisualFeatures]:
         """Features of the given (key, slot) pairs, one vision call per image size cap and per video."""
-        by_size: dict[tuple[int, int], list[tuple[bytes, ImageSlot]]] = {}
+        by_size: dict[tuple[int, int], list[tuple[bytes, MediaSlot]]] = {}
         out: dict[bytes, VisualFeatures] = {}
         for key, slot in items:
             if slot.video is not None:
@@ -355,7 +355,7 @@ class Runner:
         ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
         positions = torch.ones((3, len(jobs), width), dtype=torch.long)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        pairs: list[tuple[ImageSlot, VisualFeatures]] = []
+        pairs: list[tuple[MediaSlot, VisualFeatures]] = []
         for row, (job, start) in enumerate(zip(jobs, starts, strict=True)):
             p = job.prepared
             size = p.length - start
@@ -416,7 +416,7 @@ class Runner:
 
 
 def _by_kind(
-    pairs: list[tuple[ImageSlot, VisualFeatures]],
+    pairs: list[tuple[MediaSlot, VisualFeatures]],
 ) -> tuple[list[VisualFeatures], list[VisualFeatures]]:
     """Features of images and of videos, each in prompt order (the model fills each kind's pads in order)."""
     return [f for s, f in pairs if s.video is None], [f for s, f in pairs if s.video is not None]
