@@ -608,6 +608,17 @@ def load_config(
     if kind == "train" and values.get("warmup_ratio"):
         # transformers > 5.6 reads a warmup_steps below 1 as the ratio warmup_ratio was
         values["warmup_steps"] = values["warmup_ratio"]
+    if (
+        kind == "train"
+        and values.get("ddp_find_unused_parameters") is None
+        and not values.get("gradient_checkpointing")
+        and not values.get("disable_gradient_checkpointing")
+    ):
+        # eqakit checkpoints the trainable layers itself (LLaMA-Factory's default), and DDP's search
+        # for unused weights marks those inside a reentrant checkpoint ready twice (an error); every
+        # trainable weight gets a gradient at every step (a text-only batch gives the vision
+        # tower's a zero one). LLaMA-Factory sets the same for LoRA under DDP.
+        values["ddp_find_unused_parameters"] = False
     if kind == "train" and "use_cpu" not in values and not _has_accelerator():
         # transformers only starts CPU DDP (gloo) under torchrun when use_cpu is set, and it fixes the
         # device when the arguments are built, so a machine without an accelerator says so here.

@@ -118,9 +118,7 @@ def resolve_resume(cfg: Config) -> str | None:
     return str(path)
 
 
-def _eval_samples(
-    cfg: Config, processor: Any, geometry: Geometry, budget: ImageBudget
-) -> tuple[list[Any], list[Any]] | None:
+def _eval_samples(cfg: Config, processor: Any, geometry: Geometry) -> tuple[list[Any], list[Any]] | None:
     """eval_dataset's planned samples, when training evaluates on a dataset of its own."""
     if not cfg.data.eval_dataset:
         return None
@@ -150,6 +148,7 @@ class Checked:
     """What `preflight` found: all training needs before it loads weights."""
 
     resume: str | None  # the checkpoint to continue from
+    dtype: Any  # torch.dtype the model computes in (`eqakit.model.load.train_dtype`)
     processor: Any
     plans: list[Any]
     samples: list[Any]
@@ -169,14 +168,29 @@ class Checked:
 
 
 def preflight(cfg: Config) -> Checked:
-    """Every check `eqakit train` makes before its first heavy step (loading weights): the output
-    dir's state, the model's config, processor and adapters, every row of the datasets and the
-    size of its media (each sample planned), the evaluation set. `eqakit config` runs it too, so a
-    config it calls valid starts training."""
-    from eqakit.model.load import check_model, load_processor, model_config, skeleton
+    """Every check `eqakit train` makes before its first heavy step (loading weights), those that
+    need the config alone first: the evaluation set's presence, the output dir's state, the model's
+    config, dtype, processor and adapters; then every row of the datasets and the size of its media
+    (each sample planned), and the evaluation set. `eqakit config` runs it too, so a config it calls
+    valid starts training."""
+    from eqakit.model.load import (
+        check_model,
+        declared_dtype,
+        load_processor,
+        model_config,
+        skeleton,
+        train_dtype,
+    )
 
+    t = cfg.training
+    if t.eval_strategy.value != "no" and not cfg.data.val_size and not cfg.data.eval_dataset:
+        raise ConfigError(
+            f"eval_strategy: {t.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
+            "or eval_dataset, or set eval_strategy: no"
+        )
     resume = resolve_resume(cfg)
     geometry = check_model(cfg.model)
+    dtype = train_dtype(t.bf16, t.fp16, t.device, declared_dtype(model_config(cfg.model)))
     tower, trainable = vision_trains(
         cfg, lambda: skeleton(model_config(cfg.model), cfg.model.trust_remote_code)
     )
@@ -189,13 +203,8 @@ def preflight(cfg: Config) -> Checked:
         raise DataError(
             f"no sample of {cfg.data.dataset!r} fits cutoff_len {cfg.data.cutoff_len}: {report.summary()}"
         )
-    extra_eval = _eval_samples(cfg, processor, geometry, ImageBudget.from_config(cfg))
-    if cfg.training.eval_strategy.value != "no" and not cfg.data.val_size and extra_eval is None:
-        raise ConfigError(
-            f"eval_strategy: {cfg.training.eval_strategy.value} needs an evaluation set: set val_size (e.g. 0.1) "
-            "or eval_dataset, or set eval_strategy: no"
-        )
-    return Checked(resume, processor, plans, samples, report, extra_eval, trainable, tower)
+    extra_eval = _eval_samples(cfg, processor, geometry)
+    return Checked(resume, dtype, processor, plans, samples, report, extra_eval, trainable, tower)
 
 
 def training_environment(cfg: Config) -> dict[str, str]:
@@ -216,44 +225,70 @@ def run_train(cfg: Config) -> dict[str, float]:
 
 
 def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
-    import transformers
-
-    from eqakit.model.load import declared_dtype, load_base_model, model_config, train_dtype
-    from eqakit.train.dpo import DPOTrainer, PairCollator, PreferenceLoss
-    from eqakit.train.full import apply_full
-    from eqakit.train.lora import apply_lora, trainable_summary
-    from eqakit.train.plots import plot_loss
-
-    out = Path(cfg.training.output_dir)
+    """The recipe, top to bottom: checks, data, model, output directory, trainer, results."""
     checked = preflight(cfg)
-    resume, processor, plans, samples = checked.resume, checked.processor, checked.plans, checked.samples
-    report, extra_eval = checked.report, checked.extra_eval
-    budget = ImageBudget.from_config(cfg)
+    data = _datasets(cfg, checked)
+    model, reference = _model(cfg, checked, data)
+    if stop.requested:
+        raise Stopped("before the first training step; nothing was written to output_dir")
+    _start_output_dir(cfg, checked, data)
+    trainer = _trainer(cfg, checked, data, model, reference, stop)
+    result = trainer.train(resume_from_checkpoint=checked.resume)
+    _finish(cfg, trainer, result.metrics, stop, evaluates=data.eval_set is not None)
+    return result.metrics
 
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The planned samples as datasets, and the vision cache their batches name features in."""
+
+    train_set: PlannedDataset
+    eval_set: PlannedDataset | None
+    cache: VisionFeatureCache | None  # built with the model (`_model`), filled before the first step
+    keyed: KeyedImages | None  # the cache's keys of each sample's media
+    fmt: PromptFormat
+
+
+def _datasets(cfg: Config, checked: Checked) -> TrainingData:
+    """Training and evaluation sets (val_size split off, or eval_dataset), with cache keys when the
+    vision tower is frozen (`VisionFeatureCache`)."""
+    budget = ImageBudget.from_config(cfg)
     cache = (
         VisionFeatureCache() if cfg.finetuning.vision_feature_cache and not checked.vision_trains else None
     )
     fmt = PromptFormat.from_config(cfg)
     keyed = KeyedImages(budget.min_pixels, fmt.video.min_pixels) if cache is not None else None
-    every = make_dataset(plans, samples, processor, fmt, keyed)
-    train_rows, val_rows = split_train_val(len(plans), cfg.data.val_size, cfg.training.seed)
+    every = make_dataset(checked.plans, checked.samples, checked.processor, fmt, keyed)
+    train_rows, val_rows = split_train_val(len(checked.plans), cfg.data.val_size, cfg.training.seed)
     train_set = every.subset(train_rows)
     if val_rows:
         eval_set = every.subset(val_rows)
+    elif checked.extra_eval:
+        eval_set = make_dataset(*checked.extra_eval, checked.processor, fmt, keyed)
     else:
-        eval_set = make_dataset(*extra_eval, processor, fmt, keyed) if extra_eval else None
+        eval_set = None
     if cfg.training.process_index == 0:
-        _print_data_report(report, len(train_set), len(eval_set) if eval_set else 0)
+        _print_data_report(checked.report, len(train_set), len(eval_set) if eval_set else 0)
+    return TrainingData(train_set, eval_set, cache, keyed, fmt)
+
+
+def _model(cfg: Config, checked: Checked, data: TrainingData) -> tuple[Any, Any]:
+    """The model to train, loaded in the checked dtype, its vision features cached, tuned (LoRA, full
+    or freeze) and checkpointed; and DPO's reference model where it needs one."""
+    import transformers
+
+    from eqakit.model.load import load_base_model
+    from eqakit.train.full import apply_full
+    from eqakit.train.lora import apply_lora
 
     transformers.set_seed(cfg.training.seed)  # LoRA initialisation is part of the run's randomness
-    if cfg.training.deepspeed:
+    t = cfg.training
+    if t.deepspeed:
         # ZeRO-3 partitions the weights while they load, over DeepSpeed's own view of the processes:
         # without this it sees one process and refuses the batch size transformers worked out for all
         import deepspeed
 
         deepspeed.init_distributed()
-    t = cfg.training
-    dtype = train_dtype(t.bf16, t.fp16, t.device, declared_dtype(model_config(cfg.model)))
     if t.process_index == 0:
         keys = (
             "bf16: true"
@@ -262,91 +297,118 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
             if t.fp16
             else "neither bf16 nor fp16 set: LLaMA-Factory's choice here"
         )
-        print(f"compute dtype: {str(dtype).removeprefix('torch.')} ({keys}); trainable weights float32")
-    model = load_base_model(cfg.model, device=t.device, dtype=dtype)
-    if cache is not None:
+        print(
+            f"compute dtype: {str(checked.dtype).removeprefix('torch.')} ({keys}); trainable weights float32"
+        )
+    model = load_base_model(cfg.model, device=t.device, dtype=checked.dtype)
+    if data.cache is not None:
         with _whole(vision_tower(model)):
-            cache.build(
+            data.cache.build(
                 model,
-                processor,
-                fmt,
-                keyed,
-                cfg.training.device,
-                show_progress=cfg.training.local_process_index == 0,
+                checked.processor,
+                data.fmt,
+                data.keyed,
+                t.device,
+                show_progress=t.local_process_index == 0,
             )
-    dpo = PreferenceLoss.from_config(cfg) if cfg.finetuning.stage == "dpo" else None
     # DPO's reference is the model before tuning: a frozen copy for full and freeze tuning (LoRA
     # switches its adapter off instead)
+    dpo = _preference(cfg)
     reference = _frozen_copy(model) if dpo and dpo.uses_reference and checked.trainable is not None else None
     model = apply_lora(model, cfg) if checked.trainable is None else apply_full(model, cfg)
-    if cfg.training.gradient_checkpointing:  # transformers' key: the Trainer checkpoints every layer
+    if t.gradient_checkpointing:  # transformers' key: the Trainer checkpoints every layer
         model.enable_input_require_grads()
     elif not cfg.finetuning.disable_gradient_checkpointing:  # LLaMA-Factory's default
         checkpoint_trainable_layers(model, cfg.finetuning.use_reentrant_gc)
-        if cfg.training.ddp_find_unused_parameters is None:
-            # DDP's search for unused weights marks those inside a reentrant checkpoint ready twice (an
-            # error); every trainable weight gets a gradient at every step (a text-only batch gives the
-            # vision tower's a zero one). LLaMA-Factory sets the same for LoRA under DDP.
-            cfg.training.ddp_find_unused_parameters = False
+    return model, reference
+
+
+def _preference(cfg: Config) -> Any:
+    """DPO's `PreferenceLoss` (``stage: dpo``), else None."""
+    from eqakit.train.dpo import PreferenceLoss
+
+    return PreferenceLoss.from_config(cfg) if cfg.finetuning.stage == "dpo" else None
+
+
+def _start_output_dir(cfg: Config, checked: Checked, data: TrainingData) -> None:
+    """output_dir before the first step (process 0): a fresh log for a fresh run, the log cut back
+    to the checkpoint a resumed run continues from, and the run record."""
+    if cfg.training.process_index != 0:
+        return
+    out = Path(cfg.training.output_dir)
+    if checked.resume is None and (out / "trainer_log.jsonl").exists():
+        (out / "trainer_log.jsonl").unlink()  # overwrite_output_dir: a fresh run starts a fresh log
+    if checked.resume is not None:
+        state = json.loads((Path(checked.resume) / "trainer_state.json").read_text())
+        _truncate_log(out, int(state["global_step"]))
+    write_run_record(
+        cfg,
+        out,
+        {
+            "data": checked.report.summary(),
+            "compute_dtype": str(checked.dtype).removeprefix("torch."),
+            "train_samples": len(data.train_set),
+            "eval_samples": len(data.eval_set) if data.eval_set else 0,
+        },
+    )
+
+
+def _trainer(
+    cfg: Config, checked: Checked, data: TrainingData, model: Any, reference: Any, stop: StopOnSignal
+) -> EqakitTrainer:
+    """The Trainer for the stage: SFT's (episode groups packed over their shared prefix) or DPO's."""
+    from eqakit.train.dpo import DPOTrainer, PairCollator
+    from eqakit.train.lora import trainable_summary
+
+    os.environ.update(training_environment(cfg))
+    dpo = _preference(cfg)
     packing = cfg.finetuning.shared_prefix_packing
-    groups = _episode_groups(train_set) if packing and dpo is None else None
+    groups = _episode_groups(data.train_set) if packing and dpo is None else None
     if cfg.training.local_process_index == 0:
         print(trainable_summary(model))
-        packed = (
-            ("on, each pair's answers over one prompt" if packing else "off")
-            if dpo
-            else ("on, " + str(len(groups)) + " groups" if groups else "off")
-        )
+        if dpo:
+            packed = "on, each pair's answers over one prompt" if packing else "off"
+        else:
+            packed = f"on, {len(groups)} groups" if groups else "off"
+        cached = f"on, {len(data.cache)} images/videos" if data.cache else "off"
+        checkpointing = "off" if cfg.finetuning.disable_gradient_checkpointing else "on"
         print(
-            f"speed-ups: vision feature cache {'on, ' + str(len(cache)) + ' images/videos' if cache else 'off'}; "
-            f"shared-prefix packing {packed}; "
-            f"gradient checkpointing {'off' if cfg.finetuning.disable_gradient_checkpointing else 'on'}"
+            f"speed-ups: vision feature cache {cached}; shared-prefix packing {packed}; "
+            f"gradient checkpointing {checkpointing}"
         )
-
-    if stop.requested:
-        raise Stopped("before the first training step; nothing was written to output_dir")
-    if cfg.training.process_index == 0:
-        if resume is None and (out / "trainer_log.jsonl").exists():
-            (out / "trainer_log.jsonl").unlink()  # overwrite_output_dir: a fresh run starts a fresh log
-        if resume is not None:
-            _truncate_log(
-                out, int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
-            )
-        write_run_record(
-            cfg,
-            out,
-            {
-                "data": report.summary(),
-                "compute_dtype": str(dtype).removeprefix("torch."),
-                "train_samples": len(train_set),
-                "eval_samples": len(eval_set) if eval_set else 0,
-            },
-        )
-    os.environ.update(training_environment(cfg))
-    pad = processor.tokenizer.pad_token_id
+    pad = checked.processor.tokenizer.pad_token_id
     common = {
         "model": model,
         "args": cfg.training,
-        "train_dataset": train_set,
-        "eval_dataset": eval_set,
-        "processing_class": processor,
+        "train_dataset": data.train_set,
+        "eval_dataset": data.eval_set,
+        "processing_class": checked.processor,
         "callbacks": [LogCallback(), CheckpointMarker(), stop],
-        "vision_cache": cache,
+        "vision_cache": data.cache,
         "loraplus_lr_ratio": cfg.finetuning.loraplus_lr_ratio,
     }
     if dpo is not None:
-        trainer: EqakitTrainer = DPOTrainer(
+        return DPOTrainer(
             **common, data_collator=PairCollator(pad, packing), preference=dpo, ref_model=reference
         )
-    else:
-        trainer = EqakitTrainer(
-            **common,
-            data_collator=Collator(pad),
-            episode_groups=groups,
-            compute_metrics=token_accuracy if cfg.finetuning.compute_accuracy else None,
-            preprocess_logits_for_metrics=greedy_tokens if cfg.finetuning.compute_accuracy else None,
-        )
-    result = trainer.train(resume_from_checkpoint=resume)
+    accuracy = cfg.finetuning.compute_accuracy
+    return EqakitTrainer(
+        **common,
+        data_collator=Collator(pad),
+        episode_groups=groups,
+        compute_metrics=token_accuracy if accuracy else None,
+        preprocess_logits_for_metrics=greedy_tokens if accuracy else None,
+    )
+
+
+def _finish(
+    cfg: Config, trainer: EqakitTrainer, metrics: dict[str, float], stop: StopOnSignal, evaluates: bool
+) -> None:
+    """After the last step: a stopped run names its checkpoint; a finished one saves the model,
+    metrics and state, evaluates (unless the last step just did) and plots its losses."""
+    from eqakit.train.plots import plot_loss
+
+    out = Path(cfg.training.output_dir)
     state = trainer.state
     if stop.stopped_at is not None and state.global_step < state.max_steps:
         raise Stopped(
@@ -354,26 +416,21 @@ def _train(cfg: Config, stop: StopOnSignal) -> dict[str, float]:
             "is complete; continue with resume_from_checkpoint=true"
         )
     trainer.save_model()
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
     trainer.save_state()
-    if eval_set is not None:
-        done = [
-            e
-            for e in trainer.state.log_history
-            if "eval_loss" in e and e["step"] == trainer.state.global_step
-        ]
-        metrics = (
+    if evaluates:
+        done = [e for e in state.log_history if "eval_loss" in e and e["step"] == state.global_step]
+        evaluated = (
             {k: v for k, v in done[-1].items() if k.startswith("eval_") or k == "epoch"}
             if done
             else trainer.evaluate()
         )
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        trainer.log_metrics("eval", evaluated)
+        trainer.save_metrics("eval", evaluated)
     if cfg.finetuning.plot_loss and trainer.is_world_process_zero():
         for path in plot_loss(out):
             print(f"wrote {path}")
-    return result.metrics
 
 
 def _frozen_copy(model: Any) -> Any:
