@@ -160,7 +160,7 @@ def test_terms_on_the_tiny_model(tiny_model_dir: Path, toy_dataset: Path, tmp_pa
     the KV cache's bytes per token; the peak is the largest moment, and the last line says it."""
     from transformers import AutoModelForImageTextToText
 
-    from eqakit.memory import Shapes
+    from eqakit.memory.terms import Shapes
     from eqakit.train.lora import apply_lora
 
     keys = {**TRAIN, "model_name_or_path": str(tiny_model_dir), "dataset_dir": str(toy_dataset)}
