@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/bench_predict.py                      # tiny model, 4 episodes x 8 questions
     .venv/bin/python benchmarks/bench_predict.py --config benchmarks/configs/qwen3-vl-2b-instruct.config.json \\
         --text-layers 7 --episodes 2 --questions 4 --max-new-tokens 16 --dtype bfloat16
+    python3 benchmarks/bench_predict.py --decode --config benchmarks/configs/qwen3-vl-2b-instruct.config.json \\
+        --dtype bfloat16 --device cuda --rows rows.jsonl     # decode rate and syncs (gpu_check.sh)
 
 Workload: OpenEQA-shaped, as `eqakit prepare` writes it: episodes of F camera-like frames (512x384:
 192 visual tokens each, 1,536 per question at 8 frames), each asked several short questions.
@@ -18,6 +20,15 @@ as `eqakit train` predict sizes it (``--batch-size`` x (``--cutoff-len`` + new t
 then by count at the same batch size and at ``--engine-batch-size``. Greedy; outputs are compared token by token.
 Also prints the FLOP floor of the work eqakit must do (each unique image through the vision tower
 once, each unique prefix once, every suffix and decode step) at this CPU's measured matmul rate.
+
+``--decode``: only eqakit's engine, at the tutorial's sampling (configs/eval_args.yaml: temperature
+0.2, top_p 1.0, LLaMA-Factory's top_k 50, sampling on) and batch as predict sizes it from that
+file's per_device_eval_batch_size 2 (a KV budget of 2 x (cutoff_len + max_new_tokens) tokens), every
+row decoding ``--max-new-tokens`` (no end-of-sequence stop): decode tokens per second over the
+decode steps alone (each step's time, the GPU drained at its end) and host-device synchronisations
+per decode step, counted as tests/test_syncs.py counts them (`sync_count.SyncCounter`, two run
+lengths differenced so prefill and start-up cancel) and, on CUDA, as CUDA itself reports them
+(``torch.cuda.set_sync_debug_mode``: a warning at each synchronising call).
 """
 
 from __future__ import annotations
@@ -25,8 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +97,9 @@ def workload(episodes: int, questions: int, frames: int, size: tuple[int, int]) 
     return requests
 
 
-def build_model(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
+def build_model(args: argparse.Namespace, workdir: Path, device: str = "cpu") -> tuple[Any, Any]:
+    """The model (random weights, built on ``device``: a GPU initialises the 2B's in a second) and
+    the tiny model's processor."""
     tiny = build_tiny_model(workdir / "tiny")
     processor = AutoProcessor.from_pretrained(tiny)
     dtype = getattr(torch, args.dtype)
@@ -112,7 +128,8 @@ def build_model(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any]:
             vision["depth"] = depth
             raw["text_config"]["num_hidden_layers"] = args.text_layers
         torch.manual_seed(0)
-        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**raw)).to(dtype)
+        with torch.device(device):
+            model = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**raw)).to(dtype)
         model.generation_config.eos_token_id = [ids("<|im_end|>"), ids("<|endoftext|>")]
         model.generation_config.pad_token_id = ids("<|endoftext|>")
         scale = 1.0 if args.weight_scale is None else args.weight_scale
@@ -293,6 +310,127 @@ def versus_llamafactory(
         )
 
 
+class DecodeProbe:
+    """`Runner.step` (one decode step for the whole batch) patched while in use: each step's rows and
+    time (the device drained before and after it), and the syncs the counters saw inside it."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        from eqakit.engine.hf.runner import Runner
+
+        self.runner_class, self.step, self.sync = Runner, Runner.step, sync
+        self.steps: list[tuple[int, float]] = []  # (rows, seconds)
+        self.inside: list[int] = []  # syncs counted inside each step (with a counter installed)
+        self.counter: Any = None
+
+    def __enter__(self) -> DecodeProbe:
+        step = self.step
+
+        def probed(runner: Any) -> None:
+            rows, before = len(runner.rows), self.counter.total if self.counter else 0
+            self.sync()
+            start = time.perf_counter()
+            step(runner)
+            self.sync()
+            self.steps.append((rows, time.perf_counter() - start))
+            if self.counter is not None:
+                self.inside.append(self.counter.total - before)
+
+        self.runner_class.step = probed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.runner_class.step = self.step
+
+
+def decode(
+    model: Any, processor: Any, requests: list[Request], args: argparse.Namespace, device: str
+) -> dict:
+    """``--decode``: decode tokens/s and syncs per decode step at the tutorial's sampling (see the
+    module's docstring); returns the row gpu_check.sh tabulates."""
+    from eqakit.config import load_config
+    from eqakit.evaluate.predict import MAX_ROWS, kv_budget
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from sync_count import SyncCounter
+
+    overrides = [f"max_new_tokens={args.max_new_tokens}", f"cutoff_len={args.cutoff_len}"]
+    cfg = load_config("train", str(REPO / "configs" / "eval_args.yaml"), overrides)
+    base = SamplingParams.from_generating(cfg.generating)
+    budget = kv_budget(cfg)
+    engine = Engine(
+        model,
+        processor,
+        format=PromptFormat(budget=BUDGET),
+        max_batch_size=MAX_ROWS,
+        max_batch_tokens=budget,
+        eos_token_ids=[],  # every row decodes max_new_tokens: the same work whatever it samples
+    )
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def asked(new: int) -> list[Request]:  # seeded per row, so runs repeat
+        return [
+            Request(r.messages, base.replace(max_new_tokens=new, seed=i), images=r.images)
+            for i, r in enumerate(requests)
+        ]
+
+    engine.generate(asked(2))  # warm-up: kernels chosen, caches filled (prefill is not what is timed)
+    with DecodeProbe(sync) as probe:
+        start = time.perf_counter()
+        engine.generate(asked(args.max_new_tokens))
+        sync()
+        whole = time.perf_counter() - start
+    rows = sum(r for r, _ in probe.steps)
+    seconds = sum(t for _, t in probe.steps)
+
+    # syncs: two run lengths, differenced per decode step (prefill and start-up cancel), as
+    # tests/test_syncs.py counts them; on CUDA also CUDA's own count of synchronising calls
+    counted, on_cuda, steps = {}, {}, {}
+    short, long = 4, 12
+    for new in (short, long):
+        with DecodeProbe(lambda: None) as probe_syncs, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with SyncCounter() as counter:
+                    probe_syncs.counter = counter
+                    engine.generate(asked(new))
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+        counted[new], steps[new] = counter.total, len(probe_syncs.steps)
+        on_cuda[new] = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+    span = max(steps[long] - steps[short], 1)
+    row = {
+        "check": "predict",
+        "setting": (
+            f"eval_args.yaml sampling (temperature {base.temperature}, top_p {base.top_p}, top_k "
+            f"{base.top_k}), {args.dtype}, {args.config and Path(args.config).stem or 'tiny model'}, {device}"
+        ),
+        "result": "ok",
+        "requests": len(requests),
+        "max_new_tokens": args.max_new_tokens,
+        "kv_budget_tokens": budget,
+        "decode_steps": len(probe.steps),
+        "mean_rows": rows / max(len(probe.steps), 1),
+        "decode_tokens_per_s": rows / seconds if seconds else float("nan"),
+        "samples_per_s": len(requests) / whole,
+        "syncs_per_step": (counted[long] - counted[short]) / span,
+        "syncs_in_step_max": max(probe_syncs.inside, default=0),
+        "cuda_syncs_per_step": (on_cuda[long] - on_cuda[short]) / span if cuda else None,
+    }
+    print(
+        f"decode at the tutorial's sampling: {row['decode_tokens_per_s']:.1f} tokens/s over {len(probe.steps)} "
+        f"steps of {row['mean_rows']:.1f} rows on average (KV budget {budget} tokens); {len(requests)} "
+        f"requests in {whole:.1f} s; syncs per decode step {row['syncs_per_step']:.2f} counted "
+        f"(at most {row['syncs_in_step_max']} inside one step)"
+        + (f", {row['cuda_syncs_per_step']:.2f} by CUDA's sync debug mode" if cuda else ""),
+        flush=True,
+    )
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="model config JSON (random weights); default: the tiny test model")
@@ -316,13 +454,19 @@ def main() -> None:
         action="store_true",
         help="also run LLaMA-Factory 0.9.5 itself and `eqakit train` on the seed's eval YAML (installs .venv-lf)",
     )
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="only the engine at the tutorial's sampling: decode tokens/s and syncs per decode step",
+    )
+    parser.add_argument("--rows", type=Path, help="--decode: append the result as a JSON line (gpu_check.sh)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as workdir:
-        model, processor = build_model(args, Path(workdir))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    with tempfile.TemporaryDirectory() as workdir:
+        model, processor = build_model(args, Path(workdir), device)
     model = model.to(device)
     width, height = map(int, args.frame_size.split("x"))
     requests = workload(args.episodes, args.questions, args.frames, (width, height))
@@ -337,6 +481,13 @@ def main() -> None:
         f"{args.frame_size}, max_new_tokens {args.max_new_tokens}",
         flush=True,
     )
+
+    if args.decode:
+        row = decode(model, processor, requests, args, device)
+        if args.rows:
+            with args.rows.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        return
 
     start = time.perf_counter()
     ref = reference(model, processor, requests, args.batch_size, args.max_new_tokens)

@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/bench_train.py --llamafactory   # + LLaMA-Factory 0.9.5 itself, seed's YAML
     .venv/bin/python benchmarks/bench_train.py --only-llamafactory --arch qwen2_5_vl   # on Qwen2.5-VL-3B's shapes
     .venv/bin/python benchmarks/bench_train.py --stage dpo --llamafactory --pairs 8 --bf16   # LF's DPO example
+    python3 benchmarks/bench_train.py --steady 6 --scale 1 --rows rows.jsonl   # GPU: steady state (gpu_check.sh)
+    .venv/bin/python benchmarks/bench_train.py --steady 2 --warmup 1 --tiny --episodes 2   # its dry run here
 
 Model: random weights with Qwen3-VL-2B-Instruct's widths (benchmarks/configs/qwen3-vl-2b-instruct.config.json:
 hidden 2048, 16 heads, vision width 1024, vocabulary 151,936) and its depth divided by ``--scale`` in
@@ -34,21 +36,38 @@ reference) and step-1 ``logps/chosen`` / ``logps/rejected`` (the summed answer l
 the same weights: equal only if both tools score the same pairs the same way), and where the time
 goes (start-up, the vision cache, the loop, the tokens each fed). Only the LLaMA-Factory comparison
 exists for DPO (no in-process reference).
+
+``--steady N``: the tutorial's training_args.yaml itself (batch 2 x accumulation 8, gradient
+checkpointing, LoRA rank 8 on all layers; evaluation and saving off) run in this process by
+`run_train` for ``--warmup`` + N optimizer steps, once per setting: the tutorial's dtype (neither
+bf16 nor fp16 set: LLaMA-Factory's rule picks, bf16 on a GPU that has it since the checkpoint is
+saved in bf16 as Qwen publishes it), ``bf16: true``, and ``bf16: true`` with ``flash_attn: fa2``
+where flash-attn is installed. Per setting: the compute dtype chosen, seconds per optimizer step
+after the warm-up steps (the GPU synchronised at each step's end), the vision feature cache's build
+time, ``torch.cuda.max_memory_allocated`` beside `eqakit config --memory`'s estimate of the same
+run (`eqakit.memory`), and the last logged loss. A setting that fails or is refused is a row too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import importlib.util
 import json
 import math
 import platform
 import re
 import tempfile
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from eqakit.config import load_config
 from eqakit.data.frames import DEFAULT_TOKENS, FrameOptions
@@ -102,9 +121,16 @@ DPO_EXAMPLE = {
 PREFERENCE_DATASET = "open_eqa_dpo"
 
 
-def build_model(workdir: Path, scale: int, arch: str = "qwen3_vl") -> Path:
+def build_model(
+    workdir: Path,
+    scale: int,
+    arch: str = "qwen3_vl",
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Random weights at the 2B's (or Qwen2.5-VL-3B's) widths, depth / scale, saved with the tiny
-    model's processor."""
+    model's processor; initialised on ``device`` (a GPU does the 2B's in a second), saved in
+    ``dtype`` (None: float32, as before; the config then declares it, as Qwen's declares bf16)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     qwen2_5 = arch == "qwen2_5_vl"
@@ -137,7 +163,10 @@ def build_model(workdir: Path, scale: int, arch: str = "qwen3_vl") -> Path:
             i // scale for i in vision["deepstack_visual_indexes"]
         ]
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config)
+    if dtype is not None:
+        model.to(dtype)
     out = workdir / "model"
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(tiny).save_pretrained(out)
@@ -328,6 +357,174 @@ def versus_llamafactory(model: Path, data: Path, workdir: Path, args: argparse.N
             )
 
 
+# ---- --steady: the tutorial's YAML, steady state, memory beside the estimate ------------------------
+
+# settings of the steady-state rows: (name, key overrides); fa2 only where flash-attn is installed
+STEADY_SETTINGS = {
+    "tutorial": ["bf16=false", "fp16=false"],  # the YAML's own: LLaMA-Factory's dtype rule decides
+    "bf16": ["bf16=true"],
+    "bf16+fa2": ["bf16=true", "flash_attn=fa2"],
+}
+
+
+class StepClock(TrainerCallback):
+    """Wall-clock time at the end of each optimizer step, the GPU drained first (``sync``), so that a
+    step's time is its kernels' and not only their queueing."""
+
+    def __init__(self, sync: bool) -> None:
+        self.sync = sync
+        self.begin = 0.0
+        self.ends: list[float] = []
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.begin = self._now()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.ends.append(self._now())
+
+
+@contextlib.contextmanager
+def instrumented(clock: Any, spent: dict[str, float], sync: bool) -> Iterator[None]:
+    """`run_train` with ``clock`` among its callbacks and the vision cache's build timed into
+    ``spent["vision_cache_s"]``; both patched for the block only."""
+    from eqakit.train import sft
+    from eqakit.train.vision_cache import VisionFeatureCache
+
+    build, original_init = VisionFeatureCache.build, sft.EqakitTrainer.__init__
+
+    def timed_build(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return build(self, *args, **kwargs)
+        finally:
+            if sync:
+                torch.cuda.synchronize()
+            spent["vision_cache_s"] = time.perf_counter() - start
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:  # the trainer `run_train` builds
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), clock]
+        original_init(self, *args, **kwargs)
+
+    VisionFeatureCache.build = timed_build  # type: ignore[method-assign]
+    sft.EqakitTrainer.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        VisionFeatureCache.build = build  # type: ignore[method-assign]
+        sft.EqakitTrainer.__init__ = original_init  # type: ignore[method-assign]
+
+
+def steady_row(
+    name: str, model: Path, data: Path, out: Path, args: argparse.Namespace, label: str
+) -> dict[str, Any]:
+    """One setting of the tutorial's YAML: warm-up + N optimizer steps; see the module's docstring."""
+    from eqakit.config.check import preflight
+    from eqakit.errors import EqakitError
+    from eqakit.memory import estimate
+
+    cuda = args.device == "cuda"
+    steps = args.warmup + args.steady
+    overrides = [
+        f"model_name_or_path={model}",
+        f"dataset_dir={data}",
+        f"output_dir={out}",
+        "eval_strategy=no",  # training time only; no val split taken out
+        "val_size=0",
+        "save_strategy=no",
+        "plot_loss=false",
+        f"max_steps={steps}",  # the data repeats as epochs would
+        "report_to=none",
+        *(["use_cpu=true"] if args.device == "cpu" else []),
+        *STEADY_SETTINGS[name],
+    ]
+    row: dict[str, Any] = {"check": "train", "setting": f"{name}, {label}"}
+    try:
+        cfg = load_config("train", str(REPO / "configs" / "training_args.yaml"), overrides)
+        est = estimate("train", cfg, preflight("train", cfg), torch.device(args.device))
+        row["estimate_gib"] = est.peak / 2**30
+        cfg = load_config("train", str(REPO / "configs" / "training_args.yaml"), overrides)
+        clock, spent = StepClock(sync=cuda), {}
+        if cuda:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            row["allocated_before_gib"] = torch.cuda.memory_allocated() / 2**30
+        start = time.perf_counter()
+        with instrumented(clock, spent, cuda):
+            metrics = run_train(cfg)
+        row["wall_s"] = time.perf_counter() - start
+    except Exception as error:  # a crash or a refusal is this setting's result, not the benchmark's end
+        traceback.print_exc()  # into the log; the table gets the first line
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        row["result"] = ("refused: " if isinstance(error, EqakitError) else "crashed: ") + (
+            f"{type(error).__name__}: {first}"
+        )
+        print(json.dumps(row), flush=True)
+        return row
+    finally:
+        gc.collect()
+        if cuda:
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.empty_cache()
+    record = json.loads((out / "eqakit_run.json").read_text())
+    ends = clock.ends
+    first = ends[args.warmup - 1] if args.warmup else clock.begin
+    per_step = (ends[-1] - first) / (len(ends) - args.warmup) if len(ends) > args.warmup else math.nan
+    samples = cfg.training.per_device_train_batch_size * cfg.training.gradient_accumulation_steps
+    row.update(
+        result="ok",
+        compute_dtype=record["compute_dtype"],
+        steps=len(ends),
+        warmup=args.warmup,
+        step_s=per_step,
+        samples_per_s=samples / per_step,
+        vision_cache_s=spent.get("vision_cache_s"),
+        loss=metrics.get("train_loss"),  # the mean over every step (the tutorial logs every 5th)
+        estimate_line=est.report().splitlines()[-1],
+    )
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def steady(model: Path, data: Path, workdir: Path, args: argparse.Namespace, label: str) -> list[dict]:
+    """Every setting asked for (fa2 a row saying why not, without flash-attn); rows appended to --rows."""
+    rows = []
+    for name in args.settings:
+        if "fa2" in name and importlib.util.find_spec("flash_attn") is None:
+            row = {
+                "check": "train",
+                "setting": f"{name}, {label}",
+                "result": "skipped: flash_attn not installed",
+            }
+        elif "bf16" in name and args.device == "cpu" and not args.cpu_bf16:
+            row = {"check": "train", "setting": f"{name}, {label}", "result": "skipped on the CPU"}
+        else:
+            row = steady_row(name, model, data, workdir / f"steady-{name}", args, label)
+        rows.append(row)
+        if args.rows:
+            with args.rows.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+    for row in rows:
+        if row.get("result") == "ok":
+            peak = f"{row['peak_gib']:.2f} GiB" if "peak_gib" in row else "n/a (CPU)"
+            cache = row["vision_cache_s"]
+            print(
+                f"{row['setting']}: compute {row['compute_dtype']}, {row['step_s']:.3f} s per optimizer step "
+                f"({row['samples_per_s']:.2f} samples/s) after {row['warmup']} warm-up steps; vision cache "
+                f"{'off' if cache is None else f'{cache:.1f} s'}; peak allocated {peak} vs estimate "
+                f"{row['estimate_gib']:.2f} GiB; mean loss {row['loss']}",
+                flush=True,
+            )
+        else:
+            print(f"{row['setting']}: {row['result']}", flush=True)
+    return rows
+
+
 def frames_for(arch: str) -> FrameOptions:
     """`eqakit prepare`'s frames for the model: on its visual-token grid (`prepare --arch`)."""
     side = ARCHITECTURES[arch].token_side
@@ -368,7 +565,32 @@ def main() -> None:
         help="qwen3_vl: Qwen3-VL-2B's widths; qwen2_5_vl: Qwen2.5-VL-3B's (frames on its 28-pixel grid, "
         "template qwen2_vl)",
     )
+    parser.add_argument(
+        "--steady",
+        type=int,
+        metavar="N",
+        help="the tutorial's training_args.yaml (2 x 8) per setting: seconds per optimizer step over N "
+        "steps after --warmup, vision cache build, peak memory beside the --memory estimate",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="--steady: optimizer steps left out of the time"
+    )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(STEADY_SETTINGS),
+        default=list(STEADY_SETTINGS),
+        help="--steady: which rows (tutorial: bf16/fp16 unset, LLaMA-Factory's rule; fa2 needs flash-attn)",
+    )
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model instead of the 2B's widths")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="--steady: where")
+    parser.add_argument("--cpu-bf16", action="store_true", help="--steady on the CPU: run the bf16 rows too")
+    parser.add_argument("--rows", type=Path, help="--steady: append each row as a JSON line (gpu_check.sh)")
     args = parser.parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.steady is not None and (args.steady < 1 or args.warmup < 0):
+        parser.error("--steady: at least 1 measured step, --warmup at least 0")
     if args.stage == "dpo" and not (args.llamafactory or args.only_llamafactory):
         parser.error("--stage dpo compares with LLaMA-Factory only: add --llamafactory")
     if args.episodes < 2:
@@ -382,6 +604,16 @@ def main() -> None:
         frames=workdir / "synth" / "frames",
         options=PrepareOptions(frames=frames_for(args.arch), test_size=0.15),  # >= 1 episode each
     )
+    if args.steady is not None:
+        started = time.perf_counter()
+        if args.tiny:
+            model, label = build_tiny_model(workdir / "tiny", arch=args.arch), "tiny model"
+        else:  # saved in bf16, as Qwen publishes the 2B: the tutorial's dtype rule then picks bf16
+            model = build_model(workdir, args.scale, args.arch, args.device, torch.bfloat16)
+            label = f"2B widths, depth / {args.scale}" if args.scale > 1 else "2B architecture"
+        print(f"data and model ready in {time.perf_counter() - started:.1f} s", flush=True)
+        steady(model, data, workdir, args, f"{label}, {args.device}")
+        return
     model = build_model(workdir, args.scale, args.arch)
     if args.llamafactory or args.only_llamafactory:
         versus_llamafactory(model, data, workdir, args)

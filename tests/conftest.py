@@ -207,3 +207,26 @@ def lively_qwen2_5_dir(tiny_qwen2_5_dir: Path, tmp_path_factory: pytest.TempPath
 
 
 LIVELY = {"qwen3_vl": "lively_dir", "qwen3_vl_moe": "lively_moe_dir", "qwen2_5_vl": "lively_qwen2_5_dir"}
+
+
+def device_under_test():
+    """The device the exactness tests put their model on: ``EQAKIT_TEST_DEVICE`` (default ``cpu``).
+
+    benchmarks/gpu_check.sh sets ``cuda`` to run the engine's equivalence with ``model.generate`` and
+    the packing and vision-cache exactness tests on a GPU; only the tests that take the
+    `device_under_test` fixture (or call this) follow it, everything else stays on the CPU.
+    """
+    import os
+
+    import torch
+
+    device = torch.device(os.environ.get("EQAKIT_TEST_DEVICE", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit(f"EQAKIT_TEST_DEVICE={device}: torch {torch.__version__} sees no CUDA device", 2)
+    return device
+
+
+@pytest.fixture(scope="session", name="device_under_test")
+def device_under_test_fixture():
+    """`device_under_test` as a fixture."""
+    return device_under_test()

@@ -54,8 +54,10 @@ def model_dir(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(model_dir: Path):
-    return AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+def model(model_dir: Path, device_under_test: torch.device):
+    """fp32, on EQAKIT_TEST_DEVICE (default cpu; benchmarks/gpu_check.sh: cuda)."""
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    return model.to(device_under_test).eval()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def reference(model, processor, request: Request, **generate_kw) -> list[int]:
     size = {"shortest_edge": BUDGET.min_pixels, "longest_edge": BUDGET.max_pixels}
     inputs = processor(
         text=[text], images=request.images or None, images_kwargs={"size": size}, return_tensors="pt"
-    )
+    ).to(model.device)
     out = model.generate(
         **inputs, do_sample=False, max_new_tokens=request.params.max_new_tokens, **generate_kw
     )

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, EvalPrediction, TrainingArguments
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from conftest import assert_close_to_scale
+from conftest import assert_close_to_scale, device_under_test
 from eqakit.config import load_config
 from eqakit.data.encode import PromptFormat
 from eqakit.errors import DataError
@@ -135,18 +135,19 @@ def _setup(
         load_training_samples(cfg), processor.tokenizer, load_geometry(cfg.model), cfg
     )
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    device = device_under_test()  # EQAKIT_TEST_DEVICE (default cpu): the exactness tests on a GPU too
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
     cache = VisionFeatureCache()
     keyed = KeyedImages(fmt.budget.min_pixels, fmt.video.min_pixels)
     keys = [keyed.keys(plan, s) for plan, s in zip(plans, samples, strict=True)]
-    cache.build(model, processor, fmt, keyed, torch.device("cpu"), show_progress=False)
+    cache.build(model, processor, fmt, keyed, device, show_progress=False)
     tune = apply_lora if cfg.finetuning.finetuning_type == "lora" else apply_full
     model = tune(model, cfg)
     for name, param in model.named_parameters():  # non-zero B so the adapter matters in the comparison
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.05)
     model.eval()
-    args = TrainingArguments(output_dir=str(out), report_to="none", use_cpu=True)
+    args = TrainingArguments(output_dir=str(out), report_to="none", use_cpu=device.type == "cpu")
     trainer = EqakitTrainer(model=model, args=args, processing_class=processor, vision_cache=cache)
     plain = PlannedDataset(plans, samples, processor, fmt)
     cached = PlannedDataset(plans, samples, processor, fmt, keys)
@@ -154,8 +155,8 @@ def _setup(
 
 
 def _loss(trainer, batch) -> float:
-    with torch.no_grad():
-        return float(trainer.compute_loss(trainer.model, dict(batch)))
+    with torch.no_grad():  # the batch moved to the trainer's device, as training moves it
+        return float(trainer.compute_loss(trainer.model, trainer._prepare_inputs(dict(batch))))
 
 
 @pytest.mark.parametrize("medium", list(SETUPS))
@@ -412,7 +413,7 @@ def test_packing_spans_the_optimizer_step_and_keeps_its_gradient(
         args = TrainingArguments(
             output_dir=str(tmp_path / mode),
             report_to="none",
-            use_cpu=True,
+            use_cpu=device_under_test().type == "cpu",
             per_device_train_batch_size=2,
             gradient_accumulation_steps=6,
             max_steps=1,
