@@ -10,6 +10,7 @@ wraps PEFT's loading with one error message. Inference (`eqakit.model.load`), tr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -84,6 +85,13 @@ def adapter_digest(adapter: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@functools.cache
+def _warn_once(note: str) -> None:
+    """A warning about an adapter, printed once however many stages check it (predict's preflight,
+    then its engine's load)."""
+    print(f"eqakit: warning: {note}", file=sys.stderr, flush=True)
 
 
 def check_base(adapters: list[Path], base_name: str) -> list[str]:
@@ -204,7 +212,7 @@ def check_adapters_fit(model: torch.nn.Module, adapters: list[Path], base_name: 
     from peft.utils import load_peft_weights
 
     for note in check_base(adapters, base_name):
-        print(f"eqakit: warning: {note}", file=sys.stderr, flush=True)
+        _warn_once(note)
     modules = dict(model.named_modules())
     order = {name: i for i, name in enumerate(modules)}
     tensors = dict(model.state_dict())

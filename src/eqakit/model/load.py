@@ -256,12 +256,13 @@ def load_base_model(model_args: ModelArguments, *, device: torch.device, dtype: 
 def load_inference_model(
     model_args: ModelArguments, *, device: torch.device | None = None, dtype: torch.dtype | None = None
 ) -> Any:
-    """Base model with ``adapter_name_or_path`` applied for inference (merged in order when possible)."""
+    """Base model with ``adapter_name_or_path`` applied for inference (merged in order when possible).
+    The adapters' fit is checked first, on a skeleton (`check_model`), before any weight loads."""
     device = device or pick_device()
     dtype = dtype or pick_dtype(model_args.infer_dtype, device)
+    check_model(model_args)
     adapters = find_adapters(model_args.adapter_paths)
     model = load_base_model(model_args, device=device, dtype=dtype)
-    check_adapters_fit(model, adapters, model_args.model_name_or_path)
     if adapters and model_args.quantization_bit is not None and len(adapters) > 1:
         raise EqakitError("a quantized model takes one adapter; merge the others first with `eqakit export`")
     for adapter in adapters:
