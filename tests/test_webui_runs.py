@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_toy_dataset, write_toy_preferences
+from eqakit.serve.webui_evaluate import NO_ADAPTER
 from test_webui import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, wait_seen, watch, webui_server
 from test_webui_first_hour import box, pick
 
@@ -192,7 +193,8 @@ def test_train_tab_resumes_from_the_checkpoint_picked(page, tiny_model_dir: Path
 def test_train_tab_offers_dpo_and_full_tuning(workdir: Path, page, tiny_model_dir: Path) -> None:
     """Issue 25: the Train tab's Stage and Method dropdowns run `stage: dpo` with full tuning on a
     preference dataset: the LoRA keys the form shows stay out of that run, the run finishes with a
-    whole model and LLaMA-Factory's DPO metrics in trainer_log.jsonl."""
+    whole model and LLaMA-Factory's DPO metrics in trainer_log.jsonl; "Evaluate this run" hands the
+    model itself to the Evaluate tab."""
     write_toy_preferences(workdir / "prefs", episodes=2, questions=1)
     page.get_by_role("tab", name="Train").click()
     box(page, "tr-model_name_or_path").fill(str(tiny_model_dir))
@@ -219,6 +221,12 @@ def test_train_tab_offers_dpo_and_full_tuning(workdir: Path, page, tiny_model_di
     assert "rewards/accuracies" in records[0] and "odds_ratio_loss" in records[0]
     ran = (out / "eqakit_config.yaml").read_text()
     assert "stage: dpo" in ran and "finetuning_type: full" in ran and "lora_rank" not in ran
+    # a whole trained model goes to Evaluate as the model, with no adapter
+    page.locator("#tr-evaluate").click()
+    page.wait_for_function(
+        "() => document.querySelector('#ev-model input, #ev-model textarea')?.value?.endsWith('runs/dpo-full')"
+    )
+    assert box(page, "ev-adapter").input_value() == NO_ADAPTER[0]
 
 
 def test_results_tab_puts_runs_and_the_blind_baseline_side_by_side(workdir: Path, page) -> None:

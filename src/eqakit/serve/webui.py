@@ -22,7 +22,7 @@ export`, with its progress). Load options: dtype, quantization and backend. Ever
 from what the config leads to (`eqakit.serve.webui_paths.Workspace`: the merged model's base, its
 adapter's dataset dir and runs folder, new timestamped output dirs); the runs, adapters (each run's
 final one and its complete checkpoints) and datasets that exist are offered to pick, the newest
-run proposed; and the next step is one click away: "Evaluate this adapter" after training, "Load
+run proposed; and the next step is one click away: "Evaluate this run" after training, "Load
 in Chat" after an export.
 
 Whoever reaches the page runs models, trains and writes files, so (`eqakit.serve.webui_access`):
@@ -73,7 +73,7 @@ from eqakit.serve.webui_model import (
 from eqakit.serve.webui_openeqa import build_openeqa_tab
 from eqakit.serve.webui_paths import Workspace
 from eqakit.serve.webui_results import build_results_tab
-from eqakit.serve.webui_train import build_train_tab
+from eqakit.serve.webui_train import build_train_tab, to_evaluate
 
 # {"role": "user", "text": str, "images": [path], "videos": [path | [frame path]]} or
 # {"role": "assistant", "text": str}
@@ -322,9 +322,9 @@ def create_app(
             build_results_tab(place, allow_outside_media)
             load_export, exported = build_export_tab(roots, place, template)
 
-        # the next step, one click away: a trained adapter to Evaluate, an exported model to Chat
+        # the next step, one click away: a trained adapter or model to Evaluate, an exported model to Chat
         evaluate_run.click(
-            lambda model, adapter: (model, adapter, gr.Tabs(selected="evaluate")),
+            lambda base, out: (*to_evaluate(base, out), gr.Tabs(selected="evaluate")),
             [trained_model, trained_dir],
             [evaluated_model, evaluated_adapter, tabs],
         )

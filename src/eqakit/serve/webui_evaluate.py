@@ -12,7 +12,7 @@ output_dir must lie inside the page's `WriteRoots`.
 The fields start from the web UI's config (`eqakit.serve.webui_paths.Workspace`): its model and
 adapter, the dataset dir it leads to, a new timestamped output dir. The adapter and the dataset are
 picked from what exists (each run's final adapter and complete checkpoints under the runs dir, the
-datasets dataset_info.json registers) or typed; the Train tab's "Evaluate this adapter" fills the
+datasets dataset_info.json registers) or typed; the Train tab's "Evaluate this run" fills the
 model and adapter in.
 """
 

@@ -19,7 +19,7 @@ losses.
 
 Started without a training config, the form holds the one the loaded model's adapter was trained
 with (`eqakit.serve.webui_paths.Workspace`), on the base model, with a new timestamped output dir;
-"Evaluate this adapter" hands a finished run to the Evaluate tab.
+"Evaluate this run" hands a finished run to the Evaluate tab.
 
 Save config, Start and Resume write only inside the page's `WriteRoots` (the config saved, and the
 run's output_dir and other keys naming where it writes), and run only a Config file from inside them.
@@ -234,11 +234,30 @@ def progress_line(records: list[dict[str, Any]]) -> str:
     )
 
 
+def trained(output_dir: Path) -> str | None:
+    """What a finished run left in ``output_dir``: "adapter" (LoRA), "model" (full or freeze tuning:
+    the whole model, transformers' ``save_model``), or None."""
+    if (output_dir / "adapter_model.safetensors").is_file():
+        return "adapter"
+    if (output_dir / "config.json").is_file() and any(output_dir.glob("model*.safetensors*")):
+        return "model"
+    return None
+
+
+def to_evaluate(base: str, output_dir: str) -> tuple[str, str]:
+    """(model, adapter) the Evaluate tab gets from a finished run: the base and the run's adapter,
+    or, for a whole trained model, the run itself with no adapter."""
+    if trained(Path(output_dir.strip()).expanduser()) == "model":
+        return output_dir, ""
+    return base, output_dir
+
+
 def next_step(output_dir: Path) -> str:
     """What to press now, given what ``output_dir`` holds (no button leads to a refusal)."""
     found = newest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
-    if (output_dir / "adapter_model.safetensors").is_file():
-        return f"the adapter is in {output_dir}"
+    made = trained(output_dir)
+    if made is not None:
+        return f"the {made} is in {output_dir}"
     if found is not None:
         return f"press Resume to continue from {found.name}"
     if output_dir.is_dir() and any(output_dir.iterdir()):
@@ -367,7 +386,7 @@ def build_train_tab(
     """The Train tab (inside ``app``); ``base`` (the command line's training config, read from
     ``config_path``, with its key=value overrides; else ``place``'s) fills the form at start; runs
     and saved configs stay inside ``roots``, new output dirs are proposed in ``place``. Returns the
-    "Evaluate this adapter" button and the model and output dir fields it hands over."""
+    "Evaluate this run" button and the model and output dir fields it hands over."""
     runs = TrainRuns()
     with gr.Tab("Train"):
         gr.Markdown(
@@ -447,7 +466,7 @@ def build_train_tab(
         log = gr.Textbox(
             label="Log", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False, elem_id="tr-log"
         )
-        evaluate_btn = gr.Button("Evaluate this adapter", visible=False, elem_id="tr-evaluate")
+        evaluate_btn = gr.Button("Evaluate this run", visible=False, elem_id="tr-evaluate")
         seen = gr.State(-1)  # how many log records the plot shows
         timer = gr.Timer(1.0, active=False)  # ticks only while a run started here is live
 
@@ -510,9 +529,7 @@ def build_train_tab(
                 else gr.skip()
             )
             live = run is not None and run.command.running
-            trained = (
-                bool(output_dir.strip()) and not live and (folder / "adapter_model.safetensors").is_file()
-            )
+            done = bool(output_dir.strip()) and not live and trained(folder) is not None
             # the checkpoints to resume from, listed again once a run is over (not while it saves more)
             saved = checkpoint_choices(output_dir)
             resumable = gr.skip() if live else gr.update(choices=saved, value=proposed(saved, None))
@@ -522,7 +539,7 @@ def build_train_tab(
                 lines,
                 len(records),
                 gr.Timer(active=live),
-                gr.Button(visible=trained),
+                gr.Button(visible=done),
                 resumable,
             )
 
