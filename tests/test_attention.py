@@ -70,6 +70,37 @@ def test_each_implementation_and_packing_gives_the_plain_eager_loss_and_gradient
         assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+@pytest.fixture(scope="module")
+def images_bf16(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    return _setup(tiny_model_dir, tmp_path_factory, as_video=False, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("flash_attn", ["auto", "sdpa", "disabled"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "plain"])
+def test_bf16_runs_each_implementation_and_packing_to_the_fp32_loss(
+    images, images_bf16, flash_attn: str, packed: bool
+) -> None:
+    """The dtype axis of the matrix (bf16 is what a GPU trains the tutorial's YAML in): no crash, a
+    finite loss and gradients, within bf16's precision of the fp32 run's loss."""
+    trainer, model, _, cached, processor, _ = images_bf16
+    pad = processor.tokenizer.pad_token_id
+    features = [cached[i] for i in ROWS]
+    items = torch.tensor(learned_tokens(features))
+    fp32_loss, _ = _loss_and_gradients(images[0], images[1], Collator(pad)(features), items)
+    base = model.get_base_model()
+    try:
+        base.set_attn_implementation(ATTENTION[flash_attn])
+        batch = (PackedCollator(pad) if packed else Collator(pad))(features)
+        loss, grads = _loss_and_gradients(trainer, model, batch, items)
+    finally:
+        base.set_attn_implementation("sdpa")
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads.values())
+    assert abs(float(loss) - float(fp32_loss)) <= 0.02 * abs(float(fp32_loss)), (
+        float(loss),
+        float(fp32_loss),
+    )
+
+
 @pytest.mark.parametrize("flash_attn", ["auto", "sdpa", "disabled"])
 def test_the_key_loads_its_implementation(tiny_model_dir: Path, flash_attn: str) -> None:
     cfg = load_config("chat", extra={"model_name_or_path": str(tiny_model_dir), "flash_attn": flash_attn})

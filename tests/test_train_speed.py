@@ -95,7 +95,10 @@ def _setup(
     template: str = "qwen3_vl_nothink",
     video_fps: float = 2.0,
     method: tuple[str, ...] | list[str] = ("lora_rank=4",),
+    dtype: torch.dtype = torch.float32,
 ):
+    """A trainer over the tiny model (``dtype``; LoRA weights fp32 as training makes them) and the
+    toy episodes, with plain and cache-keyed datasets of them."""
     from conftest import write_toy_dataset
 
     data = write_toy_dataset(
@@ -136,7 +139,7 @@ def _setup(
     )
     torch.manual_seed(0)
     device = device_under_test()  # EQAKIT_TEST_DEVICE (default cpu): the exactness tests on a GPU too
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).to(device)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=dtype).to(device)
     cache = VisionFeatureCache()
     keyed = KeyedImages(fmt.budget.min_pixels, fmt.video.min_pixels)
     keys = [keyed.keys(plan, s) for plan, s in zip(plans, samples, strict=True)]
