@@ -55,7 +55,7 @@ from PIL import Image
 from eqakit.config.args import ApiArguments
 from eqakit.data.encode import PromptFormat
 from eqakit.data.template import render_prompt
-from eqakit.engine import Engine
+from eqakit.engine import HFEngine
 from eqakit.serve.api import create_app
 from eqakit.serve.server import bind
 
@@ -244,7 +244,7 @@ def main() -> None:
         f"{args.questions} questions, {args.frames} frames of {args.frame_size}, greedy, max_tokens {args.max_tokens}",
         flush=True,
     )
-    engine = Engine(model, processor, format=PromptFormat(budget=BUDGET), max_batch_size=args.batch_size)
+    engine = HFEngine(model, processor, format=PromptFormat(budget=BUDGET), max_batch_size=args.batch_size)
     settings = ApiArguments(api_max_batch_size=args.batch_size, api_max_new_tokens=max(args.max_tokens, 1))
     warm = workload(0, 1, 1, args.frames, (width, height), args.max_tokens)
     references: dict[int, tuple[list[str], float, list[str]]] = {}

@@ -15,7 +15,7 @@ remapped to it; the vocabulary size, and so the lm_head cost, stays the config's
 
 Reference (what LLaMA-Factory's predict does): per batch of ``--batch-size`` samples, the processor
 on each sample's text and frames, then ``model.generate`` over the left-padded batch; no reuse.
-eqakit: `Engine.generate` (continuous batching, visual-feature cache, shared-prefix KV reuse) sized
+eqakit: `HFEngine.generate` (continuous batching, visual-feature cache, shared-prefix KV reuse) sized
 as `eqakit train` predict sizes it (``--batch-size`` x (``--cutoff-len`` + new tokens) KV tokens),
 then by count at the same batch size and at ``--engine-batch-size``. Greedy; outputs are compared token by token.
 Also prints the FLOP floor of the work eqakit must do (each unique image through the vision tower
@@ -57,7 +57,7 @@ from transformers import (
 
 from eqakit.data.encode import ImageBudget, PromptFormat
 from eqakit.data.template import render_prompt
-from eqakit.engine import Engine, Request, SamplingParams
+from eqakit.engine import HFEngine, Request, SamplingParams
 from eqakit.model.tiny import build_tiny_model
 
 BUDGET = ImageBudget(32 * 32, 768 * 768)
@@ -172,7 +172,7 @@ def breakdown(model: Any, processor: Any, requests: list[Request], args: argpars
     """Seconds in the vision tower, prompt prefill (prefixes and questions), decode steps and the rest,
     for the run `eqakit train` predict does (fresh caches), timed around the engine's own calls."""
     budget = args.batch_size * (args.cutoff_len + args.max_new_tokens)
-    engine = Engine(
+    engine = HFEngine(
         model, processor, format=PromptFormat(budget=BUDGET), max_batch_size=64, max_batch_tokens=budget
     )
     spent = dict.fromkeys(("vision", "prefill", "decode"), 0.0)
@@ -203,7 +203,7 @@ def breakdown(model: Any, processor: Any, requests: list[Request], args: argpars
     return ", ".join(f"{k} {v:.1f} s" for k, v in spent.items()) + f", other {rest:.1f} s (of {total:.1f} s)"
 
 
-def flop_floor(model: Any, requests: list[Request], engine: Engine, new: int) -> float:
+def flop_floor(model: Any, requests: list[Request], engine: HFEngine, new: int) -> float:
     """Multiply-adds x2 of the work eqakit cannot avoid: unique images, unique prefixes, suffixes, decode."""
     text, vision = model.config.text_config, model.config.vision_config
     lm_params = sum(p.numel() for n, p in model.model.language_model.named_parameters() if "embed" not in n)
@@ -357,7 +357,7 @@ def decode(
     cfg = load_config("train", str(REPO / "configs" / "eval_args.yaml"), overrides)
     base = SamplingParams.from_generating(cfg.generating)
     budget = kv_budget(cfg)
-    engine = Engine(
+    engine = HFEngine(
         model,
         processor,
         format=PromptFormat(budget=BUDGET),
@@ -504,7 +504,7 @@ def main() -> None:
         (f"batch {b} by count", b, None) for b in dict.fromkeys([args.batch_size, args.engine_batch_size])
     ]
     for label, batch, tokens in runs:
-        engine = Engine(
+        engine = HFEngine(
             model,
             processor,
             format=PromptFormat(budget=BUDGET),

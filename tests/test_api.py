@@ -33,7 +33,7 @@ import requests
 from PIL import Image
 
 from eqakit.config import load_config
-from eqakit.engine import Engine
+from eqakit.engine import HFEngine
 from eqakit.serve.api import Service, create_app
 from eqakit.serve.server import ApiServer, bind
 
@@ -109,13 +109,13 @@ def serving(app, header_timeout_s: float = 10.0) -> Iterator[tuple[str, Service]
 
 
 @pytest.fixture(scope="module")
-def engine(lively_dir: Path, media_dir: Path) -> Engine:
+def engine(lively_dir: Path, media_dir: Path) -> HFEngine:
     cfg = load_config("infer", None, settings(lively_dir, f"api_media_dir={media_dir}"))
-    return Engine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
+    return HFEngine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
 
 
 @pytest.fixture(scope="module")
-def server(engine: Engine, lively_dir: Path, media_dir: Path) -> Iterator[tuple[str, Service]]:
+def server(engine: HFEngine, lively_dir: Path, media_dir: Path) -> Iterator[tuple[str, Service]]:
     cfg = load_config("infer", None, settings(lively_dir, f"api_media_dir={media_dir}"))
     with serving(create_app(engine, model_name="tiny-served", settings=cfg.api)) as running:
         yield running
@@ -657,7 +657,7 @@ def test_random_malformed_requests_never_get_a_5xx(url: str) -> None:
     assert_good(url)
 
 
-def test_api_key_is_required_when_set(engine: Engine, lively_dir: Path) -> None:
+def test_api_key_is_required_when_set(engine: HFEngine, lively_dir: Path) -> None:
     cfg = load_config("infer", None, settings(lively_dir))
     with serving(create_app(engine, model_name="keyed", api_key="s3cret", settings=cfg.api)) as (url, _):
         for headers in (

@@ -29,7 +29,7 @@ from PIL import Image
 from tests.test_api import ask, data_uri, encoded, jpeg, serving, settings
 
 from eqakit.config import load_config
-from eqakit.engine import Engine
+from eqakit.engine import HFEngine
 from eqakit.engine import Request as EngineRequest
 from eqakit.engine.hf.runner import Job
 from eqakit.serve.api import _off_loop, create_app
@@ -61,13 +61,13 @@ def hostile_settings(model_dir: Path, media_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def engine(lively_dir: Path, media_dir: Path) -> Engine:
+def engine(lively_dir: Path, media_dir: Path) -> HFEngine:
     cfg = load_config("infer", None, hostile_settings(lively_dir, media_dir))
-    return Engine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
+    return HFEngine.from_config(cfg, max_batch_size=cfg.api.api_max_batch_size)
 
 
 @pytest.fixture(scope="module")
-def url(engine: Engine, lively_dir: Path, media_dir: Path) -> Iterator[str]:
+def url(engine: HFEngine, lively_dir: Path, media_dir: Path) -> Iterator[str]:
     cfg = load_config("infer", None, hostile_settings(lively_dir, media_dir))
     app = create_app(engine, model_name="tiny", api_key="k3y", settings=cfg.api)
     with serving(app, header_timeout_s=HEADER_TIMEOUT_S) as (address, _):
@@ -148,7 +148,7 @@ def test_extreme_sampling_values_are_honoured_and_harm_nobody(url: str, solo: di
     assert reply.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_a_failing_prefill_fails_only_its_own_request(engine: Engine) -> None:
+def test_a_failing_prefill_fails_only_its_own_request(engine: HFEngine) -> None:
     """A forward pass that raises for one request (a token id outside the vocabulary, which no request
     can produce: the last line of defence) fails that request; the others in its batch finish exactly."""
     questions = ["Where is the sofa?", "Is the lamp on?", "What is on the table?"]
@@ -199,7 +199,7 @@ FORGERIES = [
 
 @pytest.mark.parametrize("text", FORGERIES)
 def test_special_tokens_in_user_text_are_text(
-    url: str, engine: Engine, solo: dict[str, str], text: str
+    url: str, engine: HFEngine, solo: dict[str, str], text: str
 ) -> None:
     specials = {t.content: i for i, t in engine.tokenizer.added_tokens_decoder.items() if t.special}
     for system in (None, text):
@@ -432,7 +432,7 @@ def video_ask(video: bytes, mime: str = "video/mp4", **fields) -> dict:
 
 
 @contextmanager
-def video_server(engine: Engine, lively_dir: Path, media_dir: Path, *keys: str) -> Iterator[str]:
+def video_server(engine: HFEngine, lively_dir: Path, media_dir: Path, *keys: str) -> Iterator[str]:
     """A server on the module's engine with tighter video limits (it shares the engine's thread)."""
     cfg = load_config("infer", None, [*hostile_settings(lively_dir, media_dir), *keys])
     with serving(create_app(engine, api_key="k3y", settings=cfg.api)) as (address, _):
@@ -440,7 +440,7 @@ def video_server(engine: Engine, lively_dir: Path, media_dir: Path, *keys: str) 
 
 
 def test_a_video_too_costly_to_decode_is_refused_from_its_header(
-    engine: Engine, lively_dir: Path, media_dir: Path
+    engine: HFEngine, lively_dir: Path, media_dir: Path
 ) -> None:
     """Every frame up to the last one sampled is decoded: 200 frames of 6000x6000 (3.8 MB sent, 7.2
     billion pixels to decode) and 3000 small frames are refused before the first frame is decoded."""
@@ -457,7 +457,7 @@ def test_a_video_too_costly_to_decode_is_refused_from_its_header(
 
 
 def test_a_resolution_change_mid_stream_is_refused_before_the_large_frame_is_allocated(
-    engine: Engine, lively_dir: Path, media_dir: Path
+    engine: HFEngine, lively_dir: Path, media_dir: Path
 ) -> None:
     """An MPEG-TS stream of 64x64 frames, then 3000x3000 ones: the header says 64x64; FFmpeg refuses
     the large frames before allocating them (api_max_image_pixels), and they count at their real size."""
@@ -470,7 +470,9 @@ def test_a_resolution_change_mid_stream_is_refused_before_the_large_frame_is_all
         assert_error(reply, 400, "a frame over 4000000 pixels")
 
 
-def test_a_video_that_decodes_too_long_is_cut_off(engine: Engine, lively_dir: Path, media_dir: Path) -> None:
+def test_a_video_that_decodes_too_long_is_cut_off(
+    engine: HFEngine, lively_dir: Path, media_dir: Path
+) -> None:
     with video_server(engine, lively_dir, media_dir, "api_video_timeout=0.3") as address:
         start = time.monotonic()
         reply = send(address, video_ask(still_video((2000, 2000), 400)))  # about 1 s to decode here
@@ -479,7 +481,7 @@ def test_a_video_that_decodes_too_long_is_cut_off(engine: Engine, lively_dir: Pa
 
 
 def test_abandoned_videos_stop_decoding_and_stall_nobody(
-    engine: Engine, lively_dir: Path, media_dir: Path, solo: dict[str, str]
+    engine: HFEngine, lively_dir: Path, media_dir: Path, solo: dict[str, str]
 ) -> None:
     """Six clients send videos that take seconds to decode and give up after 0.3 s; meanwhile innocent
     requests (text and images) answer as alone, in about their solo time, and a video sent next waits

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from eqakit.config import load_config
-from eqakit.engine import Engine
+from eqakit.engine import HFEngine
 from test_webui import chatty_model_dir  # noqa: F401  (a fixture: the tiny model with visible answers)
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_chat_streams_images_clear_and_bad_input(request, model: str, template: 
     (tmp_path / "notes.txt").write_text("not an image")
 
     chat = Terminal([sys.executable, "-m", "eqakit", "chat", str(config)])
-    reference = Engine.from_config(load_config("infer", config))
+    reference = HFEngine.from_config(load_config("infer", config))
     first = user("What is this?", red)
     one = reference.chat([first]).text
     history = [first, {"role": "assistant", "content": one}, user("Tell me more.")]

@@ -22,8 +22,8 @@ from conftest import LIVELY
 from eqakit.data.encode import Geometry, ImageBudget, PromptFormat, materialize, plan_sample
 from eqakit.data.template import render_prompt
 from eqakit.engine import (
-    Engine,
     EngineUnavailable,
+    HFEngine,
     PromptTooLong,
     Request,
     RequestError,
@@ -118,8 +118,8 @@ def make_format(model, cutoff_len: int = 2048) -> PromptFormat:
     return PromptFormat(template_of(model), cutoff_len=cutoff_len, budget=BUDGET)
 
 
-def make_engine(model, processor, cutoff_len: int = 2048, **kw) -> Engine:
-    return Engine(model, processor, format=make_format(model, cutoff_len), **kw)
+def make_engine(model, processor, cutoff_len: int = 2048, **kw) -> HFEngine:
+    return HFEngine(model, processor, format=make_format(model, cutoff_len), **kw)
 
 
 def test_prompt_tokens_are_the_processors_and_the_training_encoders(model, processor) -> None:

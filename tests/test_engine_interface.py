@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from eqakit.engine.base import InferenceEngine, Worker
-from eqakit.engine.hf.engine import Engine
+from eqakit.engine.hf.engine import HFEngine
 from eqakit.engine.hf.worker import EngineWorker
 from eqakit.engine.vllm import VllmEngine, VllmWorker  # importable without vLLM installed
 
@@ -132,8 +132,13 @@ def _members(protocol: type) -> dict[str, inspect.Signature | None]:
 
 @pytest.mark.parametrize(
     ("protocol", "implementation"),
-    [(InferenceEngine, Engine), (InferenceEngine, VllmEngine), (Worker, EngineWorker), (Worker, VllmWorker)],
-    ids=["Engine", "VllmEngine", "EngineWorker", "VllmWorker"],
+    [
+        (InferenceEngine, HFEngine),
+        (InferenceEngine, VllmEngine),
+        (Worker, EngineWorker),
+        (Worker, VllmWorker),
+    ],
+    ids=["HFEngine", "VllmEngine", "EngineWorker", "VllmWorker"],
 )
 def test_backends_implement_the_protocols(protocol: type, implementation: type) -> None:
     """Every method of the interface exists on both backends and takes the same parameters (by

@@ -388,7 +388,7 @@ def test_merged_model_answers_through_the_engine_like_base_plus_adapter(
     tiny_model_dir, adapters, shipped_export, image_paths
 ) -> None:
     """The served path: eqakit's engine on the export gives the adapter's greedy answers."""
-    from eqakit.engine import Engine, Request
+    from eqakit.engine import HFEngine, Request
 
     images = [Image.open(p).convert("RGB") for p in image_paths]
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What color is the sofa?"}]
@@ -396,7 +396,7 @@ def test_merged_model_answers_through_the_engine_like_base_plus_adapter(
     for model, adapter in ((shipped_export, None), (tiny_model_dir, adapters["a"])):
         keys = [f"model_name_or_path={model}", "template=qwen3_vl_nothink"]
         keys += [f"adapter_name_or_path={adapter}"] if adapter else []
-        engine = Engine.from_config(load_config("infer", None, keys))
+        engine = HFEngine.from_config(load_config("infer", None, keys))
         request = Request(
             [{"role": "user", "content": content}], engine.params(temperature=0, max_new_tokens=8), images
         )

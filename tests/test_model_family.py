@@ -52,7 +52,7 @@ def _workflow(model_dir: Path, tmp_path: Path, template: str, **train: object) -
     from openai import OpenAI
     from transformers import AutoModelForImageTextToText
 
-    from eqakit.engine import Engine, Request
+    from eqakit.engine import HFEngine, Request
     from eqakit.evaluate.predict import run_predict
     from eqakit.serve.api import create_app
     from test_api import data_uri, encoded, jpeg, serving
@@ -83,7 +83,7 @@ def _workflow(model_dir: Path, tmp_path: Path, template: str, **train: object) -
     assert [json.loads(r)["predict"] for r in again] == [json.loads(r)["predict"] for r in rows]
 
     cfg = load_config("infer", None, [f"model_name_or_path={tmp_path / 'merged'}", f"template={template}"])
-    engine = Engine.from_config(cfg)
+    engine = HFEngine.from_config(cfg)
     image = encoded(jpeg(seed=3))
     content = [
         {"type": "image_url", "image_url": {"url": data_uri(image)}},

@@ -26,7 +26,7 @@ from transformers.generation.logits_process import (
 )
 
 from eqakit.data.encode import ImageBudget, PromptFormat
-from eqakit.engine import Engine, Request, SamplingParams
+from eqakit.engine import HFEngine, Request, SamplingParams
 from eqakit.engine.hf.runner import Runner
 from eqakit.engine.hf.sampling import Sampler
 from sync_count import SyncCounter
@@ -98,7 +98,7 @@ def steps(monkeypatch: pytest.MonkeyPatch) -> Steps:
     return record
 
 
-def run(engine: Engine, requests: list[Request], new_tokens: int, steps: Steps) -> SyncCounter:
+def run(engine: HFEngine, requests: list[Request], new_tokens: int, steps: Steps) -> SyncCounter:
     """The syncs of one generate of ``requests`` (row i: new_tokens + i % 3 tokens), seeded per row."""
     lengths = [new_tokens + i % 3 for i in range(len(requests))]
     for i, (request, length) in enumerate(zip(requests, lengths, strict=True)):
@@ -123,7 +123,7 @@ def run(engine: Engine, requests: list[Request], new_tokens: int, steps: Steps) 
     ],
 )
 def test_a_decode_step_reads_the_device_at_most_twice(model, processor, steps, params, options) -> None:
-    engine = Engine(
+    engine = HFEngine(
         model,
         processor,
         format=PromptFormat("qwen3_vl_nothink", budget=ImageBudget(32 * 32, 96 * 96)),
@@ -222,7 +222,7 @@ def test_a_pass_without_padding_runs_sdpas_fused_causal_kernel(model, processor,
         return sdpa(query, key, value, attn_mask, *args, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    engine = Engine(model, processor, format=PromptFormat("qwen3_vl_nothink"), eos_token_ids=[])
+    engine = HFEngine(model, processor, format=PromptFormat("qwen3_vl_nothink"), eos_token_ids=[])
     greedy = SamplingParams(do_sample=False, max_new_tokens=3)
     alone = [Request([{"role": "user", "content": "Where am I?"}], greedy)]
     engine.generate([engine.prepare(r) for r in alone])

@@ -18,7 +18,7 @@ from transformers import AutoProcessor
 from eqakit.config import load_config
 from eqakit.data.encode import IGNORE_INDEX
 from eqakit.data.template import render_prompt
-from eqakit.engine import Engine, Request
+from eqakit.engine import HFEngine, Request
 from eqakit.model.load import load_geometry
 from eqakit.serve.api import _engine_messages
 from eqakit.serve.chat import ChatSession
@@ -62,7 +62,7 @@ def setup(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     infer_cfg = load_config("infer", None, keys)
     slot = ModelSlot()
     slot.load_from(infer_cfg)
-    yield train_cfg, Engine.from_config(infer_cfg), AutoProcessor.from_pretrained(tiny_model_dir), slot
+    yield train_cfg, HFEngine.from_config(infer_cfg), AutoProcessor.from_pretrained(tiny_model_dir), slot
     slot.unload()
 
 

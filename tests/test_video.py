@@ -455,7 +455,7 @@ def test_engine_video_answers_equal_plain_generate(lively_any, tmp_path: Path, o
     of videos through the engine (batched, feature cache, shared prefixes): the greedy tokens of
     model.generate on the processor's inputs."""
     from eqakit.data.encode import ImageBudget
-    from eqakit.engine import Engine
+    from eqakit.engine import HFEngine
 
     model, processor = lively_any
     requests = _video_requests(tmp_path)
@@ -464,7 +464,7 @@ def test_engine_video_answers_equal_plain_generate(lively_any, tmp_path: Path, o
     template = "qwen2_vl" if model.config.model_type == "qwen2_5_vl" else "qwen3_vl_nothink"
     budget = ImageBudget(32 * 32, 768 * 768)
     fmt = PromptFormat(template, cutoff_len=2048, budget=budget, video=VIDEO_BUDGET)
-    engine = Engine(model, processor, format=fmt, **options)
+    engine = HFEngine(model, processor, format=fmt, **options)
     assert [c.token_ids for c in engine.generate(requests)] == expected
     if (
         engine.reuse.vision_cache is not None
@@ -525,7 +525,7 @@ def test_predict_answers_video_rows_as_generate_does(lively_any, tmp_path: Path)
 @pytest.fixture(scope="module")
 def video_server(lively_dir: Path):
     from eqakit.config import load_config
-    from eqakit.engine import Engine
+    from eqakit.engine import HFEngine
     from eqakit.serve.api import create_app
     from test_api import serving
 
@@ -534,7 +534,7 @@ def video_server(lively_dir: Path):
         "video_max_pixels=589824", "video_maxlen=16", "api_max_request_pixels=2000000", "api_batch_window_ms=5",
     ]  # fmt: skip
     cfg = load_config("infer", None, keys)
-    engine = Engine.from_config(cfg)
+    engine = HFEngine.from_config(cfg)
     with serving(create_app(engine, model_name="tiny-video", settings=cfg.api)) as (url, _):
         yield url, engine
 
@@ -708,9 +708,9 @@ def test_a_request_that_fails_is_raised_not_dropped(tiny_model_dir: Path) -> Non
     silently either: generate never returns fewer completions than requests."""
     from eqakit.config import load_config
     from eqakit.data.video import Video, from_frames
-    from eqakit.engine import Engine, Request, RequestFailed, SamplingParams
+    from eqakit.engine import HFEngine, Request, RequestFailed, SamplingParams
 
-    engine = Engine.from_config(
+    engine = HFEngine.from_config(
         load_config("infer", None, [f"model_name_or_path={tiny_model_dir}", "template=qwen3_vl_nothink"])
     )
     greedy = SamplingParams(max_new_tokens=2, do_sample=False)

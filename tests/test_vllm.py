@@ -33,7 +33,7 @@ from PIL import Image
 
 from conftest import make_lively
 from eqakit.config import load_config
-from eqakit.engine import Engine, Request, RequestError
+from eqakit.engine import HFEngine, Request, RequestError
 from eqakit.errors import ConfigError, EqakitError
 
 EQAKIT = [sys.executable, "-m", "eqakit"]
@@ -135,7 +135,7 @@ def expected(model_dir: Path, adapter_dir: Path) -> dict[str, list[tuple[str, in
         cfg = load_config(
             "infer", None, [*settings(model_dir, adapter_dir), f"adapter_name_or_path={adapter}"]
         )
-        engine = Engine.from_config(cfg)
+        engine = HFEngine.from_config(cfg)
         batch = [
             Request(engine_messages(q, EPISODES[e]), engine.params(temperature=0, max_new_tokens=12))
             for q, e in CASES
@@ -226,7 +226,7 @@ def test_video_answers_equal_the_transformers_engine(process, model_dir: Path, a
 
     url, *_ = process
     cfg = load_config("infer", None, settings(model_dir, adapter_dir))
-    engine = Engine.from_config(cfg)
+    engine = HFEngine.from_config(cfg)
     budget = engine.format.video
     videos = [[frame(10 + 4 * v + k).resize((160, 128)) for k in range(4 + 2 * v)] for v in range(2)]
     cases = [(q, v) for v in range(2) for q in QUESTIONS[:2]]
@@ -444,7 +444,7 @@ def test_the_web_uis_model_and_chat_run_on_vllm(model_dir: Path, adapter_dir: Pa
     config.write_text("".join(f"{k}: {v}\n" for k, v in keys.items()))
     EPISODES[0][0].save(tmp_path / "frame.png")
     first = user("What is on the wall?", EPISODES[0][0])
-    reference = Engine.from_config(load_config("infer", config, ["infer_backend=huggingface"]))
+    reference = HFEngine.from_config(load_config("infer", config, ["infer_backend=huggingface"]))
 
     slot = ModelSlot(config)  # the web UI's model: load, stream, unload
     assert "Model loaded" in slot.load_from(load_config("infer", config))
@@ -523,7 +523,7 @@ def test_an_exported_model_of_each_architecture_answers_on_vllm_as_on_transforme
         "cutoff_len=1024",
         "video_fps=1",
     ]
-    hf = Engine.from_config(
+    hf = HFEngine.from_config(
         load_config(
             "infer", None, [f"model_name_or_path={model}", f"adapter_name_or_path={tmp_path / 'lora'}", *keys]
         )
@@ -600,7 +600,7 @@ def test_an_adapter_on_the_vision_tower_is_served_whole_or_refused(model_dir: Pa
 
     adapter = _vision_adapter(model_dir, tmp_path / "lora", merger=False)
     keys = [*settings(model_dir, adapter)]
-    hf = Engine.from_config(load_config("infer", None, keys))
+    hf = HFEngine.from_config(load_config("infer", None, keys))
     requests = [
         Request(engine_messages(q, EPISODES[e]), hf.params(temperature=0, max_new_tokens=12))
         for q, e in CASES

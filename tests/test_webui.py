@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from conftest import write_toy_dataset
 from eqakit.config import load_config
 from eqakit.data.dataset import load_samples
-from eqakit.engine import Completion, Engine, Request
+from eqakit.engine import Completion, HFEngine, Request
 from eqakit.serve.webui_train import SERIES_COLORS
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -153,11 +153,11 @@ def site(chatty_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.fixture(scope="module")
-def reference(site: dict) -> Iterator[Engine]:
+def reference(site: dict) -> Iterator[HFEngine]:
     """The engine in this process, on the server's config: what the page must show."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # leave the other core to the server
-    yield Engine.from_config(load_config("infer", site["config"]))
+    yield HFEngine.from_config(load_config("infer", site["config"]))
     torch.set_num_threads(threads)
 
 
@@ -269,7 +269,7 @@ def body_text(page) -> str:
 # ---- tests -----------------------------------------------------------------------------------
 
 
-def test_chat_streams_images_system_prompt_history_and_clear(site: dict, page, reference: Engine) -> None:
+def test_chat_streams_images_system_prompt_history_and_clear(site: dict, page, reference: HFEngine) -> None:
     assert "Model loaded" in page.locator("#model-status").inner_text()
     assert (
         f"Running on local URL:  http://127.0.0.1:{site['url'].rsplit(':', 1)[1].strip('/')}"
@@ -302,7 +302,7 @@ def test_chat_streams_images_system_prompt_history_and_clear(site: dict, page, r
     page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')")
 
 
-def test_chat_takes_a_video_file_and_images_as_one_video(site: dict, page, reference: Engine) -> None:
+def test_chat_takes_a_video_file_and_images_as_one_video(site: dict, page, reference: HFEngine) -> None:
     """An mp4 attached is a video; with the switch on, attached images are the frames of one video;
     each answer is the engine's for the same video; an unreadable video is one error line."""
     import av
@@ -355,7 +355,7 @@ def test_chat_takes_a_video_file_and_images_as_one_video(site: dict, page, refer
     page.wait_for_selector("#chat-input textarea")
 
 
-def test_errors_show_a_message_and_the_app_keeps_working(site: dict, page, reference: Engine) -> None:
+def test_errors_show_a_message_and_the_app_keeps_working(site: dict, page, reference: HFEngine) -> None:
     shots = site["shots"]
     bubbles = page.locator('#chatbot [data-testid="bot"]')
 
@@ -408,7 +408,7 @@ def test_errors_show_a_message_and_the_app_keeps_working(site: dict, page, refer
     page.screenshot(path=shots / "error-recovered.png", full_page=True)
 
 
-def test_openeqa_mode_shows_frames_reference_and_model_answer(site: dict, page, reference: Engine) -> None:
+def test_openeqa_mode_shows_frames_reference_and_model_answer(site: dict, page, reference: HFEngine) -> None:
     page.get_by_role("tab", name="OpenEQA").click()
     assert page.locator("#eqa-dir textarea, #eqa-dir input").first.input_value() == str(site["dataset"])
 
@@ -441,7 +441,7 @@ def test_openeqa_mode_shows_frames_reference_and_model_answer(site: dict, page, 
 
 
 def test_openeqa_mode_asks_a_video_question_with_its_video(
-    site: dict, page, reference: Engine, tmp_path
+    site: dict, page, reference: HFEngine, tmp_path
 ) -> None:
     """A dataset prepared with --as-video: the tab sent its frames as images only, and the question
     failed ("more video placeholders than videos"). It now shows the video's frames and asks the
@@ -479,7 +479,7 @@ def test_thinking_switch_with_the_qwen3_vl_template(site: dict, page) -> None:
     page.locator("#clear-btn").click()
     page.locator("#thinking input").check()
 
-    thinking = Engine.from_config(load_config("infer", site["config"], ["template=qwen3_vl"]))
+    thinking = HFEngine.from_config(load_config("infer", site["config"], ["template=qwen3_vl"]))
     question = [user("Think first: which color?", site["blue"])]
     on, off = thinking.generate(
         [Request(question, thinking.params(), enable_thinking=t) for t in (True, False)]
@@ -516,7 +516,7 @@ def test_load_options_dtype_quantization_and_backend(site: dict, page) -> None:
     watch(page, "#model-status")
     page.locator("#load-btn").click()
     assert "bfloat16, huggingface" in wait_seen(page, "#model-status", "Model loaded", after="Loading")
-    half = Engine.from_config(load_config("infer", site["config"], ["infer_dtype=bfloat16"]))
+    half = HFEngine.from_config(load_config("infer", site["config"], ["infer_dtype=bfloat16"]))
     assert half.model.dtype == torch.bfloat16
     page.locator("#clear-btn").click()
     expect_answer(
@@ -545,7 +545,7 @@ def test_a_qwen2_5_vl_model_loads_with_its_template_and_answers(site: dict, page
         assert "'qwen3_vl_nothink' does not fit" in misfit and "use qwen2_vl" in misfit, misfit
         assert "template qwen2_vl," in load(lively_qwen2_5_dir, "qwen2_vl")
         keys = [f"model_name_or_path={lively_qwen2_5_dir}", "template=qwen2_vl"]
-        qwen2_5 = Engine.from_config(load_config("infer", site["config"], keys))
+        qwen2_5 = HFEngine.from_config(load_config("infer", site["config"], keys))
         page.locator("#clear-btn").click()
         # blue: the file input takes a new file (the test before this one attached red)
         expected = qwen2_5.chat([user("Which color?", site["blue"])])
@@ -669,7 +669,7 @@ def test_export_tab_merges_an_adapter_with_progress(site: dict, page, tmp_path: 
     watch(page, "#model-status")
     page.locator("#load-btn").click()
     assert str(merged) in wait_seen(page, "#model-status", "Model loaded", after="Loading")
-    engine = Engine.from_config(
+    engine = HFEngine.from_config(
         load_config("infer", extra={**load_config_keys(site), "model_name_or_path": str(merged)})
     )
     page.locator("#clear-btn").click()

@@ -10,13 +10,13 @@ from eqakit.engine.base import (
     TextStream,
     Worker,
 )
-from eqakit.engine.hf.engine import Engine
+from eqakit.engine.hf.engine import HFEngine
 from eqakit.engine.load import load_engine, make_worker
 from eqakit.engine.params import Completion, PromptTooLong, Request, RequestError, SamplingParams
 
 __all__ = [
     "Completion",
-    "Engine",
+    "HFEngine",
     "EngineUnavailable",
     "InferenceEngine",
     "PromptTooLong",

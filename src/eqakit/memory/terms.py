@@ -20,7 +20,7 @@ FP32 = 4
 # Optimizer state per trainable weight, by a part of the optim key's value; else AdamW's two fp32 moments.
 OPTIMIZER_STATE = {"sgd": 0, "adafactor": 0, "lion": FP32, "8bit": 2}
 ADAMW_STATE = 2 * FP32
-# The engine's LRU caches (`eqakit.engine.hf.engine.Engine`'s defaults), full after enough distinct
+# The engine's LRU caches (`eqakit.engine.hf.engine.HFEngine`'s defaults), full after enough distinct
 # images and prompts; the shortest prefix it caches (`Reuse`); the KV columns a row reserves ahead.
 ENGINE_VISION_CACHE = 1024 << 20
 ENGINE_PREFIX_CACHE = 2048 << 20

@@ -8,7 +8,7 @@ prefills each shared prompt prefix (an episode's frames) once, and appends to it
 (eqakit.engine.hf.kv) instead of copying it every token. Every one of these is exact: greedy
 decoding gives the tokens ``model.generate`` gives for each request alone (tests check each).
 
-    engine = Engine.from_config(load_config("infer", "configs/infer_openeqa.yaml"))
+    engine = HFEngine.from_config(load_config("infer", "configs/infer_openeqa.yaml"))
     reply = engine.chat([{"role": "user", "content": [{"type": "image", "image": frame},
                                                       {"type": "text", "text": "What is on the table?"}]}])
     for delta in engine.stream(Request(messages, engine.params(temperature=0))):
@@ -17,7 +17,7 @@ decoding gives the tokens ``model.generate`` gives for each request alone (tests
 Thread safety: every model step takes the engine's lock, so calls from several threads are safe
 but run one step at a time. A server should give all requests to one `EngineWorker`
 (eqakit.engine.hf.worker, built by `eqakit.engine.load.start_worker`), which batches concurrent
-requests together. `Engine` implements `eqakit.engine.base.InferenceEngine`.
+requests together. `HFEngine` implements `eqakit.engine.base.InferenceEngine`.
 
 Raises RequestError (a bad request: wrong image count, bad parameter, prompt too long) before any
 model work for that request; EqakitError from `from_config` for a model that cannot be loaded.
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 
 
-class Engine:
+class HFEngine:
     """Batched, cached Qwen-VL generation over a transformers model (see the module docstring)."""
 
     def __init__(
@@ -98,10 +98,10 @@ class Engine:
         self.closed = False  # `shutdown` was called
 
     @classmethod
-    def from_config(cls, cfg: Config, **options: Any) -> Engine:
+    def from_config(cls, cfg: Config, **options: Any) -> HFEngine:
         """Load the config's model (adapters merged, quantized if asked) on the best device, and wrap it.
 
-        ``options`` are Engine keyword arguments (e.g. max_batch_size).
+        ``options`` are HFEngine keyword arguments (e.g. max_batch_size).
         """
         from eqakit.model.load import load_inference_model, load_processor, pick_device, pick_dtype
 

@@ -1,7 +1,7 @@
 """The transformers backend's scheduler: which waiting requests join the running batch, and when.
 
-Every way of generating drives this one loop: `Engine.generate_iter` (predict: requests read
-lazily from an iterator), `Engine.stream` (chat: one request) and `EngineWorker` (the API and the
+Every way of generating drives this one loop: `HFEngine.generate_iter` (predict: requests read
+lazily from an iterator), `HFEngine.stream` (chat: one request) and `EngineWorker` (the API and the
 web UI: requests from a thread-safe queue, with a batching window). Each gives `advance` a ``take``
 function that hands over its next waiting job; the scheduler admits jobs in order while they fit
 the batch (``max_batch_size`` sequences and ``max_batch_tokens`` of KV cache, as

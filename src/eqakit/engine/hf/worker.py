@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future
 
 from eqakit.engine.base import EngineUnavailable, Submission
-from eqakit.engine.hf.engine import Engine
+from eqakit.engine.hf.engine import HFEngine
 from eqakit.engine.hf.prepare import Prepared
 from eqakit.engine.hf.runner import Job
 from eqakit.engine.hf.scheduler import Take
@@ -32,9 +32,9 @@ from eqakit.engine.params import Completion, Request
 
 
 class EngineWorker:
-    """Runs an `Engine` on a background thread and batches the requests submitted to it."""
+    """Runs an `HFEngine` on a background thread and batches the requests submitted to it."""
 
-    def __init__(self, engine: Engine, *, batch_window_s: float = 0.01, max_waiting: int = 4096) -> None:
+    def __init__(self, engine: HFEngine, *, batch_window_s: float = 0.01, max_waiting: int = 4096) -> None:
         self.engine = engine
         self.batch_window_s = batch_window_s
         self.max_waiting = max_waiting
@@ -52,7 +52,7 @@ class EngineWorker:
     def submit(self, request: Request | Prepared) -> Submission:
         """Queue a request; raises RequestError for a bad one and EngineUnavailable while shutting down.
 
-        An asyncio server passes a request it prepared (`Engine.prepare`) off the event loop.
+        An asyncio server passes a request it prepared (`HFEngine.prepare`) off the event loop.
         """
         if self._closing.is_set() or self.engine.closed:
             raise EngineUnavailable("the server is shutting down")

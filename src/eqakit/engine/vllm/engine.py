@@ -177,7 +177,7 @@ class VllmEngine:
         tokenizer: Any,
         geometry: Geometry,
         *,
-        format: PromptFormat,  # noqa: A002 - the same name as Engine.format
+        format: PromptFormat,  # noqa: A002 - the same name as HFEngine.format
         tokens_per_second: float = 1.0,
         defaults: SamplingParams,
         skip_special_tokens: bool,
