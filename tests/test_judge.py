@@ -479,3 +479,26 @@ def test_the_judge_reads_questions_without_media_markup(tmp_path):
     assert "<|video_pad|>" in prompt and "seconds>" in prompt
     turn = prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>", 1)[0]
     assert readable(turn) == "Where is the lamp?"
+
+
+def test_judge_dataset_dir_on_video_data_sends_the_question_without_video(judge, tmp_path):
+    """`eqakit judge --dataset-dir` on `prepare --as-video` data: the judge is asked the question a
+    person reads (`eqakit.data.media.question_text`), never a literal "<video>"."""
+    from conftest import write_toy_dataset
+
+    data = write_toy_dataset(tmp_path / "videos", episodes=2, questions=2, as_video=True)
+    rows = [json.loads(line) for line in (data / "toy.jsonl").read_text().splitlines()]
+    assert all(r["instruction"].startswith("<video>") for r in rows)
+    (data / "toy.jsonl").rename(data / "open_eqa_test.jsonl")
+    predictions = tmp_path / "generated_predictions.jsonl"
+    predictions.write_text(
+        "".join(
+            json.dumps({"question_id": r["question_id"], "prompt": "user\n...", "predict": r["output"],
+                        "label": r["output"]}) + "\n"
+            for r in rows
+        )
+    )  # fmt: skip
+    summary = _run(judge, predictions, "--dataset-dir", str(data))
+    assert judge.asked() == ["What color is the ball?"] * len(rows)
+    assert not any("<video>" in m["content"] for r in judge.requests for m in r["messages"])
+    assert summary["predict_llm_match"] == 100.0

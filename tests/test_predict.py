@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from eqakit.config import load_config
+from eqakit.data.media import MediaCache
 from eqakit.errors import DataError
 from eqakit.evaluate.predict import run_predict
 
@@ -159,18 +160,16 @@ def test_preprocessing_workers_decode_frames_ahead_with_the_same_answers(
     lively_dir: Path, dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """preprocessing_num_workers (the seed's eval YAML sets 4): frames decoded by threads, same file."""
-    import eqakit.evaluate.predict as predict
-
     alone, threads = tmp_path / "one", tmp_path / "four"
     run_predict(config(lively_dir, dataset, alone, preprocessing_num_workers=1))
     seen: set[str] = set()
-    load = predict._ImageCache.load
+    load = MediaCache.load
 
     def recording(self, sample, videos):
         seen.add(threading.current_thread().name)
         return load(self, sample, videos)
 
-    monkeypatch.setattr(predict._ImageCache, "load", recording)
+    monkeypatch.setattr(MediaCache, "load", recording)
     run_predict(config(lively_dir, dataset, threads, preprocessing_num_workers=4))
     assert any(name.startswith("eqakit-frames") for name in seen)
     assert (alone / "generated_predictions.jsonl").read_text() == (
@@ -218,7 +217,7 @@ def test_bad_rows_are_reported_before_any_work(lively_dir: Path, dataset: Path, 
     with pytest.raises(DataError) as info:
         run_predict(config(lively_dir, dataset, out))
     message = str(info.value)
-    assert "open_eqa_test.jsonl:2" in message and "4 <image> placeholder(s)" in message
+    assert "open_eqa_test.jsonl:2" in message and "4 image placeholder(s)" in message
     assert str(missing) in message
     assert not (out / "generated_predictions.jsonl").exists()
 

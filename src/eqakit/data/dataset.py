@@ -206,9 +206,10 @@ def _field(row: dict[str, Any], column: str, where: str, kind: type | tuple[type
     return value
 
 
-def _alpaca(
+def alpaca_messages(
     row: dict[str, Any], columns: dict[str, str | None], where: str
 ) -> tuple[list[Message], str | None]:
+    """An alpaca row's messages and system prompt (the judge reads a prepared split's questions so too)."""
     prompt = _field(row, columns["prompt"], where)
     query = row.get(columns["query"]) if columns.get("query") else None
     if query:
@@ -377,7 +378,7 @@ def load_samples(
                         "escape), which is not valid text; fix or remove it"
                     )
             if formatting == "alpaca":
-                messages, system = _alpaca(row, columns, where)
+                messages, system = alpaca_messages(row, columns, where)
             else:
                 messages, system = _sharegpt(row, columns, tags, where)
             rejected = None

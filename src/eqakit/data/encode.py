@@ -27,7 +27,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 
 from eqakit.config.args import DataArguments, ModelArguments
-from eqakit.data.template import NOTHINK, VIDEO_PAD, Message, Segment, count_parts, render
+from eqakit.data.template import NOTHINK, VIDEO_PAD, Message, Segment, count_parts, mismatched_media, render
 from eqakit.data.video import TEMPORAL_PATCH, VideoInfo
 
 if TYPE_CHECKING:
@@ -323,12 +323,8 @@ def plan_sample(
 
     Raises `SampleTooLong` (the sample must be dropped) or ValueError (placeholders and media disagree).
     """
-    for kind, given in (("image", len(image_sizes)), ("video", len(videos))):
-        placeholders = count_parts(messages, kind)
-        if placeholders != given:
-            raise ValueError(
-                f"the text has {placeholders} {kind} placeholder(s) but the sample has {given} {kind}(s)"
-            )
+    if problems := mismatched_media(messages, len(image_sizes), len(videos)):
+        raise ValueError(problems[0])
     encoder = text_encoder(tokenizer)
 
     def attempt(infos: list[VideoInfo]) -> Plan:

@@ -151,8 +151,14 @@ def count_parts(messages: list[Message], kind: str = "image") -> int:
     return sum(1 for m in messages for p in content_parts(m.get("content")) if p["type"] == kind)
 
 
-def count_images(messages: list[Message]) -> int:
-    return count_parts(messages, "image")
+def mismatched_media(messages: list[Message], images: int, videos: int) -> list[str]:
+    """Where the messages' image and video placeholders disagree with the media given: one wording
+    for a dataset's rows (`eqakit.data.media.MediaCheck`) and a request's (`encode.plan_sample`)."""
+    return [
+        f"the text has {wanted} {kind} placeholder(s) but the sample has {given} {kind}(s)"
+        for kind, given in (("image", images), ("video", videos))
+        if (wanted := count_parts(messages, kind)) != given
+    ]
 
 
 def _text(content: Any) -> str:

@@ -266,6 +266,12 @@ def _probe_file(source: VideoSource, fps: float, maxlen: int) -> VideoInfo:
 FrameCheck = Callable[[int, int], None]
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """An image file as every stage feeds it to the model: decoded, RGB."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def decode(
     source: VideoSource,
     info: VideoInfo,
@@ -281,10 +287,7 @@ def decode(
     allocates it.
     """
     if not source.is_container:
-        frames = {}
-        for i in sorted(set(info.indices)):
-            with Image.open(source.frames[i]) as image:
-                frames[i] = image.convert("RGB")
+        frames = {i: open_rgb(source.frames[i]) for i in sorted(set(info.indices))}
     else:
         import av
 

@@ -39,7 +39,8 @@ from typing import Any
 import openai
 from tqdm import tqdm
 
-from eqakit.data.template import readable
+from eqakit.data.dataset import ALPACA_COLUMNS, Sample, alpaca_messages
+from eqakit.data.media import question_text
 from eqakit.errors import ConfigError, DataError, EqakitError
 from eqakit.evaluate.metrics import sort_categories
 from eqakit.evaluate.report import scores_markdown
@@ -239,13 +240,12 @@ def _dataset_split(path: Path) -> list[ReferenceQuestion]:
     questions = []
     for number, row in _read_jsonl(path):
         where = f"{path} line {number}"
-        text = readable(_text_field(row, "instruction", where))
-        if row.get("input"):
-            text = f"{text}\n{row['input']}"  # LLaMA-Factory joins instruction and input this way
+        _text_field(row, "instruction", where)
+        messages, _ = alpaca_messages(row, ALPACA_COLUMNS, where)
         questions.append(
             ReferenceQuestion(
                 question_id=_text_field(row, "question_id", where),
-                question=text,
+                question=question_text(Sample(messages, [])),
                 answer=_text_field(row, "output", where),
                 extra_answers=_extra_answers(row.get("extra_answers"), where),
                 category=row.get("category"),

@@ -19,8 +19,9 @@ its images scaled down to fit; one that cannot fit even then is left out and cou
 (``do_sample: true`` with temperature > 0, LLaMA-Factory's default) draws from a per-sample seed
 derived from ``seed``, so a resumed run samples as an uninterrupted one would.
 
-Raises DataError before any generation for: eval_dataset missing from dataset_info.json, a sample
-whose ``<image>`` placeholders and images disagree, a missing or unreadable image file.
+Raises DataError before any generation for: eval_dataset missing from dataset_info.json, and every
+row's media problems at once, as training words them (`eqakit.data.media.check_media`: placeholders
+that disagree with the row's images or videos, missing or unreadable images and videos).
 
     eqakit train configs/eval_args.yaml
     eqakit train configs/eval_args.yaml adapter_name_or_path=saves/run2 output_dir=saves/eval2
@@ -30,9 +31,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,8 +44,9 @@ from tqdm import tqdm
 from eqakit.config.load import Config
 from eqakit.data.dataset import Sample, load_samples
 from eqakit.data.encode import Geometry, PromptFormat, VideoBudget
-from eqakit.data.template import THINK, count_images, count_parts, render_prompt, strip_thinking
-from eqakit.data.video import Video, VideoError, VideoInfo, VideoSource, decode, probe
+from eqakit.data.media import MediaCache, check_media, media_key
+from eqakit.data.template import THINK, render_prompt, strip_thinking
+from eqakit.data.video import Video, VideoInfo
 from eqakit.engine import (
     InferenceEngine,
     PromptTooLong,
@@ -66,7 +67,6 @@ from eqakit.run_record import record, write_record
 PREDICTIONS = "generated_predictions.jsonl"
 RECORD = "eqakit_predict.json"  # how the predictions were made (`eqakit.run_record`)
 META_FIELDS = ("question_id", "category", "extra_answers")
-IMAGE_LRU = 64  # decoded frames kept while their episode's questions are being answered
 MAX_ROWS = 64  # sequences decoded together at most, however many fit the KV budget
 PREFETCH = 32  # samples whose frames are decoded ahead with preprocessing_num_workers >= 2
 
@@ -76,7 +76,7 @@ def kv_budget(cfg: Config) -> int:
 
     LLaMA-Factory's predict holds that many whole sequences of up to cutoff_len + max_new_tokens
     tokens: that is the memory the user gives generation. eqakit fills it with as many questions as
-    fit (`Engine`), so at the tutorial's batch size 2 an episode's short questions decode together.
+    fit (`HFEngine`), so at the tutorial's batch size 2 an episode's short questions decode together.
     """
     assert cfg.training is not None
     return cfg.training.per_device_eval_batch_size * (cfg.data.cutoff_len + cfg.generating.max_new_tokens)
@@ -101,7 +101,7 @@ def preflight(
     )
     if not samples:
         raise DataError(f"eval_dataset {cfg.data.eval_dataset!r} has no samples")
-    sizes, videos = _check_samples(samples, VideoBudget.from_config(cfg))
+    sizes, videos = check_media(samples, VideoBudget.from_config(cfg))
     fmt = PromptFormat.from_config(cfg)
     prompts = [_prompt(fmt, geometry, s, v) for s, v in zip(samples, videos, strict=True)]
     return samples, sizes, videos, prompts
@@ -158,14 +158,13 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
         for problem in too_long[:5] if ranks.rank == 0 else ():
             print(f"eqakit predict: left out (too long for cutoff_len {cfg.data.cutoff_len}): {problem}")
         # questions about the same frames next to each other: they share the vision tower and the prefix
-        todo.sort(key=lambda i: (_episode(samples[i]), i))
+        todo.sort(key=lambda i: (media_key(samples[i]), i))
         everyone = len(todo)
-        todo = ranks.share(todo, lambda i: _episode(samples[i]))
+        todo = ranks.share(todo, lambda i: media_key(samples[i]))
 
         media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
         started = time.perf_counter()
-        images = _ImageCache()
-        loaded = _loaded(samples, videos, todo, images, cfg.data.preprocessing_num_workers or 1)
+        loaded = _loaded(samples, videos, todo, MediaCache(), cfg.data.preprocessing_num_workers or 1)
         requests = (
             Request(
                 samples[i].prompt_messages,
@@ -247,57 +246,6 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
     return results
 
 
-def _check_samples(
-    samples: list[Sample], budget: VideoBudget
-) -> tuple[list[list[tuple[int, int]]], list[list[VideoInfo]]]:
-    """Every sample's image sizes and probed videos (headers only); all placeholder/media mismatches
-    and bad files at once."""
-    problems: list[str] = []
-    sizes: list[list[tuple[int, int]]] = []
-    videos: list[list[VideoInfo]] = []
-    known: dict[Path, tuple[int, int]] = {}
-    probed: dict[VideoSource, VideoInfo | None] = {}
-    for sample in samples:
-        wanted_videos = count_parts(sample.prompt_messages, "video")
-        if wanted_videos != len(sample.videos):
-            problems.append(
-                f"{sample.source}: the prompt has {wanted_videos} <video> placeholder(s) but the row lists "
-                f"{len(sample.videos)} video(s); make them agree"
-            )
-        row_videos = []
-        for i, source in enumerate(sample.videos):
-            if source not in probed:
-                try:
-                    probed[source] = probe(source, budget.fps, budget.maxlen)
-                except VideoError as exc:
-                    problems.append(f"{sample.source}: video {i}: {exc}")
-                    probed[source] = None
-            if probed[source] is not None:
-                row_videos.append(probed[source])
-        videos.append(row_videos)
-        wanted = count_images(sample.prompt_messages)
-        if wanted != len(sample.images):
-            problems.append(
-                f"{sample.source}: the prompt has {wanted} <image> placeholder(s) but the row lists "
-                f"{len(sample.images)} image(s); make them agree"
-            )
-        row_sizes = []
-        for path in sample.images:
-            if path not in known:
-                try:
-                    with Image.open(path) as image:
-                        known[path] = image.size
-                except (OSError, ValueError) as exc:
-                    problems.append(f"{sample.source}: image {path} cannot be read ({exc})")
-                    known[path] = (0, 0)
-            row_sizes.append(known[path])
-        sizes.append(row_sizes)
-    if problems:
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise DataError("eval_dataset has bad samples:\n  " + "\n  ".join(problems[:10]) + more)
-    return sizes, videos
-
-
 def _prompt(fmt: PromptFormat, geometry: Geometry, sample: Sample, videos: list[VideoInfo]) -> str:
     """The prompt as rendered for the model (one <|image_pad|> per image, one <|video_pad|> per
     temporal patch of each video's probed frames, or per video for a model without timestamps),
@@ -364,13 +312,8 @@ def _resume(path: Path, samples: list[Sample], prompts: list[str], merge: bool) 
     return done
 
 
-def _episode(sample: Sample) -> tuple[str, ...]:
-    """What a sample's questions share: its frames (images or videos), the key predict groups by."""
-    return (*map(str, sample.images), *map(str, sample.videos))
-
-
 def _loaded(
-    samples: list[Sample], videos: list[list[VideoInfo]], todo: list[int], images: _ImageCache, workers: int
+    samples: list[Sample], videos: list[list[VideoInfo]], todo: list[int], images: MediaCache, workers: int
 ) -> Iterator[tuple[int, tuple[list[Image.Image], list[Video]]]]:
     """(index, decoded frames) of each sample of ``todo``, in order.
 
@@ -399,46 +342,6 @@ def _loaded(
         finally:
             for _, frames in pending:  # stopped early (an error, an interrupt): decode no further
                 frames.cancel()
-
-
-class _ImageCache:
-    """Decoded frames by path (and videos by source), least recently used dropped: an episode's
-    frames are read once, also when several threads ask for them at the same time."""
-
-    def __init__(self) -> None:
-        self._images: OrderedDict[Path, Future[Image.Image]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def load(self, sample: Sample, videos: list[VideoInfo]) -> tuple[list[Image.Image], list[Video]]:
-        """The sample's decoded images and its videos' chosen frames (``videos``: their probes)."""
-        images = [self._get(path, sample, lambda p=path: _decode_image(p)) for path in sample.images]
-        loaded = [
-            self._get(source, sample, lambda s=source, i=info: Video(i, tuple(decode(s, i))))
-            for source, info in zip(sample.videos, videos, strict=True)
-        ]
-        return images, loaded
-
-    def _get(self, key: Any, sample: Sample, make: Any) -> Any:
-        with self._lock:
-            entry = self._images.get(key)
-            mine = entry is None
-            if entry is None:
-                entry = self._images[key] = Future()
-                if len(self._images) > IMAGE_LRU:
-                    self._images.popitem(last=False)
-            self._images.move_to_end(key)
-        if mine:
-            try:
-                entry.set_result(make())
-            except (OSError, ValueError) as exc:  # VideoError is a ValueError
-                what = f"image {key}" if isinstance(key, Path) else key.describe()
-                entry.set_exception(DataError(f"{sample.source}: {what} cannot be decoded ({exc})"))
-        return entry.result()
-
-
-def _decode_image(path: Path) -> Image.Image:
-    with Image.open(path) as opened:
-        return opened.convert("RGB")
 
 
 def _results(

@@ -18,26 +18,20 @@ import gradio as gr
 
 from eqakit.data.dataset import Sample, load_samples, read_dataset_info
 from eqakit.data.encode import VideoBudget
-from eqakit.data.template import readable, strip_thinking
+from eqakit.data.media import MediaCache, check_media, question_text
+from eqakit.data.template import strip_thinking
 from eqakit.data.video import Video
-from eqakit.errors import EqakitError
+from eqakit.errors import DataError, EqakitError
 from eqakit.serve.webui_model import (
     ModelSlot,
     UIError,
     error_line,
-    open_image,
-    open_video,
     stats_line,
     throttled,
 )
 
 PREFERRED_SPLIT = "open_eqa_test"
-
-
-def question_text(sample: Sample) -> str:
-    """The question as a person reads it: the last user message without its media placeholders."""
-    content = sample.prompt_messages[-1]["content"] if sample.prompt_messages else ""
-    return readable(content) if isinstance(content, str) else ""
+UI_LRU = 16  # decoded images or videos kept: a question's frames, shown, are not decoded again when asked
 
 
 def question_choices(samples: list[Sample]) -> list[tuple[str, str]]:
@@ -75,27 +69,20 @@ def open_split(
     return samples, names, chosen
 
 
-def frames_of(sample: Sample) -> list[Any]:
-    """The question's frames, decoded (UIError naming a missing or unreadable frame)."""
-    return [open_image(path) for path in sample.images]
+def media_of(sample: Sample, budget: VideoBudget, cache: MediaCache) -> tuple[list[Any], list[Video]]:
+    """The question's images and videos, checked and decoded as predict does them, so the model is
+    asked what predict asks it (UIError listing the row's media problems)."""
+    try:
+        return cache.load(sample, check_media([sample], budget)[1][0])
+    except DataError as exc:
+        raise UIError(str(exc)) from None
 
 
-def videos_of(sample: Sample, budget: VideoBudget) -> list[Video]:
-    """The question's videos (a dataset written with `eqakit prepare --as-video`), chosen and decoded
-    as predict decodes them (UIError naming the video)."""
-    return [
-        open_video(str(source.file) if source.file is not None else [str(p) for p in source.frames], budget)
-        for source in sample.videos
-    ]
-
-
-def shown_frames(sample: Sample, budget: VideoBudget) -> list[tuple[Any, str]]:
-    """The gallery's (image, caption) pairs: the row's images, or its videos' chosen frames."""
-    if not sample.videos:
-        return [(im, Path(p).name) for im, p in zip(frames_of(sample), sample.images, strict=True)]
-    return [
+def shown_frames(sample: Sample, images: list[Any], videos: list[Video]) -> list[tuple[Any, str]]:
+    """The gallery's (image, caption) pairs: the row's images, then its videos' chosen frames."""
+    return [(im, Path(p).name) for im, p in zip(images, sample.images, strict=True)] + [
         (frame, f"video {v + 1}, {time:.1f} s")
-        for v, video in enumerate(videos_of(sample, budget))
+        for v, video in enumerate(videos)
         for frame, time in zip(video.frames, video.info.times, strict=True)
     ]
 
@@ -108,6 +95,7 @@ def build_openeqa_tab(
 ) -> None:
     """Add the OpenEQA tab to the Blocks being built; ``settings`` are max_new_tokens, temperature,
     top_p and the thinking switch of the generation panel; ``allow_outside_media`` is the config's."""
+    cache = MediaCache(UI_LRU)
     with gr.Tab("OpenEQA"):
         samples = gr.State([])
         with gr.Row(equal_height=True):
@@ -145,7 +133,7 @@ def build_openeqa_tab(
             if meta.get("extra_answers"):
                 reference_text += "\n\nAlso accepted: " + "; ".join(map(str, meta["extra_answers"]))
             try:
-                frames, problem = shown_frames(sample, slot.video_budget()), ""
+                frames, problem = shown_frames(sample, *media_of(sample, slot.video_budget(), cache)), ""
             except UIError as exc:
                 frames, problem = [], error_line(exc)
             return frames, f"**{header}**\n\n{question_text(sample)}", reference_text, "", problem
@@ -181,10 +169,11 @@ def build_openeqa_tab(
                 return
             sample = rows[int(index)]
             try:
+                images, videos = media_of(sample, slot.video_budget(), cache)
                 stream = slot.stream(
                     sample.prompt_messages,
-                    images=frames_of(sample),
-                    videos=videos_of(sample, slot.video_budget()),
+                    images=images,
+                    videos=videos,
                     system=sample.system,
                     enable_thinking=thinking,
                     max_new_tokens=int(max_new_tokens),

@@ -1,9 +1,10 @@
 """Training data: samples planned up front, tensors made per batch.
 
-Every sample is checked before the first training step (images exist and decode, ``<image>``
-placeholders match images, the answer is not empty, the sample fits ``cutoff_len`` after scaling its
-images down), so a bad row stops the run before anything is written. Pixel values are produced
-lazily in ``__getitem__``: a whole OpenEQA split of pre-computed pixels would not fit in memory.
+Every sample is checked before the first training step (its media as predict checks them,
+`eqakit.data.media.MediaCheck`: images exist and decode, videos probe, placeholders match them; the
+answer is not empty; the sample fits ``cutoff_len`` after scaling its images down), so a bad row
+stops the run before anything is written. Pixel values are produced lazily in ``__getitem__``: a
+whole OpenEQA split of pre-computed pixels would not fit in memory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from eqakit.config import Config
 from eqakit.data.dataset import Sample, load_samples
@@ -34,8 +34,11 @@ from eqakit.data.encode import (
     video_digest,
     video_times,
 )
-from eqakit.data.video import VideoError, VideoInfo, VideoSource, decode, probe
+from eqakit.data.media import MediaCache, MediaCheck, media_key, raise_problems
+from eqakit.data.video import VideoInfo, VideoSource
 from eqakit.errors import DataError
+
+TRAIN_LRU = 16  # decoded images or videos kept: an episode's, while its packed questions are fetched
 
 
 @dataclass
@@ -75,21 +78,6 @@ class PlanReport:
         }
 
 
-def _read_size(path: Path, sizes: dict[Path, tuple[int, int]]) -> str | None:
-    """Decode `path` once (into `sizes`); the reason it cannot be read, if it cannot."""
-    if path in sizes:
-        return None
-    try:
-        with Image.open(path) as image:
-            image.load()
-            sizes[path] = image.size
-    except FileNotFoundError:
-        return f"image file not found: {path}"
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        return f"image {path} cannot be read ({exc})"
-    return None
-
-
 @dataclass(frozen=True)
 class PlanSettings:
     """The config keys planning reads: all a planning process needs besides the tokenizer."""
@@ -106,56 +94,38 @@ class PlanSettings:
 
 
 # What planning made of one sample: ("plan", Plan), ("too_long", reason), ("bad_row", reason) or
-# ("bad_images", [reason, ...]).
+# ("bad_media", [reason, ...]).
 Outcome = tuple[str, Any]
 
 
-def _probe(
-    source: VideoSource, budget: VideoBudget, videos: dict[VideoSource, VideoInfo | str]
-) -> str | None:
-    """Probe a video once (into `videos`); the reason it cannot be read, if it cannot."""
-    if source not in videos:
-        try:
-            videos[source] = probe(source, budget.fps, budget.maxlen)
-        except VideoError as exc:
-            videos[source] = str(exc)
-    found = videos[source]
-    return found if isinstance(found, str) else None
-
-
 def _plan_chunk(
-    samples: list[Sample], tokenizer: Any, settings: PlanSettings, sizes: dict[Any, Any]
+    samples: list[Sample], tokenizer: Any, settings: PlanSettings, media: MediaCheck
 ) -> list[Outcome]:
-    """Plan `samples` in order; `sizes` caches decoded image sizes and probed videos across calls."""
+    """Plan `samples` in order; `media` keeps image sizes and probed videos across calls."""
     outcomes: list[Outcome] = []
     for sample in samples:
-        bad = [f"{sample.source}: {r}" for r in (_read_size(p, sizes) for p in sample.images) if r]
-        bad += [
-            f"{sample.source}: video {i}: {r}"
-            for i, r in enumerate(_probe(v, settings.format.video, sizes) for v in sample.videos)
-            if r
-        ]
+        bad = media.problems(sample)
         if bad:
-            outcomes.append(("bad_images", bad))
+            outcomes.append(("bad_media", bad))
         elif not sample.answer.strip():
             outcomes.append(("bad_row", f"{sample.source}: empty answer"))
         elif sample.rejected is not None:
-            outcomes.append(_plan_pair(sample, tokenizer, settings, sizes))
+            outcomes.append(_plan_pair(sample, tokenizer, settings, media))
         else:
-            outcomes.append(_plan_one(sample, tokenizer, settings, sizes))
+            outcomes.append(_plan_one(sample, tokenizer, settings, media))
     return outcomes
 
 
 def _plan_one(
-    sample: Sample, tokenizer: Any, settings: PlanSettings, sizes: dict[Any, Any], reserve: int = 0
+    sample: Sample, tokenizer: Any, settings: PlanSettings, media: MediaCheck, reserve: int = 0
 ) -> Outcome:
     try:
         plan = plan_sample(
             sample.messages,
-            [sizes[p] for p in sample.images],
+            media.sizes(sample),
             tokenizer,
             settings.format,
-            videos=[sizes[v] for v in sample.videos],
+            videos=media.videos(sample),
             system=sample.system,
             train_on_prompt=settings.train_on_prompt,
             mask_history=settings.mask_history,
@@ -208,7 +178,7 @@ class PairPlan:
         return self.chosen.length + sum(label != IGNORE_INDEX for label in self.rejected.labels)
 
 
-def _plan_pair(sample: Sample, tokenizer: Any, settings: PlanSettings, sizes: dict[Any, Any]) -> Outcome:
+def _plan_pair(sample: Sample, tokenizer: Any, settings: PlanSettings, media: MediaCheck) -> Outcome:
     """Plan both sides of a preference pair, each learning its final answer only (as LLaMA-Factory
     scores them), fitting cutoff_len with room for the longer answer so both get one media plan."""
     settings = replace(settings, train_on_prompt=False, mask_history=True)
@@ -216,12 +186,12 @@ def _plan_pair(sample: Sample, tokenizer: Any, settings: PlanSettings, sizes: di
         sample, messages=[*sample.prompt_messages, {"role": "assistant", "content": sample.rejected}]
     )
     sides = (sample, rejected)
-    first = [_plan_one(side, tokenizer, settings, sizes) for side in sides]
+    first = [_plan_one(side, tokenizer, settings, media) for side in sides]
     if any(kind != "plan" for kind, _ in first):
         return next(outcome for outcome in first if outcome[0] != "plan")
     learned = [sum(label != IGNORE_INDEX for label in plan.labels) for _, plan in first]
     planned = [
-        _plan_one(side, tokenizer, settings, sizes, reserve=max(learned) - mine)
+        _plan_one(side, tokenizer, settings, media, reserve=max(learned) - mine)
         for side, mine in zip(sides, learned, strict=True)
     ]
     if any(kind != "plan" for kind, _ in planned):
@@ -232,17 +202,17 @@ def _plan_pair(sample: Sample, tokenizer: Any, settings: PlanSettings, sizes: di
     return ("plan", PairPlan(chosen, other))
 
 
-_worker: tuple[Any, PlanSettings, dict[Any, Any]] | None = None  # in a planning process
+_worker: tuple[Any, PlanSettings, MediaCheck] | None = None  # in a planning process
 
 
 def _start_worker(tokenizer: Any, settings: PlanSettings) -> None:
     global _worker
-    _worker = (tokenizer, settings, {})
+    _worker = (tokenizer, settings, MediaCheck(settings.format.video))
 
 
 def _plan_in_worker(samples: list[Sample]) -> list[Outcome]:
-    tokenizer, settings, sizes = _worker
-    return _plan_chunk(samples, tokenizer, settings, sizes)
+    tokenizer, settings, media = _worker
+    return _plan_chunk(samples, tokenizer, settings, media)
 
 
 def _plan_parallel(
@@ -266,33 +236,25 @@ def _plan_parallel(
         return [outcome for chunk in pool.map(_plan_in_worker, chunks) for outcome in chunk]
 
 
-def _first_20(problems: list[str]) -> str:
-    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    return "\n  ".join(problems[:20]) + more
-
-
 def plan_samples(
     samples: list[Sample], tokenizer: Any, geometry: Geometry, cfg: Config
 ) -> tuple[list[Plan], list[Sample], PlanReport]:
     """Decode, tokenize and budget every sample; drop (and count) those that cannot fit cutoff_len.
 
-    Unreadable images are reported first, then bad rows; either stops the run. With
-    ``preprocessing_num_workers`` of 2 or more, batches of ``preprocessing_batch_size`` samples are
-    planned in that many processes (LLaMA-Factory's ``num_proc`` / ``batch_size``), so decoding a
-    large dataset's images is not bound to one core; the result is the same as in one process.
+    Media problems (`eqakit.data.media.MediaCheck`, predict's check too) are reported first, then
+    bad rows; either stops the run. With ``preprocessing_num_workers`` of 2 or more, batches of
+    ``preprocessing_batch_size`` samples are planned in that many processes (LLaMA-Factory's
+    ``num_proc`` / ``batch_size``), so decoding a large dataset's images is not bound to one core;
+    the result is the same as in one process.
     """
     settings = PlanSettings.from_config(cfg, geometry)
     workers, batch = cfg.data.preprocessing_num_workers or 1, cfg.data.preprocessing_batch_size
     if workers >= 2 and len(samples) > batch:
         outcomes = _plan_parallel(samples, tokenizer, settings, workers, batch)
     else:
-        outcomes = _plan_chunk(samples, tokenizer, settings, {})
-    bad_images = [reason for kind, value in outcomes if kind == "bad_images" for reason in value]
-    if bad_images:
-        raise DataError("bad images or videos in the dataset:\n  " + _first_20(bad_images))
-    problems = [value for kind, value in outcomes if kind == "bad_row"]
-    if problems:
-        raise DataError("bad rows in the dataset:\n  " + _first_20(problems))
+        outcomes = _plan_chunk(samples, tokenizer, settings, MediaCheck(settings.format.video))
+    raise_problems([reason for kind, value in outcomes if kind == "bad_media" for reason in value])
+    raise_problems([value for kind, value in outcomes if kind == "bad_row"], "bad rows")
     report = PlanReport(samples=len(samples))
     plans, kept = [], []
     for sample, (kind, value) in zip(samples, outcomes, strict=True):
@@ -314,7 +276,9 @@ class PlannedDataset(torch.utils.data.Dataset):
     """Planned samples; pixel values are computed when a sample is fetched.
 
     With ``keys`` (one (image keys, video keys) pair per sample, see `eqakit.train.vision_cache`) a
-    sample carries the keys of its images' and videos' cached features instead of pixels.
+    sample carries the keys of its images' and videos' cached features instead of pixels. Pixels
+    come from ``media`` (subsets share it), where an episode's frames, fetched together when its
+    questions are packed, are decoded once.
     """
 
     def __init__(
@@ -324,9 +288,11 @@ class PlannedDataset(torch.utils.data.Dataset):
         processor: Any,
         fmt: PromptFormat,
         keys: list[tuple[list[bytes], list[bytes]]] | None = None,
+        media: MediaCache | None = None,
     ) -> None:
         self.plans, self.samples, self.processor, self.fmt = plans, samples, processor, fmt
         self.keys = keys
+        self.media = media or MediaCache(TRAIN_LRU)
         self.pads = PadIds.of(processor.tokenizer)
 
     def __len__(self) -> int:
@@ -334,9 +300,8 @@ class PlannedDataset(torch.utils.data.Dataset):
 
     def subset(self, rows: list[int]) -> PlannedDataset:
         keys = [self.keys[i] for i in rows] if self.keys is not None else None
-        return PlannedDataset(
-            [self.plans[i] for i in rows], [self.samples[i] for i in rows], self.processor, self.fmt, keys
-        )
+        plans, samples = [self.plans[i] for i in rows], [self.samples[i] for i in rows]
+        return PlannedDataset(plans, samples, self.processor, self.fmt, keys, self.media)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """Model inputs, plus ``image_refs`` (the images and videos, as planned) so packing can tell
@@ -361,35 +326,30 @@ class PlannedDataset(torch.utils.data.Dataset):
                 out.update(video_times(plan.videos))
                 out["video_keys"] = video_keys
         else:
-            images = []
-            for path in sample.images:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
-            videos = [decode(source, v.info) for source, v in zip(sample.videos, plan.videos, strict=True)]
-            out = materialize(plan, images, self.processor, self.fmt.budget, videos, self.fmt.video)
+            images, videos = self.media.load(sample, [v.info for v in plan.videos])
+            frames = [list(video.frames) for video in videos]
+            out = materialize(plan, images, self.processor, self.fmt.budget, frames, self.fmt.video)
         out["image_refs"] = self.media_ref(index)
         return out
 
     def media_ref(self, index: int) -> tuple[Any, ...]:
-        """What a sample's images and videos are, as planned: samples with equal refs share them
-        (an OpenEQA episode's questions), which packing and episode batches go by."""
-        plan, sample = self.plans[index], self.samples[index]
-        return tuple(str(p) for p in sample.images) + tuple(
-            (source, v.info.indices, v.max_pixels)
-            for source, v in zip(sample.videos, plan.videos, strict=True)
-        )
+        """The sample's `media_key` as planned: samples with equal refs share their images and
+        videos (an OpenEQA episode's questions), which packing and episode batches go by."""
+        return media_key(self.samples[index], self.plans[index])
 
 
 @dataclass
 class KeyedImages:
     """Content keys of the images and videos a run uses (`eqakit.data.encode.image_key`), and what
-    each key stands for: an image file at a size cap, or a planned video of a source."""
+    each key stands for: an image file at a size cap, or a planned video of a source. ``media``
+    decodes them, here and in `eqakit.train.vision_cache`."""
 
     min_pixels: int
     video_min_pixels: int = VideoBudget.min_pixels
     wanted: dict[bytes, tuple[Path, int]] = field(default_factory=dict)
     wanted_videos: dict[bytes, tuple[VideoSource, Any]] = field(default_factory=dict)
     digests: dict[Any, bytes] = field(default_factory=dict)  # each file decoded once
+    media: MediaCache = field(default_factory=lambda: MediaCache(TRAIN_LRU))
 
     def keys(self, plan: Plan, sample: Sample) -> tuple[list[bytes], list[bytes]]:
         keys = [image_key(self._digest(p), self.min_pixels, plan.max_pixels) for p in sample.images]
@@ -403,14 +363,13 @@ class KeyedImages:
 
     def _digest(self, path: Path) -> bytes:
         if path not in self.digests:
-            with Image.open(path) as image:
-                self.digests[path] = image_digest(image)
+            self.digests[path] = image_digest(self.media.image(path))
         return self.digests[path]
 
     def _video_digest(self, source: VideoSource, info: VideoInfo) -> bytes:
         """A hash of the chosen frames' contents, in order (the same frames give the same key)."""
         if (source, info.indices) not in self.digests:
-            self.digests[source, info.indices] = video_digest(decode(source, info))
+            self.digests[source, info.indices] = video_digest(self.media.video(source, info).frames)
         return self.digests[source, info.indices]
 
 

@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from eqakit.data.encode import PromptFormat, pixel_values, video_pixel_values
-from eqakit.data.video import decode
 from eqakit.model.arch import deepstack_of, encoder_output
 
 if TYPE_CHECKING:
@@ -64,10 +62,7 @@ class VisionFeatureCache:
         for cap, items in by_cap.items():
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                pil = []
-                for _, path in chunk:
-                    with Image.open(path) as image:
-                        pil.append(image.convert("RGB"))
+                pil = [keyed.media.image(path) for _, path in chunk]
                 pixels, grid = pixel_values(pil, processor.image_processor, budget.min_pixels, cap)
                 out = visual.get_image_features(pixels.to(device), grid.to(device))
                 levels = deepstack_of(out)
@@ -75,9 +70,8 @@ class VisionFeatureCache:
                     self.features[key] = (out.pooler_output[i].detach(), [f[i].detach() for f in levels])
                 bar.update(len(chunk))
         for key, source, video in videos:  # one video per call: its frames are many images already
-            pixels, grid = video_pixel_values(
-                decode(source, video.info), processor.video_processor, video, fmt.video.min_pixels
-            )
+            frames = list(keyed.media.video(source, video.info).frames)
+            pixels, grid = video_pixel_values(frames, processor.video_processor, video, fmt.video.min_pixels)
             out = visual.get_video_features(pixels.to(device), grid.to(device))
             self.features[key] = (out.pooler_output[0].detach(), [f[0].detach() for f in deepstack_of(out)])
             bar.update(1)
