@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eqakit.data.encode import Plan
+from eqakit.data.media import media_key
 from eqakit.memory.terms import (
     ENGINE_PREFIX_CACHE,
     ENGINE_VISION_CACHE,
@@ -26,7 +27,6 @@ from eqakit.memory.terms import (
     distinct_media,
     dtype_name,
     feature_cache_term,
-    media_key,
     patches_of,
     weights_term,
 )
@@ -62,11 +62,11 @@ def first_batch(plans: list[Plan], samples: list[Sample], cfg: Config, vision_en
     from eqakit.evaluate.predict import MAX_ROWS, kv_budget
 
     budget, ahead = kv_budget(cfg), cfg.generating.max_new_tokens
-    order = sorted(range(len(plans)), key=lambda i: (media_key(plans[i], samples[i]), i))
+    order = sorted(range(len(plans)), key=lambda i: (media_key(samples[i], plans[i]), i))
     prefixes: dict[tuple[Any, ...], int] = {}
     rows = width = 0
     for i in order[:MAX_ROWS]:
-        prefix, key = _prefix(plans[i], vision_end), media_key(plans[i], samples[i])
+        prefix, key = _prefix(plans[i], vision_end), media_key(samples[i], plans[i])
         wider = max(width, plans[i].length - prefix)
         held = {**prefixes, key: prefix} if prefix else prefixes
         if rows and sum(held.values()) + (rows + 1) * (wider + ahead) > budget:
@@ -103,7 +103,7 @@ def prefix_cache_term(
 ) -> Term:
     """The engine's prefix cache: each distinct prompt prefix (an episode's frames), keys and values
     in every layer, at most the cache's bound."""
-    prefixes = {media_key(p, s): _prefix(p, vision_end) for p, s in zip(plans, samples, strict=True)}
+    prefixes = {media_key(s, p): _prefix(p, vision_end) for p, s in zip(plans, samples, strict=True)}
     tokens = sum(prefixes.values())
     how = f"{sum(map(bool, prefixes.values())):,} distinct prefixes, {tokens:,} tokens; at most {ENGINE_PREFIX_CACHE >> 20} MiB"
     return Term(

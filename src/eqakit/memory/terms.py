@@ -235,13 +235,6 @@ def distinct_media(plans: list[Plan], samples: list[Sample]) -> dict[tuple[Any, 
     return seen
 
 
-def media_key(plan: Plan, sample: Sample) -> tuple[Any, ...]:
-    """What packing and predict group samples by: their images and videos (an OpenEQA episode's)."""
-    return tuple(str(p) for p in sample.images) + tuple(
-        (s, v.info.indices, v.max_pixels) for s, v in zip(sample.videos, plan.videos, strict=True)
-    )
-
-
 def feature_cache_term(
     plans: list[Plan], samples: list[Sample], shapes: Shapes, dtype: torch.dtype, bound: int | None = None
 ) -> Term:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from eqakit.data.encode import IGNORE_INDEX, IMAGE_PAD, VIDEO_PAD, Plan
+from eqakit.data.media import media_key
 from eqakit.memory.terms import (
     ADAMW_STATE,
     BACKWARD,
@@ -28,7 +29,6 @@ from eqakit.memory.terms import (
     bf16_here,
     dtype_name,
     feature_cache_term,
-    media_key,
     patches_of,
     weights_term,
 )
@@ -135,7 +135,7 @@ def micro_batch(
     step = min(batch * t.gradient_accumulation_steps, len(plans))
     groups: dict[tuple[Any, ...], list[Plan]] = defaultdict(list)
     for plan, sample in zip(plans, samples, strict=True):
-        groups[media_key(plan, sample)].append(plan)
+        groups[media_key(sample, plan)].append(plan)
     rows = [_row(g, step, budget, pads) for g in groups.values()]
     row, learned = max(r[0] for r in rows), max(r[1] for r in rows)
     sizes = sorted(len(g) for g in groups.values())

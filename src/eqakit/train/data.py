@@ -304,8 +304,8 @@ class PlannedDataset(torch.utils.data.Dataset):
         return PlannedDataset(plans, samples, self.processor, self.fmt, keys, self.media)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """Model inputs, plus ``image_refs`` (the images and videos, as planned) so packing can tell
-        which samples share them. A preference pair: ``{"chosen": ..., "rejected": ...}``, the media
+        """Model inputs, plus the sample's ``media_key`` (its images and videos, as planned) so
+        packing can tell which samples share them. A preference pair: ``{"chosen": ..., "rejected": ...}``, the media
         made once for both (the same tensors; packed, the row holds them once)."""
         plan = self.plans[index]
         if isinstance(plan, PairPlan):
@@ -329,13 +329,8 @@ class PlannedDataset(torch.utils.data.Dataset):
             images, videos = self.media.load(sample, [v.info for v in plan.videos])
             frames = [list(video.frames) for video in videos]
             out = materialize(plan, images, self.processor, self.fmt.budget, frames, self.fmt.video)
-        out["image_refs"] = self.media_ref(index)
+        out["media_key"] = media_key(sample, self.plans[index])
         return out
-
-    def media_ref(self, index: int) -> tuple[Any, ...]:
-        """The sample's `media_key` as planned: samples with equal refs share their images and
-        videos (an OpenEQA episode's questions), which packing and episode batches go by."""
-        return media_key(self.samples[index], self.plans[index])
 
 
 @dataclass

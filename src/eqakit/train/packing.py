@@ -148,7 +148,7 @@ def pack_rows(features: list[dict[str, Any]], budget: int | None = None) -> list
     where a row would be longer than ``budget`` tokens), samples sharing no prefix alone."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for f in features:
-        groups.setdefault(f["image_refs"], []).append(f)
+        groups.setdefault(f["media_key"], []).append(f)
     rows = []
     for members in groups.values():
         parts: list[list[dict[str, Any]]] = [[]]

@@ -31,6 +31,7 @@ from typing import Any
 
 from eqakit.config import Config, load_config
 from eqakit.data.encode import Geometry, ImageBudget, PromptFormat
+from eqakit.data.media import media_key
 from eqakit.errors import ConfigError, DataError, Stopped
 from eqakit.fsutil import disk_errors, write_text_atomic
 from eqakit.model.arch import VISION_PREFIX, vision_tower
@@ -459,7 +460,7 @@ def _episode_groups(dataset: PlannedDataset) -> list[list[int]]:
     """Rows of the training set grouped by their images or videos (an OpenEQA episode's questions)."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i in range(len(dataset)):
-        groups.setdefault(dataset.media_ref(i), []).append(i)
+        groups.setdefault(media_key(dataset.samples[i], dataset.plans[i]), []).append(i)
     return list(groups.values())
 
 
