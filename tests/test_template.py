@@ -220,7 +220,7 @@ def test_encoding_matches_the_processor(processor, geometry) -> None:
 def test_one_model_inputs_step_expands_pads_and_checks_grids(processor) -> None:
     """expand_pads is the only pad expansion (training and the engine); pixel_values refuses pixels
     whose grid is not the planned one, so image tokens and features can never disagree."""
-    from eqakit.data.encode import PadIds, expand_pads, image_digest, image_key, pixel_values
+    from eqakit.data.encode import PadIds, expand_pads, features_key, image_digest, pixel_values
 
     pad, vpad = 7, 8
     pads = PadIds(pad, vpad)
@@ -246,5 +246,5 @@ def test_one_model_inputs_step_expands_pads_and_checks_grids(processor) -> None:
         pixel_values([image], processor.image_processor, 32 * 32, 64 * 64, [(1, 2, 2)])
 
     same = Image.new("RGB", (64, 48), (10, 20, 30))
-    assert image_key(image_digest(image), 1, 2) == image_key(image_digest(same), 1, 2)
-    assert image_key(image_digest(image), 1, 2) != image_key(image_digest(image), 1, 3)
+    assert features_key(image_digest(image), 1, 2) == features_key(image_digest(same), 1, 2)
+    assert features_key(image_digest(image), 1, 2) != features_key(image_digest(image), 1, 3)

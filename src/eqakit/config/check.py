@@ -107,7 +107,7 @@ def preflight(kind: str, config: Config) -> Any:
 def describe(kind: str, config: Config, found: Any) -> str:
     """What `preflight` found, in words."""
     if kind == "train" and config.training.do_predict:
-        return f"{len(found[0])} samples of {config.data.eval_dataset!r} to predict"
+        return f"{len(found.samples)} samples of {config.data.eval_dataset!r} to predict"
     if kind != "infer":
         return found.describe()
     adapters = len(config.model.adapter_paths)

@@ -494,9 +494,9 @@ def video_digest(frames: list[Image.Image] | tuple[Image.Image, ...]) -> bytes:
     return digest.digest()
 
 
-def image_key(digest: bytes, min_pixels: int, max_pixels: int) -> bytes:
-    """The one key of an image's visual features (training's vision cache, the engine's): its content
-    digest and the pixel range it is resized into."""
+def features_key(digest: bytes, min_pixels: int, max_pixels: int) -> bytes:
+    """The one key of an image's or a video's visual features (training's vision cache, the
+    engine's): its content digest and the pixel range it is resized into."""
     return digest + f"@{min_pixels}:{max_pixels}".encode()
 
 

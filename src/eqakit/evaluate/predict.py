@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +83,21 @@ def kv_budget(cfg: Config) -> int:
     return cfg.training.per_device_eval_batch_size * (cfg.data.cutoff_len + cfg.generating.max_new_tokens)
 
 
-def preflight(
-    cfg: Config,
-) -> tuple[list[Sample], list[list[tuple[int, int]]], list[list[VideoInfo]], list[str]]:
+@dataclass(frozen=True)
+class Checked:
+    """What `preflight` found: eval_dataset's samples, their image sizes and probed videos, and
+    each prompt as the predictions file shows it."""
+
+    samples: list[Sample]
+    sizes: list[list[tuple[int, int]]]
+    videos: list[list[VideoInfo]]
+    prompts: list[str]
+
+
+def preflight(cfg: Config) -> Checked:
     """Every check predict makes before it loads weights: the model's config and adapters, every
-    row of eval_dataset and its media (sizes and video headers). Returns the samples, their image
-    sizes and probed videos, and each prompt as the predictions file shows it (rendered from the
-    model's config alone). `eqakit config` runs it too."""
+    row of eval_dataset and its media (sizes and video headers), each prompt rendered from the
+    model's config alone. `eqakit config` runs it too."""
     if cfg.training is None or not cfg.data.eval_dataset:
         raise EqakitError("predict needs a train config with do_predict: true and eval_dataset set")
     geometry = check_model(cfg.model)
@@ -104,7 +113,7 @@ def preflight(
     sizes, videos = check_media(samples, VideoBudget.from_config(cfg))
     fmt = PromptFormat.from_config(cfg)
     prompts = [_prompt(fmt, geometry, s, v) for s, v in zip(samples, videos, strict=True)]
-    return samples, sizes, videos, prompts
+    return Checked(samples, sizes, videos, prompts)
 
 
 def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str, Any]:
@@ -112,108 +121,166 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
 
     ``engine`` lets a caller reuse a loaded model (tests, notebooks); by default the config's
     model is loaded with the KV budget ``per_device_eval_batch_size`` stands for (`kv_budget`).
+    The recipe, top to bottom: checks, output dir (resume), engine, plan, generate, score and write.
     """
-    training = cfg.training
-    out = Path(training.output_dir)
-    samples, sizes, videos, prompts = preflight(cfg)
-
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / PREDICTIONS
+    checked = preflight(cfg)
     ranks = Ranks.from_env()
-    if cfg.model.overwrite_output_dir and ranks.rank == 0:
-        path.unlink(missing_ok=True)
-        for part in parts(path):
-            part.unlink()
-    ranks.wait_for_all()  # no process reads what process 0 is still removing
-    done = _resume(path, samples, prompts, merge=ranks.world == 1)
+    path = Path(cfg.training.output_dir) / PREDICTIONS
+    done = _start_output_dir(cfg, checked, path, ranks)
     resumed = len(done)
-    if resumed and ranks.rank == 0:
-        print(f"eqakit predict: resuming: {resumed} of {len(samples)} samples already predicted in {path}")
-
     owned = engine is None
-    if engine is None:  # vLLM schedules its own batch; the eval batch size is the transformers engine's
-        hf = cfg.model.infer_backend == "huggingface"
-        engine = load_engine(
-            cfg,
-            max_batch_size=MAX_ROWS if hf else None,
-            max_batch_tokens=kv_budget(cfg) if hf else None,
-        )
+    engine = engine or _load_engine(cfg)
     placement = engine.placement()  # for the record, written after the engine is shut down
     try:
-        base = SamplingParams.from_generating(cfg.generating)
-        todo, too_long, scaled = [], [], 0
-        for index, sample in enumerate(samples):
-            if index in done:
-                continue
-            try:
-                scaled += engine.plan(
-                    sample.prompt_messages, sizes[index], sample.system, videos[index]
-                ).scaled_down
-            except PromptTooLong as exc:
-                too_long.append(f"{sample.source}: {exc}")
-                continue
-            except RequestError as exc:
-                raise DataError(f"{sample.source}: {exc}") from None
-            todo.append(index)
-        for problem in too_long[:5] if ranks.rank == 0 else ():
-            print(f"eqakit predict: left out (too long for cutoff_len {cfg.data.cutoff_len}): {problem}")
-        # questions about the same frames next to each other: they share the vision tower and the prefix
-        todo.sort(key=lambda i: (media_key(samples[i]), i))
-        everyone = len(todo)
-        todo = ranks.share(todo, lambda i: media_key(samples[i]))
-
-        media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
+        work = _plan(cfg, engine, checked, done, ranks)
         started = time.perf_counter()
-        loaded = _loaded(samples, videos, todo, MediaCache(), cfg.data.preprocessing_num_workers or 1)
-        requests = (
-            Request(
-                samples[i].prompt_messages,
-                _params(base, training.seed, i),
-                frames,
-                samples[i].system,
-                videos=clips,
-            )
-            for i, (frames, clips) in loaded
-        )
-        with (
-            ranks.part(path).open("a", encoding="utf-8") as sink,
-            tqdm(total=len(todo), desc="predict" + (f" (process {ranks.rank})" if ranks.world > 1 else ""),
-                 unit="sample", position=ranks.rank) as bar,
-        ):  # fmt: skip
-            try:
-                for position, completion in engine.generate_iter(requests):
-                    index = todo[position]
-                    predict = (
-                        strip_thinking(completion.text) if cfg.data.template == THINK else completion.text
-                    )
-                    done[index] = _row(index, samples[index], prompts[index], predict, media)
-                    sink.write(json.dumps(done[index], ensure_ascii=False) + "\n")
-                    sink.flush()
-                    bar.update(1)
-            except RequestFailed as failure:
-                raise DataError(
-                    f"{samples[todo[failure.index]].source}: the model could not answer this sample "
-                    f"({failure.__cause__}); the {len(done)} answers so far are kept in "
-                    f"{ranks.part(path)}: fix or remove the row and run again to go on"
-                ) from None
+        _generate(cfg, engine, checked, work, done, path, ranks)
         runtime = time.perf_counter() - started
     finally:
         if owned:  # vLLM runs worker processes: stop them now, not at exit
             engine.shutdown()
-
     if ranks.world > 1:
         ranks.wait_for_all()
         ranks.close()
         runtime = time.perf_counter() - started  # until the last process is done
         if ranks.rank != 0:
             return {}  # process 0 merges every process's answers and scores them
-        done = _resume(path, samples, prompts, merge=True)
+        done = _resume(path, checked.samples, checked.prompts, merge=True)
+    return _score_and_write(cfg, path, done, work, runtime, resumed, placement, ranks.world)
+
+
+@dataclass(frozen=True)
+class Work:
+    """What this run generates: this process's samples in order (``todo``, an episode's questions
+    together), how many all processes generate, those left out as too long, and how many had their
+    images scaled down to fit."""
+
+    todo: list[int]
+    everyone: int
+    too_long: list[str]
+    scaled: int
+
+
+def _start_output_dir(cfg: Config, checked: Checked, path: Path, ranks: Ranks) -> dict[int, dict[str, Any]]:
+    """The output dir made (emptied of predictions with ``overwrite_output_dir``) and the rows of an
+    earlier run that still match their samples, which this run keeps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.model.overwrite_output_dir and ranks.rank == 0:
+        path.unlink(missing_ok=True)
+        for part in parts(path):
+            part.unlink()
+    ranks.wait_for_all()  # no process reads what process 0 is still removing
+    done = _resume(path, checked.samples, checked.prompts, merge=ranks.world == 1)
+    if done and ranks.rank == 0:
+        print(
+            f"eqakit predict: resuming: {len(done)} of {len(checked.samples)} samples already predicted in {path}"
+        )
+    return done
+
+
+def _load_engine(cfg: Config) -> InferenceEngine:
+    """The config's engine; the transformers one batches within the eval batch size's KV budget
+    (vLLM schedules its own batch)."""
+    hf = cfg.model.infer_backend == "huggingface"
+    return load_engine(
+        cfg, max_batch_size=MAX_ROWS if hf else None, max_batch_tokens=kv_budget(cfg) if hf else None
+    )
+
+
+def _plan(cfg: Config, engine: InferenceEngine, checked: Checked, done: dict[int, Any], ranks: Ranks) -> Work:
+    """Each sample not yet answered planned as the engine plans it (scaled down to fit cutoff_len,
+    or left out when it cannot fit), in episode order, this process's share."""
+    todo, too_long, scaled = [], [], 0
+    for index, sample in enumerate(checked.samples):
+        if index in done:
+            continue
+        try:
+            plan = engine.plan(
+                sample.prompt_messages, checked.sizes[index], sample.system, checked.videos[index]
+            )
+        except PromptTooLong as exc:
+            too_long.append(f"{sample.source}: {exc}")
+            continue
+        except RequestError as exc:
+            raise DataError(f"{sample.source}: {exc}") from None
+        scaled += plan.scaled_down
+        todo.append(index)
+    for problem in too_long[:5] if ranks.rank == 0 else ():
+        print(f"eqakit predict: left out (too long for cutoff_len {cfg.data.cutoff_len}): {problem}")
+    # questions about the same frames next to each other: they share the vision tower and the prefix
+    todo.sort(key=lambda i: (media_key(checked.samples[i]), i))
+    mine = ranks.share(todo, lambda i: media_key(checked.samples[i]))
+    return Work(mine, len(todo), too_long, scaled)
+
+
+def _generate(
+    cfg: Config,
+    engine: InferenceEngine,
+    checked: Checked,
+    work: Work,
+    done: dict[int, dict[str, Any]],
+    path: Path,
+    ranks: Ranks,
+) -> None:
+    """Answer ``work.todo``, each answer appended to this process's predictions file (and ``done``)
+    as it completes, so that a stopped run keeps it."""
+    samples, training = checked.samples, cfg.training
+    base = SamplingParams.from_generating(cfg.generating)
+    media = Path(cfg.data.media_dir or cfg.data.dataset_dir)
+    loaded = _loaded(
+        samples, checked.videos, work.todo, MediaCache(), cfg.data.preprocessing_num_workers or 1
+    )
+    requests = (
+        Request(
+            samples[i].prompt_messages,
+            _params(base, training.seed, i),
+            frames,
+            samples[i].system,
+            videos=clips,
+        )
+        for i, (frames, clips) in loaded
+    )
+    with (
+        ranks.part(path).open("a", encoding="utf-8") as sink,
+        tqdm(total=len(work.todo), desc="predict" + (f" (process {ranks.rank})" if ranks.world > 1 else ""),
+             unit="sample", position=ranks.rank) as bar,
+    ):  # fmt: skip
+        try:
+            for position, completion in engine.generate_iter(requests):
+                index = work.todo[position]
+                predict = strip_thinking(completion.text) if cfg.data.template == THINK else completion.text
+                done[index] = _row(index, samples[index], checked.prompts[index], predict, media)
+                sink.write(json.dumps(done[index], ensure_ascii=False) + "\n")
+                sink.flush()
+                bar.update(1)
+        except RequestFailed as failure:
+            raise DataError(
+                f"{samples[work.todo[failure.index]].source}: the model could not answer this sample "
+                f"({failure.__cause__}); the {len(done)} answers so far are kept in "
+                f"{ranks.part(path)}: fix or remove the row and run again to go on"
+            ) from None
+
+
+def _score_and_write(
+    cfg: Config,
+    path: Path,
+    done: dict[int, dict[str, Any]],
+    work: Work,
+    runtime: float,
+    resumed: int,
+    placement: dict[str, str],
+    processes: int,
+) -> dict[str, Any]:
+    """The predictions file in dataset order, the scores (LLaMA-Factory's files, report.md) and the
+    run record; returns the results."""
+    out = path.parent
     rows = [done[i] for i in sorted(done)]
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    steps = -(-everyone // training.per_device_eval_batch_size)
+    steps = -(-work.everyone // cfg.training.per_device_eval_batch_size)
     scores = score_predictions(rows)
-    results = _results(scores, runtime, everyone, steps, len(too_long), scaled, resumed)
+    results = _results(scores, runtime, work.everyone, steps, len(work.too_long), work.scaled, resumed)
     _write_results(out, results)
+    decoding = _describe(SamplingParams.from_generating(cfg.generating))
     write_report(
         out / "report.md",
         scores,
@@ -221,20 +288,20 @@ def run_predict(cfg: Config, engine: InferenceEngine | None = None) -> dict[str,
         extra={
             "model": cfg.model.model_name_or_path,
             "adapters": cfg.model.adapter_name_or_path or "-",
-            "decoding": _describe(base),
+            "decoding": decoding,
             "samples scored": len(rows),
-            "left out (too long)": len(too_long),
-            "generated this run": f"{everyone} in {runtime:.1f} s"
-            + (f" ({ranks.world} processes)" if ranks.world > 1 else ""),
+            "left out (too long)": len(work.too_long),
+            "generated this run": f"{work.everyone} in {runtime:.1f} s"
+            + (f" ({processes} processes)" if processes > 1 else ""),
         },
     )
     made = {
         "model": cfg.model.model_name_or_path,
         "adapters": cfg.model.adapter_name_or_path,
         **placement,
-        "decoding": _describe(base),
+        "decoding": decoding,
         "samples": len(rows),
-        "processes": ranks.world,
+        "processes": processes,
         "results": results,
     }
     write_record(out / RECORD, record(cfg, "predict", made))

@@ -40,11 +40,13 @@ if TYPE_CHECKING:
 
 def estimate(kind: str, cfg: Config, found: Any, device: torch.device | None = None) -> Estimate:
     """The estimate for the stage ``kind`` and ``cfg`` describe (train, predict: a train config with
-    do_predict, serve: an infer config), from what its preflight ``found`` (`eqakit.train.sft.Checked`;
-    `eqakit.evaluate.predict.preflight`'s tuple), on ``device`` (default: the run's here)."""
+    do_predict, serve: an infer config), from what its preflight ``found`` (`eqakit.train.sft.Checked`,
+    `eqakit.evaluate.predict.Checked`), on ``device`` (default: the run's here)."""
     from eqakit.model.load import pick_device
 
     if kind == "train":
         device = device or cfg.training.device
-        return predict(cfg, *found[:3], device) if cfg.training.do_predict else training(cfg, found, device)
+        if cfg.training.do_predict:
+            return predict(cfg, found.samples, found.sizes, found.videos, device)
+        return training(cfg, found, device)
     return serving(cfg, device or pick_device())

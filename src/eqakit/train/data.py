@@ -27,8 +27,8 @@ from eqakit.data.encode import (
     SampleTooLong,
     VideoBudget,
     expand_tokens,
+    features_key,
     image_digest,
-    image_key,
     materialize,
     plan_sample,
     video_digest,
@@ -335,7 +335,7 @@ class PlannedDataset(torch.utils.data.Dataset):
 
 @dataclass
 class KeyedImages:
-    """Content keys of the images and videos a run uses (`eqakit.data.encode.image_key`), and what
+    """Content keys of the images and videos a run uses (`eqakit.data.encode.features_key`), and what
     each key stands for: an image file at a size cap, or a planned video of a source. ``media``
     decodes them, here and in `eqakit.train.vision_cache`."""
 
@@ -347,11 +347,13 @@ class KeyedImages:
     media: MediaCache = field(default_factory=lambda: MediaCache(TRAIN_LRU))
 
     def keys(self, plan: Plan, sample: Sample) -> tuple[list[bytes], list[bytes]]:
-        keys = [image_key(self._digest(p), self.min_pixels, plan.max_pixels) for p in sample.images]
+        keys = [features_key(self._digest(p), self.min_pixels, plan.max_pixels) for p in sample.images]
         self.wanted.update({k: (p, plan.max_pixels) for k, p in zip(keys, sample.images, strict=True)})
         video_keys = []
         for source, video in zip(sample.videos, plan.videos, strict=True):
-            key = image_key(self._video_digest(source, video.info), self.video_min_pixels, video.max_pixels)
+            key = features_key(
+                self._video_digest(source, video.info), self.video_min_pixels, video.max_pixels
+            )
             self.wanted_videos[key] = (source, video)
             video_keys.append(key)
         return keys, video_keys

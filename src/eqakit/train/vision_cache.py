@@ -3,7 +3,7 @@
 The vision tower and projector are frozen during LoRA training, and OpenEQA asks ~11 questions
 about the same 8 frames (or the same video), so LLaMA-Factory's way (the vision tower on every sample, every epoch)
 repeats the same computation ~11 x epochs times. Here every distinct image (by decoded content and
-size range: `eqakit.data.encode.image_key`, the engine's key too) goes through the tower once, before the first step; batches then carry keys instead of
+size range: `eqakit.data.encode.features_key`, the engine's key too) goes through the tower once, before the first step; batches then carry keys instead of
 pixels and the model receives the stored features (``mm_encoder_outputs``). Exact: the features are
 the ones the tower would compute.
 """

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from eqakit.data.encode import PromptFormat, VideoPlan, expand_pads, image_digest, image_key, video_digest
+from eqakit.data.encode import PromptFormat, VideoPlan, expand_pads, features_key, image_digest, video_digest
 from eqakit.engine.hf.model import HFModel
 from eqakit.engine.params import Request, RequestError
 from eqakit.engine.prompt import plan_request
@@ -78,12 +78,12 @@ def prepare_request(request: Request, tokenizer: Any, model: HFModel, fmt: Promp
     except ValueError as exc:  # cannot happen (message text never yields pads); never a hang
         raise RequestError(str(exc), param="messages") from None
     slots = [
-        MediaSlot(image, image_key(image_digest(image), low, high), start, length, low, high, grid)
+        MediaSlot(image, features_key(image_digest(image), low, high), start, length, low, high, grid)
         for image, (start, length), grid in zip(images, spans, planned.grids, strict=True)
     ]
     vlow = fmt.video.min_pixels
     for video, plan, (start, length) in zip(videos, planned.videos, video_spans, strict=True):
-        key = image_key(video_digest(video.frames), vlow, plan.max_pixels)
+        key = features_key(video_digest(video.frames), vlow, plan.max_pixels)
         slots.append(
             MediaSlot(None, key, start, length, vlow, plan.max_pixels, plan.grid, plan, video.frames)
         )
